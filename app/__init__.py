@@ -1,0 +1,1 @@
+"""Adapters and front ends: the CLI, diffusers loading, the Gradio demo."""
