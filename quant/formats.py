@@ -1,0 +1,85 @@
+"""Per-layer quantization formats (configs as data) and their exact packed sizes.
+
+A plan is a mapping `layer name -> LayerFormat` (the torchao FqnToConfig shape). Bits of 16 mean "kept in float".
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from .quantizer import packed_weight_bytes
+
+W_BITS = (2, 4, 8, 16)
+A_BITS = (4, 8, 16)
+A_MODES = ("static", "dynamic")
+
+
+@dataclass(frozen=True)
+class LayerFormat:
+    w_bits: int = 8
+    a_bits: int = 16
+    group_size: int | None = None  # None: one scale per output channel; else groups of this size along K
+    a_mode: str = "static"  # "static": calibrated per-tensor range; "dynamic": absmax per token at run time
+    w_symmetric: bool | None = None  # None: symmetric at 8 bits, asymmetric (zero point) below
+
+    def __post_init__(self):
+        if self.w_bits not in W_BITS:
+            raise ValueError(f"w_bits must be one of {W_BITS}, got {self.w_bits}")
+        if self.a_bits not in A_BITS:
+            raise ValueError(f"a_bits must be one of {A_BITS}, got {self.a_bits}")
+        if self.a_mode not in A_MODES:
+            raise ValueError(f"a_mode must be one of {A_MODES}, got {self.a_mode!r}")
+        if self.group_size is not None and (self.group_size < 1 or self.w_bits == 16):
+            raise ValueError("group_size needs w_bits < 16 and a positive size")
+
+    @property
+    def symmetric(self) -> bool:
+        return self.w_bits == 8 if self.w_symmetric is None else self.w_symmetric
+
+    @property
+    def is_float(self) -> bool:
+        return self.w_bits == 16 and self.a_bits == 16
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. W4g64A8 (static activations) or W8A8d (dynamic per-token)."""
+        w = f"W{self.w_bits}" + (f"g{self.group_size}" if self.group_size else "")
+        a = f"A{self.a_bits}" + ("d" if self.a_mode == "dynamic" and self.a_bits < 16 else "")
+        return w + a
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["w_symmetric"] = self.symmetric if self.w_bits < 16 else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerFormat":
+        keys = {"w_bits", "a_bits", "group_size", "a_mode", "w_symmetric"}
+        return cls(**{k: d[k] for k in keys if k in d})
+
+    def weight_bytes(self, n: int, k: int) -> int:
+        """Exact bytes of the stored weight of an [n, k] layer in this format (bias excluded)."""
+        if self.w_bits == 16:
+            return n * k * 2
+        return packed_weight_bytes(n, k, self.w_bits, self.group_size, self.symmetric)
+
+
+_NAME = re.compile(r"^w(\d+)(?:g(\d+))?a(\d+)(d?)$", re.I)
+
+
+def as_format(spec) -> LayerFormat:
+    """LayerFormat from a LayerFormat, a dict, a (w_bits, a_bits[, group_size]) tuple or a name like 'W4g64A8'."""
+    if isinstance(spec, LayerFormat):
+        return spec
+    if isinstance(spec, dict):
+        return LayerFormat.from_dict(spec)
+    if isinstance(spec, (tuple, list)):
+        return LayerFormat(*spec)
+    if isinstance(spec, str):
+        m = _NAME.match(spec.strip())
+        if m:
+            return LayerFormat(int(m[1]), int(m[3]), int(m[2]) if m[2] else None, "dynamic" if m[4] else "static")
+    raise ValueError(f"cannot read a layer format from {spec!r} (use e.g. 'W8A8', 'W4g64A16', (4, 8, 64))")
+
+
+FLOAT = LayerFormat(16, 16)

@@ -1,0 +1,247 @@
+"""Quantized drop-in layers: QuantLinear and QuantConv2d.
+
+Storage ("packed" mode): `weight` is ONE uint8 tensor [N, row_bytes] holding, per output channel, the packed codes,
+fp16 scales and uint8 zero points side by side (kernels/packing.py). The FP weight is not kept. Keeping everything
+in `weight` means ComfyUI's LoRA backup/restore and low-VRAM moves, which only know `module.weight`, can never
+separate codes from their scales.
+
+"simulate" mode keeps the FP weight and uses the dequantized weight computed from exactly the codes and scales the
+packed mode would store, so both modes give bit-identical outputs (on the reference path); it lets sensitivity
+measurement switch formats without repacking anything else.
+
+Activations: 16-bit (weight-only), static (calibrated asymmetric per-tensor range; one row of ranges per group of
+timesteps, selected by `act_group`; optionally two channel segments split at `a_split`), or dynamic (per token).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import dispatch, reference
+from ..kernels.packing import join_rows, row_layout, split_rows
+from .formats import LayerFormat
+from .quantizer import qrange, quantize_weight
+
+
+class QuantLayer(nn.Module):
+    """Common storage and hooks; subclasses say how a float weight maps to the [N, K] matrix and how to compute."""
+
+    fmt: LayerFormat
+
+    def _setup(self, n: int, k: int, fmt: LayerFormat, mode: str):
+        if mode not in ("packed", "simulate"):
+            raise ValueError("mode must be 'packed' or 'simulate'")
+        self.n, self.k, self.fmt, self.mode = n, k, fmt, mode
+        self.act_group = 0
+        self.a_split: int | None = None
+        self._w_hat: torch.Tensor | None = None  # simulate mode: dequantized weight cache
+        self.register_buffer("input_scale", None)
+        self.register_buffer("input_zero", None)
+
+    # --- weight storage --------------------------------------------------------------------------------------------
+    @property
+    def groups(self) -> int:
+        return 1 if self.fmt.group_size is None else -(-self.k // self.fmt.group_size)
+
+    @property
+    def packed(self) -> bool:
+        return self.mode == "packed" and self.fmt.w_bits < 16
+
+    def _pack(self, w_float: torch.Tensor, search: str = "auto") -> torch.Tensor:
+        pw = quantize_weight(self._to_2d(w_float.detach().float()), self.fmt.w_bits, self.fmt.group_size,
+                             self.fmt.symmetric, search)
+        return join_rows(pw.qweight, pw.scale, pw.zero)
+
+    def packed_parts(self, blob: torch.Tensor | None = None):
+        """(codes, scale fp16 [N, G], zero uint8 [N, G] | None) views into the weight blob."""
+        blob = self.weight if blob is None else blob
+        return split_rows(blob, self.k, self.fmt.w_bits, self.groups, not self.fmt.symmetric)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with, as fp32 [N, K]."""
+        if self.fmt.w_bits == 16:
+            return self._to_2d(self.weight.float())
+        if self.mode == "simulate":
+            if self._w_hat is None or self._w_hat.device != self.weight.device:
+                self._w_hat = self._blob_to_2d(self._pack(self.weight))
+            return self._w_hat
+        return self._blob_to_2d(self.weight)
+
+    def _blob_to_2d(self, blob: torch.Tensor) -> torch.Tensor:
+        codes, scale, zero = self.packed_parts(blob)
+        return reference.dequantize_weight(codes, scale, zero, self.fmt.w_bits, self.k, self.fmt.group_size)
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    # --- activations -----------------------------------------------------------------------------------------------
+    def set_act_range(self, lo: torch.Tensor, hi: torch.Tensor, split: int | None = None):
+        """Static activation range(s): lo/hi of shape [T, S] (T timestep groups, S = 2 when split)."""
+        lo = torch.as_tensor(lo, dtype=torch.float32).reshape(-1, 1 if split is None else 2)
+        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(lo.shape)
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise ValueError("activation range is not finite")
+        qmin, qmax = qrange(self.fmt.a_bits, symmetric=False) if self.fmt.a_bits < 16 else (0, 255)
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-8)
+        zero = torch.clamp(torch.round(-lo / scale) + qmin, qmin, qmax)
+        dev = self.weight.device
+        self.input_scale, self.input_zero, self.a_split = scale.to(dev), zero.to(dev), split
+
+    def _act_args(self, device) -> dict:
+        f = self.fmt
+        if f.a_bits >= 16:
+            return {"a_bits": 16, "a_mode": "none", "a_scale": None, "a_zero": None, "a_split": None}
+        if f.a_mode == "dynamic":
+            return {"a_bits": f.a_bits, "a_mode": "dynamic", "a_scale": None, "a_zero": None, "a_split": None}
+        if self.input_scale is None:
+            raise RuntimeError(f"{type(self).__name__} with static {f.a_bits}-bit activations has no calibrated "
+                               "range: calibrate first, or use dynamic activations")
+        g = min(self.act_group, self.input_scale.shape[0] - 1)
+        return {"a_bits": f.a_bits, "a_mode": "static", "a_scale": self.input_scale[g].to(device),
+                "a_zero": self.input_zero[g].to(device), "a_split": self.a_split}
+
+    # --- ComfyUI LoRA hooks (ModelPatcher: convert_weight -> lora.calculate_weight -> set_weight) ------------------
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
+        """`weight` is a float copy of `self.weight` (for a packed layer: the blob's bytes as floats). Returns the
+        dequantized weight in the float layer's shape, for a LoRA to be added to it."""
+        if not self.packed:
+            return weight
+        blob = weight.detach().round().clamp(0, 255).to(torch.uint8)
+        return self._from_2d(self._blob_to_2d(blob)).to(weight.dtype)
+
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
+                   **kwargs):
+        """Requantize a patched float weight (fresh scales: a LoRA may widen the range). min-max ranges keep LoRA
+        loading fast; the MSE range search is for calibration time."""
+        if self.packed:
+            new = self._pack(weight.to(self.weight.device), search="minmax")
+        else:
+            new = weight.to(device=self.weight.device, dtype=self.weight.dtype)
+        if return_weight:
+            return new
+        self._w_hat = None
+        if inplace_update and new.shape == self.weight.shape:
+            self.weight.data.copy_(new)
+        else:
+            self.weight = nn.Parameter(new, requires_grad=False)
+
+    # --- shared forward pieces -------------------------------------------------------------------------------------
+    def _params_on(self, device):
+        w = self.weight if self.weight.device == device else self.weight.to(device, non_blocking=True)
+        b = self.bias
+        if b is not None and b.device != device:
+            b = b.to(device, non_blocking=True)
+        return w, b
+
+    def _kernel_args(self, blob, bias, device) -> dict:
+        codes, scale, zero = self.packed_parts(blob)
+        return dict(qweight=codes, scale=scale, zero=zero, bits=self.fmt.w_bits, k=self.k,
+                    group_size=self.fmt.group_size, bias=bias, **self._act_args(device))
+
+    def extra_repr(self) -> str:
+        return f"{self.k}->{self.n}, {self.fmt.name}, mode={self.mode}"
+
+
+class QuantLinear(QuantLayer):
+    def __init__(self, in_features: int, out_features: int, bias: bool, fmt: LayerFormat, mode: str = "packed",
+                 device=None, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._setup(out_features, in_features, fmt, mode)
+        if fmt.w_bits < 16 and mode == "packed":
+            rb = row_layout(in_features, fmt.w_bits, self.groups, not fmt.symmetric)["row_bytes"]
+            w = torch.zeros(out_features, rb, dtype=torch.uint8, device=device)
+        else:
+            w = torch.zeros(out_features, in_features, dtype=dtype, device=device)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, fmt: LayerFormat, mode: str = "packed", search: str = "auto"):
+        q = cls(layer.in_features, layer.out_features, layer.bias is not None, fmt, mode,
+                device=layer.weight.device, dtype=layer.weight.dtype)
+        with torch.no_grad():
+            if q.packed:
+                q.weight.data = q._pack(layer.weight, search)
+            else:
+                q.weight.data = layer.weight.detach().clone()
+            if layer.bias is not None:
+                q.bias.data = layer.bias.detach().clone()
+        return q
+
+    def _to_2d(self, w):
+        return w
+
+    def _from_2d(self, w2d):
+        return w2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blob, bias = self._params_on(x.device)
+        if self.packed:
+            return dispatch.linear(x, **self._kernel_args(blob, bias, x.device))
+        act = self._act_args(x.device)
+        xq = reference.fake_quant_act(x, act["a_bits"], act["a_mode"], act["a_scale"], act["a_zero"], act["a_split"])
+        w = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
+        return F.linear(xq, w, None if bias is None else bias.to(x.dtype))
+
+
+class QuantConv2d(QuantLayer):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, fmt: LayerFormat = LayerFormat(), mode: str = "packed", device=None,
+                 dtype=torch.float32):
+        super().__init__()
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = (pair(kernel_size), pair(stride),
+                                                                       pair(padding), pair(dilation))
+        kh, kw = self.kernel_size
+        self._setup(out_channels, in_channels * kh * kw, fmt, mode)
+        if fmt.w_bits < 16 and mode == "packed":
+            rb = row_layout(self.k, fmt.w_bits, self.groups, not fmt.symmetric)["row_bytes"]
+            w = torch.zeros(out_channels, rb, dtype=torch.uint8, device=device)
+        else:
+            w = torch.zeros(out_channels, in_channels, kh, kw, dtype=dtype, device=device)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d, fmt: LayerFormat, mode: str = "packed", search: str = "auto"):
+        if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            raise ValueError("QuantConv2d supports groups=1 and numeric zero padding only")
+        q = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                layer.dilation, layer.bias is not None, fmt, mode, device=layer.weight.device,
+                dtype=layer.weight.dtype)
+        with torch.no_grad():
+            q.weight.data = q._pack(layer.weight, search) if q.packed else layer.weight.detach().clone()
+            if layer.bias is not None:
+                q.bias.data = layer.bias.detach().clone()
+        return q
+
+    def _to_2d(self, w):
+        return reference.conv_weight_to_2d(w)
+
+    def _from_2d(self, w2d):
+        kh, kw = self.kernel_size
+        return reference.conv_weight_from_2d(w2d, self.in_channels, kh, kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blob, bias = self._params_on(x.device)
+        geometry = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                        dilation=self.dilation)
+        if self.packed:
+            return dispatch.conv2d(x, **self._kernel_args(blob, bias, x.device), **geometry)
+        act = self._act_args(x.device)
+        w = self.dequantized_weight().to(x.device)
+        return reference.conv2d(x, w, bias, a_bits=act["a_bits"], a_mode=act["a_mode"], a_scale=act["a_scale"],
+                                a_zero=act["a_zero"], a_split=act["a_split"], **geometry)
+
+
+def set_act_group(model: nn.Module, group: int) -> None:
+    """Select the row of static activation ranges (the timestep group) every quantized layer uses."""
+    for m in model.modules():
+        if isinstance(m, QuantLayer):
+            m.act_group = group

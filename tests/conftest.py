@@ -1,0 +1,30 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download must fail loudly
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SMALL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+)
+
+
+@pytest.fixture(scope="session")
+def small_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**SMALL_UNET).eval()
+
+
+@pytest.fixture(scope="session")
+def unet_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([500, 20])
+    ctx = torch.randn(2, 6, 32, generator=g)
+    return x, t, ctx

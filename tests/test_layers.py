@@ -1,0 +1,142 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from mixquant.kernels.packing import row_layout
+from mixquant.quant.formats import LayerFormat, as_format
+from mixquant.quant.layers import QuantConv2d, QuantLinear
+from mixquant.quant.quantizer import packed_weight_bytes
+
+FORMATS = ["W8A16", "W8A8", "W8A8d", "W4g64A16", "W4A8", "W4g128A8d", "W2g64A16", "W16A8"]
+
+
+def _pair(layer_fp, fmt, x):
+    cls = QuantLinear if isinstance(layer_fp, nn.Linear) else QuantConv2d
+    q = cls.from_float(layer_fp, fmt)
+    s = cls.from_float(layer_fp, fmt, mode="simulate")
+    if fmt.a_bits < 16 and fmt.a_mode == "static":
+        for m in (q, s):
+            m.set_act_range(x.min(), x.max())
+    return q, s
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_linear_packed_equals_simulate_and_is_close(name):
+    torch.manual_seed(0)
+    fmt = as_format(name)
+    lin = nn.Linear(150, 40)
+    x = torch.randn(2, 9, 150)
+    q, s = _pair(lin, fmt, x)
+    with torch.no_grad():
+        y, yq, ys = lin(x), q(x), s(x)
+    assert torch.equal(yq, ys)  # fake mode == packed mode, bit for bit
+    rel = float(((yq - y) ** 2).sum() / (y ** 2).sum())
+    bound = {8: 5e-4, 4: 0.03, 2: 0.3, 16: 5e-4}[fmt.w_bits]
+    assert rel < bound
+
+
+@pytest.mark.parametrize("name", ["W8A8", "W8A8d", "W4g64A8", "W4A16", "W2g64A16"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_packed_equals_simulate_and_is_close(name, stride):
+    torch.manual_seed(1)
+    fmt = as_format(name)
+    conv = nn.Conv2d(12, 20, 3, stride=stride, padding=1)
+    x = torch.randn(3, 12, 9, 7)
+    q, s = _pair(conv, fmt, x)
+    with torch.no_grad():
+        y, yq, ys = conv(x), q(x), s(x)
+    assert yq.shape == y.shape
+    assert torch.equal(yq, ys)
+    rel = float(((yq - y) ** 2).sum() / (y ** 2).sum())
+    assert rel < {8: 5e-4, 4: 0.03, 2: 0.3}[fmt.w_bits]
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 128), (4, 64), (2, 64)])
+def test_storage_is_really_packed(bits, group):
+    lin = nn.Linear(512, 256).half()
+    fmt = LayerFormat(bits, 16, group)
+    q = QuantLinear.from_float(lin, fmt)
+    sd = q.state_dict()
+    # no float tensor the size of the weight survives
+    assert not any(t.is_floating_point() and t.numel() >= 256 * 512 for t in sd.values())
+    w_bytes = q.weight.untyped_storage().nbytes()
+    expect = packed_weight_bytes(256, 512, bits, group, bits == 8)
+    assert expect <= w_bytes <= expect + 256  # at most one pad byte per row
+    assert w_bytes == 256 * row_layout(512, bits, q.groups, not fmt.symmetric)["row_bytes"]
+    fp16 = lin.weight.untyped_storage().nbytes()
+    assert w_bytes / fp16 <= {8: 0.51, 4: 0.27 if group == 128 else 0.29, 2: 0.17}[bits]
+
+
+@pytest.mark.parametrize("cls_fp,fmt", [(lambda: nn.Linear(64, 32), "W8A16"), (lambda: nn.Linear(64, 32), "W4g64A16"),
+                                        (lambda: nn.Conv2d(8, 16, 3, padding=1), "W4A16")])
+def test_lora_hooks_round_trip(cls_fp, fmt):
+    """ModelPatcher flow: backup = weight; temp = weight.to(float32, copy=True); convert_weight; add delta;
+    set_weight; and restoring the backup restores the layer exactly."""
+    torch.manual_seed(0)
+    fp = cls_fp()
+    q = (QuantLinear if isinstance(fp, nn.Linear) else QuantConv2d).from_float(fp, as_format(fmt))
+    x = torch.randn(2, 64) if isinstance(fp, nn.Linear) else torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        y0 = q(x)
+    backup = q.weight
+    temp = q.weight.to(torch.float32, copy=True)
+    w = q.convert_weight(temp, inplace=True)
+    assert w.shape == fp.weight.shape
+    amax = fp.weight.abs().max()
+    step = amax / 127 if "W8" in fmt else 2 * amax / 15  # one grid step of the format
+    assert (w - fp.weight).abs().max() <= step  # dequantized ~ FP weight
+    delta = torch.zeros_like(w)
+    delta.view(-1)[::7] = 0.05
+    q.set_weight(w + delta, inplace_update=False, seed=123)
+    w2 = q.convert_weight(q.weight.to(torch.float32, copy=True))
+    step2 = (amax + 0.05) / 127 if "W8" in fmt else 2 * (amax + 0.05) / 15
+    assert (w2 - (w + delta)).abs().max() <= step2  # moved by the delta within quantization error
+    hit = delta != 0
+    moved = (w2 - w)[hit].mean()
+    assert abs(float(moved) - 0.05) < 0.2 * 0.05  # the patched elements moved by the delta, on average
+    assert abs(float((w2 - w)[~hit].mean())) < 0.1 * 0.05  # the others did not drift
+    q.weight = backup  # ComfyUI's unpatch: restore only `.weight`
+    with torch.no_grad():
+        assert torch.equal(q(x), y0)
+
+
+def test_static_act_without_range_says_what_to_do():
+    q = QuantLinear.from_float(nn.Linear(8, 4), LayerFormat(8, 8))
+    with pytest.raises(RuntimeError, match="calibrate"):
+        q(torch.randn(1, 8))
+
+
+def test_timestep_groups_select_their_range():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    q = QuantLinear.from_float(lin, LayerFormat(8, 4))
+    q.set_act_range(torch.tensor([[-1.0], [-50.0]]), torch.tensor([[1.0], [50.0]]))
+    x = torch.randn(4, 16) * 0.5
+    q.act_group = 0
+    e0 = float((q(x) - lin(x)).pow(2).mean())
+    q.act_group = 1
+    e1 = float((q(x) - lin(x)).pow(2).mean())
+    assert e0 < e1 / 10  # the tight range fits these small activations far better
+
+
+def test_channel_split_ranges():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 8)
+    with torch.no_grad():
+        lin.weight[:, 16:] = 0  # the output only sees the small-range channels
+    x = torch.cat([torch.randn(6, 16) * 0.1, torch.randn(6, 16) * 20], dim=1)  # skip-concat: two scales
+    one = QuantLinear.from_float(lin, LayerFormat(8, 4))
+    one.set_act_range(x.min(), x.max())
+    two = QuantLinear.from_float(lin, LayerFormat(8, 4))
+    lo = torch.stack([x[:, :16].min(), x[:, 16:].min()]).reshape(1, 2)
+    hi = torch.stack([x[:, :16].max(), x[:, 16:].max()]).reshape(1, 2)
+    two.set_act_range(lo, hi, split=16)
+    y = lin(x)
+    assert float((two(x) - y).pow(2).mean()) < 0.01 * float((one(x) - y).pow(2).mean())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_forward_moves_packed_tensors_to_the_input_device():
+    q = QuantLinear.from_float(nn.Linear(64, 32), LayerFormat(4, 16, 64))
+    x = torch.randn(2, 64, device="cuda")
+    assert q(x).device.type == "cuda" and q.weight.device.type == "cpu"
