@@ -1,0 +1,162 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixquant.app.diffusers_adapter import load_denoiser, save_denoiser
+from mixquant.quant.apply import quantize_model
+from mixquant.quant.calibration import collect_act_ranges
+from mixquant.quant.errors import MixQuantError
+from mixquant.quant.fileformat import META_KEY, fingerprint, read_header
+from mixquant.quant.formats import LayerFormat
+from mixquant.quant.roles import discover_layers
+
+
+def _run(model, inputs):
+    x, t, ctx = inputs
+    with torch.no_grad():
+        return model(x, t, ctx).sample
+
+
+@pytest.fixture(scope="module")
+def saved(small_unet, unet_inputs, tmp_path_factory):
+    """A mixed plan: W8A8 static, W4 g64 A16, W2, dynamic A8, float protected layers."""
+    layers = discover_layers(small_unet)
+    fmts = [LayerFormat(8, 8), LayerFormat(4, 16, 64), LayerFormat(2, 16, 64), LayerFormat(8, 8, None, "dynamic"),
+            LayerFormat(4, 8)]
+    plan = {li.name: (LayerFormat(16, 16) if li.protected else fmts[i % len(fmts)]) for i, li in enumerate(layers)}
+    ranges = collect_act_ranges(small_unet, lambda: _run(small_unet, unet_inputs))
+    q, _ = quantize_model(small_unet, plan, ranges)
+    path = str(tmp_path_factory.mktemp("q") / "q.safetensors")
+    save_denoiser(q, path, fingerprint(small_unet), extra={"note": "test"})
+    return q, path
+
+
+def test_save_load_identical_outputs(saved, small_unet, unet_inputs):
+    q, path = saved
+    loaded = load_denoiser(path, base=small_unet)
+    assert torch.equal(_run(q, unet_inputs), _run(loaded, unet_inputs))
+    meta = read_header(path)
+    assert meta["format_version"] == 1 and meta["extra"]["note"] == "test"
+    assert meta["architecture"]["class"] == "UNet2DConditionModel"
+    assert {e["format"]["w_bits"] for e in meta["layers"].values()} == {2, 4, 8}
+    # the file alone rebuilds it (no base model given)
+    assert torch.equal(_run(load_denoiser(path), unet_inputs), _run(q, unet_inputs))
+
+
+def _rewrite(path, dst, tensors=None, meta=None):
+    t = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        m = json.loads(f.metadata()[META_KEY])
+    if tensors:
+        tensors(t)
+    if meta:
+        meta(m)
+    save_file(t, dst, metadata={META_KEY: json.dumps(m)})
+    return dst
+
+
+def _first_layer(meta_or_path, w_bits=None):
+    meta = read_header(meta_or_path) if isinstance(meta_or_path, str) else meta_or_path
+    return next(n for n, e in meta["layers"].items() if w_bits is None or e["format"]["w_bits"] == w_bits)
+
+
+def _bad_files(path, d, other_unet):
+    name4 = _first_layer(path, 4)
+    data = open(path, "rb").read()
+    cases = {}
+    p = d / "truncated.safetensors"
+    p.write_bytes(data[: len(data) // 2])
+    cases["truncated"] = (p, "truncated or corrupt")
+    p = d / "garbage.safetensors"
+    p.write_bytes(os.urandom(4096))
+    cases["garbage"] = (p, "not a readable")
+    p = d / "pickle.safetensors"
+    p.write_bytes(pickle.dumps({"weight": [1, 2, 3]}))
+    cases["pickle"] = (p, "pickle")
+    p = d / "zip.safetensors"
+    torch.save({"w": torch.zeros(2)}, p)
+    cases["torch zip"] = (p, "pickle")
+    cases["version"] = (_rewrite(path, d / "v.safetensors", meta=lambda m: m.update(format_version=99)), "version")
+    cases["missing"] = (_rewrite(path, d / "m.safetensors", tensors=lambda t: t.pop(f"{name4}.weight_scale")),
+                        "missing")
+    cases["missing rest"] = (_rewrite(path, d / "mr.safetensors", tensors=lambda t: t.pop("conv_in.weight")),
+                             "missing")
+
+    def wrong_shape(t):
+        t[f"{name4}.qweight"] = t[f"{name4}.qweight"][:, :-1].contiguous()
+
+    cases["shape"] = (_rewrite(path, d / "s.safetensors", tensors=wrong_shape), "shape")
+
+    def nan_scale(t):
+        s = t[f"{name4}.weight_scale"].clone()
+        s[0, 0] = float("nan")
+        t[f"{name4}.weight_scale"] = s
+
+    cases["nan scale"] = (_rewrite(path, d / "n.safetensors", tensors=nan_scale), "NaN")
+    cases["not ours"] = (d / "plain.safetensors", "not a MixQuant")
+    save_file({"x": torch.zeros(2)}, str(d / "plain.safetensors"))
+    cases["nonexistent"] = (d / "nope.safetensors", "not found")
+    return cases
+
+
+CASES = ["truncated", "garbage", "pickle", "torch zip", "version", "missing", "missing rest", "shape", "nan scale",
+         "not ours", "nonexistent"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_files_raise_one_clear_error(saved, small_unet, tmp_path, case):
+    _, path = saved
+    p, needle = _bad_files(path, tmp_path, small_unet)[case]
+    with pytest.raises(MixQuantError, match=needle) as ei:
+        load_denoiser(str(p), base=small_unet)
+    msg = str(ei.value)
+    assert "\n" not in msg and str(p) in msg
+
+
+def test_mismatched_base_model(saved, small_unet):
+    import copy
+
+    _, path = saved
+    other = copy.deepcopy(small_unet)
+    with torch.no_grad():
+        for prm in other.parameters():
+            prm.mul_(1.5)
+    with pytest.raises(MixQuantError, match="different base model"):
+        load_denoiser(path, base=other)
+    # the same weights in another dtype still match
+    load_denoiser(path, base=copy.deepcopy(small_unet).half())
+
+
+def test_failed_save_leaves_nothing(saved, tmp_path, monkeypatch, small_unet):
+    import safetensors.torch
+
+    q, _ = saved
+    dst = tmp_path / "out.safetensors"
+
+    def boom(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        save_denoiser(q, str(dst), fingerprint(small_unet))
+    assert not dst.exists() and os.listdir(tmp_path) == []
+
+
+def test_failed_save_keeps_old_file(saved, tmp_path, monkeypatch, small_unet):
+    import safetensors.torch
+
+    q, path = saved
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"old")
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("x")))
+    with pytest.raises(OSError):
+        save_denoiser(q, str(dst), fingerprint(small_unet))
+    assert dst.read_bytes() == b"old"
