@@ -55,10 +55,12 @@ def _get_parent(model: nn.Module, name: str):
 
 
 def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None, inplace: bool = False,
-                   mode: str = "packed", search: str = "auto") -> tuple[nn.Module, QuantStats]:
+                   mode: str = "packed", search: str = "auto", bos: dict | None = None) -> tuple[nn.Module, QuantStats]:
     """Return (quantized model, real bytes). `plan` maps layer name -> LayerFormat (or anything `as_format` reads);
-    16/16 entries are left float. The input model is untouched unless `inplace`. Everything is checked before any
+    16/16 entries are left float. `bos` maps Linear layers (to_k/to_v) to the BOS embedding whose output is then
+    computed in full precision. The input model is untouched unless `inplace`. Everything is checked before any
     layer is swapped, so an error leaves even an in-place model as it was."""
+    bos = bos or {}
     act_ranges = act_ranges or {}
     formats = {name: as_format(f) for name, f in plan.items()}
     modules = dict(model.named_modules())
@@ -88,6 +90,8 @@ def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None,
         if name in act_ranges and fmt.a_bits < 16 and fmt.a_mode == "static":
             r = act_ranges[name]
             q.set_act_range(r.lo, r.hi, r.split)
+        if name in bos and isinstance(q, QuantLinear):
+            q.set_bos(bos[name], src.weight.detach())
         new[name] = q
     for name, q in new.items():  # all built: now swap (nothing above touched `target`)
         before = tensor_bytes(tmods[name].state_dict(keep_vars=True).values())

@@ -1,8 +1,10 @@
-"""Activation-range collection: forward hooks on every quantizable layer record the range of its input while a
-caller-supplied function runs the FP model. (The denoiser-runner interface, timestep groups and percentile/MSE
-ranges build on this.)"""
+"""Calibration: run the FP sampler on the user's prompts and record, per quantizable layer, the range of its input
+(overall and per group of timesteps), per-channel ranges (to find Q-Diffusion's skip-concat split), and whether the
+text conditioning's token 0 is an outlier (MixDQ's BOS-aware to_k/to_v)."""
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -11,45 +13,199 @@ import torch.nn as nn
 from .apply import ActRange
 from .errors import MixQuantError
 from .roles import quantizable
+from .runner import DenoiserCall, DenoiserRunner, Progress, capture_calls, timestep_groups
+
+_BOS_LAYER = re.compile(r"(^|\.)(attn2|cross_attn)\.(to_k|to_v|k_proj|v_proj)$")
+BOS_RATIO = 5.0  # token 0 counts as an outlier when its absmax is this many times that of the other tokens
 
 
 class RangeObserver:
-    """Running min/max of one layer's input, per timestep group."""
+    """Running input statistics of one layer: min/max per timestep group, per channel, a percentile estimate,
+    and token-0 statistics for 3-D inputs [B, N, D]."""
 
-    def __init__(self, groups: int = 1):
+    def __init__(self, groups: int, channel_dim: int, percentile: float | None = None, track_bos: bool = False):
         self.lo = torch.full((groups,), float("inf"))
         self.hi = torch.full((groups,), float("-inf"))
+        self.p_lo = torch.full((groups,), float("inf"))
+        self.p_hi = torch.full((groups,), float("-inf"))
+        self.ch_lo = self.ch_hi = None
+        self.channel_dim, self.percentile, self.track_bos = channel_dim, percentile, track_bos
         self.elements = 0
+        self.calls = 0
+        self.tok0_amax = 0.0
+        self.rest_amax = 0.0
+        self.bos_vec: torch.Tensor | None = None
+        self.bos_consistent = True
+        self.rest_lo = torch.full((groups,), float("inf"))
+        self.rest_hi = torch.full((groups,), float("-inf"))
 
     def update(self, x: torch.Tensor, group: int = 0):
-        x = x.detach()
-        lo, hi = x.min().float().cpu(), x.max().float().cpu()
+        x = x.detach().float()
+        lo, hi = x.min().cpu(), x.max().cpu()
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
             raise MixQuantError("NaN or infinite activations appeared during calibration: the model produces "
                                 "invalid values for these prompts/settings. Check the model in full precision "
                                 "(dtype, guidance, steps) before quantizing.")
         self.lo[group] = torch.minimum(self.lo[group], lo)
         self.hi[group] = torch.maximum(self.hi[group], hi)
+        if self.percentile is not None:
+            flat = x.reshape(-1)
+            if flat.numel() > 1_000_000:
+                flat = flat[torch.randint(0, flat.numel(), (1_000_000,), generator=torch.Generator().manual_seed(0))]
+            q = torch.quantile(flat.cpu(), torch.tensor([1 - self.percentile, self.percentile]))
+            self.p_lo[group] = torch.minimum(self.p_lo[group], q[0])
+            self.p_hi[group] = torch.maximum(self.p_hi[group], q[1])
+        cd = self.channel_dim % x.dim()
+        dims = [d for d in range(x.dim()) if d != cd]
+        clo, chi = x.amin(dim=dims).cpu(), x.amax(dim=dims).cpu()
+        self.ch_lo = clo if self.ch_lo is None else torch.minimum(self.ch_lo, clo)
+        self.ch_hi = chi if self.ch_hi is None else torch.maximum(self.ch_hi, chi)
+        if self.track_bos and x.dim() == 3 and x.shape[1] > 1:
+            t0, rest = x[:, 0], x[:, 1:]
+            self.tok0_amax = max(self.tok0_amax, float(t0.abs().max()))
+            self.rest_amax = max(self.rest_amax, float(rest.abs().max()))
+            self.rest_lo[group] = torch.minimum(self.rest_lo[group], rest.min().cpu())
+            self.rest_hi[group] = torch.maximum(self.rest_hi[group], rest.max().cpu())
+            for row in t0:
+                if float(row.abs().max()) == 0.0:  # an all-zero (negative) conditioning has no BOS token
+                    continue
+                if self.bos_vec is None:
+                    self.bos_vec = row.cpu().clone()
+                elif not torch.allclose(row.cpu(), self.bos_vec, rtol=1e-3, atol=1e-3 * float(row.abs().max())):
+                    self.bos_consistent = False
         self.elements += x.numel()
+        self.calls += 1
 
-    def result(self) -> ActRange:
-        lo, hi = self.lo.clone(), self.hi.clone()
+    @property
+    def bos_outlier(self) -> bool:
+        return (self.track_bos and self.bos_vec is not None and self.bos_consistent
+                and self.tok0_amax > BOS_RATIO * max(self.rest_amax, 1e-12))
+
+    def result(self, method: str = "minmax", split: bool = True) -> ActRange:
+        if self.bos_outlier:  # token 0 is computed in full precision: the range covers tokens 1..N only
+            lo, hi = self.rest_lo.clone(), self.rest_hi.clone()
+        elif method == "percentile" and self.percentile is not None:
+            lo, hi = self.p_lo.clone(), self.p_hi.clone()
+        else:
+            lo, hi = self.lo.clone(), self.hi.clone()
         seen = torch.isfinite(lo)
         if not seen.any():
             raise MixQuantError("a layer was never run during calibration")
-        # groups never visited take the overall range
         lo[~seen], hi[~seen] = lo[seen].min(), hi[seen].max()
-        return ActRange(lo.reshape(-1, 1), hi.reshape(-1, 1))
+        cut = self.best_split() if split else None
+        if cut is None:
+            return ActRange(lo.reshape(-1, 1), hi.reshape(-1, 1))
+        # per-segment ranges from the per-channel statistics (over all timesteps: conservative for every group)
+        seg_lo = torch.stack([self.ch_lo[:cut].min(), self.ch_lo[cut:].min()]).expand(lo.numel(), 2).clone()
+        seg_hi = torch.stack([self.ch_hi[:cut].max(), self.ch_hi[cut:].max()]).expand(lo.numel(), 2).clone()
+        return ActRange(seg_lo, seg_hi, cut)
+
+    def best_split(self, min_gain: float = 4.0) -> int | None:
+        """Q-Diffusion's shortcut split, found from data: the channel index (a multiple of 8) that cuts the input
+        into two segments whose ranges differ most. Kept only when it cuts the summed squared quantization step
+        (channels x range^2) by `min_gain`; a skip concatenation shows up here as a sharp step in channel ranges."""
+        if self.ch_lo is None or self.channel_dim != 1 or self.ch_lo.numel() < 16:
+            return None
+        lo, hi = self.ch_lo, self.ch_hi
+        c = lo.numel()
+        base = c * float(hi.max() - lo.min()) ** 2
+        best, best_cost = None, base
+        for cut in range(8, c - 7, 8):
+            cost = cut * float(hi[:cut].max() - lo[:cut].min()) ** 2 + \
+                (c - cut) * float(hi[cut:].max() - lo[cut:].min()) ** 2
+            if cost < best_cost:
+                best, best_cost = cut, cost
+        return best if best is not None and best_cost * min_gain < base else None
+
+
+@dataclass
+class Calibration:
+    calls: list[DenoiserCall]
+    observers: dict[str, RangeObserver]
+    groups: dict[float, int]  # timestep -> group index
+    n_groups: int
+    prompts: list[str]
+    seeds: list[int]
+    settings: dict
+    fp_images: torch.Tensor | None = None
+    range_method: str = "minmax"
+    act_elements: dict = field(default_factory=dict)  # layer -> input elements per sampling run
+
+    def ranges(self, split: bool = True) -> dict[str, ActRange]:
+        return {n: o.result(self.range_method, split) for n, o in self.observers.items() if o.calls}
+
+    def bos(self) -> dict[str, torch.Tensor]:
+        """Layers whose context token 0 is an outlier -> the BOS embedding to precompute."""
+        return {n: o.bos_vec for n, o in self.observers.items() if o.bos_outlier}
+
+    def group_of(self, timestep: float) -> int:
+        if timestep in self.groups:
+            return self.groups[timestep]
+        nearest = min(self.groups, key=lambda t: abs(t - timestep))
+        return self.groups[nearest]
+
+    def group_bounds(self) -> list[float]:
+        """Lowest timestep of each group (noisiest group first): the switch points stored in files."""
+        out = []
+        for g in range(self.n_groups):
+            ts = [t for t, gi in self.groups.items() if gi == g]
+            out.append(min(ts) if ts else float("-inf"))
+        return out
+
+
+def calibrate(runner: DenoiserRunner, prompts: list[str], seeds: list[int] | None = None, n_groups: int = 1,
+              range_method: str = "minmax", percentile: float = 0.9999, names=None,
+              progress: Progress | None = None) -> Calibration:
+    """Run the FP sampler on the prompts and observe every quantizable layer. Hooks are always removed; the
+    denoiser is never modified."""
+    prompts = [p for p in (prompts or [])]
+    if not prompts:
+        raise MixQuantError("the prompt list is empty: give at least one prompt to calibrate on.")
+    if range_method not in ("minmax", "percentile"):
+        raise MixQuantError(f"unknown range method {range_method!r}: use minmax or percentile")
+    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    progress = progress or Progress()
+    state = {"group": 0}
+    observers: dict[str, RangeObserver] = {}
+    handles = []
+    model = runner.denoiser
+    for name, m in model.named_modules():
+        kind = quantizable(m)
+        if kind is None or (names is not None and name not in names):
+            continue
+        obs = observers[name] = RangeObserver(max(1, n_groups), 1 if kind == "conv2d" else -1,
+                                              percentile if range_method == "percentile" else None,
+                                              track_bos=bool(_BOS_LAYER.search(name)))
+        handles.append(m.register_forward_pre_hook(lambda mod, args, o=obs: o.update(args[0], state["group"])))
+    expected = getattr(runner, "expected_calls", lambda n: 0)(len(prompts))
+    progress.start(expected or 1, "calibrating")
+    # the runner knows its schedule up front, so each call lands in its timestep group as it happens
+    schedule = getattr(runner, "timesteps", lambda: None)()
+    gmap = timestep_groups([DenoiserCall((), {}, float(t), 0) for t in schedule], n_groups) if schedule else None
+
+    def on_call(c: DenoiserCall):
+        progress.tick()
+        state["group"] = gmap.get(c.timestep, 0) if gmap else 0
+
+    try:
+        calls = capture_calls(runner, prompts, seeds, on_call=on_call)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = gmap or timestep_groups(calls, 1)
+    act_elements = {n: o.elements for n, o in observers.items()}
+    return Calibration(calls, observers, groups, max(groups.values()) + 1, prompts, seeds, runner.settings(),
+                       getattr(runner, "_last_fp_images", None), range_method, act_elements)
 
 
 def collect_act_ranges(model: nn.Module, run: Callable[[], None], names=None) -> dict[str, ActRange]:
-    """Run `run()` (which drives `model` in full precision) and return the input range of each quantizable layer
-    (or of `names`). Hooks are always removed, even when `run` raises."""
+    """Plain min-max input ranges of each quantizable layer while `run()` drives `model` (no sampler needed)."""
     observers, handles = {}, []
     for name, m in model.named_modules():
-        if quantizable(m) is None or (names is not None and name not in names):
+        kind = quantizable(m)
+        if kind is None or (names is not None and name not in names):
             continue
-        obs = observers[name] = RangeObserver()
+        obs = observers[name] = RangeObserver(1, 1 if kind == "conv2d" else -1)
         handles.append(m.register_forward_pre_hook(lambda mod, args, o=obs: o.update(args[0])))
     try:
         with torch.no_grad():
@@ -57,4 +213,4 @@ def collect_act_ranges(model: nn.Module, run: Callable[[], None], names=None) ->
     finally:
         for h in handles:
             h.remove()
-    return {n: o.result() for n, o in observers.items() if o.elements}
+    return {n: o.result(split=False) for n, o in observers.items() if o.calls}

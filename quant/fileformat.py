@@ -80,6 +80,9 @@ def _layer_tensors(name: str, layer: QuantLayer) -> dict:
     if layer.input_scale is not None:
         out[f"{name}.input_scale"] = layer.input_scale
         out[f"{name}.input_zero"] = layer.input_zero
+    if layer.bos_out is not None:
+        out[f"{name}.bos_in"] = layer.bos_in
+        out[f"{name}.bos_out"] = layer.bos_out
     return out
 
 
@@ -223,6 +226,12 @@ def _build_layer(path: str, name: str, e: dict, tensors: dict) -> QuantLayer:
                    f"tensor {name}.input_scale has NaN, infinite or non-positive values.")
             layer.input_scale, layer.input_zero = s, z
             layer.a_split = e.get("a_split")
+        bi, bo = tensors.get(f"{name}.bos_in"), tensors.get(f"{name}.bos_out")
+        if bi is not None or bo is not None:
+            _check(kind == "linear" and bi is not None and bo is not None and tuple(bi.shape) == (cin,)
+                   and tuple(bo.shape) == (n,) and bool(torch.isfinite(bi).all() and torch.isfinite(bo).all()),
+                   path, f"layer {name}: BOS tensors are incomplete, misshapen or not finite.")
+            layer.bos_in, layer.bos_out = bi.float(), bo.float()
     return layer
 
 

@@ -38,6 +38,8 @@ class QuantLayer(nn.Module):
         self._w_hat: torch.Tensor | None = None  # simulate mode: dequantized weight cache
         self.register_buffer("input_scale", None)
         self.register_buffer("input_zero", None)
+        self.register_buffer("bos_in", None)  # BOS-aware cross-attention (MixDQ): the context's token-0 embedding
+        self.register_buffer("bos_out", None)  # and W·e_BOS + b computed in full precision
 
     # --- weight storage --------------------------------------------------------------------------------------------
     @property
@@ -115,6 +117,8 @@ class QuantLayer(nn.Module):
                    **kwargs):
         """Requantize a patched float weight (fresh scales: a LoRA may widen the range). min-max ranges keep LoRA
         loading fast; the MSE range search is for calibration time."""
+        if self.bos_in is not None and not return_weight:  # the precomputed BOS output follows the patched weight
+            self.set_bos(self.bos_in, self._to_2d(weight.float()))
         if self.packed:
             new = self._pack(weight.to(self.weight.device), search="minmax")
         else:
@@ -178,7 +182,15 @@ class QuantLinear(QuantLayer):
     def _from_2d(self, w2d):
         return w2d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def set_bos(self, bos_in: torch.Tensor, w_float_2d: torch.Tensor):
+        """Compute the context's token 0 in full precision from now on: store e_BOS and W·e_BOS + b (from the FP
+        weight, which is not kept). Only valid for the text encoder the embedding came from."""
+        dev = self.weight.device
+        b = None if self.bias is None else self.bias.float().to(dev)
+        self.bos_in = bos_in.float().reshape(-1).to(dev)
+        self.bos_out = F.linear(self.bos_in, w_float_2d.float().to(dev), b)
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
         blob, bias = self._params_on(x.device)
         if self.packed:
             return dispatch.linear(x, **self._kernel_args(blob, bias, x.device))
@@ -186,6 +198,21 @@ class QuantLinear(QuantLayer):
         xq = reference.fake_quant_act(x, act["a_bits"], act["a_mode"], act["a_scale"], act["a_zero"], act["a_split"])
         w = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
         return F.linear(xq, w, None if bias is None else bias.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bos_out is None or x.dim() != 3 or x.shape[1] < 2:
+            return self._compute(x)
+        # tokens 1..N through the quantized path; token 0: the precomputed FP output where it is the BOS embedding,
+        # the bias where the conditioning is all zeros (e.g. ComfyUI's ConditioningZeroOut), else quantized
+        bos_in, bos_out = self.bos_in.to(x.device), self.bos_out.to(x.device, x.dtype)
+        x0 = x[:, 0].float()
+        is_bos = (x0 - bos_in).abs().amax(-1) <= 1e-3 * bos_in.abs().amax()
+        is_zero = x0.abs().amax(-1) == 0
+        rest = self._compute(x[:, 1:])
+        tok0 = self._compute(x[:, :1])[:, 0]
+        zero_out = torch.zeros_like(bos_out) if self.bias is None else self.bias.to(x.device, x.dtype)
+        tok0 = torch.where(is_bos[:, None], bos_out, torch.where(is_zero[:, None], zero_out, tok0))
+        return torch.cat([tok0[:, None], rest], dim=1)
 
 
 class QuantConv2d(QuantLayer):

@@ -1,0 +1,139 @@
+"""The one interface through which quant/ sees a sampler: a DenoiserRunner.
+
+quant/ never imports diffusers or ComfyUI. An adapter (app/ for diffusers, nodes/ for ComfyUI) subclasses
+DenoiserRunner: it owns the text encoder, scheduler, VAE and the user's sampler settings, and drives `denoiser`.
+quant/ then records what the denoiser sees (forward hooks), swaps layers in it, and asks for images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import InterruptedRun, MixQuantError
+
+
+class DenoiserRunner:
+    """Subclass and implement `sample`, `timestep_of` and `output_of` (and set `denoiser`)."""
+
+    denoiser: nn.Module
+
+    def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Run the user's sampler (steps, guidance, size, negative prompt...) with `self.denoiser` as it is now, one
+        image per (prompt, seed); return decoded images [B, C, H, W] in [0, 1] (float32, CPU)."""
+        raise NotImplementedError
+
+    def timestep_of(self, args: tuple, kwargs: dict) -> float:
+        """The diffusion timestep (0..1000 scale or sigma, monotone in the step) of one denoiser call."""
+        raise NotImplementedError
+
+    def output_of(self, out) -> torch.Tensor:
+        """The prediction tensor from whatever the denoiser's forward returns."""
+        return out if isinstance(out, torch.Tensor) else out[0]
+
+    def settings(self) -> dict:
+        """Everything that changes the sampler's trajectory (part of cache keys)."""
+        return {}
+
+    def context_of(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The text conditioning [B, N, D] of a call, when the denoiser has one (BOS analysis)."""
+        return None
+
+
+@dataclass
+class DenoiserCall:
+    args: tuple
+    kwargs: dict
+    timestep: float
+    step: int  # index of the call in its sampling run (0 = first, noisiest)
+    output: torch.Tensor | None = None
+
+
+def _detach(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detach(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class Progress:
+    """Progress reporting and cooperative interruption for long runs. `callback(done, total, message)`;
+    `should_stop()` -> True asks the run to stop at the next safe point."""
+    callback: Callable[[int, int, str], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    done: int = 0
+    total: int = 0
+    _phase: str = field(default="")
+
+    def start(self, total: int, phase: str):
+        self.done, self.total, self._phase = 0, total, phase
+        self.tick(0)
+
+    def tick(self, n: int = 1):
+        self.check()
+        self.done += n
+        if self.callback:
+            self.callback(self.done, self.total, self._phase)
+
+    def check(self):
+        if self.should_stop and self.should_stop():
+            raise InterruptedRun(f"{self._phase or 'run'} was interrupted; the model is unchanged. Start it again "
+                                 "when you are ready.")
+
+
+def capture_calls(runner: DenoiserRunner, prompts: list[str], seeds: list[int],
+                  on_call: Callable[[DenoiserCall], None] | None = None, keep: bool = True) -> list[DenoiserCall]:
+    """Run the FP sampler once and record every denoiser call's inputs, timestep and output. `on_call` runs inside
+    the call's forward (before the layers run), e.g. to set the timestep group of activation observers."""
+    if not prompts:
+        raise MixQuantError("the prompt list is empty: give at least one prompt to calibrate on.")
+    calls: list[DenoiserCall] = []
+    state = {"step": 0}
+
+    def pre(mod, args, kwargs):
+        c = DenoiserCall(_detach(args) if keep else (), _detach(kwargs) if keep else {},
+                         float(runner.timestep_of(args, kwargs)), state["step"])
+        state["step"] += 1
+        calls.append(c)
+        if on_call:
+            on_call(c)
+
+    def post(mod, args, kwargs, out):
+        y = runner.output_of(out).detach()
+        if not torch.isfinite(y).all():
+            raise MixQuantError("the model produced NaN/inf during calibration: check it runs in full precision "
+                                "with these settings (dtype, guidance, size) before quantizing.")
+        if keep:
+            calls[-1].output = y.clone()
+
+    h1 = runner.denoiser.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = runner.denoiser.register_forward_hook(post, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            images = runner.sample(prompts, seeds)
+    finally:
+        h1.remove()
+        h2.remove()
+    if not calls:
+        raise MixQuantError("the sampler never called the denoiser: nothing to calibrate on.")
+    runner._last_fp_images = images
+    return calls
+
+
+def timestep_groups(calls: list[DenoiserCall], n_groups: int) -> dict[float, int]:
+    """Split the distinct timesteps into `n_groups` contiguous groups (noisiest first)."""
+    ts = sorted({c.timestep for c in calls}, reverse=True)
+    n = max(1, min(n_groups, len(ts)))
+    return {t: min(n - 1, i * n // len(ts)) for i, t in enumerate(ts)}
+
+
+def stable_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
