@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..quant.errors import MixQuantError
 from ..quant.fileformat import fingerprint, load_quantized, read_header, save_quantized
+from ..quant.layers import attach_act_group_switch
 
 _CLASSES = ("UNet2DConditionModel", "Transformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
             "FluxTransformer2DModel")
@@ -51,4 +52,12 @@ def load_denoiser(path: str, base: nn.Module | None = None, dtype=None) -> nn.Mo
     q = load_quantized(path, skeleton, fingerprint(base) if base is not None else None)
     if dtype is not None:
         q.to(dtype)
+    bounds = meta.get("extra", {}).get("act_group_bounds")
+    if bounds and len(bounds) > 1:
+        attach_act_group_switch(q, bounds, diffusers_timestep)
     return q.eval()
+
+
+def diffusers_timestep(args, kwargs) -> float:
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    return float(torch.as_tensor(t).reshape(-1)[0])

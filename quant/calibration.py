@@ -102,17 +102,25 @@ class RangeObserver:
 
     def best_split(self, min_gain: float = 4.0) -> int | None:
         """Q-Diffusion's shortcut split, found from data: the channel index (a multiple of 8) that cuts the input
-        into two segments whose ranges differ most. Kept only when it cuts the summed squared quantization step
-        (channels x range^2) by `min_gain`; a skip concatenation shows up here as a sharp step in channel ranges."""
+        into two segments with their own ranges. Cost of a choice: the sum over channels of (segment range /
+        channel range)^2, i.e. each channel's quantization noise relative to its own signal. A skip
+        concatenation (tiny-range channels next to huge ones) shows up as a large drop; the split is kept only
+        when it cuts that cost by `min_gain`."""
         if self.ch_lo is None or self.channel_dim != 1 or self.ch_lo.numel() < 16:
             return None
-        lo, hi = self.ch_lo, self.ch_hi
+        lo, hi = self.ch_lo.double(), self.ch_hi.double()
         c = lo.numel()
-        base = c * float(hi.max() - lo.min()) ** 2
+        full = float(hi.max() - lo.min())
+        if full <= 0:
+            return None
+        own = torch.clamp(hi - lo, min=1e-3 * full)
+        inv = (1.0 / own ** 2)
+        base = full ** 2 * float(inv.sum())
         best, best_cost = None, base
         for cut in range(8, c - 7, 8):
-            cost = cut * float(hi[:cut].max() - lo[:cut].min()) ** 2 + \
-                (c - cut) * float(hi[cut:].max() - lo[cut:].min()) ** 2
+            ra = float(hi[:cut].max() - lo[:cut].min())
+            rb = float(hi[cut:].max() - lo[cut:].min())
+            cost = ra ** 2 * float(inv[:cut].sum()) + rb ** 2 * float(inv[cut:].sum())
             if cost < best_cost:
                 best, best_cost = cut, cost
         return best if best is not None and best_cost * min_gain < base else None

@@ -272,3 +272,17 @@ def set_act_group(model: nn.Module, group: int) -> None:
     for m in model.modules():
         if isinstance(m, QuantLayer):
             m.act_group = group
+
+
+def attach_act_group_switch(model: nn.Module, bounds: list[float], timestep_fn):
+    """Timestep-aware activation ranges at run time: before each denoiser call, pick the group whose range of
+    timesteps holds this call's timestep. `bounds[g]` is the lowest timestep of group g (noisiest group first);
+    `timestep_fn(args, kwargs)` reads the timestep from the call. Returns the hook handle."""
+
+    def pre(mod, args, kwargs):
+        t = float(timestep_fn(args, kwargs))
+        g = next((i for i, b in enumerate(bounds) if t >= b), len(bounds) - 1)
+        set_act_group(mod, g)
+
+    model._mixquant_act_groups = list(bounds)
+    return model.register_forward_pre_hook(pre, with_kwargs=True)

@@ -1,0 +1,78 @@
+"""The diffusers side of quant/'s DenoiserRunner: drives a StableDiffusion(XL)Pipeline with the user's sampler
+settings so that quant/ can record, probe and compare its UNet without knowing diffusers."""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..quant.errors import MixQuantError
+from ..quant.runner import DenoiserRunner
+from .diffusers_adapter import diffusers_timestep
+
+
+@dataclass
+class SamplerSettings:
+    steps: int = 8
+    guidance: float = 4.0
+    scheduler: str = "dpm"  # ddim | dpm | euler
+    width: int | None = None
+    height: int | None = None
+    negative_prompt: str = ""
+    batch_size: int = 32
+
+    def check(self):
+        if self.steps < 1:
+            raise MixQuantError("steps must be at least 1")
+        if self.guidance < 0:
+            raise MixQuantError("guidance must be >= 0")
+        for v in (self.width, self.height):
+            if v is not None and (v < 8 or v % 8):
+                raise MixQuantError("width and height must be multiples of 8")
+
+
+class PipelineRunner(DenoiserRunner):
+    def __init__(self, pipe, settings: SamplerSettings):
+        from .models import set_scheduler
+
+        settings.check()
+        self.pipe, self.s = pipe, settings
+        set_scheduler(pipe, settings.scheduler)
+        self.denoiser = pipe.unet
+
+    def settings(self) -> dict:
+        d = asdict(self.s)
+        d.pop("batch_size")
+        return d
+
+    @torch.no_grad()
+    def sample(self, prompts, seeds):
+        out = []
+        self.pipe.unet = self.denoiser
+        for i in range(0, len(prompts), self.s.batch_size):
+            ps, ss = prompts[i:i + self.s.batch_size], seeds[i:i + self.s.batch_size]
+            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in ss]
+            neg = [self.s.negative_prompt] * len(ps) if self.s.guidance > 1 else None
+            imgs = self.pipe(list(ps), negative_prompt=neg, num_inference_steps=self.s.steps,
+                             guidance_scale=self.s.guidance, width=self.s.width, height=self.s.height,
+                             generator=gens, output_type="pt").images
+            out.append(imgs.float().cpu())
+        return torch.cat(out)
+
+    def timestep_of(self, args, kwargs) -> float:
+        return diffusers_timestep(args, kwargs)
+
+    def output_of(self, out):
+        return out.sample if hasattr(out, "sample") else out[0]
+
+    def context_of(self, args, kwargs):
+        return kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+
+    def timesteps(self):
+        sched = copy.deepcopy(self.pipe.scheduler)
+        sched.set_timesteps(self.s.steps)
+        return [float(t) for t in sched.timesteps]
+
+    def expected_calls(self, n_prompts: int) -> int:
+        return self.s.steps * -(-n_prompts // self.s.batch_size)

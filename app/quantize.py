@@ -1,0 +1,145 @@
+"""`mixquant quantize`: calibrate on your prompts, allocate bits under your budget, write the quantized file and a
+report (architecture.md)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+
+
+def add_arguments(p):
+    p.add_argument("--model", default="digits", help="digits (embedded), a diffusers folder, or a .safetensors file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a calibration prompt (repeat for more)")
+    src.add_argument("--prompts-file", help="a text file with one prompt per line")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--avg-w-bits", type=float, help="average weight bits over the quantizable layers")
+    budget.add_argument("--budget-mb", type=float, help="size of the whole denoiser in MB (1e6 bytes)")
+    p.add_argument("--a-bits", type=int, default=8, choices=(4, 8, 16), help="activation bits (16: weight-only)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--scheduler", default="dpm", choices=("ddim", "dpm", "euler"))
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--size", help="WxH of the images (default: the model's native size)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the next prompts use seed+1, ...)")
+    p.add_argument("--target", default="mixquant", choices=("mixquant", "comfyui-native"),
+                   help="comfyui-native: only formats stock ComfyUI runs (for `mixquant export --to comfyui`)")
+    p.add_argument("--act-groups", type=int, default=1, help="timestep groups with their own activation ranges")
+    p.add_argument("--no-bos", action="store_true", help="do not compute the BOS token of to_k/to_v in FP")
+    p.add_argument("--cache-dir", help="where sensitivity results are cached (default ~/.cache/mixquant)")
+    p.add_argument("--no-eval", action="store_true", help="skip the FP-vs-quantized quality evaluation")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="the quantized .safetensors file to write")
+    p.add_argument("--report", help="where to write the report JSON")
+
+
+def read_prompts(args) -> list[str]:
+    from ..quant.errors import MixQuantError
+
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise MixQuantError(f"cannot read the prompts file {args.prompts_file}: {e.strerror}") from None
+    else:
+        lines = args.prompt or []
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise MixQuantError("the prompt list is empty: give at least one prompt (--prompt or --prompts-file).")
+    return prompts
+
+
+def write_json_atomic(obj, path: str):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".mixquant-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def run(args) -> int:
+    from ..quant.errors import MixQuantError
+    from ..quant.fileformat import fingerprint
+    from .api import quantize_pipeline
+    from .diffusers_adapter import save_denoiser
+    from .generate import parse_size
+    from .models import load_pipeline
+    from .pipeline_runner import SamplerSettings
+
+    prompts = read_prompts(args)
+    for path in (args.out, args.report):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise MixQuantError(f"the folder of {path} does not exist")
+    width, height = parse_size(args.size)
+    pipe = load_pipeline(args.model, device=args.device)
+    sampler = SamplerSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, width=width,
+                              height=height, negative_prompt=args.negative_prompt)
+    bar = _progress_bar()
+    try:
+        qpipe, report = quantize_pipeline(
+            pipe, prompts, avg_w_bits=args.avg_w_bits, budget_mb=args.budget_mb, a_bits=args.a_bits,
+            target=args.target, sampler=sampler, seeds=[args.seed + i for i in range(len(prompts))],
+            evaluate=not args.no_eval, model_name=args.model, progress=bar, act_groups=args.act_groups,
+            bos=not args.no_bos, cache_dir=args.cache_dir)
+    finally:
+        bar.close()
+    extra = {"model": args.model, "target": args.target, "sampler": report["sampler"],
+             "act_group_bounds": getattr(qpipe.unet, "_mixquant_act_groups", None),
+             "summary": {k: report[k] for k in ("avg_w_bits", "avg_a_bits", "bytes_fp16", "bytes_quantized")}}
+    size = save_denoiser(qpipe.unet, args.out, fingerprint(pipe.unet), extra=_json_safe(extra))
+    report["file"] = {"path": args.out, "bytes_on_disk": size}
+    if args.report:
+        write_json_atomic(_json_safe(report), args.report)
+    q = report["quality"]
+    print(f"wrote {args.out} ({size / 1e6:.2f} MB): avg {report['avg_w_bits']:.2f} weight bits, "
+          f"{report['avg_a_bits']:.2f} activation bits, {report['bytes_quantized'] / 1e6:.3f} MB vs "
+          f"{report['bytes_fp16'] / 1e6:.3f} MB fp16 ({report['bytes_quantized'] / report['bytes_fp16']:.3f}x)")
+    parts = [f"{k} {q[k]:.3f}" for k in ("sqnr_db", "psnr_db", "ssim") if isinstance(q.get(k), (int, float))]
+    if q.get("content_accuracy") is not None:
+        parts.append(f"content accuracy {q['content_accuracy']:.2f} (FP {q['content_accuracy_fp']:.2f})")
+    if parts:
+        print("quality vs FP: " + ", ".join(parts))
+    t = report["timings_s"]
+    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
+          + (" (sensitivity from cache)" if report.get("sensitivity_cached") else ""))
+    return 0
+
+
+class _progress_bar:
+    """tqdm on stderr, one bar per phase."""
+
+    def __init__(self):
+        self.bar, self.phase = None, None
+
+    def __call__(self, done, total, phase):
+        from tqdm import tqdm
+
+        if phase != self.phase:
+            self.close()
+            self.bar, self.phase = tqdm(total=total, desc=phase, file=sys.stderr, leave=False,
+                                        disable=not sys.stderr.isatty()), phase
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

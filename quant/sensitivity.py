@@ -1,0 +1,186 @@
+"""Metric-decoupled sensitivity (MixDQ §4), fast enough for an app.
+
+One layer at a time, weights and activations separately, at each candidate format, everything else in full
+precision:
+- quality layers: relative noise power of the denoiser output vs FP (SQNR = -10 log10 of it), measured on a
+  subsample of the recorded calibration calls: the FP inputs and outputs are reused, nothing is re-sampled;
+- content layers: 1 - SSIM of the final decoded images vs FP (window nearly as large as the image), on a subset
+  of the prompts, through the user's sampler.
+Layers are swapped for simulate-mode quantized layers (no repacking), the swap is always undone, results are
+cached on disk keyed by model fingerprint + prompts + settings + menu.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .apply import ActRange
+from .calibration import Calibration
+from .formats import LayerFormat
+from .layers import QuantConv2d, QuantLayer, QuantLinear, set_act_group
+from .metrics import ssim
+from .roles import LayerInfo
+from .runner import DenoiserRunner, Progress, stable_hash
+
+CACHE_VERSION = 2
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("MIXQUANT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mixquant")
+    return os.path.join(base, "sensitivity")
+
+
+@dataclass
+class Sensitivity:
+    """loss[layer][format name]: weight-only formats (A16) and activation-only formats (W16) per layer."""
+    loss: dict = field(default_factory=dict)
+    role: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    cached: bool = False
+    key: str = ""
+
+    def metric(self, layer: str, fmt_name: str) -> float:
+        """SQNR (dB) for quality layers, SSIM for content layers, from the stored loss."""
+        loss = self.loss[layer][fmt_name]
+        if self.role[layer] == "content":
+            return 1.0 - loss
+        return math.inf if loss <= 0 else -10 * math.log10(loss)
+
+    def to_json(self) -> dict:
+        return {"version": CACHE_VERSION, "loss": self.loss, "role": self.role, "seconds": self.seconds}
+
+
+def content_ssim(ref: torch.Tensor, test: torch.Tensor) -> float:
+    h, w = ref.shape[-2:]
+    win = max(3, (min(h, w) * 7) // 8) | 1  # MixDQ: a window nearly as large as the image
+    return ssim(ref, test, window_size=min(win, min(h, w)))
+
+
+def act_format_name(fmt: LayerFormat) -> str:
+    return fmt.name  # e.g. W16A8 (static) or W16A8d
+
+
+def _select(obj, batch: int, ix: torch.Tensor):
+    """Keep the samples `ix` of every tensor whose first dimension is the call's batch (recursively)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, ix) if obj.dim() > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_select(o, batch, ix) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _select(v, batch, ix) for k, v in obj.items()}
+    return obj
+
+
+def subsample_call(c, n: int):
+    """At most n samples of a recorded call; with classifier-free guidance the batch is [uncond..., cond...],
+    so both halves are kept alike."""
+    b = c.output.shape[0]
+    if b <= n:
+        return c
+    keep = list(range(n // 2)) + list(range(b // 2, b // 2 + n - n // 2)) if b % 2 == 0 else list(range(n))
+    ix = torch.tensor(keep)
+    return type(c)(_select(c.args, b, ix), _select(c.kwargs, b, ix), c.timestep, c.step, c.output.index_select(0, ix))
+
+
+def _probe_layer(src: nn.Module, fmt: LayerFormat, act: ActRange | None, bos_vec) -> QuantLayer:
+    cls = QuantLinear if isinstance(src, nn.Linear) else QuantConv2d
+    q = cls.from_float(src, fmt, mode="simulate")
+    if act is not None and fmt.a_bits < 16 and fmt.a_mode == "static":
+        q.set_act_range(act.lo, act.hi, act.split)
+    if bos_vec is not None and isinstance(q, QuantLinear):
+        q.set_bos(bos_vec, src.weight.detach())
+    return q
+
+
+def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list[LayerInfo],
+                        w_menu: dict[str, list[LayerFormat]], a_menu: list[LayerFormat], fingerprint_id: str,
+                        n_calls: int = 4, n_prompts: int = 8, use_bos: bool = True, cache_dir: str | None = None,
+                        progress: Progress | None = None, call_batch: int = 8) -> Sensitivity:
+    """w_menu: role -> weight formats to score (their a_bits must be 16); a_menu: activation formats (w_bits 16).
+    Quality layers are scored on `n_calls` recorded calls spread over the timesteps, `call_batch` samples of each
+    (conditional and unconditional halves alike when guidance batches them)."""
+    progress = progress or Progress()
+    todo = [li for li in layers if not li.protected]
+    key = stable_hash({"v": CACHE_VERSION, "model": fingerprint_id, "prompts": calib.prompts, "seeds": calib.seeds,
+                       "settings": calib.settings, "groups": calib.n_groups, "range": calib.range_method,
+                       "w": {r: [f.name for f in fs] for r, fs in w_menu.items()}, "a": [f.name for f in a_menu],
+                       "layers": [li.name for li in todo], "calls": n_calls, "prompts_n": n_prompts, "bos": use_bos,
+                       "call_batch": call_batch})
+    cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
+    path = os.path.join(cache_dir, f"{key}.json") if cache_dir else None
+    if path and os.path.isfile(path):
+        try:
+            data = json.load(open(path))
+            if data.get("version") == CACHE_VERSION:
+                return Sensitivity(data["loss"], data["role"], data.get("seconds", 0.0), cached=True, key=key)
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is simply recomputed
+    t0 = time.time()
+    model = runner.denoiser
+    ranges = calib.ranges()
+    bos = calib.bos() if use_bos else {}
+    # quality: a subsample of recorded calls spread over the timesteps
+    calls = calib.calls
+    idx = sorted({round(i * (len(calls) - 1) / max(1, n_calls - 1)) for i in range(min(n_calls, len(calls)))})
+    probe_calls = [subsample_call(calls[i], call_batch) for i in idx]
+    signal = sum(float((c.output.float() ** 2).sum()) for c in probe_calls)
+    prompts = calib.prompts[:n_prompts]
+    seeds = calib.seeds[:n_prompts]
+    modules = dict(model.named_modules())
+    jobs = []
+    for li in todo:
+        for f in w_menu.get(li.role, []):
+            jobs.append((li, f))
+        for f in a_menu:
+            if li.name in ranges or f.a_mode == "dynamic":
+                jobs.append((li, f))
+    n_content = sum(1 for li, _ in jobs if li.role == "content")
+    progress.start(len(jobs) + (1 if n_content else 0), "measuring sensitivity")
+    fp_images = None
+    switch = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: set_act_group(mod, calib.group_of(float(runner.timestep_of(args, kwargs)))),
+        with_kwargs=True) if calib.n_groups > 1 else None
+    out = Sensitivity(role={li.name: li.role for li in todo}, key=key)
+    try:
+        with torch.no_grad():
+            if n_content:
+                fp_images = runner.sample(prompts, seeds)
+                progress.tick()
+            for li, fmt in jobs:
+                src = modules[li.name]
+                parent_name, _, attr = li.name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                probe = _probe_layer(src, fmt, ranges.get(li.name), bos.get(li.name))
+                setattr(parent, attr, probe)
+                try:
+                    if li.role == "content":
+                        loss = 1.0 - content_ssim(fp_images, runner.sample(prompts, seeds))
+                    else:
+                        noise = 0.0
+                        for c in probe_calls:  # (the timestep-group switch hook picks each call's ranges)
+                            y = runner.output_of(model(*c.args, **c.kwargs)).float()
+                            noise += float(((y - c.output.float()) ** 2).sum())
+                        loss = noise / max(signal, 1e-30)
+                finally:
+                    setattr(parent, attr, src)  # always restore the FP layer
+                if not math.isfinite(loss):
+                    loss = 1e6
+                out.loss.setdefault(li.name, {})[fmt.name] = max(0.0, float(loss))
+                progress.tick()
+    finally:
+        if switch is not None:
+            switch.remove()
+    out.seconds = time.time() - t0
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + f".{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(out.to_json(), f)
+        os.replace(tmp, path)
+    return out
