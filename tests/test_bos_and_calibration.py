@@ -81,7 +81,7 @@ def test_bos_aware_beats_naive_with_clip_like_token0(dims):
     naive, calib, _ = _cross_attn_error(m, ctx, x, bos=False)
     aware, _, q = _cross_attn_error(m, ctx, x, bos=True)
     assert set(calib.bos()) == {"attn2.to_k", "attn2.to_v"}
-    assert aware < naive / 20, (aware, naive)  # measured: ~3 orders of magnitude apart at A8
+    assert aware < naive / 1000, (aware, naive)  # measured: 0.99 vs 1e-6 (SD1.5 dims), 0.96 vs 5e-7 (digits dims)
     # token 0 is exact where it is the BOS embedding, and the zero conditioning gets the bias
     with torch.no_grad():
         k_fp = m.attn2.to_k(ctx)
