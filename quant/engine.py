@@ -43,6 +43,7 @@ class QuantizeConfig:
     bos: bool = True
     sens_calls: int = 4
     sens_prompts: int = 8
+    sens_mode: str = "full"  # "full": MixDQ's decoupled metrics; "local": layer-output noise (fast, approximate)
     coupling: tuple = (0.2, 0.35, 0.5, 0.65, 0.8)  # share of the loss weight given to content layers
     cache_dir: str | None = None
 
@@ -268,7 +269,7 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
     else:
         layers_s = layers
     sens = measure_sensitivity(runner, calib, layers_s, w_menu, a_menu, fp_id, cfg.sens_calls, cfg.sens_prompts,
-                               cfg.bos, cfg.cache_dir, progress)
+                               cfg.bos, cfg.cache_dir, progress, mode=cfg.sens_mode)
 
     t0 = time.time()
     problem = _problem(layers, cfg, calib, sens, model)

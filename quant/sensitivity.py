@@ -88,6 +88,35 @@ def subsample_call(c, n: int):
     return type(c)(_select(c.args, b, ix), _select(c.kwargs, b, ix), c.timestep, c.step, c.output.index_select(0, ix))
 
 
+def _record_inputs(model: nn.Module, calls, names, group_of) -> dict[str, list]:
+    """Each layer's FP input (and timestep group) on the probe calls."""
+    rec = {n: [] for n in names}
+    mods = dict(model.named_modules())
+    current = {"group": 0}
+    handles = [mods[n].register_forward_pre_hook(
+        lambda m, args, n=n: rec[n].append((args[0].detach(), current["group"]))) for n in names]
+    try:
+        with torch.no_grad():
+            for c in calls:
+                current["group"] = group_of(c.timestep)
+                model(*c.args, **c.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return rec
+
+
+def _local_loss(src: nn.Module, probe: QuantLayer, inputs) -> float:
+    noise = signal = 0.0
+    with torch.no_grad():
+        for x, group in inputs:
+            probe.act_group = group
+            y = src(x).float()
+            signal += float((y ** 2).sum())
+            noise += float(((probe(x).float() - y) ** 2).sum())
+    return noise / max(signal, 1e-30)
+
+
 def _probe_layer(src: nn.Module, fmt: LayerFormat, act: ActRange | None, bos_vec) -> QuantLayer:
     cls = QuantLinear if isinstance(src, nn.Linear) else QuantConv2d
     q = cls.from_float(src, fmt, mode="simulate")
@@ -101,8 +130,12 @@ def _probe_layer(src: nn.Module, fmt: LayerFormat, act: ActRange | None, bos_vec
 def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list[LayerInfo],
                         w_menu: dict[str, list[LayerFormat]], a_menu: list[LayerFormat], fingerprint_id: str,
                         n_calls: int = 4, n_prompts: int = 8, use_bos: bool = True, cache_dir: str | None = None,
-                        progress: Progress | None = None, call_batch: int = 8) -> Sensitivity:
+                        progress: Progress | None = None, call_batch: int = 8, mode: str = "full") -> Sensitivity:
     """w_menu: role -> weight formats to score (their a_bits must be 16); a_menu: activation formats (w_bits 16).
+    mode="full": MixDQ's decoupled metrics (denoiser-output SQNR for quality layers, image SSIM for content layers).
+    mode="local": every layer scored by the relative noise of its own output, computed from its recorded FP input
+    (one layer forward per probe instead of a whole network or sampler run: the fast approximation for big
+    models on slow hardware; it does not see how errors propagate).
     Quality layers are scored on `n_calls` recorded calls spread over the timesteps, `call_batch` samples of each
     (conditional and unconditional halves alike when guidance batches them)."""
     progress = progress or Progress()
@@ -111,7 +144,7 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                        "settings": calib.settings, "groups": calib.n_groups, "range": calib.range_method,
                        "w": {r: [f.name for f in fs] for r, fs in w_menu.items()}, "a": [f.name for f in a_menu],
                        "layers": [li.name for li in todo], "calls": n_calls, "prompts_n": n_prompts, "bos": use_bos,
-                       "call_batch": call_batch})
+                       "call_batch": call_batch, "mode": mode})
     cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
     path = os.path.join(cache_dir, f"{key}.json") if cache_dir else None
     if path and os.path.isfile(path):
@@ -140,9 +173,12 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
         for f in a_menu:
             if li.name in ranges or f.a_mode == "dynamic":
                 jobs.append((li, f))
-    n_content = sum(1 for li, _ in jobs if li.role == "content")
+    if mode not in ("full", "local"):
+        raise ValueError(f"mode must be 'full' or 'local', got {mode!r}")
+    n_content = sum(1 for li, _ in jobs if li.role == "content") if mode == "full" else 0
     progress.start(len(jobs) + (1 if n_content else 0), "measuring sensitivity")
     fp_images = None
+    inputs = _record_inputs(model, probe_calls, [li.name for li in todo], calib.group_of) if mode == "local" else {}
     switch = model.register_forward_pre_hook(
         lambda mod, args, kwargs: set_act_group(mod, calib.group_of(float(runner.timestep_of(args, kwargs)))),
         with_kwargs=True) if calib.n_groups > 1 else None
@@ -154,6 +190,12 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                 progress.tick()
             for li, fmt in jobs:
                 src = modules[li.name]
+                if mode == "local":
+                    loss = _local_loss(src, _probe_layer(src, fmt, ranges.get(li.name), bos.get(li.name)),
+                                       inputs[li.name])
+                    out.loss.setdefault(li.name, {})[fmt.name] = loss if math.isfinite(loss) else 1e6
+                    progress.tick()
+                    continue
                 parent_name, _, attr = li.name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 probe = _probe_layer(src, fmt, ranges.get(li.name), bos.get(li.name))

@@ -2,6 +2,9 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download must fail loudly
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import tempfile  # noqa: E402
+
+os.environ["MIXQUANT_CACHE"] = tempfile.mkdtemp(prefix="mixquant-test-cache-")  # never the user's cache
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

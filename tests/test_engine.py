@@ -1,0 +1,163 @@
+"""The method end to end on the embedded `digits` model: CLI contract, mixed vs uniform, cache, bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+from mixquant.app.api import pipeline_with_denoiser, quantize_pipeline
+from mixquant.app.cli import main as cli
+from mixquant.app.harness import compare_pipelines
+from mixquant.app.models import load_pipeline
+from mixquant.app.pipeline_runner import PipelineRunner, SamplerSettings
+from mixquant.quant import engine
+from mixquant.quant.apply import quantize_model, uniform_plan
+from mixquant.quant.calibration import calibrate
+from mixquant.quant.errors import InterruptedRun, MixQuantError
+from mixquant.quant.formats import LayerFormat
+from mixquant.quant.layers import QuantLayer
+from mixquant.quant.roles import discover_layers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = os.path.join(HERE, "..", "examples", "prompts.txt")
+# phrasings held out from training, written for this test (numerals and words, new combinations)
+EVAL = [f"{w} written by hand" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                                         "nine")] + \
+       [f"the handwritten number {d}" for d in range(10)] + [f"a picture of the number {d}" for d in range(10)]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_pipeline("digits")
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    out, rep = str(d / "q.safetensors"), str(d / "r.json")
+    rc = cli(["quantize", "--model", "digits", "--prompts-file", PROMPTS, "--avg-w-bits", "4", "--a-bits", "8",
+              "--out", out, "--report", rep, "--cache-dir", str(d / "cache")])
+    assert rc == 0
+    return out, json.load(open(rep)), d
+
+
+def test_cli_contract(cli_run):
+    out, r, _ = cli_run
+    assert os.path.isfile(out)
+    for key in ("model", "method", "layers", "avg_w_bits", "avg_a_bits", "bytes_fp16", "bytes_quantized", "quality",
+                "timings_s", "curve"):
+        assert key in r
+    for key in ("calibrate", "sensitivity", "allocate", "total"):
+        assert r["timings_s"][key] >= 0
+    assert r["avg_w_bits"] <= 4.0
+    assert r["bytes_quantized"] / r["bytes_fp16"] <= 0.30
+    q = r["quality"]
+    assert q["content_accuracy"] >= q["content_accuracy_fp"] - 0.02
+    layer = r["layers"][0]
+    assert {"name", "role", "w_bits", "a_bits", "params"} <= set(layer)
+    # a real mix: more than one weight bit-width among the allocated layers
+    assert len({li["w_bits"] for li in r["layers"] if not li["protected"]}) >= 2
+    assert len(r["curve"]) >= 3 and all(c["bytes"] > 0 for c in r["curve"])
+
+
+def test_generate_with_quantized_file_gives_the_same_digit(cli_run, tmp_path):
+    from mixquant.app.digits import digits_classifier
+    from PIL import Image
+    import numpy as np
+
+    out, _, _ = cli_run
+    clf = digits_classifier()
+    for d, prompt in ((3, "a handwritten digit three"), (7, "the number 7")):
+        paths = {}
+        for tag, extra in (("fp", []), ("q", ["--quantized", out])):
+            paths[tag] = str(tmp_path / f"{tag}{d}.png")
+            assert cli(["generate", "--model", "digits", "--prompt", prompt, "--seed", "5", "--native-size",
+                        "--out", paths[tag], *extra]) == 0
+        preds = []
+        for tag in ("fp", "q"):
+            img = torch.from_numpy(np.asarray(Image.open(paths[tag]).convert("RGB"), dtype=np.float32) / 255.0)
+            preds.append(int(clf.predict(img.permute(2, 0, 1)[None])[0]))
+        assert preds == [d, d]
+
+
+def test_mixed_beats_uniform_w4a8_at_equal_bytes(digits, cli_run):
+    """The method's claim on this model: at the same (or fewer) bytes, a per-layer plan keeps the images closer to
+    FP than every layer at 4 bits (same 8-bit activations)."""
+    _, r, d = cli_run
+    sampler = SamplerSettings()
+    prompts = [p.strip() for p in open(PROMPTS) if p.strip()]
+    mixed, rep = quantize_pipeline(digits, prompts, avg_w_bits=4, a_bits=8, sampler=sampler, evaluate=False,
+                                   cache_dir=str(d / "cache"))
+    assert rep["sensitivity_cached"]  # same model, prompts, settings as the CLI run
+    calib = calibrate(PipelineRunner(digits, sampler), prompts, list(range(len(prompts))))
+    uni, _ = quantize_model(digits.unet, uniform_plan(discover_layers(digits.unet), LayerFormat(4, 8, 64)),
+                            calib.ranges(), bos=calib.bos())
+    assert rep["bytes_quantized"] <= engine.deploy_bytes(uni)
+    kw = dict(steps=sampler.steps, guidance=sampler.guidance, scheduler=sampler.scheduler)
+    m = compare_pipelines(digits, mixed, EVAL, [11], **kw)
+    u = compare_pipelines(digits, pipeline_with_denoiser(digits, uni), EVAL, [11], **kw)
+    assert m["ssim"] > u["ssim"] and m["sqnr_db"] > u["sqnr_db"]
+    assert m["content_accuracy"] >= u["content_accuracy"]
+
+
+def test_w8a8_is_near_lossless(digits):
+    """Measured: SSIM 0.99+ and the same content accuracy as FP. Threshold: SSIM > 0.98, SQNR > 20 dB, accuracy
+    within one image of FP on 30."""
+    sampler = SamplerSettings()
+    prompts = [p.strip() for p in open(PROMPTS) if p.strip()]
+    calib = calibrate(PipelineRunner(digits, sampler), prompts, list(range(len(prompts))))
+    q, _ = quantize_model(digits.unet, uniform_plan(discover_layers(digits.unet), "W8A8"), calib.ranges())
+    r = compare_pipelines(digits, pipeline_with_denoiser(digits, q), EVAL, [11], steps=sampler.steps,
+                          guidance=sampler.guidance, scheduler=sampler.scheduler)
+    assert r["ssim"] > 0.98 and r["sqnr_db"] > 20
+    assert r["content_accuracy"] >= r["content_accuracy_fp"] - 1 / 30
+
+
+def test_cache_hit_and_miss(digits, tmp_path):
+    small = dict(sampler=SamplerSettings(steps=2), evaluate=False, cache_dir=str(tmp_path), sens_mode="local",
+                 avg_w_bits=5)
+    _, r1 = quantize_pipeline(digits, ["digit one", "the number 2"], **small)
+    _, r2 = quantize_pipeline(digits, ["digit one", "the number 2"], **small)
+    _, r3 = quantize_pipeline(digits, ["digit one", "the number 3"], **small)
+    assert not r1["sensitivity_cached"] and r2["sensitivity_cached"] and not r3["sensitivity_cached"]
+    assert len(os.listdir(tmp_path)) == 2
+
+
+def test_bad_input_gives_one_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n# only a comment\n")
+    out = str(tmp_path / "q.safetensors")
+    cases = [
+        (["--model", "digits", "--prompts-file", str(empty), "--avg-w-bits", "4"], "empty"),
+        (["--model", str(tmp_path / "no_such_model"), "--prompt", "one", "--avg-w-bits", "4"], "no_such_model"),
+        (["--model", "digits", "--prompt", "one", "--avg-w-bits", "1.5", "--steps", "2"], "smallest feasible"),
+        (["--model", "digits", "--prompt", "one", "--budget-mb", "0.01", "--steps", "2"], "smallest feasible"),
+    ]
+    for args, needle in cases:
+        rc = cli(["quantize", *args, "--out", out, "--cache-dir", str(tmp_path / "c"), "--no-eval"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and needle in err[0], (args, err)
+        assert not os.path.exists(out)
+
+
+def test_interrupt_leaves_the_model_untouched(digits, tmp_path):
+    before = {k: v.clone() for k, v in digits.unet.state_dict().items()}
+    ticks = {"n": 0}
+
+    def stop():
+        ticks["n"] += 1
+        return ticks["n"] > 12  # somewhere inside sensitivity measurement
+
+    with pytest.raises(InterruptedRun):
+        quantize_pipeline(digits, ["digit one", "the number 2"], avg_w_bits=4, sampler=SamplerSettings(steps=2),
+                          evaluate=False, cache_dir=str(tmp_path), should_stop=stop)
+    assert not any(isinstance(m, QuantLayer) for m in digits.unet.modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in digits.unet.modules())
+    assert all(torch.equal(v, digits.unet.state_dict()[k]) for k, v in before.items())
+
+
+def test_engine_config_checks():
+    with pytest.raises(MixQuantError, match="exactly one budget"):
+        engine.QuantizeConfig().check()
+    with pytest.raises(MixQuantError, match="target"):
+        engine.QuantizeConfig(avg_w_bits=4, target="tensorrt").check()
