@@ -1,0 +1,633 @@
+"""CPU paths for the quantized ops, chosen by measurement on the machine they run on.
+
+CPUs disagree about what is fast. On a 2-core AMD EPYC with AVX2 only, bf16/fp16 matmuls and `torch._int_mm` are
+tens of times slower than fp32 while oneDNN's int8 primitives are about 2x faster per call; with AMX, `_int_mm` and
+bf16 are the fast ones. So:
+
+- `plan()` probes once per process: ISA flags, the fastest float dtype for a matmul (fp32 / bf16 / fp16), and which
+  int8 routes are *exact* here and not hopeless:
+    "onednn"        torch.ops.onednn.qlinear_pointwise / qconv2d_pointwise: u8 activations x s8 weights;
+    "onednn_split"  the same with each u8 activation split as a + b (a = min(u, 127), b = u - a). Without VNNI,
+                    oneDNN multiplies u8 x s8 byte pairs with vpmaddubsw, which saturates at int16: full 8-bit
+                    activations against |w| > 64 come out wrong (measured: errors of 20% of the output range).
+                    Both halves are < 128, which cannot saturate; the two calls share one prepacked weight;
+    "int_mm"        torch._int_mm, int32 accumulation (kept only when the probe finds it within 1.5x of float);
+    "float"         fake-quantized activations x dequantized weight in the float dtype (the reference's math,
+                    in fewer passes; for fp32 it is the reference bit for bit).
+- The first call of each layer shape races the candidates (a few runs each, interleaved) and keeps the winner per
+  shape; decisions persist in ~/.cache/mixquant/cpu_routes.json (MIXQUANT_CPU_CACHE) per CPU, thread count and
+  torch version. The loser's prepared data is dropped.
+- Weight-only (A16) layers always run dequantize-then-matmul in the float dtype; the dequantized weight is a
+  temporary, never cached (a cached fp32 copy would make the layer 8x its packed size).
+- The int8 routes keep one prepacked int8 copy of the weight in the layer's `cache` dict (~N*K bytes, the size of
+  the codes): prepacking costs 10-40 ms, as much as the GEMM. Without a cache dict they are not used.
+
+Every route equals the reference up to int32-accumulation / fp32 rounding (tests/test_kernels_cpu.py).
+MIXQUANT_CPU_ROUTE forces a route (where it can run); MIXQUANT_CPU_DTYPE the float dtype.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .packing import unpack_codes
+
+INT_ROUTES = ("onednn", "onednn_split", "int_mm")
+ROUTES = INT_ROUTES + ("float",)
+
+
+def _has_onednn() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack") \
+            and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def isa() -> dict:
+    """What the CPU offers, as far as torch can tell."""
+    cpu = getattr(torch, "cpu", None)
+
+    def flag(name):
+        f = getattr(cpu, name, None)
+        try:
+            return bool(f()) if f else None
+        except RuntimeError:
+            return None
+
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "avx512": flag("_is_avx512_supported"),
+            "vnni": flag("_is_vnni_supported"), "amx": flag("_is_amx_tile_supported"),
+            "avx512_bf16": flag("_is_avx512_bf16_supported"), "onednn_int8": _has_onednn(),
+            "threads": torch.get_num_threads(), "model": cpu_model()}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+# --- weight preparation ---------------------------------------------------------------------------------------------
+
+def dequantize(qweight, scale, zero, bits: int, k: int, group_size: int | None, dtype=torch.float32):
+    """Packed weight -> [N, K] in `dtype`; same values as reference.dequantize_weight (computed in fp32), in fewer
+    passes (no materialized [N, K] scale)."""
+    n, groups = scale.shape
+    if bits == 8:
+        q = qweight.to(torch.float32)
+    else:
+        q = unpack_codes(qweight, bits, k).to(torch.float32) if bits != 4 else _unpack4(qweight, k)
+    if groups == 1:
+        z = 2.0 ** (bits - 1) if (zero is None and bits < 8) else (0.0 if zero is None else zero.to(torch.float32))
+        w = (q - z) * scale.to(torch.float32)
+    else:
+        pad = groups * group_size - k
+        if pad:
+            q = F.pad(q, (0, pad))
+        q = q.view(n, groups, group_size)
+        if zero is not None:
+            q = q - zero.to(torch.float32).unsqueeze(-1)
+        elif bits < 8:
+            q = q - 2.0 ** (bits - 1)
+        w = (q * scale.to(torch.float32).unsqueeze(-1)).view(n, -1)[:, :k]
+    return w.to(dtype)
+
+
+def _unpack4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    lo = (packed & 15).to(torch.float32)
+    hi = (packed >> 4).to(torch.float32)
+    return torch.stack((lo, hi), dim=-1).view(packed.shape[0], -1)[:, :k]
+
+
+def int8_weight(qweight, zero, bits: int, k: int) -> torch.Tensor | None:
+    """Signed integer weight [N, K] (int8) whose product with the per-channel scale is the weight; None when it does
+    not fit in int8 (an 8-bit weight with a zero point)."""
+    if bits == 8:
+        return None if zero is not None else qweight.contiguous()
+    codes = unpack_codes(qweight, bits, k).to(torch.int16)
+    z = zero.to(torch.int16) if zero is not None else 2 ** (bits - 1)
+    return (codes - z).to(torch.int8)
+
+
+def _cache_key(qweight, scale, extra=()) -> tuple:
+    # `_version` changes on every in-place write (ComfyUI's LoRA set_weight copies into the blob), so a patched
+    # weight is never served from a stale prepack; views share their base's counter.
+    return (qweight.data_ptr(), qweight._version, tuple(qweight.shape), tuple(qweight.stride()),
+            scale.data_ptr(), scale._version) + tuple(extra)
+
+
+def _cached(cache: dict | None, slot: str, key: tuple, build):
+    if cache is None:
+        return build()
+    hit = cache.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    cache.pop(slot, None)  # free the stale one before building its replacement
+    value = build()
+    cache[slot] = (key, value)
+    return value
+
+
+def cache_bytes(cache: dict) -> int:
+    """Bytes held by a layer's kernel cache (oneDNN's opaque prepacked weights counted as numel * itemsize)."""
+    total = 0
+
+    def visit(v):
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                visit(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+
+    for _, value in cache.values():
+        visit(value)
+    return total
+
+
+# --- activation codes -----------------------------------------------------------------------------------------------
+# The reference's ops in the reference's order (same division, rounding, clamp: the same codes bit for bit), but in
+# place on one buffer: eager torch allocates a fresh tensor per op otherwise, which costs 5-7x more here. Codes are
+# stored as unsigned bytes u = code + shift with an integer zero point, the form oneDNN takes.
+
+def _static_codes(x, a_scale, a_zero, bits, split, channel_dim):
+    """[(u8 codes, float scale, int zero point)] per activation segment."""
+    xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+    if split is None:
+        parts = [(xf, a_scale.reshape(()), a_zero.reshape(()))]
+    else:
+        a, b = xf.split([split, x.shape[channel_dim] - split], dim=channel_dim)
+        parts = [(a, a_scale[0], a_zero[0]), (b, a_scale[1], a_zero[1])]
+    qmax = 2 ** bits - 1
+    out = []
+    for part, s, z in parts:
+        u = part.div(s).round_().add_(z).clamp_(0, qmax).to(torch.uint8)
+        out.append((u, float(s), int(z)))
+    return out
+
+
+def _dynamic_codes(x, bits, dims):
+    """(u8 codes, fp32 scale keepdim, zero point): symmetric codes shifted by 2**(bits-1) into [0, 2**bits)."""
+    qmax = 2 ** (bits - 1) - 1
+    xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+    amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=dims, keepdim=True)  # == abs().amax(), one pass
+    s = torch.clamp(amax / qmax, min=1e-30)
+    shift = 2 ** (bits - 1)
+    u = xf.div(s).round_().clamp_(-qmax - 1, qmax).add_(shift).to(torch.uint8)
+    return u, s, shift
+
+
+def fake_quant(x, a_bits, a_mode, a_scale, a_zero, a_split, channel_dim, dynamic_dims):
+    """reference.fake_quant_act, computed in place on one fp32 buffer (same values)."""
+    if a_mode == "none" or a_bits >= 16:
+        return x
+    if a_mode == "dynamic":
+        u, s, shift = _dynamic_codes(x, a_bits, dynamic_dims)
+        return u.to(torch.float32).sub_(shift).mul_(s).to(x.dtype)
+    xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+    parts = [(xf, a_scale.reshape(()), a_zero.reshape(()))] if a_split is None else list(zip(
+        xf.split([a_split, x.shape[channel_dim] - a_split], dim=channel_dim), a_scale, a_zero))
+    qmax = 2 ** a_bits - 1
+    out = [p.div(s).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s) for p, s, z in parts]
+    return (out[0] if len(out) == 1 else torch.cat(out, dim=channel_dim)).to(x.dtype)
+
+
+# --- oneDNN ---------------------------------------------------------------------------------------------------------
+
+_NO_ARGS: list = []
+
+
+def _onednn_linear_raw(u, zp, packed, w_scale, w_zp, bias, x_scale=1.0):
+    return torch.ops.onednn.qlinear_pointwise(u, x_scale, zp, packed, w_scale, w_zp, bias, 1.0, 0, torch.float32,
+                                              "none", _NO_ARGS, "")
+
+
+def _onednn_conv_raw(u, zp, packed, w_scale, w_zp, bias, geo, x_scale=1.0):
+    stride, padding, dilation = geo
+    return torch.ops.onednn.qconv2d_pointwise(u, x_scale, zp, packed, w_scale, w_zp, bias, stride, padding,
+                                              dilation, 1, 1.0, 0, torch.float32, "none", _NO_ARGS, None)
+
+
+def _sat_free(u_max: int, w_absmax: int) -> bool:
+    # vpmaddubsw adds two u8*s8 products into a saturating int16
+    return 2 * u_max * w_absmax <= 32767
+
+
+def _run_split(raw, u, zp, u_max, w_absmax, split_sat, bias, **kw):
+    """One oneDNN call, or two on halves of the activation codes when the pair sums could saturate."""
+    if not split_sat or _sat_free(u_max, w_absmax):
+        return raw(u, zp, bias=bias, **kw)
+    a = torch.clamp(u, max=127)
+    out = raw(a, min(zp, 127), bias=bias, **kw)
+    return out.add_(raw(u.sub_(a), zp - min(zp, 127), bias=None, **kw))  # (u is ours: reuse it for b)
+
+
+def _prep_linear_onednn(w8: torch.Tensor, scale, segments):
+    """Prepacked weight per activation segment + fp32 weight scale + zero points + |w| max."""
+    n = w8.shape[0]
+    packs = [torch.ops.onednn.qlinear_prepack(w8 if sl is None else w8[:, sl].contiguous(), None)
+             for sl in segments]
+    return {"packs": packs, "w_scale": scale.to(torch.float32).reshape(n).contiguous(),
+            "w_zp": torch.zeros(n, dtype=torch.int64), "w_absmax": int(w8.abs().max()) if w8.numel() else 0}
+
+
+def _prep_conv_onednn(w8: torch.Tensor, scale, segments, cin, kernel_size, geo):
+    n = w8.shape[0]
+    w4 = w8.reshape(n, kernel_size[0], kernel_size[1], cin).permute(0, 3, 1, 2)
+    w_scale = scale.to(torch.float32).reshape(n).contiguous()
+    stride, padding, dilation = geo
+    packs = [torch.ops.onednn.qconv_prepack((w4 if sl is None else w4[:, sl]).contiguous(), w_scale, 1.0, 0,
+                                            stride, padding, dilation, 1, None) for sl in segments]
+    return {"packs": packs, "w_scale": w_scale, "w_zp": torch.zeros(n, dtype=torch.int64),
+            "w_absmax": int(w8.abs().max()) if w8.numel() else 0}
+
+
+def _segments(a_mode, a_split, channels):
+    return [None] if a_mode == "dynamic" or a_split is None else [slice(0, a_split), slice(a_split, channels)]
+
+
+def linear_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
+                  cache=None, split_sat=True):
+    segs = _segments(a_mode, a_split, k)
+    prep = _cached(cache, "cpu_onednn_linear", _cache_key(qweight, scale, (str(segs),)),
+                   lambda: _prep_linear_onednn(int8_weight(qweight, zero, bits, k), scale, segs))
+    shape = x.shape
+    x2 = x.reshape(-1, k)
+    bias32 = None if bias is None else bias.to(torch.float32)
+    common = dict(w_scale=prep["w_scale"], w_zp=prep["w_zp"])
+    if a_mode == "dynamic":
+        u, s, zp = _dynamic_codes(x2, a_bits, (-1,))
+        acc = _run_split(_onednn_linear_raw, u, zp, 2 ** a_bits - 1, prep["w_absmax"], split_sat, None,
+                         packed=prep["packs"][0], **common)
+        out = acc.mul_(s) if bias32 is None else torch.addcmul(bias32, acc, s)
+    else:
+        out = None
+        for (u, s, zp), packed in zip(_static_codes(x2, a_scale, a_zero, a_bits, a_split, -1), prep["packs"]):
+            part = _run_split(_onednn_linear_raw, u.contiguous(), zp, 2 ** a_bits - 1, prep["w_absmax"], split_sat,
+                              bias32 if out is None else None, packed=packed, x_scale=s, **common)
+            out = part if out is None else out.add_(part)
+    return out.to(x.dtype).reshape(*shape[:-1], -1)
+
+
+def conv2d_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
+                  kernel_size, stride, padding, dilation, cache=None, split_sat=True):
+    cin = x.shape[1]
+    geo = (list(stride), list(padding), list(dilation))
+    segs = _segments(a_mode, a_split, cin)
+    prep = _cached(cache, "cpu_onednn_conv", _cache_key(qweight, scale, (str(segs), str(geo), tuple(kernel_size))),
+                   lambda: _prep_conv_onednn(int8_weight(qweight, zero, bits, k), scale, segs, cin, kernel_size, geo))
+    bias32 = None if bias is None else bias.to(torch.float32)
+    common = dict(w_scale=prep["w_scale"], w_zp=prep["w_zp"], geo=geo)
+    cl = torch.channels_last
+    if a_mode == "dynamic":
+        u, s, zp = _dynamic_codes(x, a_bits, (1, 2, 3))
+        acc = _run_split(_onednn_conv_raw, u.contiguous(memory_format=cl), zp, 2 ** a_bits - 1, prep["w_absmax"],
+                         split_sat, None, packed=prep["packs"][0], **common)
+        s = s.reshape(-1, 1, 1, 1)
+        out = acc.mul_(s) if bias32 is None else torch.addcmul(bias32.reshape(1, -1, 1, 1), acc, s)
+    else:
+        out = None
+        for (u, s, zp), packed in zip(_static_codes(x, a_scale, a_zero, a_bits, a_split, 1), prep["packs"]):
+            part = _run_split(_onednn_conv_raw, u.contiguous(memory_format=cl), zp, 2 ** a_bits - 1,
+                              prep["w_absmax"], split_sat, bias32 if out is None else None, packed=packed,
+                              x_scale=s, **common)
+            out = part if out is None else out.add_(part)
+    return out.to(x.dtype)
+
+
+# --- torch._int_mm --------------------------------------------------------------------------------------------------
+
+def _prep_int_mm(w8: torch.Tensor, scale, segments):
+    n = w8.shape[0]
+    parts = [w8 if sl is None else w8[:, sl] for sl in segments]
+    return {"wt": [p.t().contiguous() for p in parts],  # [K, N]
+            "wsum": [p.to(torch.int32).sum(1) for p in parts],
+            "w_scale": scale.to(torch.float32).reshape(n)}
+
+
+def _signed(u: torch.Tensor, zp: int):
+    """u8 codes -> int8 (u - 128) and the matching zero point."""
+    return (u.to(torch.int16) - 128).to(torch.int8), zp - 128
+
+
+def linear_int_mm(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
+                  cache=None):
+    segs = _segments(a_mode, a_split, k)
+    prep = _cached(cache, "cpu_int_mm_linear", _cache_key(qweight, scale, (str(segs),)),
+                   lambda: _prep_int_mm(int8_weight(qweight, zero, bits, k), scale, segs))
+    shape = x.shape
+    x2 = x.reshape(-1, k)
+    if a_mode == "dynamic":
+        u, s, zp = _dynamic_codes(x2, a_bits, (-1,))
+        xs, z = _signed(u, zp)
+        acc = (torch._int_mm(xs, prep["wt"][0]) - z * prep["wsum"][0]).to(torch.float32)
+        out = acc * s * prep["w_scale"]
+    else:
+        out = 0
+        for (u, s, zp), wt, ws in zip(_static_codes(x2, a_scale, a_zero, a_bits, a_split, -1), prep["wt"],
+                                         prep["wsum"]):
+            xs, z = _signed(u, zp)
+            out = out + (torch._int_mm(xs.contiguous(), wt) - z * ws).to(torch.float32) * s
+        out = out * prep["w_scale"]
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype).reshape(*shape[:-1], -1)
+
+
+# --- float (dequantize-then-matmul) ---------------------------------------------------------------------------------
+
+def linear_float(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
+                 cache=None, dtype=None):
+    dtype = dtype or plan().float_dtype
+    w = dequantize(qweight, scale, zero, bits, k, group_size, dtype)
+    xq = fake_quant(x, a_bits, a_mode, a_scale, a_zero, a_split, channel_dim=-1, dynamic_dims=(-1,))
+    out = F.linear(xq.to(dtype), w, None if bias is None else bias.to(dtype))
+    return out.to(x.dtype)
+
+
+def conv2d_float(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
+                 kernel_size, stride, padding, dilation, cache=None, dtype=None):
+    dtype = dtype or plan().float_dtype
+    w = dequantize(qweight, scale, zero, bits, k, group_size, dtype)
+    # the reference's permuted view (not a contiguous copy): same conv algorithm, same output bit for bit
+    w4 = w.reshape(w.shape[0], kernel_size[0], kernel_size[1], -1).permute(0, 3, 1, 2)
+    xq = fake_quant(x, a_bits, a_mode, a_scale, a_zero, a_split, channel_dim=1, dynamic_dims=(1, 2, 3))
+    out = F.conv2d(xq.to(dtype), w4, None if bias is None else bias.to(dtype), stride, padding, dilation)
+    return out.to(x.dtype)
+
+
+# --- route selection ------------------------------------------------------------------------------------------------
+
+def int_route_accepts(op: str, route: str, *, bits, zero, scale, a_bits, a_mode, cache, **_) -> str | None:
+    """None when `route` can run this call, else why not."""
+    if a_mode not in ("static", "dynamic") or a_bits > 8:
+        return "weight-only layer (A16): dequantize-then-matmul"
+    if scale.shape[1] != 1:
+        return "group-wise weight scales: an int8 GEMM takes one scale per output channel"
+    if bits == 8 and zero is not None:
+        return "8-bit weight with a zero point does not fit int8"
+    if cache is None:
+        return "no cache dict from the layer: prepacking every call costs as much as the GEMM"
+    if route.startswith("onednn") and not _has_onednn():
+        return "this torch has no oneDNN int8 ops"
+    if route == "int_mm" and op != "linear":
+        return "_int_mm covers linear layers only"
+    return None
+
+
+def linear(x, *, route: str | None = None, cache=None, dtype=None, **call):
+    route = route or decide("linear", x, cache, call)
+    if route == "float":
+        return linear_float(x, dtype=dtype, **call)
+    if route == "int_mm":
+        return linear_int_mm(x, cache=cache, **call)
+    return linear_onednn(x, cache=cache, split_sat=(route == "onednn_split"), **call)
+
+
+def conv2d(x, *, route: str | None = None, cache=None, dtype=None, **call):
+    route = route or decide("conv2d", x, cache, call)
+    if route == "float":
+        return conv2d_float(x, dtype=dtype, **call)
+    return conv2d_onednn(x, cache=cache, split_sat=(route == "onednn_split"), **call)
+
+
+_OPS = {"linear": linear, "conv2d": conv2d}
+_CACHE_SLOTS = {"onednn": ("cpu_onednn_linear", "cpu_onednn_conv"), "onednn_split": ("cpu_onednn_linear",
+                "cpu_onednn_conv"), "int_mm": ("cpu_int_mm_linear",)}
+
+
+def candidates(op: str, **call) -> list:
+    """Routes that can run this call exactly here: the machine's int8 routes that accept it, then "float"."""
+    p = plan()
+    return [r for r in p.int_routes.get(op, []) if int_route_accepts(op, r, **call) is None] + ["float"]
+
+
+def shape_key(op: str, x, call: dict) -> str:
+    """What decides the winner: the GEMM/conv shape (token count rounded up to a power of two) and the format."""
+    n = call["qweight"].shape[0]
+    if op == "linear":
+        m = x.numel() // max(x.shape[-1], 1)
+        geo = f"M{1 << max(m - 1, 0).bit_length()}"
+    else:
+        geo = "x".join(map(str, x.shape)) + f"k{call['kernel_size']}s{call['stride']}p{call['padding']}"
+    return (f"{op}|{geo}|K{call['k']}|N{n}|w{call['bits']}|a{call['a_bits']}{call['a_mode']}|"
+            f"{'split' if call.get('a_split') is not None else ''}")
+
+
+def choose(op: str, x=None, cache=None, **call) -> str:
+    """The route a call takes, without measuring: the only candidate, the recorded winner for its shape, or
+    "measure" (the first call of an undecided shape races the candidates)."""
+    cands = candidates(op, cache=cache, **call)
+    if len(cands) == 1:
+        return cands[0]
+    p = plan()
+    if p.forced:
+        return p.forced if p.forced in cands else "float"
+    return p.decisions.get(shape_key(op, x, call), "measure")
+
+
+def decide(op: str, x, cache, call) -> str:
+    route = choose(op, x=x, cache=cache, **call)
+    if route != "measure":
+        return route
+    cands = candidates(op, cache=cache, **call)
+    fn = _OPS[op]
+    t = _race({r: (lambda r=r: fn(x, route=r, cache=cache, **call)) for r in cands}, rounds=2)
+    best = min(t, key=t.get)
+    for r in cands:  # free what the losers prepared (an int8 copy of the weight)
+        if r != best and cache is not None:
+            for slot in _CACHE_SLOTS.get(r, ()):
+                cache.pop(slot, None)
+    p = plan()
+    p.decisions[shape_key(op, x, call)] = best
+    p.timings_ms[shape_key(op, x, call)] = t
+    _save_decisions(p)
+    return best
+
+
+@dataclass
+class CpuPlan:
+    float_dtype: torch.dtype
+    int_routes: dict  # op -> exact int8 routes worth racing here, best first
+    isa: dict
+    decisions: dict = field(default_factory=dict)  # shape key -> winning route
+    timings_ms: dict = field(default_factory=dict)  # what the probe / races measured
+    notes: list = field(default_factory=list)
+    forced: str | None = None
+
+    def describe(self) -> str:
+        lines = [f"CPU: {self.isa['model']} ({self.isa['capability']}, VNNI={self.isa['vnni']}, "
+                 f"AMX={self.isa['amx']}, threads={self.isa['threads']})",
+                 f"float dtype (weight-only layers, float route): {str(self.float_dtype).replace('torch.', '')}  "
+                 f"(probe: {_fmt_times(self.timings_ms.get('float_dtype', {}))})"]
+        for op, rs in self.int_routes.items():
+            lines.append(f"{op} A8 candidates: {' / '.join(rs + ['float'])}; the winner is measured per shape on "
+                         f"first use ({sum(k.startswith(op) for k in self.decisions)} shapes decided)")
+        if self.forced:
+            lines.append(f"route forced: {self.forced} (MIXQUANT_CPU_ROUTE)")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def _fmt_times(t: dict) -> str:
+    return ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
+
+
+_PLAN: list[CpuPlan] = []
+
+
+def plan(refresh: bool = False) -> CpuPlan:
+    """The per-machine choice, probed on first use. MIXQUANT_CPU_ROUTE / MIXQUANT_CPU_DTYPE override it;
+    MIXQUANT_CPU_CACHE names the JSON file that keeps per-shape decisions across runs (default
+    ~/.cache/mixquant/cpu_routes.json; "" disables it)."""
+    if _PLAN and not refresh:
+        return _PLAN[0]
+    p = _probe()
+    forced_route = os.environ.get("MIXQUANT_CPU_ROUTE")
+    if forced_route:
+        if forced_route not in ROUTES:
+            raise ValueError(f"MIXQUANT_CPU_ROUTE must be one of {ROUTES}, got {forced_route!r}")
+        p.forced = forced_route
+        for op in p.int_routes:  # a forced route is used where it can run, exact or not (for benchmarks/tests)
+            if forced_route != "float" and not (forced_route == "int_mm" and op != "linear"):
+                p.int_routes[op] = [forced_route]
+    forced_dtype = os.environ.get("MIXQUANT_CPU_DTYPE")
+    if forced_dtype:
+        p.float_dtype = getattr(torch, forced_dtype)
+        p.notes.append(f"float dtype forced by MIXQUANT_CPU_DTYPE={forced_dtype}")
+    p.decisions.update(_load_decisions(p))
+    _PLAN[:] = [p]
+    return p
+
+
+def _decisions_file() -> str | None:
+    path = os.environ.get("MIXQUANT_CPU_CACHE")
+    if path is None:
+        path = os.path.join(os.path.expanduser("~"), ".cache", "mixquant", "cpu_routes.json")
+    return path or None
+
+
+def _machine_key(p: CpuPlan) -> str:
+    return f"{p.isa['model']}|{p.isa['capability']}|threads={p.isa['threads']}|torch={torch.__version__}|" \
+           f"{','.join(r for rs in p.int_routes.values() for r in rs)}"
+
+
+def _load_decisions(p: CpuPlan) -> dict:
+    path = _decisions_file()
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return dict(json.load(f).get(_machine_key(p), {}))
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_decisions(p: CpuPlan) -> None:
+    path = _decisions_file()
+    if not path:
+        return
+    try:
+        data = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+        data[_machine_key(p)] = p.decisions
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = path + f".{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass  # a read-only home only costs re-measuring next time
+
+
+def _time_ms(fn, reps: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def _race(candidates: dict, rounds: int = 5) -> dict:
+    """Best time (ms) of each candidate, run in turns so that a noisy neighbour slows all of them alike."""
+    for fn in candidates.values():
+        fn()
+    best = {name: float("inf") for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {name: v * 1e3 for name, v in best.items()}
+
+
+def onednn_single_call_exact() -> bool:
+    """Does one oneDNN u8 x s8 call accumulate 255 * 127 pair products without saturating (VNNI/AMX: yes)?"""
+    k, n = 64, 16
+    u = torch.full((4, k), 255, dtype=torch.uint8)
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    w[1::2] = -127
+    out = _onednn_linear_raw(u, 0, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(n),
+                             torch.zeros(n, dtype=torch.int64), None)
+    return torch.equal(out.double(), u.double() @ w.double().t())
+
+
+def _probe() -> CpuPlan:
+    """ISA flags, the fastest float dtype, and which int8 routes are exact here (and not hopeless)."""
+    info = isa()
+    notes = []
+    g = torch.Generator().manual_seed(0)
+    xf = torch.randn(512, 640, generator=g)
+    wf = torch.randn(640, 640, generator=g)
+    cands = {}
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        a, b = xf.to(dt), wf.to(dt)
+        try:
+            F.linear(a, b)
+        except RuntimeError:
+            continue
+        cands[str(dt).replace("torch.", "")] = lambda a=a, b=b: F.linear(a, b)
+    dt_times = _race(cands, rounds=2)
+    float_dtype = getattr(torch, min(dt_times, key=dt_times.get))
+
+    onednn = []
+    if _has_onednn():
+        try:
+            if onednn_single_call_exact():
+                onednn = ["onednn"]
+            else:
+                onednn = ["onednn_split"]
+                notes.append("oneDNN u8 x s8 saturates at int16 here (no VNNI): 8-bit activations run as two "
+                             "7-bit halves, two GEMM calls on one prepacked weight")
+        except RuntimeError as e:
+            notes.append(f"oneDNN int8 unusable: {str(e).splitlines()[0][:80]}")
+    # _int_mm is exact everywhere but only fast with AMX-class hardware: race it once against the float matmul
+    # and keep it as a per-shape candidate only when it is not hopeless.
+    xi = torch.randint(-127, 128, (512, 640), generator=g, dtype=torch.int8)
+    wi = torch.randint(-127, 128, (640, 640), generator=g, dtype=torch.int8)
+    t = _race({"float": cands[min(dt_times, key=dt_times.get)], "int_mm": lambda: torch._int_mm(xi, wi)}, rounds=2)
+    int_mm = ["int_mm"] if t["int_mm"] < 1.5 * t["float"] else []
+    if not int_mm:
+        notes.append(f"torch._int_mm {t['int_mm'] / t['float']:.1f}x slower than the float matmul here: not used")
+    timings = {"float_dtype": dt_times, "int_mm_vs_float": t}
+    return CpuPlan(float_dtype=float_dtype, int_routes={"linear": onednn + int_mm, "conv2d": list(onednn)},
+                   isa=info, timings_ms=timings, notes=notes)

@@ -1,0 +1,191 @@
+"""Triton implicit-GEMM Conv2d for quantized layers (W8A8 / W4A8 / W2A8 on int8 tensor cores, W*A16 in float).
+
+The conv is a GEMM with M = B*OH*OW output pixels, N = output channels, K = kh*kw*cin in (kh, kw, cin) order (the
+weight layout of kernels/reference.py). No im2col matrix is built: each K block gathers its activation tile from the
+input at (oh*stride - pad + r*dil, ow*stride - pad + s*dil) for the tap (r, s) of each column.
+
+A8 inputs are quantized once by kernels/triton_gemm.py's `_quant_rows_kernel` into int8 NHWC rows (a 3x3 conv
+gathers every input element 9 times, so quantizing in the prologue would repeat the work 9 * N / BLOCK_N times),
+unless `prequant=False`. Padded border taps read the *zero code* of their channel's segment (z - 128), i.e. the
+code of 0.0, so the zero-point correction z' * sum(w) stays exact at the borders (MixDQ's padding trick); reading a
+float input in the prologue gets the same for free, since 0.0 quantizes to z.
+
+1x1 stride-1 convs over channels_last inputs run as the plain GEMM (the pixels are already rows).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import triton_gemm as tg
+
+if tg.HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .triton_gemm import act_tile_, block_sum_, center_weight_, int8_tile_, load_weight_, swizzle_
+
+    @triton.jit
+    def _qconv_kernel(X, W, S, Z, BIAS, AS, AZ, SIMG, O,
+                      H, WD, CIN, OH, OW, M, N, K, GROUP, SPLIT,
+                      stride_xb, stride_xc, stride_xh, stride_xw,
+                      stride_wn, stride_sn, stride_zn,
+                      stride_ob, stride_on, stride_oh, stride_ow,
+                      SH, SW, PH, PW, DH, DW, KW, M_BUCKET,
+                      W_BITS: tl.constexpr, HAS_WZ: tl.constexpr, GROUPED: tl.constexpr,
+                      A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr, A_QMAX: tl.constexpr,
+                      HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INT_DOT: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, EXACT_DIV: tl.constexpr, INT_OK: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = swizzle_(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        img = offs_m // (OH * OW)
+        pix = offs_m % (OH * OW)
+        ih0 = (pix // OW) * SH - PH
+        iw0 = (pix % OW) * SW - PW
+        x_row = X + img * stride_xb
+        s_row = tl.zeros((BLOCK_M,), tl.float32)
+        if A_MODE == 2:
+            s_row = tl.load(SIMG + img, mask=m_ok, other=1.0)
+        ACC_T: tl.constexpr = tl.int32 if INT_DOT else tl.float32
+        acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+        wsum = tl.zeros((BLOCK_N,), tl.int32)
+        out = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            tap = offs_k // CIN
+            ch = offs_k % CIN
+            ih = ih0[:, None] + ((tap // KW) * DH)[None, :]
+            iw = iw0[:, None] + ((tap % KW) * DW)[None, :]
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
+            mask = m_ok[:, None] & (offs_k[None, :] < K) & inside
+            ptrs = x_row[:, None] + ch[None, :] * stride_xc + ih * stride_xh + iw * stride_xw
+            if A_IN_INT8:
+                if A_MODE == 1:  # the zero code of the column's segment: padding is 0.0
+                    a8 = tl.load(ptrs, mask=mask, other=0)
+                    z0 = (tl.load(AZ) - 128.0).to(tl.int8)
+                    if HAS_SPLIT:
+                        z1 = (tl.load(AZ + 1) - 128.0).to(tl.int8)
+                        a8 = tl.where(mask, a8, tl.where(ch[None, :] >= SPLIT, z1, z0))
+                    else:
+                        a8 = tl.where(mask, a8, z0)
+                else:
+                    a8 = tl.load(ptrs, mask=mask, other=0)
+                a0, a1 = int8_tile_(a8, ch, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, DOT_DTYPE, AS)
+            else:
+                xf = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                a0, a1 = act_tile_(xf, ch, s_row, AS, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, A_QMAX,
+                                   EXACT_DIV, DOT_DTYPE)
+            g = k0 // GROUP
+            w = load_weight_(W, stride_wn, offs_n, offs_k, k0, N, K, W_BITS, BLOCK_N, BLOCK_K)
+            w = center_weight_(w, Z, stride_zn, offs_n, g, offs_k, N, K, W_BITS, HAS_WZ)
+            if INT_DOT:
+                wt = tl.trans(w.to(tl.int8))
+                acc0 = tl.dot(a0, wt, acc0, out_dtype=tl.int32)
+                if HAS_SPLIT:
+                    acc1 = tl.dot(a1, wt, acc1, out_dtype=tl.int32)
+                if A_MODE == 1:
+                    wsum += tl.sum(w, axis=1)
+            else:
+                acc0 = tl.dot(a0, tl.trans(w.to(DOT_DTYPE)), acc0, out_dtype=tl.float32)
+            if GROUPED:
+                s_g = tl.load(S + offs_n * stride_sn + g, mask=offs_n < N, other=0.0).to(tl.float32)
+                out += block_sum_(acc0, acc1, wsum, AS, AZ, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT) * s_g[None, :]
+                acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+                acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+                wsum = tl.zeros((BLOCK_N,), tl.int32)
+        if not GROUPED:
+            s_n = tl.load(S + offs_n * stride_sn, mask=offs_n < N, other=0.0).to(tl.float32)
+            out = block_sum_(acc0, acc1, wsum, AS, AZ, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT) * s_n[None, :]
+        if A_MODE == 2 and (INT_DOT or A_IN_INT8):
+            out = out * s_row[:, None]
+        if HAS_BIAS:
+            out += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = O + (img * stride_ob + (pix // OW) * stride_oh + (pix % OW) * stride_ow)[:, None] \
+            + offs_n[None, :] * stride_on
+        tl.store(o_ptrs, out, mask=m_ok[:, None] & (offs_n[None, :] < N))
+
+
+def accepts(*, x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, kernel_size, stride, padding,
+            dilation, **_) -> str | None:
+    if x.dim() != 4:
+        return "input is not 4-D NCHW"
+    if k != kernel_size[0] * kernel_size[1] * x.shape[1]:
+        return "weight K does not match kh * kw * cin"
+    return tg.check_call(x.device, x.dtype, qweight, scale, bits, group_size, a_bits, a_mode)
+
+
+def dynamic_image_scale(x: torch.Tensor, a_bits: int) -> torch.Tensor:
+    """Per-image scale exactly as the reference computes it (fp32 absmax over C, H, W / qmax, floored at 1e-30)."""
+    amax = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=float("inf"), dim=1, dtype=torch.float32)
+    return torch.clamp(amax / (2 ** (a_bits - 1) - 1), min=1e-30)
+
+
+def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale=None,
+            a_zero=None, a_split=None, kernel_size=(3, 3), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+            cache=None, prequant: bool | None = None, int_dot: bool | None = None, config: dict | None = None):
+    """Quantized conv2d over x [B, C, H, W] (any memory format; the output keeps channels_last if x has it)."""
+    b, cin, h, w = x.shape
+    kh, kw = kernel_size
+    n = qweight.shape[0]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    call = dict(qweight=qweight, scale=scale, zero=zero, bits=bits, k=k, group_size=group_size, bias=bias,
+                a_bits=a_bits, a_mode=a_mode, a_scale=a_scale, a_zero=a_zero, a_split=a_split)
+    if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and channels_last \
+            and a_mode != "dynamic":  # (a per-image dynamic scale is not the GEMM's per-token one)
+        y = tg.qlinear(x.permute(0, 2, 3, 1).reshape(-1, cin), prequant=prequant, int_dot=int_dot, config=config,
+                       **call)
+        return y.reshape(b, h, w, n).permute(0, 3, 1, 2)
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((b, n, oh, ow), dtype=x.dtype, device=x.device, memory_format=mem)
+    m = b * oh * ow
+    if m == 0:
+        return out
+    mode = tg._A_MODES[a_mode]
+    int_ok = tg._int_ok(bits, zero, a_mode)
+    if int_dot and not int_ok:
+        raise ValueError("the int8 dot needs quantized activations and a weight without an 8-bit zero point")
+    simg = dynamic_image_scale(x, a_bits) if mode == tg.A_DYNAMIC else None
+    if mode == tg.A_NONE:
+        prequant = False
+        if not channels_last and not tg.interpreting():  # gather along channels needs them contiguous
+            x = x.contiguous(memory_format=torch.channels_last)
+    elif prequant is None:
+        prequant = kh * kw > 1 or n > 512
+    if prequant:
+        xa, _ = tg.quantize_rows(x, a_mode, a_bits, a_scale, a_zero, a_split, image_scale=simg,
+                                 geometry=(b, cin, h, w))
+        xs = (h * w * cin, 1, w * cin, cin)  # NHWC rows
+    else:
+        xa = x
+        xs = (x.stride(0), x.stride(1), x.stride(2), x.stride(3))
+    grouped = scale.shape[1] > 1
+    group = group_size if grouped else k
+    dummy = out
+    qmax = 2 ** a_bits - 1 if mode == tg.A_STATIC else (2 ** (a_bits - 1) - 1 if mode == tg.A_DYNAMIC else 1)
+    args = (xa, qweight, scale, zero if zero is not None else qweight, bias if bias is not None else dummy,
+            a_scale if a_scale is not None else dummy, a_zero if a_zero is not None else dummy,
+            simg if simg is not None else dummy, out,
+            h, w, cin, oh, ow, m, n, k, group, a_split or 0, *xs,
+            qweight.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], kw, tg._bucket(m))
+    meta = dict(W_BITS=bits, HAS_WZ=zero is not None, GROUPED=grouped, A_MODE=mode, A_IN_INT8=prequant,
+                A_QMAX=qmax, HAS_SPLIT=a_split is not None and mode == tg.A_STATIC, HAS_BIAS=bias is not None,
+                DOT_DTYPE=tg.dot_dtype(x.dtype), EXACT_DIV=tg.interpreting(), INT_OK=int_ok)
+    fixed = config or (tg._FIXED if tg.interpreting() else None)
+    if fixed is not None or int_dot is not None:
+        cfg = dict(fixed or tg._default_config(m, n, group if grouped else None))
+        launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
+        cfg.setdefault("INT_DOT", int_ok if int_dot is None else int_dot)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _qconv_kernel[grid](*args, **meta, **cfg, **launch)
+    else:
+        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+        tg.tuned(_qconv_kernel, ["M_BUCKET", "N", "K", "CIN", "W_BITS", "A_MODE", "A_IN_INT8", "GROUPED",
+                                 "HAS_SPLIT", "INT_OK"])[grid](*args, **meta)
+    return out

@@ -1,0 +1,542 @@
+"""Triton kernels for quantized linear layers: int8 tensor-core GEMMs for W8A8 / W4A8 / W2A8 and float GEMMs for
+weight-only W8/W4/W2 (A16), all reading the packed weight directly.
+
+Layouts are the contract of kernels/packing.py and kernels/reference.py: the weight is [N, K] codes (int8, or 4/2-bit
+unsigned codes packed along K, element 2j in the low nibble), fp16 scales [N, G] and optional uint8 zero points [N, G]
+(implicit mid code when absent), all views with a row stride into one joined blob. Static activations are asymmetric
+per-tensor codes 0..2**b-1 (two channel segments with a split), dynamic ones symmetric per token.
+
+How a call runs (`qlinear`):
+- A8, few output tiles: activations are quantized in the GEMM prologue (`_qgemm_kernel`, A_IN=float).
+- A8, many output tiles: `_quant_rows_kernel` writes int8 codes once (and the per-token scales), then the GEMM reads
+  int8 (A_IN=int8). Quantizing in the prologue repeats the work N / BLOCK_N times; on tensor-core GPUs that costs
+  more than one extra int8 pass once N spans more than a few tiles (`prequant` decides; bench/kernels.py measures).
+- The K loop unpacks 4/2-bit codes in registers (never an int8 weight in memory), subtracts the zero point and runs
+  an int8 x int8 -> int32 `tl.dot`. Static zero points use sum_k (q_k - z) w_k = sum_k q'_k w_k - z' sum_k w_k with
+  q' = q - 128 (int8), so the column sums of the weight tile ride along. Group scales are applied per K block.
+- Epilogue in fp32: x activation scale(s) x weight scale + bias, stored in the activation dtype.
+- A16 (weight-only): the same loop with the unpacked integer weights as fp16/bf16 (exact) and a float dot; scales
+  per group in fp32. This is also the measured fallback for A8 shapes where int8 loses: the autotuner's config space
+  holds both INT_DOT=True and INT_DOT=False, so a shape takes whichever is faster on the GPU it runs on.
+
+Rounding: codes use round-half-to-even of an exactly rounded division (the reference's torch ops), so the interpreter
+reproduces the reference bit for bit; compiled kernels multiply by the reciprocal (EXACT_DIV=False), which can move a
+code by one at an exact tie.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # the package works without Triton; dispatch then never selects these kernels
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device | str | None = None) -> str | None:
+    """None when the Triton kernels can run on `device`, else why not."""
+    if not HAVE_TRITON:
+        return "triton is not installed"
+    dev = torch.device(device) if device is not None else None
+    if interpreting():
+        return None if dev is None or dev.type == "cpu" else "TRITON_INTERPRET=1 runs on CPU tensors only"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if dev is not None and dev.type != "cuda":
+        return "tensor is not on a CUDA device"
+    major, _ = torch.cuda.get_device_capability(dev)
+    if major < 8:
+        return "needs compute capability >= 8.0 (int8 mma.sync)"
+    return None
+
+
+A_NONE, A_STATIC, A_DYNAMIC = 0, 1, 2
+_A_MODES = {"none": A_NONE, "static": A_STATIC, "dynamic": A_DYNAMIC}
+
+
+if HAVE_TRITON:
+    # --------------------------------------------------------------------------------------------------------------
+    # shared device helpers (also used by kernels/triton_conv.py)
+
+    @triton.jit
+    def rint_(v):
+        """Round half to even, like torch.round: adding and subtracting 1.5 * 2**23 leaves an integer rounded by the
+        FPU's own round-to-nearest-even (valid for |v| < 2**22, hence the clamp; codes are clamped far below)."""
+        v = tl.minimum(tl.maximum(v, -4194304.0), 4194304.0)
+        return (v + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def divide_(x, s, EXACT_DIV: tl.constexpr):
+        if EXACT_DIV:
+            return tl.math.div_rn(x, s)
+        else:
+            return x * (1.0 / s)
+
+    @triton.jit
+    def static_codes_(x, s, z, QMAX: tl.constexpr, EXACT_DIV: tl.constexpr):
+        """Asymmetric codes in [0, QMAX] as fp32: clamp(round(x / s) + z, 0, QMAX)."""
+        return tl.minimum(tl.maximum(rint_(divide_(x, s, EXACT_DIV)) + z, 0.0), QMAX)
+
+    @triton.jit
+    def dynamic_codes_(x, s, QMAX: tl.constexpr, EXACT_DIV: tl.constexpr):
+        """Symmetric codes in [-QMAX-1, QMAX] as fp32."""
+        return tl.minimum(tl.maximum(rint_(divide_(x, s, EXACT_DIV)), -QMAX - 1.0), QMAX)
+
+    @triton.jit
+    def load_weight_(W, stride_wn, offs_n, offs_k, k0, N, K,
+                     W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Unsigned/signed codes of the weight tile [BLOCK_N, BLOCK_K] (rows offs_n, columns k0 + arange), as int32,
+        zero outside the matrix. 4/2-bit codes are unpacked from the bytes in registers."""
+        n_ok = offs_n[:, None] < N
+        if W_BITS == 8:
+            w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok & (offs_k[None, :] < K),
+                        other=0).to(tl.int32)
+        elif W_BITS == 4:
+            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b = tl.load(W + offs_n[:, None] * stride_wn + offs_b[None, :],
+                        mask=n_ok & (offs_b[None, :] < (K + 1) // 2), other=0).to(tl.int32)
+            w = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))
+        else:
+            offs_b = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+            b = tl.load(W + offs_n[:, None] * stride_wn + offs_b[None, :],
+                        mask=n_ok & (offs_b[None, :] < (K + 3) // 4), other=0).to(tl.int32)
+            w = tl.reshape(tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)),
+                           (BLOCK_N, BLOCK_K))
+        return w
+
+    @triton.jit
+    def center_weight_(w, Z, stride_zn, offs_n, g, offs_k, N, K, W_BITS: tl.constexpr, HAS_WZ: tl.constexpr):
+        """codes - zero point (per group g, or the implicit mid code), zero outside [0, K)."""
+        if HAS_WZ:
+            z = tl.load(Z + offs_n * stride_zn + g, mask=offs_n < N, other=0).to(tl.int32)
+            w = w - z[:, None]
+        elif W_BITS < 8:
+            w = w - (1 << (W_BITS - 1))
+        return tl.where(offs_k[None, :] < K, w, 0)
+
+    @triton.jit
+    def act_tile_(xf, ch, s_row, AS, AZ, SPLIT,
+                  A_MODE: tl.constexpr, HAS_SPLIT: tl.constexpr, INT_DOT: tl.constexpr, A_QMAX: tl.constexpr,
+                  EXACT_DIV: tl.constexpr, DOT_DTYPE: tl.constexpr):
+        """Quantize a float activation tile in the prologue. ch: channel index of each column (for the split).
+        INT_DOT: returns (int8 codes for segment 0, for segment 1) as q - 128 (static; the other segment's columns
+        hold that segment's zero code, so they cancel in the zero-point correction) or q (dynamic).
+        Float dot: returns the fake-quantized values twice, in DOT_DTYPE."""
+        if A_MODE == 0:
+            a = xf.to(DOT_DTYPE)
+            return a, a
+        elif A_MODE == 1:
+            s0 = tl.load(AS)
+            z0 = tl.load(AZ)
+            if HAS_SPLIT:
+                s1 = tl.load(AS + 1)
+                z1 = tl.load(AZ + 1)
+                seg1 = ch[None, :] >= SPLIT
+                s = tl.where(seg1, s1, s0)
+                z = tl.where(seg1, z1, z0)
+                q = static_codes_(xf, s, z, A_QMAX, EXACT_DIV)
+                if INT_DOT:
+                    a0 = tl.where(seg1, z0, q) - 128.0
+                    a1 = tl.where(seg1, q, z1) - 128.0
+                    return a0.to(tl.int8), a1.to(tl.int8)
+                else:
+                    a = ((q - z) * s).to(DOT_DTYPE)
+                    return a, a
+            else:
+                q = static_codes_(xf, s0, z0, A_QMAX, EXACT_DIV)
+                if INT_DOT:
+                    a = (q - 128.0).to(tl.int8)
+                    return a, a
+                else:
+                    a = ((q - z0) * s0).to(DOT_DTYPE)
+                    return a, a
+        else:
+            q = dynamic_codes_(xf, s_row[:, None], A_QMAX, EXACT_DIV)
+            if INT_DOT:
+                a = q.to(tl.int8)
+                return a, a
+            else:
+                a = (q * s_row[:, None]).to(DOT_DTYPE)
+                return a, a
+
+    @triton.jit
+    def int8_tile_(a8, ch, AZ, SPLIT, A_MODE: tl.constexpr, HAS_SPLIT: tl.constexpr, INT_DOT: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, AS):
+        """The same as act_tile_ for codes already quantized by _quant_rows_kernel (q - 128 static, q dynamic)."""
+        if INT_DOT:
+            if HAS_SPLIT:
+                z0 = (tl.load(AZ) - 128.0).to(tl.int8)
+                z1 = (tl.load(AZ + 1) - 128.0).to(tl.int8)
+                seg1 = ch[None, :] >= SPLIT
+                return tl.where(seg1, z0, a8), tl.where(seg1, a8, z1)
+            else:
+                return a8, a8
+        else:  # float dot over int8 codes: fake-quantized values
+            q = a8.to(tl.float32)
+            if A_MODE == 1:
+                s0 = tl.load(AS)
+                z0 = tl.load(AZ) - 128.0
+                if HAS_SPLIT:
+                    seg1 = ch[None, :] >= SPLIT
+                    s = tl.where(seg1, tl.load(AS + 1), s0)
+                    z = tl.where(seg1, tl.load(AZ + 1) - 128.0, z0)
+                    a = ((q - z) * s).to(DOT_DTYPE)
+                else:
+                    a = ((q - z0) * s0).to(DOT_DTYPE)
+            else:
+                a = q.to(DOT_DTYPE)  # dynamic: the row scale is applied in the epilogue
+            return a, a
+
+    @triton.jit
+    def block_sum_(acc0, acc1, wsum, AS, AZ, A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr,
+                   HAS_SPLIT: tl.constexpr, INT_DOT: tl.constexpr):
+        """fp32 partial sum of one group (or the whole K) before the weight scale: applies the static zero-point
+        correction and activation scale(s); dynamic scales and float dots pass through."""
+        if INT_DOT and A_MODE == 1:
+            s0 = tl.load(AS)
+            z0 = (tl.load(AZ) - 128.0).to(tl.int32)
+            r = (acc0 - z0 * wsum[None, :]).to(tl.float32) * s0
+            if HAS_SPLIT:
+                s1 = tl.load(AS + 1)
+                z1 = (tl.load(AZ + 1) - 128.0).to(tl.int32)
+                r += (acc1 - z1 * wsum[None, :]).to(tl.float32) * s1
+            return r
+        elif (not INT_DOT) and A_IN_INT8 and A_MODE == 2:
+            return acc0  # row scale in the epilogue
+        else:
+            return acc0.to(tl.float32)
+
+    @triton.jit
+    def swizzle_(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Grouped program order: GROUP_M row tiles share each weight column tile while it is in L2."""
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * num_n
+        group = pid // width
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        return pid_m, pid_n
+
+    # --------------------------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _qgemm_kernel(X, W, S, Z, BIAS, AS, AZ, SROW, O,
+                      M, N, K, GROUP, SPLIT,
+                      stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_om, stride_on,
+                      W_BITS: tl.constexpr, HAS_WZ: tl.constexpr, GROUPED: tl.constexpr,
+                      A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr, A_QMAX: tl.constexpr,
+                      HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INT_DOT: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, EXACT_DIV: tl.constexpr, M_BUCKET, INT_OK: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # M_BUCKET and INT_OK only steer the autotuner (its cache key and config pruning)
+        pid_m, pid_n = swizzle_(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        s_row = tl.zeros((BLOCK_M,), tl.float32)
+        if A_MODE == 2:
+            s_row = tl.load(SROW + offs_m, mask=m_ok, other=1.0)
+        ACC_T: tl.constexpr = tl.int32 if INT_DOT else tl.float32
+        acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+        wsum = tl.zeros((BLOCK_N,), tl.int32)
+        out = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a_mask = m_ok[:, None] & (offs_k[None, :] < K)
+            if A_IN_INT8:
+                a8 = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=a_mask, other=0)
+                a0, a1 = int8_tile_(a8, offs_k, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, DOT_DTYPE, AS)
+            else:
+                xf = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=a_mask,
+                             other=0.0).to(tl.float32)
+                a0, a1 = act_tile_(xf, offs_k, s_row, AS, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, A_QMAX,
+                                   EXACT_DIV, DOT_DTYPE)
+            g = k0 // GROUP
+            w = load_weight_(W, stride_wn, offs_n, offs_k, k0, N, K, W_BITS, BLOCK_N, BLOCK_K)
+            w = center_weight_(w, Z, stride_zn, offs_n, g, offs_k, N, K, W_BITS, HAS_WZ)
+            if INT_DOT:
+                wt = tl.trans(w.to(tl.int8))
+                acc0 = tl.dot(a0, wt, acc0, out_dtype=tl.int32)
+                if HAS_SPLIT:
+                    acc1 = tl.dot(a1, wt, acc1, out_dtype=tl.int32)
+                if A_MODE == 1:
+                    wsum += tl.sum(w, axis=1)
+            else:
+                acc0 = tl.dot(a0, tl.trans(w.to(DOT_DTYPE)), acc0, out_dtype=tl.float32)
+            if GROUPED:
+                s_g = tl.load(S + offs_n * stride_sn + g, mask=offs_n < N, other=0.0).to(tl.float32)
+                out += block_sum_(acc0, acc1, wsum, AS, AZ, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT) * s_g[None, :]
+                acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+                acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+                wsum = tl.zeros((BLOCK_N,), tl.int32)
+        if not GROUPED:
+            s_n = tl.load(S + offs_n * stride_sn, mask=offs_n < N, other=0.0).to(tl.float32)
+            out = block_sum_(acc0, acc1, wsum, AS, AZ, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT) * s_n[None, :]
+        if A_MODE == 2 and (INT_DOT or A_IN_INT8):
+            out = out * s_row[:, None]
+        if HAS_BIAS:
+            out += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(O + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, out,
+                 mask=m_ok[:, None] & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _quant_rows_kernel(X, Q, SROW, SIMG, AS, AZ,
+                           R, C, HW, WD, SPLIT,
+                           stride_b, stride_h, stride_w, stride_c,
+                           A_MODE: tl.constexpr, A_QMAX: tl.constexpr, HAS_SPLIT: tl.constexpr,
+                           PER_IMAGE: tl.constexpr, EXACT_DIV: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Activation codes, written once as int8 rows [R, C] (row-major; for a conv input R = pixels, i.e. NHWC).
+        Row r of X is image r // HW, pixel (r % HW) // WD, r % WD (a linear input is HW = WD = 1).
+        static: q - 128 per segment range. dynamic: q with a per-row scale computed here (absmax over the row, as
+        the reference) and stored to SROW, or with the per-image scale SIMG[r // HW] (PER_IMAGE)."""
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        img = offs_r // HW
+        pix = offs_r % HW
+        row_ptr = X + img * stride_b + (pix // WD) * stride_h + (pix % WD) * stride_w
+        s_row = tl.zeros((BLOCK_R,), tl.float32)
+        if A_MODE == 2:
+            if PER_IMAGE:
+                s_row = tl.load(SIMG + img, mask=r_ok, other=1.0)
+            else:
+                amax = tl.zeros((BLOCK_R,), tl.float32)
+                for c0 in range(0, C, BLOCK_C):
+                    offs_c = c0 + tl.arange(0, BLOCK_C)
+                    xf = tl.load(row_ptr[:, None] + offs_c[None, :] * stride_c,
+                                 mask=r_ok[:, None] & (offs_c[None, :] < C), other=0.0).to(tl.float32)
+                    amax = tl.maximum(amax, tl.max(tl.abs(xf), axis=1))
+                s_row = tl.maximum(tl.math.div_rn(amax, A_QMAX * 1.0), 1e-30)
+                tl.store(SROW + offs_r, s_row, mask=r_ok)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask = r_ok[:, None] & (offs_c[None, :] < C)
+            xf = tl.load(row_ptr[:, None] + offs_c[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+            if A_MODE == 1:
+                s = tl.load(AS)
+                z = tl.load(AZ)
+                if HAS_SPLIT:
+                    seg1 = offs_c[None, :] >= SPLIT
+                    s = tl.where(seg1, tl.load(AS + 1), s)
+                    z = tl.where(seg1, tl.load(AZ + 1), z)
+                q = static_codes_(xf, s, z, A_QMAX, EXACT_DIV) - 128.0
+            else:
+                q = dynamic_codes_(xf, s_row[:, None], A_QMAX, EXACT_DIV)
+            tl.store(Q + offs_r[:, None] * C + offs_c[None, :], q.to(tl.int8), mask=mask)
+
+
+# --- configs ---------------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Consumer parts (sm_86/89: ~100 KB smem, fewer SMs) get smaller
+# tiles; datacenter parts (sm_80/90: 164-228 KB smem) larger ones. Each list covers small M (few tokens) to large.
+_CONSUMER = [(128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+             (128, 256, 64, 3, 8), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (64, 64, 32, 5, 4)]
+_DATACENTER = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4), (128, 128, 64, 4, 4),
+               (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 64, 128, 4, 4),
+               (16, 64, 128, 4, 4), (64, 64, 32, 5, 4)]
+
+
+def _tile_list():
+    if interpreting() or not torch.cuda.is_available():
+        return _CONSUMER
+    major, minor = torch.cuda.get_device_capability()
+    return _DATACENTER if (major, minor) in ((8, 0), (9, 0)) or major >= 10 else _CONSUMER
+
+
+def _configs(int_choices=(True, False)):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "INT_DOT": i},
+                          num_stages=st, num_warps=wp)
+            for (bm, bn, bk, st, wp) in _tile_list() for i in int_choices]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep configs whose BLOCK_K divides the group, whose dot kind suits the call, and not much larger than M."""
+    group, grouped = named_args["GROUP"], kwargs.get("GROUPED", named_args.get("GROUPED"))
+    int_ok = kwargs.get("INT_OK", named_args.get("INT_OK", True))
+    m = named_args["M"]
+    keep = []
+    for c in configs:
+        kw = c.kwargs
+        if grouped and (group % kw["BLOCK_K"] != 0):
+            continue
+        if kw["INT_DOT"] and not int_ok:
+            continue
+        if kw["BLOCK_M"] > max(16, triton.next_power_of_2(m)) * 2:
+            continue
+        keep.append(c)
+    return keep or configs[-1:]
+
+
+# the interpreter runs one fixed small config: autotuning there would only multiply a slow run
+_FIXED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+_TUNED = {}
+
+
+def tuned(kernel, key):
+    """Autotuned version of `kernel` (built lazily so that importing this module never touches the GPU)."""
+    name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
+    if name not in _TUNED:
+        _TUNED[name] = triton.autotune(configs=_configs(), key=key,
+                                       prune_configs_by={"early_config_prune": _prune})(kernel)
+    return _TUNED[name]
+
+
+def dot_dtype(x_dtype: torch.dtype):
+    if x_dtype == torch.float16:
+        return tl.float16
+    if x_dtype == torch.bfloat16 and not interpreting():  # the interpreter's bf16 arithmetic is wrong
+        return tl.bfloat16
+    return tl.float32
+
+
+def _bucket(m: int) -> int:
+    """M rounded up to a power of two: the autotune key, so each token count does not re-tune."""
+    return triton.next_power_of_2(max(int(m), 16))
+
+
+# --- wrappers --------------------------------------------------------------------------------------------------------
+
+def accepts(*, x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, **_) -> str | None:
+    """None when qlinear can run this call, else why not (the dispatcher's constraint)."""
+    if x.shape[-1] != k:
+        return "input width does not match the weight"
+    return check_call(x.device, x.dtype, qweight, scale, bits, group_size, a_bits, a_mode)
+
+
+def check_call(device, dtype, qweight, scale, bits, group_size, a_bits, a_mode) -> str | None:
+    why = available(device)
+    if why:
+        return why
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"activation dtype {dtype}"
+    if bits not in (2, 4, 8):
+        return f"{bits}-bit weights"
+    if qweight.device != device:
+        return "weight and input are on different devices"
+    if scale.shape[1] > 1 and (group_size is None or group_size % 32 != 0):
+        return "group size must be a multiple of 32 (the int8 dot's K step)"
+    if a_mode not in ("none", "static", "dynamic"):
+        return f"activation mode {a_mode!r}"
+    if a_mode != "none" and a_bits > 8:
+        return f"{a_bits}-bit activations"
+    if qweight.stride(-1) != 1 or scale.stride(-1) != 1:
+        return "weight rows must be contiguous along K"
+    return None
+
+
+def _int_ok(bits, zero, a_mode):
+    # int8 dot: activations quantized; weight codes minus zero point fit in int8 (8-bit weights are symmetric)
+    return a_mode != "none" and not (bits == 8 and zero is not None)
+
+
+def quantize_rows(x2: torch.Tensor, a_mode: str, a_bits: int, a_scale=None, a_zero=None, a_split=None,
+                  image_scale=None, geometry=None):
+    """int8 codes [R, C] (q - 128 static, q dynamic) and, for dynamic per-token, the per-row scales [R].
+    x2 is [R, C] (linear) or, with geometry=(B, C, H, W) and NCHW-strided x2, the conv input: rows are pixels."""
+    if geometry is None:
+        r, c = x2.shape
+        hw, wd = 1, 1
+        strides = (x2.stride(0), 0, 0, x2.stride(1))
+    else:
+        b, c, h, w = geometry
+        r, hw, wd = b * h * w, h * w, w
+        strides = (x2.stride(0), x2.stride(2), x2.stride(3), x2.stride(1))
+    q = torch.empty(r, c, dtype=torch.int8, device=x2.device)
+    srow = torch.empty(r if (a_mode == "dynamic" and image_scale is None) else 1, dtype=torch.float32,
+                       device=x2.device)
+    dummy = srow
+    mode = _A_MODES[a_mode]
+    qmax = 2 ** a_bits - 1 if mode == A_STATIC else 2 ** (a_bits - 1) - 1
+    block_r = 16 if interpreting() else 32
+    block_c = min(triton.next_power_of_2(c), 32 if interpreting() else 256)
+    _quant_rows_kernel[(triton.cdiv(r, block_r),)](
+        x2, q, srow, image_scale if image_scale is not None else dummy,
+        a_scale if a_scale is not None else dummy, a_zero if a_zero is not None else dummy,
+        r, c, hw, wd, a_split or 0, *strides,
+        A_MODE=mode, A_QMAX=qmax, HAS_SPLIT=a_split is not None, PER_IMAGE=image_scale is not None,
+        EXACT_DIV=interpreting(), BLOCK_R=block_r, BLOCK_C=block_c)
+    return q, (srow if mode == A_DYNAMIC and image_scale is None else None)
+
+
+def dynamic_row_scale(x2: torch.Tensor, a_bits: int) -> torch.Tensor:
+    """Per-token scale exactly as the reference computes it (fp32 absmax / qmax, floored at 1e-30)."""
+    amax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, dtype=torch.float32)
+    return torch.clamp(amax / (2 ** (a_bits - 1) - 1), min=1e-30)
+
+
+def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale=None,
+            a_zero=None, a_split=None, cache=None, prequant: bool | None = None, int_dot: bool | None = None,
+            config: dict | None = None):
+    """Quantized linear y = x W^T + b on the packed weight (layouts: module docstring). x [..., K] fp16/bf16/fp32.
+
+    prequant: quantize the activations in a separate int8 pass (None: when N spans more than 4 tiles of 128).
+    int_dot: force the int8 (True) or float (False) dot; None lets the autotuner choose (A8), float for A16.
+    config: fixed BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M (and num_warps/num_stages) instead of autotuning."""
+    n = qweight.shape[0]
+    shape = x.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*shape[:-1], n)
+    mode = _A_MODES[a_mode]
+    int_ok = _int_ok(bits, zero, a_mode)
+    if int_dot and not int_ok:
+        raise ValueError("the int8 dot needs quantized activations and a weight without an 8-bit zero point")
+    if mode == A_NONE:
+        prequant = False
+    elif prequant is None:
+        prequant = n > 512
+    srow = None
+    xa = x2
+    if prequant:
+        xa, srow = quantize_rows(x2, a_mode, a_bits, a_scale, a_zero, a_split)
+    elif mode == A_DYNAMIC:
+        srow = dynamic_row_scale(x2, a_bits)
+    groups = scale.shape[1]
+    grouped = groups > 1
+    group = group_size if grouped else k  # one group spanning K
+    dummy = out
+    qmax = 2 ** a_bits - 1 if mode == A_STATIC else (2 ** (a_bits - 1) - 1 if mode == A_DYNAMIC else 1)
+    args = (xa, qweight, scale, zero if zero is not None else qweight,
+            bias if bias is not None else dummy, a_scale if a_scale is not None else dummy,
+            a_zero if a_zero is not None else dummy, srow if srow is not None else dummy, out,
+            m, n, k, group, a_split or 0,
+            xa.stride(0), xa.stride(1), qweight.stride(0), scale.stride(0),
+            zero.stride(0) if zero is not None else 0, out.stride(0), out.stride(1))
+    meta = dict(W_BITS=bits, HAS_WZ=zero is not None, GROUPED=grouped, A_MODE=mode, A_IN_INT8=prequant,
+                A_QMAX=qmax, HAS_SPLIT=a_split is not None and mode == A_STATIC, HAS_BIAS=bias is not None,
+                DOT_DTYPE=dot_dtype(x.dtype), EXACT_DIV=interpreting(), M_BUCKET=_bucket(m), INT_OK=int_ok)
+    fixed = config or (_FIXED if interpreting() else None)
+    if fixed is not None or int_dot is not None:
+        cfg = dict(fixed or _default_config(m, n, group if grouped else None))
+        launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
+        cfg.setdefault("INT_DOT", int_ok if int_dot is None else int_dot)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _qgemm_kernel[grid](*args, **meta, **cfg, **launch)
+    else:
+        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+        tuned(_qgemm_kernel, ["M_BUCKET", "N", "K", "W_BITS", "A_MODE", "A_IN_INT8", "GROUPED", "HAS_SPLIT",
+                              "INT_OK"])[grid](*args, **meta)
+    return out.reshape(*shape[:-1], n)
+
+
+def _default_config(m, n, group):
+    bk = 64 if group is None or group % 64 == 0 else 32
+    if m <= 32:
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 128 if m >= 128 else 64, "BLOCK_N": 128 if n >= 128 else 64, "BLOCK_K": bk, "GROUP_M": 8,
+            "num_warps": 4, "num_stages": 3}

@@ -1,0 +1,176 @@
+"""CPU paths (kernels/cpu.py) and the dispatcher against the reference, on odd shapes."""
+import pytest
+import torch
+
+from mixquant.kernels import cpu, dispatch, reference
+from mixquant.kernels.synthetic import conv_geometry, random_call
+
+# (bits, group_size, a_mode, a_split): W8A8 static/dynamic, the skip-concat split, W4A8 per channel and grouped,
+# W2A8, weight-only
+FORMATS = [(8, None, "static", None), (8, None, "dynamic", None), (8, None, "static", 40), (4, None, "static", None),
+           (4, 32, "dynamic", None), (2, None, "dynamic", None), (4, 32, "none", None), (2, 64, "none", None)]
+INT_ROUTES = [r for r in ("onednn_split", "int_mm") if r != "onednn_split" or cpu._has_onednn()]
+
+
+@pytest.fixture(autouse=True)
+def _no_route_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXQUANT_CPU_CACHE", str(tmp_path / "routes.json"))
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def _ref(op, x, call, geo=None):
+    with dispatch.use_backend("reference"):
+        return dispatch.linear(x, **call) if op == "linear" else dispatch.conv2d(x, **call, **geo)
+
+
+@pytest.mark.parametrize("bits,group,a_mode,split", FORMATS)
+def test_dequantize_equals_reference(bits, group, a_mode, split):
+    call = random_call(37, 100, bits=bits, group_size=group, symmetric=False if bits < 8 else None)
+    ref = reference.dequantize_weight(call["qweight"], call["scale"], call["zero"], bits, 100, group)
+    assert torch.equal(cpu.dequantize(call["qweight"], call["scale"], call["zero"], bits, 100, group), ref)
+
+
+@pytest.mark.parametrize("a_mode,split", [("static", None), ("static", 3), ("dynamic", None)])
+def test_fake_quant_equals_reference(a_mode, split):
+    x = torch.randn(2, 7, 5, 3) * 3
+    call = random_call(4, 7, a_mode=a_mode, a_split=split)
+    args = (call["a_bits"], a_mode, call["a_scale"], call["a_zero"], split)
+    for dim, dyn in ((1, (1, 2, 3)), (-1, (-1,))):
+        if split is not None and dim == -1:
+            continue
+        ref = reference.fake_quant_act(x, *args, channel_dim=dim, dynamic_dims=dyn)
+        assert torch.equal(cpu.fake_quant(x, *args, channel_dim=dim, dynamic_dims=dyn), ref)
+
+
+@pytest.mark.parametrize("route", ["float"] + INT_ROUTES)
+@pytest.mark.parametrize("bits,group,a_mode,split", FORMATS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_routes_match_reference(route, bits, group, a_mode, split, bias):
+    call = random_call(45, 100, bits=bits, group_size=group, a_mode=a_mode, a_split=split, bias=bias, seed=1)
+    x = torch.randn(3, 13, 100)
+    if route != "float" and cpu.int_route_accepts("linear", route, cache={}, **call) is not None:
+        pytest.skip("route does not take this format")
+    out = cpu.linear(x, route=route, cache={}, **call)
+    assert out.shape == (3, 13, 45)
+    assert _rel(out, _ref("linear", x, call)) < 1e-5
+
+
+@pytest.mark.parametrize("route", ["float"] + INT_ROUTES[:1])
+@pytest.mark.parametrize("bits,group,a_mode,split", FORMATS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_routes_match_reference(route, bits, group, a_mode, split, stride):
+    cin = 13
+    call = random_call(21, 9 * cin, bits=bits, group_size=group, a_mode=a_mode,
+                       a_split=5 if split else None, bias=stride == 1, seed=2)
+    if route != "float" and cpu.int_route_accepts("conv2d", route, cache={}, **call) is not None:
+        pytest.skip("route does not take this format")
+    geo = conv_geometry(3, stride, 1)
+    x = torch.randn(2, cin, 9, 7) * 2
+    out = cpu.conv2d(x, route=route, cache={}, **call, **geo)
+    ref = _ref("conv2d", x, call, geo)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < 1e-5
+
+
+def test_float_route_is_the_reference_bit_for_bit():
+    for op in ("linear", "conv2d"):
+        call = random_call(21, 99, bits=4, group_size=32, a_mode="static")
+        x, geo = (torch.randn(5, 99), {}) if op == "linear" else (torch.randn(2, 11, 6, 5), conv_geometry(3, 1, 1))
+        fn = cpu.linear if op == "linear" else cpu.conv2d
+        assert torch.equal(fn(x, route="float", dtype=torch.float32, **call, **geo), _ref(op, x, call, geo))
+
+
+@pytest.mark.skipif(not cpu._has_onednn(), reason="no oneDNN int8 ops in this torch")
+def test_onednn_saturation_is_detected():
+    """Full-range u8 activations: the split route is exact everywhere; the single call only where the probe says so
+    (VNNI/AMX). Without VNNI a single call saturates in int16 and is never chosen."""
+    call = random_call(32, 256, a_mode="static")
+    call["a_zero"] = torch.tensor([0.0])  # codes up to 255 on positive inputs
+    x = torch.rand(16, 256) * 4
+    ref = _ref("linear", x, call)
+    assert _rel(cpu.linear(x, route="onednn_split", cache={}, **call), ref) < 1e-5
+    single_ok = _rel(cpu.linear(x, route="onednn", cache={}, **call), ref) < 1e-5
+    assert single_ok == cpu.onednn_single_call_exact()
+    if not single_ok:
+        assert "onednn" not in cpu.plan().int_routes["linear"]
+
+
+@pytest.mark.parametrize("route", INT_ROUTES)
+def test_cache_follows_in_place_weight_updates(route):
+    """A LoRA patch copies a new blob into the weight in place: the prepacked copy must not go stale."""
+    call = random_call(24, 64, a_mode="dynamic")
+    x = torch.randn(9, 64)
+    cache = {}
+    first = cpu.linear(x, route=route, cache=cache, **call)
+    assert cache and cpu.cache_bytes(cache) >= 24 * 64
+    call["qweight"].mul_(-1)  # in place, through the view: same data pointer, new version
+    second = cpu.linear(x, route=route, cache=cache, **call)
+    assert _rel(second, _ref("linear", x, call)) < 1e-5
+    assert not torch.allclose(first, second)
+
+
+def test_no_cache_means_no_int8_route():
+    call = random_call(24, 64, a_mode="static")
+    assert cpu.candidates("linear", cache=None, **call) == ["float"]
+    assert "no cache" in cpu.int_route_accepts("linear", "onednn_split", cache=None, **call)
+
+
+def test_per_shape_race_records_a_winner_and_frees_the_loser():
+    if len(cpu.candidates("linear", cache={}, **random_call(8, 32, a_mode="static"))) < 2:
+        pytest.skip("a single candidate here")
+    call = random_call(48, 96, a_mode="static", seed=5)
+    x = torch.randn(33, 96)
+    cache = {}
+    key = cpu.shape_key("linear", x, call)
+    cpu.plan().decisions.pop(key, None)
+    assert cpu.choose("linear", x=x, cache=cache, **call) == "measure"
+    out = cpu.linear(x, cache=cache, **call)
+    won = cpu.plan().decisions[key]
+    assert cpu.choose("linear", x=x, cache=cache, **call) == won
+    assert _rel(out, _ref("linear", x, call)) < 1e-5
+    if won == "float":
+        assert not cache  # the int8 prepack of the loser is gone
+
+
+def test_dispatch_paths_and_forcing(monkeypatch):
+    call = random_call(16, 40, bits=4, group_size=32, a_mode="none")
+    x = torch.randn(3, 40)
+    assert dispatch.path("linear", x, **call) == "cpu:float"
+    with dispatch.use_backend("reference"):
+        assert dispatch.path("linear", x, **call) == "reference"
+    monkeypatch.setenv("MIXQUANT_KERNELS", "reference")
+    assert dispatch.path("linear", x, **call) == "reference"
+    monkeypatch.delenv("MIXQUANT_KERNELS")
+    assert dispatch.path("linear", x.to(torch.int32), **call) == "reference"  # nobody takes int inputs
+    text = dispatch.describe("cpu")
+    assert "cpu" in text and "W8A8 static" in text and "float dtype" in text
+
+
+def test_quantized_layers_agree_on_every_cpu_path():
+    """QuantLinear / QuantConv2d (quant/layers.py) through the dispatcher: reference, the CPU float route and the
+    CPU int8 route (with the cache dict a layer owns) give the same output."""
+    from mixquant.quant.formats import as_format
+    from mixquant.quant.layers import QuantConv2d, QuantLinear
+
+    torch.manual_seed(0)
+    for fmt_name in ("W8A8", "W8A8d", "W4g64A16"):
+        fmt = as_format(fmt_name)
+        for layer, x in ((torch.nn.Linear(70, 33), torch.randn(2, 5, 70)),
+                         (torch.nn.Conv2d(6, 10, 3, stride=2, padding=1), torch.randn(2, 6, 9, 7))):
+            cls = QuantLinear if isinstance(layer, torch.nn.Linear) else QuantConv2d
+            q = cls.from_float(layer, fmt)
+            if fmt.a_bits < 16 and fmt.a_mode == "static":
+                q.set_act_range(x.min(), x.max())
+            with torch.no_grad(), dispatch.use_backend("reference"):
+                ref = q(x)
+            with torch.no_grad(), dispatch.use_backend("cpu"):
+                assert _rel(q(x), ref) < 1e-5
+            args = q._kernel_args(q.weight, q.bias, x.device)
+            geo = {} if cls is QuantLinear else dict(kernel_size=q.kernel_size, stride=q.stride,
+                                                     padding=q.padding, dilation=q.dilation)
+            fn = cpu.linear if cls is QuantLinear else cpu.conv2d
+            for route in cpu.candidates("linear" if cls is QuantLinear else "conv2d", cache={}, **args):
+                assert _rel(fn(x, route=route, cache={}, **args, **geo), ref) < 1e-5

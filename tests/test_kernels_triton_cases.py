@@ -1,0 +1,147 @@
+"""Triton kernels (kernels/triton_gemm.py, triton_conv.py) against the reference on odd shapes.
+
+Runs on a CUDA GPU when there is one; otherwise only under TRITON_INTERPRET=1, which must be set before Triton is
+imported: tests/test_kernels_triton.py runs this file in a subprocess with it, so the main test process keeps
+compiled-kernel semantics (and the dispatcher does not route CPU tensors to the interpreter in other tests).
+"""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("no CUDA device (tests/test_kernels_triton.py runs these under TRITON_INTERPRET=1)",
+                allow_module_level=True)
+
+from mixquant.kernels import dispatch, triton_conv, triton_gemm  # noqa: E402
+from mixquant.kernels.synthetic import conv_geometry, random_call  # noqa: E402
+
+DEV = "cpu" if INTERPRET else "cuda"
+
+# (bits, group_size, a_mode, a_split, weight zero point)
+FORMATS = [(8, None, "static", None, False), (8, None, "dynamic", None, False), (8, None, "static", 40, False),
+           (4, None, "static", None, True), (4, 32, "dynamic", None, False), (2, 32, "static", 40, True),
+           (4, 32, "none", None, True), (8, None, "none", None, False), (2, None, "dynamic", None, False)]
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def _call(n, k, bits, group, a_mode, split, wzero, seed, bias=True):
+    return random_call(n, k, bits=bits, group_size=group, symmetric=None if bits == 8 else not wzero,
+                       a_mode=a_mode, a_split=split, bias=bias, seed=seed, device=DEV)
+
+
+def _ref(op, x, call, geo=None):
+    with dispatch.use_backend("reference"):
+        return dispatch.linear(x, **call) if op == "linear" else dispatch.conv2d(x, **call, **geo)
+
+
+@pytest.mark.parametrize("bits,group,a_mode,split,wzero", FORMATS)
+@pytest.mark.parametrize("prequant", [False, True])
+def test_linear(bits, group, a_mode, split, wzero, prequant):
+    if a_mode == "none" and prequant:
+        pytest.skip("nothing to pre-quantize")
+    call = _call(45, 100, bits, group, a_mode, split, wzero, seed=bits, bias=not prequant)
+    x = torch.randn(2, 19, 100, device=DEV)
+    ref = _ref("linear", x, call)
+    dots = [True, False] if a_mode != "none" and not prequant else [None]
+    for int_dot in dots:
+        out = triton_gemm.qlinear(x, prequant=prequant, int_dot=int_dot, **call)
+        assert out.shape == ref.shape and out.dtype == x.dtype
+        assert _rel(out, ref) < 1e-5, (int_dot, _rel(out, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [(8, None, "static", None, False), (4, 32, "none", None, True)])
+def test_linear_half_inputs(dtype, fmt):
+    call = _call(40, 96, *fmt, seed=3)
+    x = torch.randn(33, 96, device=DEV).to(dtype)
+    ref = _ref("linear", x.float(), call)  # the fp32 reference; the kernel accumulates in fp32 too
+    out = triton_gemm.qlinear(x, **call)
+    assert out.dtype == dtype
+    assert _rel(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_linear_single_and_no_tokens():
+    call = _call(24, 64, 8, None, "dynamic", None, False, seed=4)
+    x = torch.randn(1, 64, device=DEV)
+    assert _rel(triton_gemm.qlinear(x, **call), _ref("linear", x, call)) < 1e-5
+    assert triton_gemm.qlinear(torch.randn(0, 64, device=DEV), **call).shape == (0, 24)
+
+
+CONV_FORMATS = [(8, None, "static", None, False), (8, None, "dynamic", None, False), (8, None, "static", 5, False),
+                (4, 32, "static", None, True), (2, None, "dynamic", None, False), (4, 32, "none", None, True)]
+
+
+@pytest.mark.parametrize("bits,group,a_mode,split,wzero", CONV_FORMATS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("prequant", [False, True])
+def test_conv3x3(bits, group, a_mode, split, wzero, stride, prequant):
+    if a_mode == "none" and prequant:
+        pytest.skip("nothing to pre-quantize")
+    cin = 11  # K = 99: not a multiple of the block or of the group
+    call = _call(21, 9 * cin, bits, group, a_mode, split, wzero, seed=5, bias=stride == 1)
+    geo = conv_geometry(3, stride, 1)
+    x = torch.randn(2, cin, 9, 7, device=DEV) * 2
+    ref = _ref("conv2d", x, call, geo)
+    out = triton_conv.qconv2d(x, prequant=prequant, **call, **geo)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("a_mode", ["static", "dynamic"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv1x1(a_mode, channels_last):
+    call = _call(19, 13, 8, None, a_mode, None, False, seed=6)
+    x = torch.randn(3, 13, 5, 7, device=DEV)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    geo = conv_geometry(1, 1, 0)
+    ref = _ref("conv2d", x, call, geo)
+    out = triton_conv.qconv2d(x, **call, **geo)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < 1e-5
+
+
+def test_padding_reads_the_zero_code():
+    """A static zero point far from the middle: a padded border that read code 0 instead of z would be off by
+    z * sum(w) on every border pixel."""
+    call = _call(8, 9 * 4, 8, None, "static", None, False, seed=7)
+    call["a_zero"] = torch.tensor([230.0], device=DEV)
+    geo = conv_geometry(3, 1, 1)
+    x = torch.randn(1, 4, 5, 5, device=DEV)
+    ref = _ref("conv2d", x, call, geo)
+    for prequant in (False, True):
+        assert _rel(triton_conv.qconv2d(x, prequant=prequant, **call, **geo), ref) < 1e-5
+
+
+def test_quantized_layers_agree_on_every_path():
+    from mixquant.quant.formats import as_format
+    from mixquant.quant.layers import QuantConv2d, QuantLinear
+
+    torch.manual_seed(0)
+    for name in ("W8A8", "W8A8d", "W4g64A8", "W4g64A16"):
+        fmt = as_format(name)
+        for layer, x in ((torch.nn.Linear(70, 33), torch.randn(2, 5, 70)),
+                         (torch.nn.Conv2d(6, 10, 3, stride=2, padding=1), torch.randn(2, 6, 9, 7))):
+            cls = QuantLinear if isinstance(layer, torch.nn.Linear) else QuantConv2d
+            q = cls.from_float(layer.to(DEV), fmt)
+            x = x.to(DEV)
+            if fmt.a_bits < 16 and fmt.a_mode == "static":
+                q.set_act_range(x.min(), x.max())
+            outs = {}
+            for backend in ("reference", "triton") + (("cpu",) if DEV == "cpu" else ()):
+                with torch.no_grad(), dispatch.use_backend(backend):
+                    assert dispatch.path("linear" if cls is QuantLinear else "conv2d", x,
+                                         **q._kernel_args(q.weight, q.bias, x.device),
+                                         **({} if cls is QuantLinear else dict(
+                                             kernel_size=q.kernel_size, stride=q.stride, padding=q.padding,
+                                             dilation=q.dilation))).startswith(backend)
+                    outs[backend] = q(x)
+            for backend, out in outs.items():
+                assert _rel(out, outs["reference"]) < 1e-5, (name, cls.__name__, backend)
