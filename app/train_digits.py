@@ -277,11 +277,14 @@ def quick_eval(folder: str, steps: int = 20, guidance: float = 4.0) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mixquant.app.train_digits", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=D.DIGITS_DIR, help="output folder (default: the package's models/digits)")
-    ap.add_argument("--vae-steps", type=int, default=450)
-    ap.add_argument("--classifier-steps", type=int, default=1500)
-    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--vae-steps", type=int, default=400)
+    ap.add_argument("--classifier-steps", type=int, default=600)
+    ap.add_argument("--unet-steps", type=int, default=2600)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: this tiny model gains little from a second thread, a 1-thread run "
+                         "is not slowed down by other jobs on the machine, and results do not depend on the core "
+                         "count)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 5 steps per stage")
     args = ap.parse_args(argv)
     if args.quick:

@@ -1,0 +1,154 @@
+"""Model loading for the app layer (diffusers adapter): the embedded `digits` model, diffusers folders, and
+(later) single-file checkpoints. Everything loads offline; nothing here downloads.
+
+    pipe = load_pipeline("digits")                  # the shipped tiny text-to-image model
+    pipe = load_pipeline("/path/to/diffusers/folder")
+    set_scheduler(pipe, "dpm")                      # ddim | dpm | euler
+    clf = digits_classifier(); parse_digit("the number seven") -> 7
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+
+import torch
+
+from ..quant.errors import MixQuantError
+from .digits import (  # noqa: F401  (re-exported: the public face of the digits model)
+    DIGIT_WORDS,
+    DIGITS_DIR,
+    HELDOUT_PHRASINGS,
+    SEED_PHRASINGS,
+    DigitClassifier,
+    content_accuracy,
+    digits_classifier,
+    heldout_prompts,
+    parse_digit,
+    sample_training_prompt,
+)
+
+__all__ = ["load_pipeline", "resolve_model", "set_scheduler", "SCHEDULERS", "digits_classifier", "parse_digit",
+           "content_accuracy", "heldout_prompts", "DIGIT_WORDS", "DIGITS_DIR", "HELDOUT_PHRASINGS",
+           "SEED_PHRASINGS", "TRAINING_PHRASINGS", "DigitClassifier"]
+
+# Training phrasings: the seed templates below plus the grammar in app/digits.py (sample_training_prompt).
+TRAINING_PHRASINGS = SEED_PHRASINGS
+
+SCHEDULERS = ("ddim", "dpm", "euler")
+
+
+def resolve_model(model: str) -> tuple[str, str]:
+    """(kind, path) for a MODEL argument: kind is "diffusers" (a folder with model_index.json) or "single_file"
+    (a .safetensors checkpoint). Raises MixQuantError for anything else."""
+    if not model:
+        raise MixQuantError("no model given; use --model digits, a diffusers folder, or a .safetensors checkpoint")
+    if model.strip().lower() == "digits":
+        if not os.path.isfile(os.path.join(DIGITS_DIR, "model_index.json")):
+            raise MixQuantError(f"the embedded digits model is missing from {DIGITS_DIR}; reinstall mixquant, or "
+                                "rebuild it with `python -m mixquant.app.train_digits`")
+        return "diffusers", DIGITS_DIR
+    path = os.path.abspath(os.path.expanduser(model))
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            return "diffusers", path
+        raise MixQuantError(f"{model} is a folder but not a diffusers pipeline (no model_index.json); give the "
+                            "pipeline's root folder, a .safetensors checkpoint, or `digits`")
+    if os.path.isfile(path):
+        if path.lower().endswith(".safetensors"):
+            return "single_file", path
+        raise MixQuantError(f"{model} is not a .safetensors file; only safetensors checkpoints are loaded "
+                            "(never pickle: .ckpt/.bin/.pt). Convert it to .safetensors or a diffusers folder")
+    raise MixQuantError(f"model {model!r} not found; use `digits` (the embedded model), a diffusers folder, or a "
+                        ".safetensors checkpoint path")
+
+
+def _single_file_arch(path: str) -> str:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001
+        raise MixQuantError(f"{path} is not a readable safetensors file ({e}); check the download") from None
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return "SDXL"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "SD1.x/SD2.x"
+    return "unknown"
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence the loaders' info/warning chatter (missing accelerate / torchvision, progress bars)."""
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+    except Exception:  # noqa: BLE001
+        yield
+        return
+    dv, tv = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dpb = dlog.is_progress_bar_enabled()
+    tpb = tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(dv)
+        tlog.set_verbosity(tv)
+        if dpb:
+            dlog.enable_progress_bar()
+        if tpb:
+            tlog.enable_progress_bar()
+
+
+def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a text-to-image pipeline offline. `model`: "digits" (the embedded model), a diffusers folder, or a
+    single-file .safetensors checkpoint (not supported yet: raises MixQuantError). Progress bars are disabled."""
+    kind, path = resolve_model(model)
+    if kind == "single_file":
+        arch = _single_file_arch(path)
+        raise MixQuantError(f"single-file checkpoints ({arch}) are not supported yet: {path}. Convert it to a "
+                            "diffusers folder (diffusers' convert_original_stable_diffusion_to_diffusers.py) "
+                            "and pass that folder")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MixQuantError("CUDA was asked for but is not available; use --device cpu")
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    extra = {}
+    if "safety_checker" in index:  # never load (or download) a safety checker
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    if "feature_extractor" in index:
+        extra.update(feature_extractor=None)
+    with _quiet_loading():
+        from diffusers import DiffusionPipeline
+
+        if dtype != torch.float32:
+            extra["torch_dtype"] = dtype  # (named `dtype` in newer diffusers; the old name still works)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **extra)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise MixQuantError(f"could not load the diffusers pipeline in {path}: {str(e).splitlines()[0]}; "
+                                "check that the folder is complete") from None
+    pipe = pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def set_scheduler(pipe, name: str):
+    """Swap the pipeline's sampler: "ddim", "dpm" (DPM-Solver++ 2M) or "euler"; built from its scheduler config."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+    key = name.lower()
+    if key not in classes:
+        raise MixQuantError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
+    pipe.scheduler = classes[key].from_config(pipe.scheduler.config)
+    return pipe
