@@ -82,33 +82,32 @@ def cpu_model() -> str:
 # --- weight preparation ---------------------------------------------------------------------------------------------
 
 def dequantize(qweight, scale, zero, bits: int, k: int, group_size: int | None, dtype=torch.float32):
-    """Packed weight -> [N, K] in `dtype`; same values as reference.dequantize_weight (computed in fp32), in fewer
-    passes (no materialized [N, K] scale)."""
+    """Packed weight -> [N, K] in `dtype`; the same values as reference.dequantize_weight ((q - z) * s in fp32), in
+    fewer passes: unpacking on bytes, then in place on one fp32 buffer, no materialized [N, K] scale."""
     n, groups = scale.shape
     if bits == 8:
         q = qweight.to(torch.float32)
+    elif bits == 4:
+        q = torch.stack((qweight & 15, qweight >> 4), dim=-1).view(n, -1)[:, :k].to(torch.float32)
     else:
-        q = unpack_codes(qweight, bits, k).to(torch.float32) if bits != 4 else _unpack4(qweight, k)
-    if groups == 1:
-        z = 2.0 ** (bits - 1) if (zero is None and bits < 8) else (0.0 if zero is None else zero.to(torch.float32))
-        w = (q - z) * scale.to(torch.float32)
-    else:
+        q = unpack_codes(qweight, bits, k).to(torch.float32)
+    if groups > 1:
         pad = groups * group_size - k
-        if pad:
-            q = F.pad(q, (0, pad))
+        q = F.pad(q, (0, pad)) if pad else q.contiguous()
         q = q.view(n, groups, group_size)
-        if zero is not None:
-            q = q - zero.to(torch.float32).unsqueeze(-1)
-        elif bits < 8:
-            q = q - 2.0 ** (bits - 1)
-        w = (q * scale.to(torch.float32).unsqueeze(-1)).view(n, -1)[:, :k]
+    z = None if zero is None else zero.to(torch.float32)
+    s = scale.to(torch.float32)
+    if groups > 1:
+        z = None if z is None else z.unsqueeze(-1)
+        s = s.unsqueeze(-1)
+    if z is not None:
+        q.sub_(z)
+    elif bits < 8:
+        q.sub_(2.0 ** (bits - 1))
+    w = q.mul_(s)
+    if groups > 1:
+        w = w.view(n, -1)[:, :k]
     return w.to(dtype)
-
-
-def _unpack4(packed: torch.Tensor, k: int) -> torch.Tensor:
-    lo = (packed & 15).to(torch.float32)
-    hi = (packed >> 4).to(torch.float32)
-    return torch.stack((lo, hi), dim=-1).view(packed.shape[0], -1)[:, :k]
 
 
 def int8_weight(qweight, zero, bits: int, k: int) -> torch.Tensor | None:
@@ -196,10 +195,12 @@ def fake_quant(x, a_bits, a_mode, a_scale, a_zero, a_split, channel_dim, dynamic
     """reference.fake_quant_act, computed in place on one fp32 buffer (same values)."""
     if a_mode == "none" or a_bits >= 16:
         return x
-    if a_mode == "dynamic":
-        u, s, shift = _dynamic_codes(x, a_bits, dynamic_dims)
-        return u.to(torch.float32).sub_(shift).mul_(s).to(x.dtype)
     xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+    if a_mode == "dynamic":
+        qmax = 2 ** (a_bits - 1) - 1
+        s = torch.clamp(torch.linalg.vector_norm(xf, ord=float("inf"), dim=dynamic_dims, keepdim=True) / qmax,
+                        min=1e-30)
+        return xf.div(s).round_().clamp_(-qmax - 1, qmax).mul_(s).to(x.dtype)
     parts = [(xf, a_scale.reshape(()), a_zero.reshape(()))] if a_split is None else list(zip(
         xf.split([a_split, x.shape[channel_dim] - a_split], dim=channel_dim), a_scale, a_zero))
     qmax = 2 ** a_bits - 1

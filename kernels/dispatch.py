@@ -139,14 +139,15 @@ def _triton_conv_accepts(**call):
     return triton_conv.accepts(**call)
 
 
-def _triton_linear(x, **call):
+def _triton_linear(x, cache=None, **call):
     from . import triton_gemm
-    return triton_gemm.qlinear(x, **call)
+    return triton_gemm.linear_op()(x, **call)
 
 
-def _triton_conv2d(x, **call):
+def _triton_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), **call):
     from . import triton_conv
-    return triton_conv.qconv2d(x, **call)
+    return triton_conv.conv2d_op()(x, **call, kernel_size=list(kernel_size), stride=list(stride),
+                                   padding=list(padding), dilation=list(dilation))
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

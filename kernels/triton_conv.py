@@ -189,3 +189,27 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
         tg.tuned(_qconv_kernel, ["M_BUCKET", "N", "K", "CIN", "W_BITS", "A_MODE", "A_IN_INT8", "GROUPED",
                                  "HAS_SPLIT", "INT_OK"])[grid](*args, **meta)
     return out
+
+
+def conv2d_op():
+    """`torch.ops.mixquant.qconv2d` (registered on first use), the form dispatch calls."""
+    if "qconv2d" not in tg._OPS:
+        def qconv2d_impl(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
+                         a_split, kernel_size, stride, padding, dilation):
+            out = qconv2d(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
+                          a_split, kernel_size, stride, padding, dilation)
+            return out if out.data_ptr() != x.data_ptr() else out.clone()
+
+        def qconv2d_fake(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
+                         a_split, kernel_size, stride, padding, dilation):
+            b, _, h, w = x.shape
+            oh = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+            ow = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            return torch.empty((b, qweight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                               memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+        tg._OPS["qconv2d"] = tg._custom_op(
+            "mixquant::qconv2d", qconv2d_impl, qconv2d_fake,
+            tg._SCHEMA + ", int[] kernel_size, int[] stride, int[] padding, int[] dilation) -> Tensor")
+    return tg._OPS["qconv2d"]

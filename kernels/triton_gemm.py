@@ -540,3 +540,39 @@ def _default_config(m, n, group):
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
     return {"BLOCK_M": 128 if m >= 128 else 64, "BLOCK_N": 128 if n >= 128 else 64, "BLOCK_K": bk, "GROUP_M": 8,
             "num_warps": 4, "num_stages": 3}
+
+
+# --- torch.library op: opaque to torch.compile (no graph break, no tracing into Triton launch code), capturable in
+# CUDA graphs (no host synchronisation anywhere in the wrapper) ------------------------------------------------------
+
+_OPS = {}
+
+
+def linear_op():
+    """`torch.ops.mixquant.qlinear` (registered on first use), the form dispatch calls."""
+    if "qlinear" not in _OPS:
+        def qlinear_impl(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
+                         a_split):
+            return qlinear(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
+                           a_split)
+
+        def qlinear_fake(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
+                         a_split):
+            return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+        _OPS["qlinear"] = _custom_op("mixquant::qlinear", qlinear_impl, qlinear_fake, _SCHEMA + ") -> Tensor")
+    return _OPS["qlinear"]
+
+
+_SCHEMA = ("(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int k, int? group_size, Tensor? bias, "
+           "int a_bits, str a_mode, Tensor? a_scale, Tensor? a_zero, int? a_split")
+
+
+def _custom_op(name, impl, fake, schema):
+    try:
+        op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
+    except RuntimeError:  # registered already (the package imported twice under different names, e.g. ComfyUI)
+        ns, op_name = name.split("::")
+        return getattr(getattr(torch.ops, ns), op_name)
+    op.register_fake(fake)
+    return op
