@@ -32,6 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--quantized", default=None, metavar="FILE.safetensors",
                    help="a quantized denoiser made by `mixquant quantize` from the same model")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: 1 for the tiny digits model, where a second thread gains "
+                        "little and a busy machine makes multi-threading many times slower; torch's default otherwise)")
     p.add_argument("--native-size", action="store_true",
                    help=f"save at the generated size (by default images under {VIEW_SIZE} px are upscaled "
                         "with nearest-neighbour for viewing)")
@@ -118,6 +121,11 @@ def run(args) -> int:
     if not args.out.lower().endswith(".png"):
         raise MixQuantError(f"--out {args.out}: give a .png path")
     width, height = parse_size(args.size)
+    import torch
+
+    threads = args.threads or (1 if args.model.strip().lower() == "digits" else None)
+    if threads:
+        torch.set_num_threads(threads)
     pipe = load_pipeline(args.model, device=_resolve_device(args.device))
     set_scheduler(pipe, args.scheduler)
     if args.quantized:
