@@ -83,6 +83,13 @@ def run(args) -> int:
 
     if args.port < 0 or args.port > 65535:
         raise MixQuantError(f"--port {args.port} is not a port number (0..65535; 0 picks a free one)")
+    if args.port:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((args.host, args.port))
+        except OSError as e:
+            raise MixQuantError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port (0 "
+                                "picks a free one)") from None
     if not _is_loopback(args.host):
         print(f"mixquant: warning: listening on {args.host}: other machines on your network can use this app.",
               file=sys.stderr)

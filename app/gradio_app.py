@@ -457,9 +457,11 @@ def curve_image(curve: list, info: ModelInfo, marker: dict | None = None, title:
     from matplotlib.figure import Figure
 
     pts = [c for c in curve if c.get("bytes")]
-    fig = Figure(figsize=(6.4, 3.4))
+    fig = Figure(figsize=(5.0, 3.4))
     ax = fig.add_subplot(111)
     ax2 = ax.twinx()
+    if title:
+        fig.suptitle(title, fontsize=9)
     if pts:
         x = [c["bytes"] / 1e6 for c in pts]
         ax.plot(x, [c["predicted_ssim"] for c in pts], "o-", color="tab:blue",
@@ -472,18 +474,17 @@ def curve_image(curve: list, info: ModelInfo, marker: dict | None = None, title:
                         xytext=(0, 6), ha="center", fontsize=7, color="tab:blue")
     if marker and marker.get("exact"):
         ax.axvline(marker["mb"], color="tab:green", lw=1.5)
-        ax.plot([marker["mb"]], [marker["predicted_ssim"]], "*", color="tab:green", ms=14, label="your budget")
+        ax.plot([marker["mb"]], [marker["predicted_ssim"]], "*", color="tab:green", ms=14,
+                label=marker.get("label", "your budget"))
     ax.axvline(info.fp16_mb, color="gray", ls=":", lw=1)
     ax.text(info.fp16_mb, 0.5, "FP16 size ", color="gray", fontsize=8, va="center", ha="right", rotation=90,
             transform=ax.get_xaxis_transform())
     ax.set_xlabel("denoiser size (MB)")
-    ax.set_ylabel("content score (1 - summed layer noise)" if proxy else "predicted SSIM vs FP", color="tab:blue")
-    ax2.set_ylabel("quality-layer SNR (dB)" if proxy else "predicted SQNR (dB)", color="tab:orange")
+    ax.set_ylabel("content score (proxy)" if proxy else "predicted SSIM vs FP", color="tab:blue")
+    ax2.set_ylabel("quality-layer SNR dB (proxy)" if proxy else "predicted SQNR (dB)", color="tab:orange")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
-    ax.set_title((title or "predicted quality / size")
-                 + (" (fast local sensitivity: compare budgets, not absolute quality)" if proxy else ""), fontsize=9)
     ax.grid(alpha=0.3)
     return _figure_to_image(fig)
 
@@ -535,7 +536,7 @@ def _num(v, fmt="{:.3f}") -> str:
 def numbers_markdown(n: dict) -> str:
     q, t = n["quality"], n["time_s"]
     rows = [
-        "| | FP | quantized | quantized / FP |", "|---|---:|---:|---:|",
+        "| | FP | quantized | ratio |", "|---|---:|---:|---:|",
         f"| denoiser size (deployed, floats in fp16) | {_mb(n['bytes_fp16'])} | {_mb(n['bytes_quantized'])} | "
         f"{n['size_ratio']:.3f}× |",
         f"| denoiser tensors in memory now ({n['device']}) | {_mb(n['memory_fp_bytes'])} | "
@@ -571,7 +572,7 @@ def numbers_markdown(n: dict) -> str:
 
 def prediction_markdown(p: dict, info: ModelInfo, cal: CalibResult | None, stale: bool) -> str:
     if p.get("infeasible"):
-        return f"⚠️ {p['infeasible']}"
+        return f"**Not feasible:** {p['infeasible']}"
     ratio = p["mb"] / info.fp16_mb
     size = (f"**Predicted size:** {p['mb']:.3f} MB of {info.fp16_mb:.3f} MB FP16 ({ratio:.1%}), "
             f"average {p['avg_w_bits']:.2f} weight bits")
@@ -592,7 +593,7 @@ def prediction_markdown(p: dict, info: ModelInfo, cal: CalibResult | None, stale
 def calib_markdown(cal: CalibResult, info: ModelInfo) -> str:
     s, t = cal.settings, cal.seconds
     sens = "from cache" if t["sensitivity_cached"] else f"{t['sensitivity']:.1f} s"
-    return (f"✅ Calibrated **{info.name}** on {len(s.prompts)} prompts × {s.steps} steps ({s.scheduler}, guidance "
+    return (f"**Calibrated** {info.name} on {len(s.prompts)} prompts × {s.steps} steps ({s.scheduler}, guidance "
             f"{s.guidance:g}) in {t['calibrate']:.1f} s; sensitivity of {len(info.layers)} layers ({s.sens_mode}): "
             f"{sens}. Pick a budget, then quantize.")
 
@@ -605,7 +606,8 @@ def model_markdown(info: ModelInfo) -> str:
             f"/ {info.min_mb:.3f} MB.")
 
 
-def to_gallery(images, prompts, seed: int, label: str) -> list:
+def to_gallery(images, prompts) -> list:
+    """(image upscaled with nearest-neighbour for viewing, prompt) pairs; PNG via the gallery's format."""
     from PIL import Image
 
     from .generate import upscale_for_viewing
@@ -613,7 +615,7 @@ def to_gallery(images, prompts, seed: int, label: str) -> list:
     out = []
     for img, p in zip(images, prompts):
         arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        out.append((upscale_for_viewing(Image.fromarray(arr)), f"{label} · {p} · seed {seed}"))
+        out.append((upscale_for_viewing(Image.fromarray(arr)), p))
     return out
 
 
@@ -653,7 +655,14 @@ def _gr_progress(progress):
 
 
 CSS = """
-#mq-gallery-fp, #mq-gallery-q { min-height: 200px; }
+/* the two galleries side by side: small square thumbnails, all of them visible without scrolling */
+#mq-gallery-fp .grid-container, #mq-gallery-q .grid-container {
+  grid-template-columns: repeat(var(--grid-cols), minmax(40px, 1fr)) !important;
+  grid-template-rows: none !important; grid-auto-rows: auto !important; }
+#mq-gallery-fp .fixed-height, #mq-gallery-q .fixed-height { min-height: 120px !important; max-height: none !important; }
+#mq-gallery-fp .grid-wrap, #mq-gallery-q .grid-wrap { overflow-y: visible !important; padding-top: 2.4em !important; }
+#mq-gallery-fp img, #mq-gallery-q img { image-rendering: pixelated; }
+#mq-gallery-fp .caption-label, #mq-gallery-q .caption-label { display: none; }  /* the prompt shows in the preview */
 .mq-step { margin-top: 0.6em; }
 """
 
@@ -760,10 +769,10 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
         numbers = {k: v for k, v in res.numbers.items() if k != "_images"}
         label = f"W{numbers['avg_w_bits']:.2f} A{numbers['avg_a_bits']:.1f}"
         curve = res.report.get("curve") or []
-        return (st, to_gallery(fp_images, shown, s.seed, "FP"), to_gallery(q_images, shown, s.seed, label),
+        head = f"### FP vs quantized ({label}): same prompts, same seed ({s.seed})"
+        return (st, head, to_gallery(fp_images, shown), to_gallery(q_images, shown),
                 numbers_markdown(numbers), bit_chart_image(res.report["layers"]), _json_ready(numbers),
-                curve_image(curve, info, None, "predicted quality / size (coupling chosen by quantize)",
-                            proxy=s.sens_mode == "local"),
+                curve_image(curve, info, _as_quantized(res.report), proxy=s.sens_mode == "local"),
                 be.default_file_name(res))
 
     @_user_errors
@@ -774,7 +783,7 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
             raise MixQuantError("nothing to save yet: quantize first (step 4).")
         progress(0, desc="writing the file")
         path, report_path, size = be.save(st.result, name)
-        return [path, report_path], f"✅ Wrote `{path}` ({size / 1e6:.3f} MB) and its report `{report_path}`."
+        return [path, report_path], f"**Wrote** `{path}` ({size / 1e6:.3f} MB) and its report `{report_path}`."
 
     def stop():
         be.stop_event.set()
@@ -786,7 +795,7 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
                     "Calibrate on your own prompts, measure how sensitive each layer is, pick a memory budget, and "
                     "compare the FP and quantized images for the same seeds before you use the quantized model.")
         with gr.Row():
-            with gr.Column(scale=2, min_width=380):
+            with gr.Column(scale=2, min_width=360):
                 gr.Markdown("### 1 · Model, prompts and sampler")
                 with gr.Row():
                     model_box = gr.Textbox(value=be.default_model, label="Model", scale=4,
@@ -824,8 +833,8 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
                                      interactive=False, elem_id="mq-curve")
                 gr.Markdown("### 4 · Quantize", elem_classes="mq-step")
                 quant_btn = gr.Button("Quantize and compare", variant="primary", elem_id="mq-quantize")
-            with gr.Column(scale=3, min_width=480):
-                gr.Markdown("### FP vs quantized, same prompts and seeds")
+            with gr.Column(scale=4, min_width=480):
+                head_md = gr.Markdown("### FP vs quantized, same prompts and seeds", elem_id="mq-compare-head")
                 with gr.Row():
                     gal_fp = gr.Gallery(label="FP (full precision)", format="png", columns=5, height="auto",
                                         object_fit="contain", elem_id="mq-gallery-fp", interactive=False)
@@ -860,13 +869,21 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
             preview, [state, *settings_in, *budget_in], [pred_md, curve_img], api_visibility="private",
             show_progress="hidden")
         quant_btn.click(quantize, [state, *settings_in, *budget_in],
-                        [state, gal_fp, gal_q, numbers_md, bits_img, numbers_json, curve_img, name_in],
+                        [state, head_md, gal_fp, gal_q, numbers_md, bits_img, numbers_json, curve_img, name_in],
                         api_name="quantize", **job)
         save_btn.click(save, [state, name_in], [file_out, save_md], api_name="save", **job)
         stop_btn.click(stop, None, [calib_md], api_name="stop", concurrency_id="mixquant-stop",
                        concurrency_limit=None, show_progress="hidden")
     demo.mixquant_backend = be
     return demo
+
+
+def _as_quantized(report: dict) -> dict:
+    """The quantized plan as a point of the curve (same size accounting: packed weights + the rest in fp16)."""
+    ly = report["layers"]
+    size = sum(x["bytes"] for x in ly) + report["bytes_fp16"] - 2 * sum(x["params"] for x in ly)
+    return {"exact": True, "mb": size / 1e6, "predicted_ssim": report["quality"].get("predicted_ssim", 0.0),
+            "label": "quantized"}
 
 
 def _json_ready(x):
