@@ -118,13 +118,13 @@ def _interruptible(fn):
     'interrupted' (not an error) and the flag is reset for the next prompt."""
     try:
         return fn()
-    except InterruptedRun:
+    except InterruptedRun as stopped:
         try:
             import comfy.model_management as mm
         except ImportError:
-            raise
+            raise stopped from None
         mm.throw_exception_if_processing_interrupted()
-        raise mm.InterruptProcessingException()
+        raise mm.InterruptProcessingException() from None
 
 
 def parse_prompts(text: str) -> list[str]:
@@ -298,6 +298,8 @@ def quantize_from_plan(model, plan: PlanResult):
     """The quantized clone of `model` for `plan` (layers cached on the plan for this model)."""
     if not isinstance(plan, PlanResult):
         raise MixQuantError("connect the output of MixQuant Plan.")
+    if patching.quantized_layers(model):
+        raise MixQuantError("this MODEL is already quantized: connect the full-precision MODEL.")
     key = (id(patching.diffusion_model(model)), tuple(sorted(getattr(model, "object_patches", {}))))
     cache = plan.__dict__.setdefault("_layers", {})
     if key not in cache:

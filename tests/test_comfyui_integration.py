@@ -1,0 +1,339 @@
+"""MixQuant inside a real ComfyUI (skipped unless COMFYUI_PATH points at a ComfyUI checkout).
+
+The test writes a reduced SD1.5-layout checkpoint with random weights (one UNet level, full-size CLIP-L and VAE: what
+ComfyUI detects as SD15, see shared/comfyui.md) and a LoRA for it, starts ComfyUI headless on CPU on 127.0.0.1 with a
+free port, loads the pack from this repository through --extra-model-paths-config (under another folder name), and
+talks to it over HTTP only: /object_info lists every node, the example workflow runs to a PNG, a stock LoRA loader
+changes the quantized model's output as it changes the FP one's, an interrupted calibration leaves the server serving
+and the model unchanged, and a bad file in Load Quantized gives one clear message.
+
+COMFYUI_PYTHON: the interpreter of ComfyUI's environment (default: this one). Everything is bounded in time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFYUI = os.environ.get("COMFYUI_PATH")
+PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+CKPT = "mq_tiny_sd15.safetensors"
+LORA = "mq_tiny_lora.safetensors"
+
+# the reduced SD1.5 UNet (diffusers config): one level, one res block, transformer depth 1
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(320,),
+                 down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+LORA_LAYERS = ["input_blocks.1.1.transformer_blocks.0.attn2.to_k", "input_blocks.1.1.transformer_blocks.0.ff.net.2",
+               "middle_block.1.transformer_blocks.0.attn1.to_q", "output_blocks.0.1.transformer_blocks.0.attn2.to_v"]
+
+
+def write_tiny_sd15(path: str, seed: int = 0) -> None:
+    """An SD1.5-layout single-file checkpoint with random weights: LDM UNet names (through quant/native's
+    diffusers -> LDM map), CLIP-L under cond_stage_model.transformer, a diffusers-named VAE (ComfyUI converts it)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mixquant.quant.native import diffusers_to_ldm, rename_tensor
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    rename = diffusers_to_ldm(dict(unet.config))
+    sd = {"model.diffusion_model." + rename_tensor(k, rename): v for k, v in unet.state_dict().items()}
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu"))
+    sd.update({"cond_stage_model.transformer." + k: v for k, v in clip.state_dict().items()
+               if not k.endswith("position_ids")})
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, sample_size=64)
+    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}, path)
+
+
+def write_lora(path: str, rank: int = 4, seed: int = 1) -> None:
+    """A LoRA in the kohya naming ComfyUI's LoRA loaders read (lora_unet_<ldm key with _>.lora_up/down/alpha)."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    dims = {"attn2.to_k": (768, 320), "ff.net.2": (1280, 320), "attn1.to_q": (320, 320), "attn2.to_v": (768, 320)}
+    t = {}
+    for name in LORA_LAYERS:
+        k_in, n_out = next(v for s, v in dims.items() if name.endswith(s))
+        key = "lora_unet_" + name.replace(".", "_")
+        t[key + ".lora_down.weight"] = torch.randn(rank, k_in, generator=g) * 0.5
+        t[key + ".lora_up.weight"] = torch.randn(n_out, rank, generator=g) * 0.5
+        t[key + ".alpha"] = torch.tensor(float(rank))
+    save_file(t, path)
+
+
+# --- the server ----------------------------------------------------------------------------------------------------
+
+pytestmark = pytest.mark.skipif(not COMFYUI or not os.path.isfile(os.path.join(COMFYUI or "", "main.py")),
+                                reason="set COMFYUI_PATH to a ComfyUI checkout to run the ComfyUI integration tests")
+
+START_TIMEOUT = 240  # s: importing ComfyUI and every pack on a busy 2-core machine
+PROMPT_TIMEOUT = 900  # s: CPU, and the machine may be shared
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: str, port: int, proc: subprocess.Popen, log: str):
+        self.base, self.port, self.proc, self.log = base, port, proc, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read() or b"null")
+
+    def post(self, path: str, data, timeout: float = 30):
+        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def submit(self, prompt: dict) -> str:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "mixquant-test"})
+        assert status == 200, body
+        return body["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = PROMPT_TIMEOUT) -> dict:
+        end = time.time() + timeout
+        while time.time() < end:
+            h = self.get(f"/history/{prompt_id}")
+            if h and prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
+                st = h[prompt_id]["status"]
+                if st.get("status_str") in ("success", "error") or st.get("completed"):
+                    return h[prompt_id]
+            if self.proc.poll() is not None:
+                raise AssertionError("ComfyUI exited:\n" + self.tail())
+            time.sleep(0.5)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s\n" + self.tail())
+
+    def run(self, prompt: dict) -> dict:
+        h = self.wait(self.submit(prompt))
+        assert h["status"]["status_str"] == "success", json.dumps(h["status"], indent=1)[-3000:]
+        return h
+
+    def tail(self, n: int = 4000) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()[-n:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("comfy"))
+    for d in ("checkpoints", "loras", "mixquant", "diffusion_models", "output", "custom_nodes"):
+        os.makedirs(os.path.join(base, d))
+    write_tiny_sd15(os.path.join(base, "checkpoints", CKPT))
+    write_lora(os.path.join(base, "loras", LORA))
+    # the pack under another folder name than "mixquant": ComfyUI may name it anything
+    os.symlink(REPO, os.path.join(base, "custom_nodes", "ComfyUI-MixQuant-under-test"))
+    cfg = os.path.join(base, "extra_model_paths.yaml")
+    with open(cfg, "w") as f:
+        f.write(f"mixquant_test:\n  base_path: {base}\n  checkpoints: checkpoints\n  loras: loras\n"
+                f"  mixquant: mixquant\n  diffusion_models: diffusion_models\n  custom_nodes: custom_nodes\n")
+    port = _free_port()
+    log = os.path.join(base, "comfyui.log")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1",
+           "MIXQUANT_CACHE": os.path.join(base, "cache"), "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                 "--disable-auto-launch", "--extra-model-paths-config", cfg,
+                                 "--output-directory", os.path.join(base, "output")],
+                                cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT, env=env)
+    srv = Server(base, port, proc, log)
+    try:
+        end = time.time() + START_TIMEOUT
+        while True:
+            try:
+                srv.get("/object_info/KSampler", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if proc.poll() is not None or time.time() > end:
+                    raise AssertionError("ComfyUI did not start:\n" + srv.tail())
+                time.sleep(1)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _example(name: str) -> dict:
+    with open(os.path.join(REPO, "examples", name)) as f:
+        prompt = json.load(f)
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = CKPT
+    return prompt
+
+
+NODES = ["MixQuantCalibrate", "MixQuantPlan", "MixQuantQuantizeModel", "MixQuantSaveQuantized", "MixQuantLoadQuantized",
+         "MixQuantSaveNative", "MixQuantKSampler", "MixQuantReport"]
+
+
+def test_pack_loads_and_lists_every_node(server):
+    log = server.tail(10 ** 7)
+    ours = [ln for ln in log.splitlines() if "ComfyUI-MixQuant-under-test" in ln]
+    assert ours and not any("IMPORT FAILED" in ln for ln in ours), "\n".join(ours) or log[-3000:]
+    info = server.get("/object_info")
+    for name in NODES:
+        assert name in info, f"{name} missing from /object_info"
+        assert info[name]["category"] == "MixQuant"
+    assert "MixQuant" in info["MixQuantKSampler"]["display_name"]
+    # the web extension is served
+    exts = server.get("/extensions")
+    assert any(e.endswith(".js") and "ComfyUI-MixQuant-under-test" in e for e in exts), exts
+
+
+def test_example_workflow_makes_a_png(server):
+    h = server.run(_example("comfyui_quantize_api.json"))
+    images = [img for out in h["outputs"].values() for img in out.get("images", [])]
+    assert images, h["outputs"]
+    path = os.path.join(server.base, "output", images[0].get("subfolder", ""), images[0]["filename"])
+    assert os.path.getsize(path) > 0 and path.endswith(".png")
+    report = next(out for out in h["outputs"].values() if "mixquant_report" in out)["mixquant_report"][0]
+    s = report["summary"]
+    assert s["bytes_quantized"] < s["bytes_fp16"] and report["blocks"]
+
+
+def test_native_export_workflow(server):
+    h = server.run(_example("comfyui_native_export_api.json"))
+    native = next(out for out in h["outputs"].values() if "mixquant_native" in out)["mixquant_native"][0]
+    assert native["native_layers"] > 0 and native["native_bytes"] > 0
+    files = os.listdir(os.path.join(server.base, "diffusion_models"))
+    assert any(f.startswith("mixquant_native") for f in files)
+    stats = next(out["text"][0] for k, out in h["outputs"].items() if "text" in out and "latent SQNR" in out["text"][0])
+    assert "quantized vs" in stats and "FP" in stats
+    # the saved MixQuant file appears in the Load node's list (ComfyUI refreshes model folders)
+    listed = server.get("/object_info/MixQuantLoadQuantized")["MixQuantLoadQuantized"]["input"]["required"]
+    assert any(f.startswith("mixquant_model") for f in listed["quantized_file"][0])
+
+
+def _sampler_graph(model_ref, extra=None, seed=7):
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red car", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {"model": model_ref, "seed": seed, "steps": 3, "cfg": 5.0,
+              "sampler_name": "euler", "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0],
+              "latent_image": ["4", 0], "denoise": 1.0}},
+    }
+    g.update(extra or {})
+    return g
+
+
+def _latent_after(server, graph, prefix):
+    from safetensors.torch import load_file
+
+    graph = dict(graph)
+    graph["99"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": f"latents/{prefix}"}}
+    server.run(graph)
+    folder = os.path.join(server.base, "output", "latents")
+    name = sorted(f for f in os.listdir(folder) if f.startswith(prefix))[-1]
+    return load_file(os.path.join(folder, name))["latent_tensor"].float()
+
+
+def _quant_nodes(budget=6.0):
+    return {
+        "5": {"class_type": "MixQuantCalibrate", "inputs": {"model": ["1", 0], "clip": ["1", 1], "prompts": "a red car",
+              "negative": "", "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "width": 64,
+              "height": 64, "seed": 0, "timestep_groups": 1}},
+        "6": {"class_type": "MixQuantPlan", "inputs": {"calibration": ["5", 0], "budget_kind": "average weight bits",
+              "budget": budget, "activation_bits": "8", "target": "mixquant", "sensitivity": "local"}},
+        "7": {"class_type": "MixQuantQuantizeModel", "inputs": {"model": ["1", 0], "plan": ["6", 0]}},
+    }
+
+
+def test_stock_lora_loader_on_the_quantized_model(server):
+    import torch
+
+    lora = {"20": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": None, "lora_name": LORA,
+                                                                   "strength_model": 1.0}}}
+    fp = _latent_after(server, _sampler_graph(["1", 0]), "fp_")
+    fp_l = _latent_after(server, _sampler_graph(["20", 0], {**lora, "20": {**lora["20"], "inputs": {
+        **lora["20"]["inputs"], "model": ["1", 0]}}}), "fplora_")
+    q = _latent_after(server, _sampler_graph(["7", 0], _quant_nodes()), "q_")
+    q_l = _latent_after(server, _sampler_graph(["20", 0], {**_quant_nodes(), "20": {**lora["20"], "inputs": {
+        **lora["20"]["inputs"], "model": ["7", 0]}}}), "qlora_")
+    q_again = _latent_after(server, _sampler_graph(["7", 0], _quant_nodes(), seed=7), "qagain_")
+    d_fp, d_q = (fp_l - fp).flatten(), (q_l - q).flatten()
+    assert d_fp.norm() > 0.05 * fp.norm(), "the LoRA should change the FP output"
+    ratio = float(d_q.norm() / d_fp.norm())
+    cos = float(torch.nn.functional.cosine_similarity(d_fp, d_q, dim=0))
+    assert 0.5 < ratio < 2.0 and cos > 0.3, (ratio, cos)  # the quantized model moves as the FP one does
+    assert torch.allclose(q_again, q), "the LoRA must not stay on the quantized MODEL without the loader"
+
+
+def test_interrupted_calibration_leaves_server_and_model_intact(server):
+    fp_before = _latent_after(server, _sampler_graph(["1", 0]), "int_before_")
+    slow = _sampler_graph(["1", 0])
+    slow.update({"5": {"class_type": "MixQuantCalibrate", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                 "prompts": "\n".join(f"prompt number {i}" for i in range(40)), "negative": "", "steps": 50,
+                 "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "width": 64, "height": 64, "seed": 0,
+                 "timestep_groups": 2}},
+                 "6": {"class_type": "MixQuantPlan", "inputs": {"calibration": ["5", 0], "budget_kind":
+                       "average weight bits", "budget": 6.0, "activation_bits": "8", "target": "mixquant",
+                       "sensitivity": "local"}},
+                 "11": {"class_type": "MixQuantReport", "inputs": {"plan": ["6", 0]}}})
+    del slow["8"]
+    pid = server.submit(slow)
+    end = time.time() + 120
+    while time.time() < end:  # wait until the calibration is running
+        q = server.get("/queue")
+        if q["queue_running"] and q["queue_running"][0][1] == pid:
+            break
+        time.sleep(0.2)
+    time.sleep(3)
+    assert server.post("/interrupt", {})[0] == 200
+    h = server.wait(pid, timeout=120)
+    msgs = [m[0] for m in h["status"].get("messages", [])]
+    assert "execution_interrupted" in msgs, h["status"]
+    assert server.get("/object_info/MixQuantCalibrate")  # still serving
+    fp_after = _latent_after(server, _sampler_graph(["1", 0]), "int_after_")
+    assert torch_equal(fp_before, fp_after), "the MODEL changed after an interrupted calibration"
+
+
+def torch_equal(a, b):
+    import torch
+    return torch.equal(a, b)
+
+
+def test_bad_file_in_load_node_gives_one_clear_message(server):
+    with open(os.path.join(server.base, "mixquant", "broken.safetensors"), "wb") as f:
+        f.write(b"\x00" * 100)
+    g = _sampler_graph(["9", 0], {"9": {"class_type": "MixQuantLoadQuantized",
+                                        "inputs": {"model": ["1", 0], "quantized_file": "broken.safetensors"}}})
+    status, body = server.post("/prompt", {"prompt": g, "client_id": "mixquant-test"})
+    assert status == 400, body
+    errs = body["node_errors"]["9"]["errors"]
+    assert len(errs) == 1
+    msg = errs[0]["details"] + " " + errs[0]["message"]
+    assert "broken.safetensors" in msg and "corrupt" in msg, errs
+    assert server.get("/object_info/KSampler")

@@ -1,0 +1,401 @@
+"""The ComfyUI nodes without ComfyUI: contracts (INPUT_TYPES / RETURN_TYPES / VALIDATE_INPUTS), and the node
+functions on a small diffusers UNet inside a stand-in for ComfyUI's ModelPatcher (the same duck-typed attributes
+nodes/patching.py uses: clone, add_object_patch, get_model_object, object_patches(_backup), backup, model_options,
+size). folder_paths is a stand-in module too."""
+import copy
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+import mixquant
+from mixquant.kernels import dispatch
+from mixquant.nodes import nodes as N
+from mixquant.nodes import patching
+from mixquant.quant.apply import quantize_model
+from mixquant.quant.calibration import calibrate
+from mixquant.quant.errors import InterruptedRun, MixQuantError
+from mixquant.quant.fileformat import fingerprint
+from mixquant.quant.layers import QuantLayer
+from mixquant.quant.native import read_marker
+from mixquant.quant.runner import DenoiserRunner, Progress
+
+
+# --- stand-ins -------------------------------------------------------------------------------------------------------
+
+class Patcher:
+    """The parts of comfy.model_patcher.ModelPatcher the nodes use, with its semantics: clones share the model, the
+    object-patch backups and the weight backups; object patches apply only while 'loaded'."""
+
+    def __init__(self, dm, shared=None):
+        self.model = types.SimpleNamespace(diffusion_model=dm, model_sampling=None)
+        self.object_patches, self.model_options, self.patches, self.size = {}, {"transformer_options": {}}, {}, 0
+        self.object_patches_backup, self.backup = shared if shared else ({}, {})
+        self.offload_device = torch.device("cpu")
+
+    def clone(self):
+        n = Patcher(self.model.diffusion_model, (self.object_patches_backup, self.backup))
+        n.model = self.model
+        n.object_patches = dict(self.object_patches)
+        n.model_options = copy.deepcopy(self.model_options)
+        n.size = self.size
+        return n
+
+    def add_object_patch(self, name, obj):
+        self.object_patches[name] = obj
+
+    def get_model_object(self, name):
+        if name in self.object_patches:
+            return self.object_patches[name]
+        if name in self.object_patches_backup:
+            return self.object_patches_backup[name]
+        obj = self.model
+        for p in name.split("."):
+            obj = getattr(obj, p)
+        return obj
+
+    def model_size(self):
+        if self.size > 0:
+            return self.size
+        return sum(t.numel() * t.element_size() for t in self.model.diffusion_model.state_dict().values())
+
+    def _parent(self, key):
+        parent_name, _, attr = key.rpartition(".")
+        parent = self.model
+        for p in parent_name.split("."):
+            parent = getattr(parent, p)
+        return parent, attr
+
+    def patch(self):
+        """Apply the object patches to the shared model, as ModelPatcher.patch_model does."""
+        for k, obj in self.object_patches.items():
+            parent, attr = self._parent(k)
+            self.object_patches_backup.setdefault(k, getattr(parent, attr))
+            setattr(parent, attr, obj)
+
+    def unpatch(self):
+        for k, obj in list(self.object_patches_backup.items()):
+            parent, attr = self._parent(k)
+            setattr(parent, attr, obj)
+        self.object_patches_backup.clear()
+
+
+class ToyRunner(DenoiserRunner):
+    """Three Euler-like steps of the UNet on seeded noise; prompts become seeded contexts."""
+
+    def __init__(self, unet):
+        self.denoiser = unet
+
+    def timesteps(self):
+        return [900.0, 500.0, 100.0]
+
+    def expected_calls(self, n):
+        return 3 * n
+
+    def timestep_of(self, args, kwargs):
+        return float(torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1 else None)).reshape(-1)[0])
+
+    def output_of(self, out):
+        return out.sample
+
+    def settings(self):
+        return {"toy": 1}
+
+    def sample(self, prompts, seeds):
+        imgs = []
+        for p, s in zip(prompts, seeds):
+            g = torch.Generator().manual_seed(int(s) * 7919 + sum(map(ord, p)))
+            x = torch.randn(1, 4, 8, 8, generator=g)
+            ctx = torch.randn(1, 6, 32, generator=g)
+            for t in self.timesteps():
+                x = x - 0.3 * self.denoiser(x, torch.tensor([t]), encoder_hidden_states=ctx).sample
+            imgs.append(torch.sigmoid(x[:, :3]))
+        return torch.cat(imgs)
+
+
+@pytest.fixture()
+def fake_folders(tmp_path, monkeypatch):
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    fp.folder_names_and_paths = {"diffusion_models": ([str(tmp_path / "models" / "diffusion_models")], set())}
+
+    def add_model_folder_path(name, path, is_default=False):
+        fp.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
+
+    def get_folder_paths(name):
+        return fp.folder_names_and_paths[name][0]
+
+    def get_filename_list(name):
+        out = []  # recursive, relative paths: as ComfyUI lists model folders
+        for d in get_folder_paths(name):
+            for root, _, files in os.walk(d):
+                out += [os.path.relpath(os.path.join(root, f), d) for f in files]
+        return sorted(out)
+
+    def get_full_path(name, fname):
+        for d in get_folder_paths(name):
+            p = os.path.join(d, fname)
+            if os.path.isfile(p):
+                return p
+        return None
+
+    fp.add_model_folder_path, fp.get_folder_paths = add_model_folder_path, get_folder_paths
+    fp.get_filename_list, fp.get_full_path = get_filename_list, get_full_path
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    return fp
+
+
+@pytest.fixture()
+def unet(small_unet):
+    return copy.deepcopy(small_unet)  # a test may patch it: every test gets its own
+
+
+def _calibration(unet, groups=2):
+    runner = ToyRunner(unet)
+    calib = calibrate(runner, ["a cat", "a dog"], [0, 1], groups)
+    return N.CalibrationResult(runner, calib, fingerprint(unet), "toy")
+
+
+def _fast_config(**kw):
+    """The Plan node's QuantizeConfig, made cheap for tests: one coupling ratio (no candidate sampling), two calls."""
+    from mixquant.quant.engine import QuantizeConfig
+
+    return QuantizeConfig(**{"coupling": (0.5,), "sens_calls": 2, **kw})
+
+
+def _plan(cal, target="mixquant", bits=6.0):
+    return N.MixQuantPlan().plan(cal, "average weight bits", bits, "8", target, "local")[0]
+
+
+@pytest.fixture(scope="module")
+def plans(small_unet):
+    """Plans made by the Plan node (once per module) on a copy of the small UNet; each test quantizes its own copy
+    (same weights, so the same fingerprint)."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(N, "QuantizeConfig", _fast_config)
+    try:
+        cal = _calibration(copy.deepcopy(small_unet))
+        return {"mixquant": _plan(cal), "native": _plan(cal, "comfyui-native", 14.0)}
+    finally:
+        mp.undo()
+
+
+def _run_view(model, x, t, ctx):
+    view = patching.fp_view(model, list(patching.quantized_layers(model)))
+    with torch.no_grad(), dispatch.use_backend("reference"):
+        return view(x, t, encoder_hidden_states=ctx).sample
+
+
+# --- contracts ---------------------------------------------------------------------------------------------------------
+
+def test_import_needs_no_comfyui():
+    assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
+    assert mixquant.NODE_CLASS_MAPPINGS is N.NODE_CLASS_MAPPINGS
+    assert set(mixquant.NODE_DISPLAY_NAME_MAPPINGS) == set(N.NODE_CLASS_MAPPINGS)
+    assert mixquant.WEB_DIRECTORY == "./web" and os.path.isfile(os.path.join(os.path.dirname(mixquant.__file__),
+                                                                             "web", "mixquant.js"))
+
+
+@pytest.mark.parametrize("node_id", sorted(N.NODE_CLASS_MAPPINGS))
+def test_node_contract(node_id):
+    cls = N.NODE_CLASS_MAPPINGS[node_id]
+    assert node_id.startswith("MixQuant") and cls.CATEGORY == "MixQuant"
+    it = cls.INPUT_TYPES()
+    assert set(it) <= {"required", "optional", "hidden"} and it["required"]
+    for section in ("required", "optional"):
+        for name, spec in it.get(section, {}).items():
+            assert isinstance(spec, tuple) and spec, (name, spec)
+            assert isinstance(spec[0], (str, list)), (name, spec)
+            if isinstance(spec[0], list):
+                assert spec[0] and all(isinstance(v, str) for v in spec[0]), name
+    assert isinstance(cls.RETURN_TYPES, tuple)
+    if hasattr(cls, "RETURN_NAMES"):
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
+    assert callable(getattr(cls(), cls.FUNCTION))
+    assert cls.DESCRIPTION
+    if not cls.RETURN_TYPES:
+        assert cls.OUTPUT_NODE
+
+
+def test_validate_inputs():
+    v = N.MixQuantCalibrate.VALIDATE_INPUTS
+    assert v(prompts="a cat\n\n# comment\na dog", width=512, height=64) is True
+    assert "empty" in v(prompts="  \n# only a comment\n")
+    assert "multiple of 8" in v(prompts="x", width=500)
+    assert v() is True  # linked inputs are not passed
+    p = N.MixQuantPlan.VALIDATE_INPUTS
+    assert p(budget_kind="average weight bits", budget=4) is True
+    assert "between 1 and 16" in p(budget_kind="average weight bits", budget=20)
+    assert p(budget_kind="megabytes", budget=20) is True
+    assert N.MixQuantLoadQuantized.VALIDATE_INPUTS() is True
+
+
+def test_sampler_lists_have_fallbacks_and_prompts_parse():
+    samplers, schedulers = N._samplers()
+    assert "euler" in samplers and "normal" in schedulers
+    assert N.parse_prompts(" a \n\n#x\n b\n") == ["a", "b"]
+
+
+# --- node functions on a torch denoiser ----------------------------------------------------------------------------------
+
+def test_plan_quantize_clone_leaves_input_untouched(unet, plans):
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    plan = plans["mixquant"]
+    assert plan.report["avg_w_bits"] <= 6.0 + 1e-6 and plan.group_bounds and len(plan.group_bounds) == 2
+    model = Patcher(unet)
+    qm, summary = N.MixQuantQuantizeModel().quantize(model, plan)
+    assert qm is not model and not model.object_patches  # the input MODEL is not changed
+    assert not any(isinstance(m, QuantLayer) for m in unet.modules())
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    layers = patching.quantized_layers(qm)
+    assert set(layers) == set(plan.quantized_names()) and layers
+    assert all(k.startswith("diffusion_model.") for k in qm.object_patches)
+    assert qm.model_size() < model.model_size()
+    assert "quantized layers" in summary and qm.model_options["mixquant"]["quantized_bytes"] < \
+        qm.model_options["mixquant"]["fp_bytes"]
+    # the clone computes what quant/'s quantize_model computes from the same plan
+    ref, _ = quantize_model(unet, plan.plan, plan.ranges, bos=plan.bos)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([900, 900]), torch.randn(2, 6, 32)
+    with torch.no_grad(), dispatch.use_backend("reference"):
+        y_ref = ref(x, t, encoder_hidden_states=ctx).sample
+    assert torch.equal(_run_view(qm, x, t, ctx), y_ref)
+    with pytest.raises(MixQuantError, match="already quantized"):
+        N.MixQuantQuantizeModel().quantize(qm, plan)
+
+
+def test_plan_for_another_model_is_refused(unet, plans):
+    plan = plans["mixquant"]
+    other = copy.deepcopy(unet)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    with pytest.raises(MixQuantError, match="different model"):
+        N.MixQuantQuantizeModel().quantize(Patcher(other), plan)
+
+
+def test_fp_view_sees_through_other_clones_patches(unet, plans):
+    plan = plans["mixquant"]
+    model = Patcher(unet)
+    qm, _ = N.MixQuantQuantizeModel().quantize(model, plan)
+    qm.patch()  # the quantized clone is 'loaded': the shared UNet now holds QuantLayers
+    try:
+        assert any(isinstance(m, QuantLayer) for m in unet.modules())
+        view = patching.fp_view(model)
+        assert not any(isinstance(m, QuantLayer) for m in view.modules())
+        assert fingerprint(view)["id"] == plan.base_fingerprint["id"]
+        qm2, _ = N.MixQuantQuantizeModel().quantize(model, plan)  # quantizing again reads the FP weights
+        assert set(patching.quantized_layers(qm2)) == set(plan.quantized_names())
+    finally:
+        qm.unpatch()
+    assert not any(isinstance(m, QuantLayer) for m in unet.modules())
+
+
+def test_timestep_groups_switch_through_the_wrapper(unet, plans):
+    plan = plans["mixquant"]
+    qm, _ = N.MixQuantQuantizeModel().quantize(Patcher(unet), plan)
+    wrapper = qm.model_options["model_function_wrapper"]
+    layers = [m for m in patching.quantized_layers(qm).values() if m.input_scale is not None]
+    assert layers and all(m.input_scale.shape[0] == 2 for m in layers)
+    seen = []
+
+    def apply_model(x, t, **c):
+        seen.append({m.act_group for m in layers})
+        return x
+
+    for t, group in ((900.0, 0), (100.0, 1), (500.0, 0 if plan.group_bounds[0] <= 500 else 1)):
+        wrapper(apply_model, {"input": torch.zeros(1), "timestep": torch.tensor([t]), "c": {}, "cond_or_uncond": [0]})
+        assert seen[-1] == {group}
+
+
+def test_save_load_roundtrip_and_bad_files(unet, plans, fake_folders, tmp_path):
+    plan = plans["mixquant"]
+    model = Patcher(unet)
+    qm, _ = N.MixQuantQuantizeModel().quantize(model, plan)
+    out = N.MixQuantSaveQuantized().save(qm, "sub/my_model")
+    assert "saved my_model.safetensors" in out["ui"]["text"][0]
+    files = N.quantized_files()
+    assert files == [os.path.join("sub", "my_model.safetensors")]
+    N.MixQuantSaveQuantized().save(qm, "sub/my_model")  # a second save never overwrites
+    assert any(f.endswith("my_model_00001.safetensors") for f in os.listdir(tmp_path / "models" / "mixquant" / "sub"))
+    name = os.path.join("sub", "my_model.safetensors")
+    assert N.MixQuantLoadQuantized.VALIDATE_INPUTS(quantized_file=name) is True
+    lq, summary = N.MixQuantLoadQuantized().load(model, name)
+    assert set(patching.quantized_layers(lq)) == set(patching.quantized_layers(qm))
+    assert lq.model_options["mixquant"]["group_bounds"] == plan.group_bounds
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([100, 100]), torch.randn(2, 6, 32)
+    for m in list(patching.quantized_layers(lq).values()) + list(patching.quantized_layers(qm).values()):
+        m.act_group = 1
+    assert torch.equal(_run_view(lq, x, t, ctx), _run_view(qm, x, t, ctx))
+    # a damaged file: one clear message, before and at execution
+    bad = tmp_path / "models" / "mixquant" / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    msg = N.MixQuantLoadQuantized.VALIDATE_INPUTS(quantized_file="broken.safetensors")
+    assert isinstance(msg, str) and "broken.safetensors" in msg and "corrupt" in msg
+    with pytest.raises(MixQuantError, match="corrupt"):
+        N.MixQuantLoadQuantized().load(model, "broken.safetensors")
+    # the right file on the wrong model
+    other = copy.deepcopy(unet)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    with pytest.raises(MixQuantError, match="different base model"):
+        N.MixQuantLoadQuantized().load(Patcher(other), name)
+    with pytest.raises(MixQuantError, match="no MixQuant layers"):
+        N.MixQuantSaveQuantized().save(model, "x")
+
+
+def test_save_for_stock_comfyui(unet, plans, fake_folders, tmp_path):
+    from safetensors.torch import load_file
+
+    plan = plans["native"]
+    assert {f.name for f in plan.plan.values()} <= {"W8A8d", "W4g64A16", "W16A16"}
+    qm, _ = N.MixQuantQuantizeModel().quantize(Patcher(unet), plan)
+    out = N.MixQuantSaveNative().save(qm, "native")
+    s = out["ui"]["mixquant_native"][0]
+    assert s["native_layers"] > 0 and "layers in native form" in out["result"][0]
+    t = load_file(str(tmp_path / "models" / "diffusion_models" / "native.safetensors"))
+    markers = {k.rsplit(".", 1)[0]: read_marker(v) for k, v in t.items() if k.endswith(".comfy_quant")}
+    assert len(markers) == s["native_layers"]
+    convs = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert not (set(markers) & convs)
+    for name, conf in markers.items():
+        if conf["format"] == "int8_tensorwise":
+            assert t[name + ".weight"].dtype == torch.int8 and t[name + ".weight_scale"].dtype == torch.float32
+        else:
+            assert conf == {"format": "awq_w4a16", "group_size": 64} and name + ".weight_zeros" in t
+
+
+def test_report_node(unet, plans):
+    plan = plans["mixquant"]
+    out = N.MixQuantReport().report(plan)
+    view = out["ui"]["mixquant_report"][0]
+    json.dumps(view)  # what the web extension gets must be plain JSON
+    blocks = {b["block"]: b for b in view["blocks"]}
+    assert "down_blocks.0" in blocks and "mid_block" in blocks
+    total = sum(b["params"] for b in blocks.values())
+    assert total == sum(li["params"] for li in plan.report["layers"])
+    avg = sum(b["avg_w_bits"] * b["params"] for b in blocks.values()) / total
+    assert abs(avg - plan.report["avg_w_bits"]) < 1e-6
+    assert view["curve"] and "avg weight bits" in out["ui"]["text"][0]
+    assert json.loads(out["result"][0])["layers"]
+    assert N.block_of("input_blocks.4.1.transformer_blocks.0.attn2.to_k") == "input_blocks.4"
+    assert N.block_of("time_embed.0") == "time_embed" and N.block_of("middle_block.1.proj_in") == "middle_block"
+
+
+def test_interruption_is_cooperative_and_leaves_the_model(unet):
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    asked = []
+
+    def stop():  # /interrupt arrives during the second denoiser call
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(InterruptedRun):
+        calibrate(ToyRunner(unet), ["a"], [0], progress=Progress(should_stop=stop))
+    assert not any(m._forward_pre_hooks for m in unet.modules())
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    with pytest.raises(InterruptedRun):  # outside ComfyUI the node helper re-raises our own error
+        N._interruptible(lambda: (_ for _ in ()).throw(InterruptedRun("stopped")))
