@@ -1,6 +1,7 @@
-"""Train the embedded `digits` text-to-image model from scratch, seeded, on a 2-core CPU.
+"""Train the embedded `digits` text-to-image model from scratch, seeded, on a CPU (1 thread by default).
 
-    python -m mixquant.app.train_digits                      # writes <package>/models/digits  (~20 min, 2 cores)
+    python -m mixquant.app.train_digits                      # writes <package>/models/digits (27.6 min measured on
+                                                             # a shared 2-core CPU, ~21 min undisturbed)
     python -m mixquant.app.train_digits --out /tmp/digits    # somewhere else
     python -m mixquant.app.train_digits --quick --out /tmp/d # smoke test: a few steps of each stage
 

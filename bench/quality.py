@@ -7,7 +7,7 @@ Rows today are reference damages of the UNet weights, so the scale of the number
   fp16-weights   weights rounded to float16 and back (about lossless)
   w8-per-tensor  naive symmetric 8-bit per-tensor rounding of every conv/linear weight (no calibration)
   w4-per-tensor  the same at 4 bits (clearly damaged)
-  noise-5%       Gaussian noise of 5% of each weight tensor's std
+  noise-5pct     Gaussian noise of 5% of each weight tensor's std
 The engine adds real quantized rows through `evaluate_variants` (any pipeline whose unet was swapped).
 Reusable pieces: damaged_unet, evaluate_variants, markdown_table, default_prompts.
 """
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp16-weights": pipeline_with_unet(fp, damaged_unet(fp.unet, "fp16")),
         "w8-per-tensor": pipeline_with_unet(fp, damaged_unet(fp.unet, "int", 8)),
         "w4-per-tensor": pipeline_with_unet(fp, damaged_unet(fp.unet, "int", 4)),
-        "noise-5%": pipeline_with_unet(fp, damaged_unet(fp.unet, "noise", 0.05)),
+        "noise-5pct": pipeline_with_unet(fp, damaged_unet(fp.unet, "noise", 0.05)),
     }
     os.makedirs(args.out_dir, exist_ok=True)
     prompts = default_prompts()
