@@ -93,6 +93,11 @@ def run(args) -> int:
     if not _is_loopback(args.host):
         print(f"mixquant: warning: listening on {args.host}: other machines on your network can use this app.",
               file=sys.stderr)
+    from .gradio_app import have_matplotlib
+
+    if not have_matplotlib():
+        print("mixquant: warning: matplotlib is not installed: the bit chart and the quality/size curve are off "
+              "(pip install matplotlib).", file=sys.stderr)
     backend = DemoBackend(model=args.model, out_dir=args.out_dir, cache_dir=args.cache_dir, device=args.device)
     print(f"mixquant demo: loading {args.model} on {backend.device}…", file=sys.stderr)
     app = build_app(backend, steps=args.steps)

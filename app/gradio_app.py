@@ -440,28 +440,39 @@ class DemoBackend:
 # ------------------------------------------------------------------------------------------------------------------
 # figures and tables (matplotlib, Agg, no pyplot state)
 # ------------------------------------------------------------------------------------------------------------------
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _figure_to_image(fig):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pad_inches=0.3)  # room for the image's buttons
     buf.seek(0)
     return Image.open(buf).convert("RGB")
 
 
 def curve_image(curve: list, info: ModelInfo, marker: dict | None = None, title: str = "", proxy: bool = False):
     """Predicted quality vs size: predicted SSIM (content layers) and SQNR (quality layers) from the sensitivities.
-    proxy: the sensitivities are the fast local ones (layer-output noise), so the two numbers only rank budgets."""
+    proxy: the sensitivities are the fast local ones (layer-output noise), so the two numbers only rank budgets.
+    None without matplotlib."""
+    if not have_matplotlib():
+        return None
     from matplotlib.figure import Figure
 
     pts = [c for c in curve if c.get("bytes")]
     fig = Figure(figsize=(5.0, 3.4))
     ax = fig.add_subplot(111)
     ax2 = ax.twinx()
-    if title:
-        fig.suptitle(title, fontsize=9)
+    ax.set_title(title or ("predicted quality / size" + (" (local sensitivity: a proxy)" if proxy else "")),
+                 fontsize=9)
     if pts:
         x = [c["bytes"] / 1e6 for c in pts]
         ax.plot(x, [c["predicted_ssim"] for c in pts], "o-", color="tab:blue",
@@ -490,7 +501,10 @@ def curve_image(curve: list, info: ModelInfo, marker: dict | None = None, title:
 
 
 def bit_chart_image(layers: list[dict]):
-    """Per-layer weight bits (bars, coloured by role) and activation bits (dots), in model order."""
+    """Per-layer weight bits (bars, coloured by role) and activation bits (dots), in model order (None without
+    matplotlib)."""
+    if not have_matplotlib():
+        return None
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -513,6 +527,7 @@ def bit_chart_image(layers: list[dict]):
                Patch(color="#1f77b4", label="quality layer (weight bits)"),
                Patch(color="#bbbbbb", label="kept 16-bit")] + ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
+    fig.suptitle("bits per layer", fontsize=9, y=1.04)
     return _figure_to_image(fig)
 
 
@@ -830,7 +845,7 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
                                   label="Budget: MB of the whole denoiser", visible=False, elem_id="mq-budget-mb")
                 pred_md = gr.Markdown(pred0, elem_id="mq-prediction")
                 curve_img = gr.Image(None, label="Predicted quality / size curve", type="pil", format="png",
-                                     interactive=False, elem_id="mq-curve")
+                                     interactive=False, show_label=False, elem_id="mq-curve")
                 gr.Markdown("### 4 · Quantize", elem_classes="mq-step")
                 quant_btn = gr.Button("Quantize and compare", variant="primary", elem_id="mq-quantize")
             with gr.Column(scale=4, min_width=480):
@@ -842,7 +857,7 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
                                        object_fit="contain", elem_id="mq-gallery-q", interactive=False)
                 numbers_md = gr.Markdown("Quantize to see quality, memory and time vs FP.", elem_id="mq-numbers")
                 bits_img = gr.Image(None, label="Bits per layer", type="pil", format="png", interactive=False,
-                                    elem_id="mq-bits")
+                                    show_label=False, elem_id="mq-bits")
                 with gr.Accordion("All numbers (JSON)", open=False):
                     numbers_json = gr.JSON(label="numbers", elem_id="mq-json")
                 gr.Markdown("### 5 · Save", elem_classes="mq-step")
