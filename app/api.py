@@ -29,9 +29,10 @@ def pipeline_with_denoiser(pipe, denoiser):
 def quantize_pipeline(pipe, prompts: list[str], *, avg_w_bits: float | None = None, budget_mb: float | None = None,
                       a_bits: int = 8, target: str = "mixquant", sampler: SamplerSettings | None = None,
                       seeds: list[int] | None = None, evaluate: bool = True, model_name: str = "",
-                      progress=None, should_stop=None, **config):
+                      progress=None, should_stop=None, prepared=None, **config):
     """Calibrate on `prompts` with the sampler settings, allocate bits under the budget, quantize the UNet.
     `config` takes any other QuantizeConfig field (act_groups, group_size, w_bits_content, cache_dir, ...).
+    `prepared` (engine.prepare on the same prompts/settings) skips calibration and sensitivity.
     Returns (pipeline with the quantized UNet, report)."""
     prompts = [p.strip() for p in (prompts or []) if p and p.strip()]
     if not prompts:
@@ -48,7 +49,8 @@ def quantize_pipeline(pipe, prompts: list[str], *, avg_w_bits: float | None = No
     t0 = time.time()
     runner = PipelineRunner(pipe, sampler)
     qunet, report, calib = engine.run(runner, prompts, cfg, seeds,
-                                      Progress(callback=progress, should_stop=should_stop), model_name)
+                                      Progress(callback=progress, should_stop=should_stop), model_name,
+                                      prepared=prepared)
     qpipe = pipeline_with_denoiser(pipe, qunet)
     qpipe._mixquant_act_groups = getattr(qunet, "_mixquant_act_groups", None)
     report["sampler"] = runner.settings()

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..quant.errors import MixQuantError
 from ..quant.fileformat import fingerprint, load_quantized, read_header, save_quantized
-from ..quant.layers import attach_act_group_switch
+from ..quant.layers import QuantLayer, attach_act_group_switch
 
 _CLASSES = ("UNet2DConditionModel", "Transformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
             "FluxTransformer2DModel")
@@ -50,8 +50,14 @@ def load_denoiser(path: str, base: nn.Module | None = None, dtype=None) -> nn.Mo
     meta = read_header(path)
     skeleton = build_skeleton(meta["architecture"])
     q = load_quantized(path, skeleton, fingerprint(base) if base is not None else None)
-    if dtype is not None:
+    if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in q.state_dict().values()):
         q.to(dtype)
+        for m in q.modules():  # activation ranges and BOS vectors stay fp32 whatever the compute dtype
+            if isinstance(m, QuantLayer):
+                for name in ("input_scale", "input_zero", "bos_in", "bos_out"):
+                    t = getattr(m, name)
+                    if t is not None:
+                        setattr(m, name, t.float())
     bounds = meta.get("extra", {}).get("act_group_bounds")
     if bounds and len(bounds) > 1:
         attach_act_group_switch(q, bounds, diffusers_timestep)

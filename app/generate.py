@@ -93,14 +93,13 @@ def _resolve_device(name: str) -> str:
 
 
 def apply_quantized(pipe, path: str):
-    """Swap the pipeline's denoiser for the quantized one stored in `path` (checked against the FP model)."""
-    try:
-        from ..quant.fileformat import fingerprint, load_quantized
-    except ImportError:
-        raise MixQuantError("--quantized is not available yet") from None
+    """Swap the pipeline's denoiser for the quantized one stored in `path`, rebuilt from the file alone and
+    checked against the pipeline's FP denoiser (it must be the model the file was made from)."""
+    from .diffusers_adapter import load_denoiser
+
     if not os.path.isfile(path):
         raise MixQuantError(f"quantized file {path} not found; make one with `mixquant quantize`")
-    pipe.unet = load_quantized(path, pipe.unet, base_fingerprint=fingerprint(pipe.unet))
+    pipe.unet = load_denoiser(path, base=pipe.unet, dtype=pipe.unet.dtype)
     return pipe
 
 

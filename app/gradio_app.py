@@ -115,6 +115,7 @@ class CalibResult:
     lam: float
     curve: list
     seconds: dict
+    prepared: object = None  # engine.Prepared: quantizing with the same settings skips calibration + sensitivity
 
 
 @dataclass
@@ -259,10 +260,6 @@ class DemoBackend:
         settings quantize_pipeline uses, so that quantizing later finds them in the on-disk cache; then the
         predicted quality/size curve from those sensitivities (no sampling)."""
         from ..quant import engine
-        from ..quant.calibration import calibrate
-        from ..quant.fileformat import fingerprint
-        from ..quant.formats import LayerFormat
-        from ..quant.sensitivity import measure_sensitivity
         from .pipeline_runner import PipelineRunner
 
         pipe, info = self.pipeline(s.model)
@@ -270,25 +267,15 @@ class DemoBackend:
         cfg.check()
         prog = self._progress(progress)
         runner = PipelineRunner(pipe, s.sampler())
-        t0 = time.time()
-        calib = calibrate(runner, list(s.prompts), s.seeds, cfg.act_groups, cfg.range_method, progress=prog)
-        t1 = time.time()
-        # the menus of engine.run (mixquant target): the cache key must be the one quantize_pipeline will compute
-        w_menu = {"content": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_content],
-                  "quality": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_quality]}
-        a_menu = [LayerFormat(16, cfg.a_bits)] if cfg.a_bits < 16 else []
-        sens = measure_sensitivity(runner, calib, info.layers, w_menu, a_menu, fingerprint(pipe.unet)["id"],
-                                   cfg.sens_calls, cfg.sens_prompts, cfg.bos, cfg.cache_dir, prog,
-                                   mode=cfg.sens_mode)
-        t2 = time.time()
+        prepared = engine.prepare(runner, list(s.prompts), cfg, s.seeds, prog)
+        calib, sens = prepared.calib, prepared.sens
         problems = {}
         for key, unit, value in (("bits", UNIT_BITS, 8.0), ("mb", UNIT_MB, info.fp16_mb)):
-            problems[key] = engine._problem(info.layers, self._config(s, unit, value), calib, sens, pipe.unet)
+            problems[key] = engine.problem(info.layers, self._config(s, unit, value), calib, sens, pipe.unet)
         lam = sorted(cfg.coupling)[len(cfg.coupling) // 2]  # the middle coupling until quantize picks one
         curve = engine.quality_size_curve(problems["bits"], sens, lam, info.layers, calib.act_elements)
         return CalibResult(s, calib, sens, problems, lam, curve,
-                           {"calibrate": t1 - t0, "sensitivity": 0.0 if sens.cached else t2 - t1,
-                            "sensitivity_cached": sens.cached})
+                           {**prepared.timings, "sensitivity_cached": sens.cached}, prepared)
 
     def predict(self, info: ModelInfo, cal: CalibResult | None, unit: str, value: float) -> dict:
         """Predicted size (and quality, once sensitivity is known) of a budget."""
@@ -316,7 +303,7 @@ class DemoBackend:
         return out
 
     # quantize and compare -----------------------------------------------------------------------------------
-    def quantize(self, s: Settings, unit: str, value: float, progress=None) -> QuantResult:
+    def quantize(self, s: Settings, unit: str, value: float, progress=None, cal: CalibResult | None = None) -> QuantResult:
         from .api import quantize_pipeline
         from .harness import compare_pipelines
         from .pipeline_runner import PipelineRunner
@@ -329,7 +316,9 @@ class DemoBackend:
         qpipe, report = quantize_pipeline(pipe, list(s.prompts), a_bits=s.a_bits, sampler=sampler, seeds=s.seeds,
                                           evaluate=False, model_name=info.name, progress=prog.callback,
                                           should_stop=prog.should_stop, sens_mode=s.sens_mode,
-                                          cache_dir=self.cache_dir, **budget)
+                                          cache_dir=self.cache_dir,
+                                          prepared=cal.prepared if cal is not None and cal.settings == s else None,
+                                          **budget)
         t_quant = time.time() - t0
         shown = list(s.prompts[:GALLERY_MAX])
         if progress:
@@ -404,9 +393,7 @@ class DemoBackend:
     def save(self, result: QuantResult, name: str) -> tuple[str, str, int]:
         """Write the quantized denoiser (atomically) and its report under the output folder; returns
         (file, report file, bytes on disk)."""
-        from ..quant.fileformat import fingerprint
-        from .diffusers_adapter import save_denoiser
-        from .quantize import _json_safe, write_json_atomic
+        from .quantize import save_outputs
 
         name = (name or "").strip() or self.default_file_name(result)
         if os.path.basename(name) != name or name.startswith(".") or not re.fullmatch(r"[A-Za-z0-9_.\- ]+", name):
@@ -421,19 +408,13 @@ class DemoBackend:
                                 "--out-dir pointing to a writable folder.") from None
         path = os.path.join(self.out_dir, name)
         pipe, _ = self.pipeline(result.settings.model)
-        report = result.report
-        extra = {"model": result.settings.model, "target": report.get("target", "mixquant"),
-                 "sampler": report.get("sampler"),
-                 "act_group_bounds": getattr(result.qpipe.unet, "_mixquant_act_groups", None),
-                 "summary": {k: report[k] for k in ("avg_w_bits", "avg_a_bits", "bytes_fp16", "bytes_quantized")}}
+        report_path = path[: -len(".safetensors")] + ".report.json"
+        report = dict(result.report)
         try:
-            size = save_denoiser(result.qpipe.unet, path, fingerprint(pipe.unet), extra=_json_safe(extra))
+            size = save_outputs(pipe.unet, result.qpipe.unet, report, path, report_path, result.settings.model)
         except OSError as e:
             raise MixQuantError(f"cannot write {path}: {e.strerror}; free some disk space or choose another "
                                 "--out-dir.") from None
-        report_path = path[: -len(".safetensors")] + ".report.json"
-        report = {**report, "file": {"path": path, "bytes_on_disk": size}}
-        write_json_atomic(_json_safe(report), report_path)
         return path, report_path, size
 
 
@@ -778,7 +759,7 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
         if float(value) < lowest - 1e-9:
             raise MixQuantError(f"the budget {value:g} is below the smallest feasible one for this model "
                                 f"({math.ceil(lowest * 100) / 100:.2f}): move the slider up.")
-        res = be.quantize(s, unit, value, _gr_progress(progress))
+        res = be.quantize(s, unit, value, _gr_progress(progress), cal=st.calib)
         st.result = res
         fp_images, q_images, shown = res.numbers["_images"]
         numbers = {k: v for k, v in res.numbers.items() if k != "_images"}

@@ -20,7 +20,7 @@ class SamplerSettings:
     width: int | None = None
     height: int | None = None
     negative_prompt: str = ""
-    batch_size: int = 32
+    batch_size: int = 64
 
     def check(self):
         if self.steps < 1:
@@ -40,6 +40,7 @@ class PipelineRunner(DenoiserRunner):
         self.pipe, self.s = pipe, settings
         set_scheduler(pipe, settings.scheduler)
         self.denoiser = pipe.unet
+        self.max_batch = settings.batch_size  # sample() never splits a batch of this size
 
     def settings(self) -> dict:
         d = asdict(self.s)

@@ -65,21 +65,35 @@ def write_json_atomic(obj, path: str):
         raise
 
 
-def _json_safe(x):
+def json_safe(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
+
+
+def save_outputs(fp_unet, qunet, report: dict, out: str, report_path: str | None, model: str) -> int:
+    """Write the quantized file (atomically, with what it was made from) and the report JSON; returns the file
+    size. Shared by the CLI and the demo."""
+    from ..quant.fileformat import fingerprint
+    from .diffusers_adapter import save_denoiser
+
+    extra = {"model": model, "target": report.get("target", "mixquant"), "sampler": report.get("sampler"),
+             "act_group_bounds": getattr(qunet, "_mixquant_act_groups", None),
+             "summary": {k: report[k] for k in ("avg_w_bits", "avg_a_bits", "bytes_fp16", "bytes_quantized")}}
+    size = save_denoiser(qunet, out, fingerprint(fp_unet), extra=json_safe(extra))
+    report["file"] = {"path": out, "bytes_on_disk": size}
+    if report_path:
+        write_json_atomic(json_safe(report), report_path)
+    return size
 
 
 def run(args) -> int:
     from ..quant.errors import MixQuantError
-    from ..quant.fileformat import fingerprint
     from .api import quantize_pipeline
-    from .diffusers_adapter import save_denoiser
     from .generate import parse_size
     from .models import load_pipeline
     from .pipeline_runner import SamplerSettings
@@ -101,13 +115,7 @@ def run(args) -> int:
             bos=not args.no_bos, cache_dir=args.cache_dir)
     finally:
         bar.close()
-    extra = {"model": args.model, "target": args.target, "sampler": report["sampler"],
-             "act_group_bounds": getattr(qpipe.unet, "_mixquant_act_groups", None),
-             "summary": {k: report[k] for k in ("avg_w_bits", "avg_a_bits", "bytes_fp16", "bytes_quantized")}}
-    size = save_denoiser(qpipe.unet, args.out, fingerprint(pipe.unet), extra=_json_safe(extra))
-    report["file"] = {"path": args.out, "bytes_on_disk": size}
-    if args.report:
-        write_json_atomic(_json_safe(report), args.report)
+    size = save_outputs(pipe.unet, qpipe.unet, report, args.out, args.report, args.model)
     q = report["quality"]
     print(f"wrote {args.out} ({size / 1e6:.2f} MB): avg {report['avg_w_bits']:.2f} weight bits, "
           f"{report['avg_a_bits']:.2f} activation bits, {report['bytes_quantized'] / 1e6:.3f} MB vs "

@@ -150,7 +150,8 @@ class Problem:
         return fmts_cost
 
 
-def _problem(layers, cfg: QuantizeConfig, calib: Calibration, sens: Sensitivity, model: nn.Module) -> Problem:
+def problem(layers, cfg: QuantizeConfig, calib: Calibration, sens: Sensitivity, model: nn.Module) -> Problem:
+    """The allocation problem for this config's budget and target (menus, exact costs, normalised losses)."""
     options = [menu(li, cfg) for li in layers]
     params_total = sum(li.params for li in layers)
     use_bytes = cfg.budget_mb is not None
@@ -208,11 +209,11 @@ class _Swap:
         self.saved = {}
 
 
-def predicted(problem: Problem, sens: Sensitivity, plan: dict) -> dict:
+def predicted(prob: Problem, sens: Sensitivity, plan: dict) -> dict:
     """Predicted quality of a plan from per-layer losses (noise powers and 1 - SSIM add up)."""
-    q_noise = sum(joint_loss(sens, li.name, plan[li.name]) for li in problem.layers
+    q_noise = sum(joint_loss(sens, li.name, plan[li.name]) for li in prob.layers
                   if li.role == "quality" and not li.protected)
-    c_loss = sum(joint_loss(sens, li.name, plan[li.name]) for li in problem.layers
+    c_loss = sum(joint_loss(sens, li.name, plan[li.name]) for li in prob.layers
                  if li.role == "content" and not li.protected)
     return {"sqnr_db": (math.inf if q_noise <= 0 else -10 * math.log10(q_noise)), "ssim": max(0.0, 1.0 - c_loss)}
 
@@ -226,60 +227,98 @@ def plan_stats(layers: list[LayerInfo], plan: dict, act_elems: dict) -> dict:
     return {"avg_w_bits": wbits, "avg_a_bits": abits, "weight_bytes": wbytes}
 
 
-def quality_size_curve(problem: Problem, sens: Sensitivity, lam: float, layers, act_elems,
+def quality_size_curve(prob: Problem, sens: Sensitivity, lam: float, layers, act_elems,
                        points=(2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8)) -> list[dict]:
     """The whole quality/size curve from the cached sensitivities: one MILP per budget, no sampling. Budgets are
     average weight bits (bytes budgets are expressed as the same bits of the FP16 weight bytes)."""
     curve = []
     params_total = sum(li.params for li in layers)
     for bits in points:
-        cost = bits / 16 * 2 * params_total if problem.use_bytes else bits * params_total
+        cost = bits / 16 * 2 * params_total if prob.use_bytes else bits * params_total
         try:
-            p = problem.solve(sens, lam, cost)
+            p = prob.solve(sens, lam, cost)
         except MixQuantError:
             continue  # infeasible at this size
         st = plan_stats(layers, p, act_elems)
-        curve.append({"budget_w_bits": bits, **st, "bytes": st["weight_bytes"] + problem.fixed_bytes,
-                      **{f"predicted_{k}": v for k, v in predicted(problem, sens, p).items()}})
+        curve.append({"budget_w_bits": bits, **st, "bytes": st["weight_bytes"] + prob.fixed_bytes,
+                      **{f"predicted_{k}": v for k, v in predicted(prob, sens, p).items()}})
     return curve
 
 
-def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: list[int] | None = None,
-        progress: Progress | None = None, model_name: str = "") -> tuple[nn.Module, dict, Calibration]:
-    """Calibrate, measure, allocate, quantize. Returns (quantized copy of the denoiser, report, calibration)."""
-    cfg.check()
+def menus(cfg: QuantizeConfig, layers: list[LayerInfo]):
+    """(weight formats per role, activation formats, layers to measure) of the sensitivity measurement."""
+    if cfg.target == "comfyui-native":
+        w_menu = {r: [LayerFormat(8, 16), LayerFormat(4, 16, 64)] for r in ("content", "quality")}
+        return w_menu, [LayerFormat(16, 8, None, "dynamic")], [li for li in layers if li.kind == "linear"]
+    w_menu = {"content": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_content],
+              "quality": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_quality]}
+    return w_menu, ([LayerFormat(16, cfg.a_bits)] if cfg.a_bits < 16 else []), layers
+
+
+@dataclass
+class Prepared:
+    """What calibration and sensitivity measurement produced: reusable for any budget with the same prompts,
+    sampler settings and menus (e.g. moving a budget slider)."""
+    layers: list
+    calib: Calibration
+    sens: Sensitivity
+    fingerprint_id: str
+    key: dict
+    timings: dict
+
+    def matches(self, prompts, seeds, settings: dict, cfg: QuantizeConfig) -> bool:
+        return self.key == _prepared_key(prompts, seeds, settings, cfg)
+
+
+def _prepared_key(prompts, seeds, settings, cfg: QuantizeConfig) -> dict:
+    fields = ("target", "a_bits", "w_bits_content", "w_bits_quality", "group_size", "act_groups", "range_method",
+              "bos", "sens_calls", "sens_prompts", "sens_mode")
+    return {"prompts": list(prompts), "seeds": list(seeds), "settings": settings,
+            **{f: getattr(cfg, f) for f in fields}}
+
+
+def prepare(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: list[int] | None = None,
+            progress: Progress | None = None) -> Prepared:
+    """Calibrate on the prompts and measure (or load from the cache) every layer's sensitivity."""
     progress = progress or Progress()
     model = runner.denoiser
-    t_start = time.time()
     layers = discover_layers(model)
     if not layers:
         raise MixQuantError("this model has no Linear/Conv2d layers MixQuant can quantize.")
+    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     fp_id = fingerprint(model)["id"]
     t0 = time.time()
     calib = calibrate(runner, prompts, seeds, cfg.act_groups, cfg.range_method, progress=progress)
     t_cal = time.time() - t0
-
-    w_menu = {"content": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_content],
-              "quality": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_quality]}
-    a_menu = [LayerFormat(16, cfg.a_bits)] if cfg.a_bits < 16 else []
-    if cfg.target == "comfyui-native":
-        w_menu = {r: [LayerFormat(8, 16), LayerFormat(4, 16, 64)] for r in ("content", "quality")}
-        a_menu = [LayerFormat(16, 8, None, "dynamic")]
-        layers_s = [li for li in layers if li.kind == "linear"]
-    else:
-        layers_s = layers
+    w_menu, a_menu, layers_s = menus(cfg, layers)
     sens = measure_sensitivity(runner, calib, layers_s, w_menu, a_menu, fp_id, cfg.sens_calls, cfg.sens_prompts,
                                cfg.bos, cfg.cache_dir, progress, mode=cfg.sens_mode)
+    return Prepared(layers, calib, sens, fp_id, _prepared_key(prompts, seeds, runner.settings(), cfg),
+                    {"calibrate": t_cal, "sensitivity": 0.0 if sens.cached else sens.seconds})
 
+
+def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: list[int] | None = None,
+        progress: Progress | None = None, model_name: str = "",
+        prepared: Prepared | None = None) -> tuple[nn.Module, dict, Calibration]:
+    """Calibrate, measure, allocate, quantize. Returns (quantized copy of the denoiser, report, calibration).
+    `prepared` (from `prepare` with the same prompts, seeds, settings and menus) skips the first two steps."""
+    cfg.check()
+    progress = progress or Progress()
+    model = runner.denoiser
+    t_start = time.time()
+    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    if prepared is None or not prepared.matches(prompts, seeds, runner.settings(), cfg):
+        prepared = prepare(runner, prompts, cfg, seeds, progress)
+    layers, calib, sens = prepared.layers, prepared.calib, prepared.sens
     t0 = time.time()
-    problem = _problem(layers, cfg, calib, sens, model)
+    prob = problem(layers, cfg, calib, sens, model)
     try:
-        min_cost = problem.min_feasible()
-        if min_cost > problem.budget_cost:
+        min_cost = prob.min_feasible()
+        if min_cost > prob.budget_cost:
             raise Infeasible("", min_cost)
     except Infeasible as e:
-        if problem.use_bytes:
-            smallest = (e.minimum + problem.fixed_bytes) / 1e6
+        if prob.use_bytes:
+            smallest = (e.minimum + prob.fixed_bytes) / 1e6
             raise MixQuantError(f"a budget of {cfg.budget_mb:g} MB cannot be met: the smallest feasible budget for "
                                 f"this model and target is {math.ceil(smallest * 100) / 100:.2f} MB.") from None
         params_total = sum(li.params for li in layers)
@@ -301,7 +340,7 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
             with_kwargs=True) if calib.n_groups > 1 else None
         try:
             for lam in cfg.coupling:
-                plan = problem.solve(sens, lam)
+                plan = prob.solve(sens, lam)
                 key = tuple(sorted((k, v.name) for k, v in plan.items()))
                 if key not in seen:  # the same plan from two ratios is evaluated once
                     with _Swap(model, plan, ranges, bos):
@@ -314,20 +353,19 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
                 switch.remove()
     best = max(candidates, key=lambda c: (c["ssim_vs_fp"], -c["content_weight"]))
     plan, lam = best["plan"], best["content_weight"]
-    curve = quality_size_curve(problem, sens, lam, layers, calib.act_elements)
+    curve = quality_size_curve(prob, sens, lam, layers, calib.act_elements)
     t_alloc = time.time() - t0
     progress.check()
 
     qmodel, stats = quantize_model(model, plan, ranges, bos=bos)
     if calib.n_groups > 1:
         attach_act_group_switch(qmodel, calib.group_bounds(), runner.timestep_of)
-    report = build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, problem, candidates, lam, curve,
-                          {"calibrate": t_cal, "sensitivity": sens.seconds if not sens.cached else 0.0,
-                           "allocate": t_alloc, "total": time.time() - t_start})
+    report = build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, prob, candidates, lam, curve,
+                          {**prepared.timings, "allocate": t_alloc, "total": time.time() - t_start})
     return qmodel, report, calib
 
 
-def build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, problem, candidates, lam, curve,
+def build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, prob, candidates, lam, curve,
                  timings) -> dict:
     st = plan_stats(layers, plan, calib.act_elements)
     ranges = calib.ranges()
@@ -339,7 +377,7 @@ def build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, prob
                            "bytes": f.weight_bytes(li.out_features, li.in_features),
                            **({"sensitivity": {k: sens.metric(li.name, k) for k in sens.loss.get(li.name, {})}}
                               if li.name in sens.loss else {})})
-    pred = predicted(problem, sens, plan)
+    pred = predicted(prob, sens, plan)
     return {
         "model": model_name, "method": "mixdq-milp", "target": cfg.target,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -349,6 +387,7 @@ def build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, prob
         "quality": {"predicted_sqnr_db": pred["sqnr_db"], "predicted_ssim": pred["ssim"]},
         "timings_s": timings,
         "sensitivity_cached": sens.cached,
+        "sensitivity_mode": cfg.sens_mode,
         "coupling": {"chosen_content_weight": lam,
                      "candidates": [{k: v for k, v in c.items() if k != "plan"} for c in candidates]},
         "curve": curve,

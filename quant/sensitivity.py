@@ -117,6 +117,36 @@ def _local_loss(src: nn.Module, probe: QuantLayer, inputs) -> float:
     return noise / max(signal, 1e-30)
 
 
+def _repeat(obj, batch: int, k: int):
+    """Every tensor whose first dimension is the call's batch, repeated k times along it."""
+    if isinstance(obj, torch.Tensor):
+        return torch.cat([obj] * k) if obj.dim() > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_repeat(o, batch, k) for o in obj)
+    if isinstance(obj, dict):
+        return {key: _repeat(v, batch, k) for key, v in obj.items()}
+    return obj
+
+
+class MultiProbe(nn.Module):
+    """Several quantized versions of one layer in one batched run: the batch is [outer, K, chunk, ...] (outer = 2
+    when classifier-free guidance stacks unconditional and conditional halves) and version k sees chunk k."""
+
+    def __init__(self, probes: list, chunk: int):
+        super().__init__()
+        self.probes, self.chunk = probes, chunk
+
+    def forward(self, x):
+        k = len(self.probes)
+        outer = x.shape[0] // (k * self.chunk)
+        if outer * k * self.chunk != x.shape[0]:
+            raise RuntimeError(f"batch {x.shape[0]} does not split into {k} probes of {self.chunk}")
+        xs = x.reshape(outer, k, self.chunk, *x.shape[1:])
+        ys = [p(xs[:, i].reshape(outer * self.chunk, *x.shape[1:])) for i, p in enumerate(self.probes)]
+        ys = [y.reshape(outer, 1, self.chunk, *y.shape[1:]) for y in ys]
+        return torch.cat(ys, dim=1).reshape(x.shape[0], *ys[0].shape[3:])
+
+
 def _probe_layer(src: nn.Module, fmt: LayerFormat, act: ActRange | None, bos_vec) -> QuantLayer:
     cls = QuantLinear if isinstance(src, nn.Linear) else QuantConv2d
     q = cls.from_float(src, fmt, mode="simulate")
@@ -183,38 +213,51 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
         lambda mod, args, kwargs: set_act_group(mod, calib.group_of(float(runner.timestep_of(args, kwargs)))),
         with_kwargs=True) if calib.n_groups > 1 else None
     out = Sensitivity(role={li.name: li.role for li in todo}, key=key)
+    max_batch = max(1, int(getattr(runner, "max_batch", 1 << 30)))
+    by_layer: dict[str, list] = {}
+    for li, fmt in jobs:
+        by_layer.setdefault(li.name, [li, []])[1].append(fmt)
     try:
         with torch.no_grad():
             if n_content:
                 fp_images = runner.sample(prompts, seeds)
                 progress.tick()
-            for li, fmt in jobs:
-                src = modules[li.name]
+            for name, (li, fmts) in by_layer.items():
+                src = modules[name]
                 if mode == "local":
-                    loss = _local_loss(src, _probe_layer(src, fmt, ranges.get(li.name), bos.get(li.name)),
-                                       inputs[li.name])
-                    out.loss.setdefault(li.name, {})[fmt.name] = loss if math.isfinite(loss) else 1e6
-                    progress.tick()
+                    for fmt in fmts:
+                        loss = _local_loss(src, _probe_layer(src, fmt, ranges.get(name), bos.get(name)), inputs[name])
+                        out.loss.setdefault(name, {})[fmt.name] = loss if math.isfinite(loss) else 1e6
+                        progress.tick()
                     continue
-                parent_name, _, attr = li.name.rpartition(".")
+                parent_name, _, attr = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
-                probe = _probe_layer(src, fmt, ranges.get(li.name), bos.get(li.name))
-                setattr(parent, attr, probe)
-                try:
-                    if li.role == "content":
-                        loss = 1.0 - content_ssim(fp_images, runner.sample(prompts, seeds))
-                    else:
-                        noise = 0.0
-                        for c in probe_calls:  # (the timestep-group switch hook picks each call's ranges)
-                            y = runner.output_of(model(*c.args, **c.kwargs)).float()
-                            noise += float(((y - c.output.float()) ** 2).sum())
-                        loss = noise / max(signal, 1e-30)
-                finally:
-                    setattr(parent, attr, src)  # always restore the FP layer
-                if not math.isfinite(loss):
-                    loss = 1e6
-                out.loss.setdefault(li.name, {})[fmt.name] = max(0.0, float(loss))
-                progress.tick()
+                # all formats of this layer in one batched run: sample chunk k goes through format k
+                per_run = max(1, max_batch // len(prompts)) if li.role == "content" else len(fmts)
+                for start in range(0, len(fmts), per_run):
+                    group = fmts[start:start + per_run]
+                    probes = [_probe_layer(src, f, ranges.get(name), bos.get(name)) for f in group]
+                    try:
+                        if li.role == "content":
+                            setattr(parent, attr, MultiProbe(probes, len(prompts)))
+                            imgs = runner.sample(prompts * len(group), seeds * len(group))
+                            losses = [1.0 - content_ssim(fp_images, imgs[k * len(prompts):(k + 1) * len(prompts)])
+                                      for k in range(len(group))]
+                        else:
+                            noise = [0.0] * len(group)
+                            for c in probe_calls:  # (the timestep-group switch hook picks each call's ranges)
+                                b = c.output.shape[0]
+                                setattr(parent, attr, MultiProbe(probes, b))
+                                y = runner.output_of(model(*_repeat(c.args, b, len(group)),
+                                                           **_repeat(c.kwargs, b, len(group)))).float()
+                                for k in range(len(group)):
+                                    noise[k] += float(((y[k * b:(k + 1) * b] - c.output.float()) ** 2).sum())
+                            losses = [n / max(signal, 1e-30) for n in noise]
+                    finally:
+                        setattr(parent, attr, src)  # always restore the FP layer
+                    for f, loss in zip(group, losses):
+                        out.loss.setdefault(name, {})[f.name] = max(0.0, float(loss)) if math.isfinite(loss) else 1e6
+                        progress.tick(1)
     finally:
         if switch is not None:
             switch.remove()
