@@ -294,6 +294,10 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
     x, t, ctx = inputs(sizes[0])
     ranges = collect_act_ranges(unet, lambda: unet(x, t, ctx))  # one forward: realistic static zero points
     models = {str(fdt).replace("torch.", "").upper(): unet}
+    if not cuda:  # the same float model in channels_last (faster convs on some CPUs): the honest other baseline
+        import copy
+        models[str(fdt).replace("torch.", "").upper() + " channels_last"] = \
+            copy.deepcopy(unet).to(memory_format=torch.channels_last)
     for label, plan in _plans(unet).items():
         t0 = time.time()
         q, _ = quantize_model(unet, plan, ranges, search="minmax")
@@ -307,12 +311,13 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
         x, t, ctx = inputs(hw)
         runs = {}
         for label, m in models.items():
+            xi = x.contiguous(memory_format=torch.channels_last) if label.endswith("channels_last") else x
             with torch.no_grad():
-                m(x, t, ctx)  # warm-up: CPU route races, Triton autotuning
+                m(xi, t, ctx)  # warm-up: CPU route races, Triton autotuning
                 if cuda:
-                    runs[label] = _graphed(m, x, t, ctx)
+                    runs[label] = _graphed(m, xi, t, ctx)
                 else:
-                    runs[label] = lambda m=m: m(x, t, ctx)
+                    runs[label] = lambda m=m, xi=xi: m(xi, t, ctx)
         if cuda:
             times, peaks = {}, {}
             for label, f in runs.items():

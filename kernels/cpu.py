@@ -229,13 +229,59 @@ def _sat_free(u_max: int, w_absmax: int) -> bool:
     return 2 * u_max * w_absmax <= 32767
 
 
-def _run_split(raw, u, zp, u_max, w_absmax, split_sat, bias, **kw):
-    """One oneDNN call, or two on halves of the activation codes when the pair sums could saturate."""
+def _run_split(raw, u, zp, u_max, w_absmax, split_sat, bias, sparse=None, **kw):
+    """One oneDNN call, or two on halves of the activation codes when the pair sums could saturate. `sparse(b)`
+    may compute the high half's product on its few non-zero channels instead (None: too many of them)."""
     if not split_sat or _sat_free(u_max, w_absmax):
         return raw(u, zp, bias=bias, **kw)
     a = torch.clamp(u, max=127)
     out = raw(a, min(zp, 127), bias=bias, **kw)
-    return out.add_(raw(u.sub_(a), zp - min(zp, 127), bias=None, **kw))  # (u is ours: reuse it for b)
+    b = u.sub_(a)  # (u is ours: reuse it for the high half)
+    zp_b = zp - min(zp, 127)
+    if sparse is not None and zp_b == 0:
+        part = sparse(b)
+        if part is not None:
+            return out if part is _NOTHING else out.add_(part)
+    return out.add_(raw(b, zp_b, bias=None, **kw))
+
+
+_NOTHING = object()
+
+
+def _hot(channel_max: torch.Tensor, limit: int):
+    """Indices of the channels where the high half is non-zero, _NOTHING when none, None when too many."""
+    hot = (channel_max > 0).nonzero().squeeze(1)
+    if hot.numel() == 0:
+        return _NOTHING
+    return hot if hot.numel() <= limit else None
+
+
+# Static activations after SiLU/GELU sit mostly near their zero code: only a few outlier channels reach codes above
+# 127. For those the high half is computed as a small fp32 product over just those channels, which is exact
+# (integer-valued operands, sums below 2**24: hence the channel limits), instead of a second full int8 GEMM.
+
+def _sparse_linear(qweight, w_scale, x_scale, k):
+    def run(b):
+        cols = _hot(b.amax(dim=0), min(k // 8, 1000))
+        if cols is None or cols is _NOTHING:
+            return cols
+        acc = b.index_select(1, cols).to(torch.float32) @ qweight.index_select(1, cols).to(torch.float32).t()
+        return acc.mul_(w_scale * x_scale)
+    return run
+
+
+def _sparse_conv(qweight, w_scale, x_scale, cin, kernel_size, geo):
+    def run(b):
+        chans = _hot(b.amax(dim=(0, 2, 3)), min(cin // 8, 110))
+        if chans is None or chans is _NOTHING:
+            return chans
+        kh, kw = kernel_size
+        taps = torch.arange(kh * kw, device=b.device)
+        idx = (taps[:, None] * cin + chans[None, :]).reshape(-1)
+        w = qweight.index_select(1, idx).to(torch.float32).reshape(-1, kh, kw, chans.numel()).permute(0, 3, 1, 2)
+        out = F.conv2d(b.index_select(1, chans).to(torch.float32), w, None, *geo)
+        return out.mul_((w_scale * x_scale).reshape(1, -1, 1, 1))
+    return run
 
 
 def _prep_linear_onednn(w8: torch.Tensor, scale, segments):
@@ -278,9 +324,11 @@ def linear_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_
         out = acc.mul_(s) if bias32 is None else torch.addcmul(bias32, acc, s)
     else:
         out = None
+        sparse_ok = bits == 8 and zero is None and a_split is None
         for (u, s, zp), packed in zip(_static_codes(x2, a_scale, a_zero, a_bits, a_split, -1), prep["packs"]):
+            sparse = _sparse_linear(qweight, prep["w_scale"], s, k) if sparse_ok else None
             part = _run_split(_onednn_linear_raw, u.contiguous(), zp, 2 ** a_bits - 1, prep["w_absmax"], split_sat,
-                              bias32 if out is None else None, packed=packed, x_scale=s, **common)
+                              bias32 if out is None else None, sparse=sparse, packed=packed, x_scale=s, **common)
             out = part if out is None else out.add_(part)
     return out.to(x.dtype).reshape(*shape[:-1], -1)
 
@@ -303,10 +351,12 @@ def conv2d_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_
         out = acc.mul_(s) if bias32 is None else torch.addcmul(bias32.reshape(1, -1, 1, 1), acc, s)
     else:
         out = None
+        sparse_ok = bits == 8 and zero is None and a_split is None
         for (u, s, zp), packed in zip(_static_codes(x, a_scale, a_zero, a_bits, a_split, 1), prep["packs"]):
+            sparse = _sparse_conv(qweight, prep["w_scale"], s, cin, kernel_size, geo) if sparse_ok else None
             part = _run_split(_onednn_conv_raw, u.contiguous(memory_format=cl), zp, 2 ** a_bits - 1,
-                              prep["w_absmax"], split_sat, bias32 if out is None else None, packed=packed,
-                              x_scale=s, **common)
+                              prep["w_absmax"], split_sat, bias32 if out is None else None, sparse=sparse,
+                              packed=packed, x_scale=s, **common)
             out = part if out is None else out.add_(part)
     return out.to(x.dtype)
 

@@ -139,15 +139,27 @@ def _triton_conv_accepts(**call):
     return triton_conv.accepts(**call)
 
 
+def _triton_wsum(cache, call):
+    """The weight column sums a static zero point needs, kept in the layer's cache (else summed in the K loop)."""
+    if cache is None or call.get("a_mode") != "static":
+        return None
+    from . import triton_gemm
+    from .cpu import _cache_key, _cached
+    q, scale = call["qweight"], call["scale"]
+    return _cached(cache, "triton_wsum", _cache_key(q, scale, (str(q.device),)),
+                   lambda: triton_gemm.weight_sums(q, call["zero"], call["bits"], call["k"], call["group_size"],
+                                                   scale.shape[1]))
+
+
 def _triton_linear(x, cache=None, **call):
     from . import triton_gemm
-    return triton_gemm.linear_op()(x, **call)
+    return triton_gemm.linear_op()(x, **call, wsum=_triton_wsum(cache, call))
 
 
 def _triton_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), **call):
     from . import triton_conv
-    return triton_conv.conv2d_op()(x, **call, kernel_size=list(kernel_size), stride=list(stride),
-                                   padding=list(padding), dilation=list(dilation))
+    return triton_conv.conv2d_op()(x, **call, wsum=_triton_wsum(cache, call), kernel_size=list(kernel_size),
+                                   stride=list(stride), padding=list(padding), dilation=list(dilation))
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -22,16 +22,17 @@ if tg.HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_gemm import act_tile_, block_sum_, center_weight_, int8_tile_, load_weight_, swizzle_
+    from .triton_gemm import act_tile_, dot_step_, group_sum_, int8_tile_, swizzle_, weight_tile_
 
     @triton.jit
-    def _qconv_kernel(X, W, S, Z, BIAS, AS, AZ, SIMG, O,
-                      H, WD, CIN, OH, OW, M, N, K, GROUP, SPLIT,
+    def _qconv_kernel(X, W, S, Z, BIAS, AS, AZ, SIMG, WSUM, O,
+                      H, WD, OH, OW, M, N, K, GROUP, SPLIT,
                       stride_xb, stride_xc, stride_xh, stride_xw,
-                      stride_wn, stride_sn, stride_zn,
+                      stride_wn, stride_sn, stride_zn, stride_wsn,
                       stride_ob, stride_on, stride_oh, stride_ow,
-                      SH, SW, PH, PW, DH, DW, KW, M_BUCKET,
-                      W_BITS: tl.constexpr, HAS_WZ: tl.constexpr, GROUPED: tl.constexpr,
+                      SH, SW, PH, PW, DH, DW, M_BUCKET,
+                      CIN: tl.constexpr, KW: tl.constexpr,
+                      W_BITS: tl.constexpr, HAS_WZ: tl.constexpr, GROUPED: tl.constexpr, WSUM_IN: tl.constexpr,
                       A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr, A_QMAX: tl.constexpr,
                       HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INT_DOT: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, EXACT_DIV: tl.constexpr, INT_OK: tl.constexpr,
@@ -55,13 +56,22 @@ if tg.HAVE_TRITON:
         out = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            tap = offs_k // CIN
-            ch = offs_k % CIN
-            ih = ih0[:, None] + ((tap // KW) * DH)[None, :]
-            iw = iw0[:, None] + ((tap % KW) * DW)[None, :]
-            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
-            mask = m_ok[:, None] & (offs_k[None, :] < K) & inside
-            ptrs = x_row[:, None] + ch[None, :] * stride_xc + ih * stride_xh + iw * stride_xw
+            if CIN % BLOCK_K == 0:
+                # the block lies inside one tap: its position and border mask are per row, not per element
+                tap = k0 // CIN
+                ch = (k0 - tap * CIN) + tl.arange(0, BLOCK_K)
+                ih = ih0 + (tap // KW) * DH
+                iw = iw0 + (tap % KW) * DW
+                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
+                mask = row_ok[:, None] & (ch[None, :] < CIN)
+                ptrs = (x_row + ih * stride_xh + iw * stride_xw)[:, None] + ch[None, :] * stride_xc
+            else:
+                tap = offs_k // CIN
+                ch = offs_k % CIN
+                ih = ih0[:, None] + ((tap // KW) * DH)[None, :]
+                iw = iw0[:, None] + ((tap % KW) * DW)[None, :]
+                mask = m_ok[:, None] & (offs_k[None, :] < K) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
+                ptrs = x_row[:, None] + ch[None, :] * stride_xc + ih * stride_xh + iw * stride_xw
             if A_IN_INT8:
                 if A_MODE == 1:  # the zero code of the column's segment: padding is 0.0
                     a8 = tl.load(ptrs, mask=mask, other=0)
@@ -79,26 +89,18 @@ if tg.HAVE_TRITON:
                 a0, a1 = act_tile_(xf, ch, s_row, AS, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, A_QMAX,
                                    EXACT_DIV, DOT_DTYPE)
             g = k0 // GROUP
-            w = load_weight_(W, stride_wn, offs_n, offs_k, k0, N, K, W_BITS, BLOCK_N, BLOCK_K)
-            w = center_weight_(w, Z, stride_zn, offs_n, g, offs_k, N, K, W_BITS, HAS_WZ)
-            if INT_DOT:
-                wt = tl.trans(w.to(tl.int8))
-                acc0 = tl.dot(a0, wt, acc0, out_dtype=tl.int32)
-                if HAS_SPLIT:
-                    acc1 = tl.dot(a1, wt, acc1, out_dtype=tl.int32)
-                if A_MODE == 1:
-                    wsum += tl.sum(w, axis=1)
-            else:
-                acc0 = tl.dot(a0, tl.trans(w.to(DOT_DTYPE)), acc0, out_dtype=tl.float32)
+            w = weight_tile_(W, stride_wn, Z, stride_zn, offs_n, offs_k, k0, g, N, K, W_BITS, HAS_WZ, INT_DOT,
+                             BLOCK_N, BLOCK_K)
+            acc0, acc1, wsum = dot_step_(a0, a1, w, acc0, acc1, wsum, A_MODE, HAS_SPLIT, INT_DOT, WSUM_IN, DOT_DTYPE)
             if GROUPED:
-                s_g = tl.load(S + offs_n * stride_sn + g, mask=offs_n < N, other=0.0).to(tl.float32)
-                out += block_sum_(acc0, acc1, wsum, AS, AZ, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT) * s_g[None, :]
+                out += group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, g, N, AS, AZ, A_MODE,
+                                  A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
                 acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
                 acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
                 wsum = tl.zeros((BLOCK_N,), tl.int32)
         if not GROUPED:
-            s_n = tl.load(S + offs_n * stride_sn, mask=offs_n < N, other=0.0).to(tl.float32)
-            out = block_sum_(acc0, acc1, wsum, AS, AZ, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT) * s_n[None, :]
+            out = group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, 0, N, AS, AZ, A_MODE,
+                             A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
         if A_MODE == 2 and (INT_DOT or A_IN_INT8):
             out = out * s_row[:, None]
         if HAS_BIAS:
@@ -125,7 +127,7 @@ def dynamic_image_scale(x: torch.Tensor, a_bits: int) -> torch.Tensor:
 
 def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale=None,
             a_zero=None, a_split=None, kernel_size=(3, 3), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-            cache=None, prequant: bool | None = None, int_dot: bool | None = None, config: dict | None = None):
+            wsum=None, prequant: bool | None = None, int_dot: bool | None = None, config: dict | None = None):
     """Quantized conv2d over x [B, C, H, W] (any memory format; the output keeps channels_last if x has it)."""
     b, cin, h, w = x.shape
     kh, kw = kernel_size
@@ -137,8 +139,8 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
                 a_bits=a_bits, a_mode=a_mode, a_scale=a_scale, a_zero=a_zero, a_split=a_split)
     if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and channels_last \
             and a_mode != "dynamic":  # (a per-image dynamic scale is not the GEMM's per-token one)
-        y = tg.qlinear(x.permute(0, 2, 3, 1).reshape(-1, cin), prequant=prequant, int_dot=int_dot, config=config,
-                       **call)
+        y = tg.qlinear(x.permute(0, 2, 3, 1).reshape(-1, cin), wsum=wsum, prequant=prequant, int_dot=int_dot,
+                       config=config, **call)
         return y.reshape(b, h, w, n).permute(0, 3, 1, 2)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty((b, n, oh, ow), dtype=x.dtype, device=x.device, memory_format=mem)
@@ -167,14 +169,17 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     group = group_size if grouped else k
     dummy = out
     qmax = 2 ** a_bits - 1 if mode == tg.A_STATIC else (2 ** (a_bits - 1) - 1 if mode == tg.A_DYNAMIC else 1)
+    wsum_in = wsum is not None and mode == tg.A_STATIC
     args = (xa, qweight, scale, zero if zero is not None else qweight, bias if bias is not None else dummy,
             a_scale if a_scale is not None else dummy, a_zero if a_zero is not None else dummy,
-            simg if simg is not None else dummy, out,
-            h, w, cin, oh, ow, m, n, k, group, a_split or 0, *xs,
+            simg if simg is not None else dummy, wsum if wsum_in else dummy, out,
+            h, w, oh, ow, m, n, k, group, a_split or 0, *xs,
             qweight.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
+            wsum.stride(0) if wsum_in else 0,
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], kw, tg._bucket(m))
-    meta = dict(W_BITS=bits, HAS_WZ=zero is not None, GROUPED=grouped, A_MODE=mode, A_IN_INT8=prequant,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], tg._bucket(m))
+    meta = dict(CIN=cin, KW=kw, W_BITS=bits, HAS_WZ=zero is not None, GROUPED=grouped, WSUM_IN=wsum_in, A_MODE=mode,
+                A_IN_INT8=prequant,
                 A_QMAX=qmax, HAS_SPLIT=a_split is not None and mode == tg.A_STATIC, HAS_BIAS=bias is not None,
                 DOT_DTYPE=tg.dot_dtype(x.dtype), EXACT_DIV=tg.interpreting(), INT_OK=int_ok)
     fixed = config or (tg._FIXED if tg.interpreting() else None)
@@ -195,13 +200,13 @@ def conv2d_op():
     """`torch.ops.mixquant.qconv2d` (registered on first use), the form dispatch calls."""
     if "qconv2d" not in tg._OPS:
         def qconv2d_impl(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
-                         a_split, kernel_size, stride, padding, dilation):
+                         a_split, wsum, kernel_size, stride, padding, dilation):
             out = qconv2d(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
-                          a_split, kernel_size, stride, padding, dilation)
+                          a_split, kernel_size, stride, padding, dilation, wsum)
             return out if out.data_ptr() != x.data_ptr() else out.clone()
 
         def qconv2d_fake(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
-                         a_split, kernel_size, stride, padding, dilation):
+                         a_split, wsum, kernel_size, stride, padding, dilation):
             b, _, h, w = x.shape
             oh = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
             ow = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1

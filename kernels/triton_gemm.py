@@ -93,36 +93,72 @@ if HAVE_TRITON:
         return tl.minimum(tl.maximum(rint_(divide_(x, s, EXACT_DIV)), -QMAX - 1.0), QMAX)
 
     @triton.jit
-    def load_weight_(W, stride_wn, offs_n, offs_k, k0, N, K,
-                     W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Unsigned/signed codes of the weight tile [BLOCK_N, BLOCK_K] (rows offs_n, columns k0 + arange), as int32,
-        zero outside the matrix. 4/2-bit codes are unpacked from the bytes in registers."""
+    def weight_tile_(W, stride_wn, Z, stride_zn, offs_n, offs_k, k0, g, N, K,
+                     W_BITS: tl.constexpr, HAS_WZ: tl.constexpr, AS_INT8: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The weight tile [BLOCK_N, BLOCK_K] (rows offs_n, columns k0 + arange) as codes minus zero point (group
+        g's, or the implicit mid code), zero outside the matrix; int8 when AS_INT8, else int32. 8-bit symmetric
+        codes are used as loaded; 4/2-bit codes are unpacked from their bytes in registers."""
         n_ok = offs_n[:, None] < N
-        if W_BITS == 8:
+        if W_BITS == 8 and not HAS_WZ:
             w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok & (offs_k[None, :] < K),
-                        other=0).to(tl.int32)
-        elif W_BITS == 4:
-            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            b = tl.load(W + offs_n[:, None] * stride_wn + offs_b[None, :],
-                        mask=n_ok & (offs_b[None, :] < (K + 1) // 2), other=0).to(tl.int32)
-            w = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))
+                        other=0)
+            if AS_INT8:
+                return w
+            else:
+                return w.to(tl.int32)
         else:
-            offs_b = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-            b = tl.load(W + offs_n[:, None] * stride_wn + offs_b[None, :],
-                        mask=n_ok & (offs_b[None, :] < (K + 3) // 4), other=0).to(tl.int32)
-            w = tl.reshape(tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)),
-                           (BLOCK_N, BLOCK_K))
-        return w
+            if W_BITS == 8:
+                w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok & (offs_k[None, :] < K),
+                            other=0).to(tl.int32)
+            elif W_BITS == 4:
+                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                b = tl.load(W + offs_n[:, None] * stride_wn + offs_b[None, :],
+                            mask=n_ok & (offs_b[None, :] < (K + 1) // 2), other=0).to(tl.int32)
+                w = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))
+            else:
+                offs_b = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+                b = tl.load(W + offs_n[:, None] * stride_wn + offs_b[None, :],
+                            mask=n_ok & (offs_b[None, :] < (K + 3) // 4), other=0).to(tl.int32)
+                w = tl.reshape(tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)),
+                               (BLOCK_N, BLOCK_K))
+            if HAS_WZ:
+                z = tl.load(Z + offs_n * stride_zn + g, mask=offs_n < N, other=0).to(tl.int32)
+                w = w - z[:, None]
+            elif W_BITS < 8:
+                w = w - (1 << (W_BITS - 1))
+            w = tl.where(offs_k[None, :] < K, w, 0)
+            if AS_INT8:
+                return w.to(tl.int8)
+            else:
+                return w
 
     @triton.jit
-    def center_weight_(w, Z, stride_zn, offs_n, g, offs_k, N, K, W_BITS: tl.constexpr, HAS_WZ: tl.constexpr):
-        """codes - zero point (per group g, or the implicit mid code), zero outside [0, K)."""
-        if HAS_WZ:
-            z = tl.load(Z + offs_n * stride_zn + g, mask=offs_n < N, other=0).to(tl.int32)
-            w = w - z[:, None]
-        elif W_BITS < 8:
-            w = w - (1 << (W_BITS - 1))
-        return tl.where(offs_k[None, :] < K, w, 0)
+    def dot_step_(a0, a1, w, acc0, acc1, wsum, A_MODE: tl.constexpr, HAS_SPLIT: tl.constexpr,
+                  INT_DOT: tl.constexpr, WSUM_IN: tl.constexpr, DOT_DTYPE: tl.constexpr):
+        """One K block: int8 x int8 -> int32 (plus the weight column sums a static zero point needs, unless they
+        were precomputed) or a float dot on the integer-valued weights."""
+        if INT_DOT:
+            wt = tl.trans(w)
+            acc0 = tl.dot(a0, wt, acc0, out_dtype=tl.int32)
+            if HAS_SPLIT:
+                acc1 = tl.dot(a1, wt, acc1, out_dtype=tl.int32)
+            if A_MODE == 1 and not WSUM_IN:
+                wsum += tl.sum(w.to(tl.int32), axis=1)
+        else:
+            acc0 = tl.dot(a0, tl.trans(w.to(DOT_DTYPE)), acc0, out_dtype=tl.float32)
+        return acc0, acc1, wsum
+
+    @triton.jit
+    def group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, g, N, AS, AZ,
+                   A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr, HAS_SPLIT: tl.constexpr, INT_DOT: tl.constexpr,
+                   WSUM_IN: tl.constexpr):
+        """fp32 contribution of group g (or of the whole K): zero-point correction, activation scale(s), weight
+        scale."""
+        if WSUM_IN and INT_DOT and A_MODE == 1:
+            wsum = tl.load(WSUM + offs_n * stride_wsn + g, mask=offs_n < N, other=0)
+        s_g = tl.load(S + offs_n * stride_sn + g, mask=offs_n < N, other=0.0).to(tl.float32)
+        return block_sum_(acc0, acc1, wsum, AS, AZ, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT) * s_g[None, :]
 
     @triton.jit
     def act_tile_(xf, ch, s_row, AS, AZ, SPLIT,
@@ -232,10 +268,10 @@ if HAVE_TRITON:
     # --------------------------------------------------------------------------------------------------------------
 
     @triton.jit
-    def _qgemm_kernel(X, W, S, Z, BIAS, AS, AZ, SROW, O,
+    def _qgemm_kernel(X, W, S, Z, BIAS, AS, AZ, SROW, WSUM, O,
                       M, N, K, GROUP, SPLIT,
-                      stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_om, stride_on,
-                      W_BITS: tl.constexpr, HAS_WZ: tl.constexpr, GROUPED: tl.constexpr,
+                      stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_wsn, stride_om, stride_on,
+                      W_BITS: tl.constexpr, HAS_WZ: tl.constexpr, GROUPED: tl.constexpr, WSUM_IN: tl.constexpr,
                       A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr, A_QMAX: tl.constexpr,
                       HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INT_DOT: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, EXACT_DIV: tl.constexpr, M_BUCKET, INT_OK: tl.constexpr,
@@ -265,26 +301,18 @@ if HAVE_TRITON:
                 a0, a1 = act_tile_(xf, offs_k, s_row, AS, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, A_QMAX,
                                    EXACT_DIV, DOT_DTYPE)
             g = k0 // GROUP
-            w = load_weight_(W, stride_wn, offs_n, offs_k, k0, N, K, W_BITS, BLOCK_N, BLOCK_K)
-            w = center_weight_(w, Z, stride_zn, offs_n, g, offs_k, N, K, W_BITS, HAS_WZ)
-            if INT_DOT:
-                wt = tl.trans(w.to(tl.int8))
-                acc0 = tl.dot(a0, wt, acc0, out_dtype=tl.int32)
-                if HAS_SPLIT:
-                    acc1 = tl.dot(a1, wt, acc1, out_dtype=tl.int32)
-                if A_MODE == 1:
-                    wsum += tl.sum(w, axis=1)
-            else:
-                acc0 = tl.dot(a0, tl.trans(w.to(DOT_DTYPE)), acc0, out_dtype=tl.float32)
+            w = weight_tile_(W, stride_wn, Z, stride_zn, offs_n, offs_k, k0, g, N, K, W_BITS, HAS_WZ, INT_DOT,
+                             BLOCK_N, BLOCK_K)
+            acc0, acc1, wsum = dot_step_(a0, a1, w, acc0, acc1, wsum, A_MODE, HAS_SPLIT, INT_DOT, WSUM_IN, DOT_DTYPE)
             if GROUPED:
-                s_g = tl.load(S + offs_n * stride_sn + g, mask=offs_n < N, other=0.0).to(tl.float32)
-                out += block_sum_(acc0, acc1, wsum, AS, AZ, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT) * s_g[None, :]
+                out += group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, g, N, AS, AZ, A_MODE,
+                                  A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
                 acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
                 acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
                 wsum = tl.zeros((BLOCK_N,), tl.int32)
         if not GROUPED:
-            s_n = tl.load(S + offs_n * stride_sn, mask=offs_n < N, other=0.0).to(tl.float32)
-            out = block_sum_(acc0, acc1, wsum, AS, AZ, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT) * s_n[None, :]
+            out = group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, 0, N, AS, AZ, A_MODE,
+                             A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
         if A_MODE == 2 and (INT_DOT or A_IN_INT8):
             out = out * s_row[:, None]
         if HAS_BIAS:
@@ -366,6 +394,9 @@ def _prune(configs, named_args, **kwargs):
     group, grouped = named_args["GROUP"], kwargs.get("GROUPED", named_args.get("GROUPED"))
     int_ok = kwargs.get("INT_OK", named_args.get("INT_OK", True))
     m = named_args["M"]
+    cin = kwargs.get("CIN")  # conv: blocks that divide C_in stay inside one tap (cheaper addressing)
+    if cin is not None and any(cin % c.kwargs["BLOCK_K"] == 0 for c in configs):
+        configs = [c for c in configs if cin % c.kwargs["BLOCK_K"] == 0]
     keep = []
     for c in configs:
         kw = c.kwargs
@@ -477,11 +508,35 @@ def dynamic_row_scale(x2: torch.Tensor, a_bits: int) -> torch.Tensor:
     return torch.clamp(amax / (2 ** (a_bits - 1) - 1), min=1e-30)
 
 
+def weight_sums(qweight, zero, bits: int, k: int, group_size: int | None, groups: int) -> torch.Tensor:
+    """int32 [N, G]: per group, the sum over K of (code - zero point): the static zero-point correction's other
+    factor. Computed once per layer when the layer passes a cache (dispatch keeps it there)."""
+    from .packing import unpack_codes
+    n = qweight.shape[0]
+    if bits == 8:
+        w = qweight.to(torch.int32)
+        if zero is not None:
+            w = w - (zero.to(torch.int32) if groups == 1 else zero.to(torch.int32).repeat_interleave(
+                group_size, dim=1)[:, :k])
+    else:
+        w = unpack_codes(qweight, bits, k).to(torch.int32)
+        if zero is not None:
+            z = zero.to(torch.int32)
+            w = w - (z if groups == 1 else z.repeat_interleave(group_size, dim=1)[:, :k])
+        else:
+            w = w - 2 ** (bits - 1)
+    if groups == 1:
+        return w.sum(dim=1, dtype=torch.int32).reshape(n, 1)
+    w = torch.nn.functional.pad(w, (0, groups * group_size - k))
+    return w.reshape(n, groups, group_size).sum(dim=2, dtype=torch.int32).contiguous()
+
+
 def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale=None,
-            a_zero=None, a_split=None, cache=None, prequant: bool | None = None, int_dot: bool | None = None,
+            a_zero=None, a_split=None, wsum=None, prequant: bool | None = None, int_dot: bool | None = None,
             config: dict | None = None):
     """Quantized linear y = x W^T + b on the packed weight (layouts: module docstring). x [..., K] fp16/bf16/fp32.
 
+    wsum: weight_sums(...) if precomputed (static activations; otherwise the K loop sums the weight tiles).
     prequant: quantize the activations in a separate int8 pass (None: when N spans more than 4 tiles of 128).
     int_dot: force the int8 (True) or float (False) dot; None lets the autotuner choose (A8), float for A16.
     config: fixed BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M (and num_warps/num_stages) instead of autotuning."""
@@ -511,13 +566,16 @@ def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     group = group_size if grouped else k  # one group spanning K
     dummy = out
     qmax = 2 ** a_bits - 1 if mode == A_STATIC else (2 ** (a_bits - 1) - 1 if mode == A_DYNAMIC else 1)
+    wsum_in = wsum is not None and mode == A_STATIC
     args = (xa, qweight, scale, zero if zero is not None else qweight,
             bias if bias is not None else dummy, a_scale if a_scale is not None else dummy,
-            a_zero if a_zero is not None else dummy, srow if srow is not None else dummy, out,
+            a_zero if a_zero is not None else dummy, srow if srow is not None else dummy,
+            wsum if wsum_in else dummy, out,
             m, n, k, group, a_split or 0,
             xa.stride(0), xa.stride(1), qweight.stride(0), scale.stride(0),
-            zero.stride(0) if zero is not None else 0, out.stride(0), out.stride(1))
-    meta = dict(W_BITS=bits, HAS_WZ=zero is not None, GROUPED=grouped, A_MODE=mode, A_IN_INT8=prequant,
+            zero.stride(0) if zero is not None else 0, wsum.stride(0) if wsum_in else 0, out.stride(0), out.stride(1))
+    meta = dict(W_BITS=bits, HAS_WZ=zero is not None, GROUPED=grouped, WSUM_IN=wsum_in, A_MODE=mode,
+                A_IN_INT8=prequant,
                 A_QMAX=qmax, HAS_SPLIT=a_split is not None and mode == A_STATIC, HAS_BIAS=bias is not None,
                 DOT_DTYPE=dot_dtype(x.dtype), EXACT_DIV=interpreting(), M_BUCKET=_bucket(m), INT_OK=int_ok)
     fixed = config or (_FIXED if interpreting() else None)
@@ -552,12 +610,12 @@ def linear_op():
     """`torch.ops.mixquant.qlinear` (registered on first use), the form dispatch calls."""
     if "qlinear" not in _OPS:
         def qlinear_impl(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
-                         a_split):
+                         a_split, wsum):
             return qlinear(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
-                           a_split)
+                           a_split, wsum)
 
         def qlinear_fake(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
-                         a_split):
+                         a_split, wsum):
             return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
         _OPS["qlinear"] = _custom_op("mixquant::qlinear", qlinear_impl, qlinear_fake, _SCHEMA + ") -> Tensor")
@@ -565,7 +623,7 @@ def linear_op():
 
 
 _SCHEMA = ("(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int k, int? group_size, Tensor? bias, "
-           "int a_bits, str a_mode, Tensor? a_scale, Tensor? a_zero, int? a_split")
+           "int a_bits, str a_mode, Tensor? a_scale, Tensor? a_zero, int? a_split, Tensor? wsum")
 
 
 def _custom_op(name, impl, fake, schema):

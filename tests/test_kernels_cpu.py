@@ -174,3 +174,24 @@ def test_quantized_layers_agree_on_every_cpu_path():
             fn = cpu.linear if cls is QuantLinear else cpu.conv2d
             for route in cpu.candidates("linear" if cls is QuantLinear else "conv2d", cache={}, **args):
                 assert _rel(fn(x, route=route, cache={}, **args, **geo), ref) < 1e-5
+
+
+@pytest.mark.skipif(not cpu._has_onednn(), reason="no oneDNN int8 ops in this torch")
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("hot", [0, 3, 60])
+def test_split_route_with_few_high_codes(op, hot):
+    """SiLU-like inputs: codes above 127 only in `hot` channels (0: none; 60: too many for the sparse product)."""
+    cin = 64
+    k = cin if op == "linear" else 9 * cin
+    call = random_call(40, k, a_mode="static", seed=11)
+    call["a_scale"], call["a_zero"] = torch.tensor([0.05]), torch.tensor([20.0])
+    shape = (30, cin) if op == "linear" else (2, cin, 7, 6)
+    x = torch.rand(shape) * 4 - 0.5  # codes up to ~100
+    cdim = 1
+    idx = torch.arange(hot)
+    x.index_fill_(cdim, idx, 0.0)
+    x.index_add_(cdim, idx, torch.rand(shape).index_select(cdim, idx) * 11)  # these reach codes > 127
+    geo = {} if op == "linear" else conv_geometry(3, 2, 1)
+    fn = cpu.linear if op == "linear" else cpu.conv2d
+    out = fn(x, route="onednn_split", cache={}, **call, **geo)
+    assert _rel(out, _ref(op, x, call, geo or None)) < 1e-5

@@ -108,6 +108,48 @@ def test_conv1x1(a_mode, channels_last):
     assert _rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", [(8, None, "static", 16, False), (4, 32, "static", None, True),
+                                 (8, None, "dynamic", None, False)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv3x3_channel_aligned_blocks(fmt, stride):
+    """C_in a multiple of BLOCK_K: each K block lies inside one tap (per-row addressing), as in every SD conv."""
+    cin = 64
+    call = _call(24, 9 * cin, *fmt, seed=8)
+    geo = conv_geometry(3, stride, 1)
+    x = torch.randn(2, cin, 7, 5, device=DEV)
+    ref = _ref("conv2d", x, call, geo)
+    for prequant in ((False, True) if fmt[2] != "none" else (False,)):
+        assert _rel(triton_conv.qconv2d(x, prequant=prequant, **call, **geo), ref) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_precomputed_weight_sums(op):
+    """Static zero points with the weight column sums precomputed once (what dispatch keeps in a layer's cache)."""
+    for fmt in ((8, None, "static", None, False), (4, 32, "static", None, True), (2, 32, "static", 40, True)):
+        k = 99 if op == "linear" else 9 * 64
+        call = _call(20, k, *fmt, seed=9)
+        if op == "conv2d" and call["a_split"]:
+            call["a_split"] = 16
+        wsum = triton_gemm.weight_sums(call["qweight"], call["zero"], call["bits"], k, call["group_size"],
+                                       call["scale"].shape[1])
+        if op == "linear":
+            x = torch.randn(13, k, device=DEV)
+            ref = _ref("linear", x, call)
+            out = triton_gemm.qlinear(x, wsum=wsum, **call)
+        else:
+            x = torch.randn(2, 64, 5, 6, device=DEV)
+            geo = conv_geometry(3, 1, 1)
+            ref = _ref("conv2d", x, call, geo)
+            out = triton_conv.qconv2d(x, wsum=wsum, **call, **geo)
+        assert _rel(out, ref) < 1e-5
+        cache = {}
+        with dispatch.use_backend("triton"):
+            again = dispatch.linear(x, cache=cache, **call) if op == "linear" else \
+                dispatch.conv2d(x, cache=cache, **call, **geo)
+        assert "triton_wsum" in cache and torch.equal(cache["triton_wsum"][1], wsum)
+        assert _rel(again, ref) < 1e-5
+
+
 def test_padding_reads_the_zero_code():
     """A static zero point far from the middle: a padded border that read code 0 instead of z would be off by
     z * sum(w) on every border pixel."""
