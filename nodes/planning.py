@@ -70,19 +70,22 @@ def plan_from_calibration(runner: DenoiserRunner, calib: Calibration, cfg: engin
     if not layers:
         raise MixQuantError("this model has no Linear/Conv2d layers MixQuant can quantize.")
     base_fingerprint = base_fingerprint or fingerprint(model)
-    w_menu = {"content": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_content],
-              "quality": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_quality]}
-    a_menu = [LayerFormat(16, cfg.a_bits)] if cfg.a_bits < 16 else []
-    layers_s = layers
-    if cfg.target == "comfyui-native":
-        w_menu = {r: [LayerFormat(8, 16), LayerFormat(4, 16, 64)] for r in ("content", "quality")}
-        a_menu = [LayerFormat(16, 8, None, "dynamic")]
-        layers_s = [li for li in layers if li.kind == "linear"]
+    if hasattr(engine, "menus"):
+        w_menu, a_menu, layers_s = engine.menus(cfg, layers)
+    else:
+        w_menu = {"content": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_content],
+                  "quality": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_quality]}
+        a_menu = [LayerFormat(16, cfg.a_bits)] if cfg.a_bits < 16 else []
+        layers_s = layers
+        if cfg.target == "comfyui-native":
+            w_menu = {r: [LayerFormat(8, 16), LayerFormat(4, 16, 64)] for r in ("content", "quality")}
+            a_menu = [LayerFormat(16, 8, None, "dynamic")]
+            layers_s = [li for li in layers if li.kind == "linear"]
     sens = measure_sensitivity(runner, calib, layers_s, w_menu, a_menu, base_fingerprint["id"], cfg.sens_calls,
                                cfg.sens_prompts, cfg.bos, cfg.cache_dir, progress,
                                **({"mode": cfg.sens_mode} if hasattr(cfg, "sens_mode") else {}))
     t0 = time.time()
-    problem = engine._problem(layers, cfg, calib, sens, model)
+    problem = (getattr(engine, "problem", None) or engine._problem)(layers, cfg, calib, sens, model)
     _check_budget(problem, cfg, layers)
     ranges = calib.ranges()
     bos = calib.bos() if cfg.bos else {}

@@ -153,7 +153,8 @@ def server(tmp_path_factory):
     cfg = os.path.join(base, "extra_model_paths.yaml")
     with open(cfg, "w") as f:
         f.write(f"mixquant_test:\n  base_path: {base}\n  checkpoints: checkpoints\n  loras: loras\n"
-                f"  mixquant: mixquant\n  diffusion_models: diffusion_models\n  custom_nodes: custom_nodes\n")
+                f"  mixquant: mixquant\n  diffusion_models: diffusion_models\n  custom_nodes: custom_nodes\n"
+                f"  is_default: true\n")  # what the nodes save lands here, not in the ComfyUI checkout
     port = _free_port()
     log = os.path.join(base, "comfyui.log")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1",
@@ -228,6 +229,9 @@ def test_native_export_workflow(server):
     assert native["native_layers"] > 0 and native["native_bytes"] > 0
     files = os.listdir(os.path.join(server.base, "diffusion_models"))
     assert any(f.startswith("mixquant_native") for f in files)
+    # the stock Load Diffusion Model node lists it
+    unets = server.get("/object_info/UNETLoader")["UNETLoader"]["input"]["required"]["unet_name"][0]
+    assert any(f.startswith("mixquant_native") for f in unets)
     stats = next(out["text"][0] for k, out in h["outputs"].items() if "text" in out and "latent SQNR" in out["text"][0])
     assert "quantized vs" in stats and "FP" in stats
     # the saved MixQuant file appears in the Load node's list (ComfyUI refreshes model folders)
@@ -330,10 +334,13 @@ def test_bad_file_in_load_node_gives_one_clear_message(server):
     with open(os.path.join(server.base, "mixquant", "broken.safetensors"), "wb") as f:
         f.write(b"\x00" * 100)
     g = _sampler_graph(["9", 0], {"9": {"class_type": "MixQuantLoadQuantized",
-                                        "inputs": {"model": ["1", 0], "quantized_file": "broken.safetensors"}}})
+                                        "inputs": {"model": ["1", 0], "quantized_file": "broken.safetensors"}},
+                                  "99": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0],
+                                                                                "filename_prefix": "latents/bad"}}})
     status, body = server.post("/prompt", {"prompt": g, "client_id": "mixquant-test"})
     assert status == 400, body
-    errs = body["node_errors"]["9"]["errors"]
+    errs = body["node_errors"].get("9", {}).get("errors")
+    assert errs, body
     assert len(errs) == 1
     msg = errs[0]["details"] + " " + errs[0]["message"]
     assert "broken.safetensors" in msg and "corrupt" in msg, errs
