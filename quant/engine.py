@@ -307,9 +307,12 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
     model = runner.denoiser
     t_start = time.time()
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
-    if prepared is None or not prepared.matches(prompts, seeds, runner.settings(), cfg):
+    reused = prepared is not None and prepared.matches(prompts, seeds, runner.settings(), cfg)
+    if not reused:
         prepared = prepare(runner, prompts, cfg, seeds, progress)
     layers, calib, sens = prepared.layers, prepared.calib, prepared.sens
+    # a reused preparation cost nothing in this run
+    phase_times = {"calibrate": 0.0, "sensitivity": 0.0} if reused else dict(prepared.timings)
     t0 = time.time()
     prob = problem(layers, cfg, calib, sens, model)
     try:
@@ -361,7 +364,8 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
     if calib.n_groups > 1:
         attach_act_group_switch(qmodel, calib.group_bounds(), runner.timestep_of)
     report = build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, prob, candidates, lam, curve,
-                          {**prepared.timings, "allocate": t_alloc, "total": time.time() - t_start})
+                          {**phase_times, "allocate": t_alloc, "total": time.time() - t_start})
+    report["sensitivity_cached"] = sens.cached or reused
     return qmodel, report, calib
 
 
