@@ -36,6 +36,7 @@ class QuantLayer(nn.Module):
         self.act_group = 0
         self.a_split: int | None = None
         self._w_hat: torch.Tensor | None = None  # simulate mode: dequantized weight cache
+        self._kernel_cache: dict = {}  # kernel backends keep per-layer prepared data here (keyed by weight version)
         self.register_buffer("input_scale", None)
         self.register_buffer("input_zero", None)
         self.register_buffer("bos_in", None)  # BOS-aware cross-attention (MixDQ): the context's token-0 embedding
@@ -142,7 +143,7 @@ class QuantLayer(nn.Module):
     def _kernel_args(self, blob, bias, device) -> dict:
         codes, scale, zero = self.packed_parts(blob)
         return dict(qweight=codes, scale=scale, zero=zero, bits=self.fmt.w_bits, k=self.k,
-                    group_size=self.fmt.group_size, bias=bias, **self._act_args(device))
+                    group_size=self.fmt.group_size, bias=bias, cache=self._kernel_cache, **self._act_args(device))
 
     def extra_repr(self) -> str:
         return f"{self.k}->{self.n}, {self.fmt.name}, mode={self.mode}"
