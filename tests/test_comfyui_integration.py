@@ -345,3 +345,45 @@ def test_bad_file_in_load_node_gives_one_clear_message(server):
     msg = errs[0]["details"] + " " + errs[0]["message"]
     assert "broken.safetensors" in msg and "corrupt" in msg, errs
     assert server.get("/object_info/KSampler")
+
+
+@pytest.mark.skipif(not os.environ.get("MIXQUANT_SCREENSHOT"), reason="set MIXQUANT_SCREENSHOT=FILE.png to take it")
+def test_screenshot_of_the_graph(server):
+    """docs/comfyui_graph.png: the example workflow in ComfyUI's page (headless Debian Chromium), the Report node
+    drawing the allocation from the ui output of the run above (test_example_workflow); also writes the UI-format
+    workflow next to the screenshot (examples/comfyui_quantize.json was made this way)."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    if not shutil.which("chromium"):
+        pytest.skip("no chromium (apt-get install chromium)")
+    with open(os.path.join(REPO, "examples", "comfyui_quantize_api.json")) as f:
+        api = json.load(f)
+    report = next((out for h in server.get("/history").values() for out in h.get("outputs", {}).values()
+                   if "mixquant_report" in out), None)
+    png = os.environ["MIXQUANT_SCREENSHOT"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1900, "height": 1000})
+            page.goto(server.url, timeout=120000)
+            page.wait_for_function("!!(window.app && window.app.graph && typeof window.app.loadApiJson === 'function')",
+                                   timeout=120000)
+            page.wait_for_timeout(3000)
+            page.evaluate("async (api) => { await window.app.loadApiJson(api, 'mixquant'); }", api)
+            page.wait_for_timeout(1500)
+            if report:
+                page.evaluate("(out) => { const n = window.app.graph._nodes.find(n => n.type === 'MixQuantReport');"
+                              " if (n) n.onExecuted(out); }", report)
+            page.evaluate("() => { window.app.graph.arrange(60); window.app.canvas.ds.scale = 0.72;"
+                          " window.app.canvas.ds.offset = [20, 20]; window.app.graph.setDirtyCanvas(true, true); }")
+            page.wait_for_timeout(1500)
+            workflow = page.evaluate("() => window.app.graph.serialize()")
+            page.screenshot(path=png)
+        finally:
+            browser.close()
+    with open(os.path.splitext(png)[0] + "_workflow.json", "w") as f:
+        json.dump(workflow, f, indent=1)
+    assert os.path.getsize(png) > 10000 and report is not None
+    assert {n["type"] for n in workflow["nodes"]} >= {"MixQuantCalibrate", "MixQuantPlan", "MixQuantQuantizeModel",
+                                                     "MixQuantReport", "KSampler", "CheckpointLoaderSimple"}
