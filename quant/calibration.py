@@ -173,6 +173,8 @@ def calibrate(runner: DenoiserRunner, prompts: list[str], seeds: list[int] | Non
         raise MixQuantError(f"unknown range method {range_method!r}: use minmax or percentile")
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     progress = progress or Progress()
+    expected = getattr(runner, "expected_calls", lambda n: 0)(len(prompts))
+    progress.start(expected or 1, "calibrating")  # may raise InterruptedRun: before any hook is registered
     state = {"group": 0}
     observers: dict[str, RangeObserver] = {}
     handles = []
@@ -185,8 +187,6 @@ def calibrate(runner: DenoiserRunner, prompts: list[str], seeds: list[int] | Non
                                               percentile if range_method == "percentile" else None,
                                               track_bos=bool(_BOS_LAYER.search(name)))
         handles.append(m.register_forward_pre_hook(lambda mod, args, o=obs: o.update(args[0], state["group"])))
-    expected = getattr(runner, "expected_calls", lambda n: 0)(len(prompts))
-    progress.start(expected or 1, "calibrating")
     # the runner knows its schedule up front, so each call lands in its timestep group as it happens
     schedule = getattr(runner, "timesteps", lambda: None)()
     gmap = timestep_groups([DenoiserCall((), {}, float(t), 0) for t in schedule], n_groups) if schedule else None

@@ -60,6 +60,11 @@ class QuantizeConfig:
             raise MixQuantError("the budget in MB must be positive.")
 
 
+def use_bos(cfg: QuantizeConfig) -> bool:
+    """BOS-aware to_k/to_v cannot be expressed in ComfyUI's native format: off for that target."""
+    return cfg.bos and cfg.target != "comfyui-native"
+
+
 def menu(li: LayerInfo, cfg: QuantizeConfig) -> list[LayerFormat]:
     """The joint formats a layer may take under the target."""
     if li.protected:
@@ -292,7 +297,7 @@ def prepare(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, see
     t_cal = time.time() - t0
     w_menu, a_menu, layers_s = menus(cfg, layers)
     sens = measure_sensitivity(runner, calib, layers_s, w_menu, a_menu, fp_id, cfg.sens_calls, cfg.sens_prompts,
-                               cfg.bos, cfg.cache_dir, progress, mode=cfg.sens_mode)
+                               use_bos(cfg), cfg.cache_dir, progress, mode=cfg.sens_mode)
     return Prepared(layers, calib, sens, fp_id, _prepared_key(prompts, seeds, runner.settings(), cfg),
                     {"calibrate": t_cal, "sensitivity": 0.0 if sens.cached else sens.seconds})
 
@@ -330,7 +335,7 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
                             f"average for this model and target is {math.ceil(smallest * 100) / 100:.2f} bits "
                             "(protected and unquantizable layers stay 16-bit).") from None
     ranges = calib.ranges()
-    bos = calib.bos() if cfg.bos else {}
+    bos = calib.bos() if use_bos(cfg) else {}
     n_eval = min(cfg.sens_prompts, len(prompts))
     ev_prompts, ev_seeds = calib.prompts[:n_eval], calib.seeds[:n_eval]
     progress.start(len(cfg.coupling) + 1, "allocating bits")
@@ -395,7 +400,7 @@ def build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, prob
         "coupling": {"chosen_content_weight": lam,
                      "candidates": [{k: v for k, v in c.items() if k != "plan"} for c in candidates]},
         "curve": curve,
-        "bos_layers": sorted(calib.bos()) if cfg.bos else [],
+        "bos_layers": sorted(calib.bos()) if use_bos(cfg) else [],
         "split_layers": sorted(n for n, r in ranges.items() if r.split is not None
                                and plan.get(n, LayerFormat(16, 16)).a_bits < 16),
         "act_groups": calib.n_groups,

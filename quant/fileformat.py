@@ -39,7 +39,7 @@ def fingerprint(model_or_state: nn.Module | dict, probe_len: int = 256) -> dict:
         h.update(f"{name}:{tuple(t.shape)};".encode())
         if t.is_floating_point() and t.numel():
             flat = t.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(probe_len, flat.numel())).long()
+            idx = torch.linspace(0, flat.numel() - 1, min(probe_len, flat.numel())).long().clamp_(max=flat.numel() - 1)
             probe.append(float(flat[idx].float().abs().mean()))
     sig = ",".join(f"{v:.2e}" for v in probe)
     return {"structure": h.hexdigest()[:16], "probe": probe,
@@ -172,7 +172,7 @@ def _check(cond: bool, path: str, what: str):
         raise _fail(path, what + " The file is corrupt or was edited; re-create it with `mixquant quantize`.")
 
 
-def _build_layer(path: str, name: str, e: dict, tensors: dict) -> QuantLayer:
+def build_layer(path: str, name: str, e: dict, tensors: dict) -> QuantLayer:
     try:
         fmt = LayerFormat.from_dict(e["format"])
         kind, cin, n, has_bias = e["kind"], int(e["in"]), int(e["out"]), bool(e["bias"])
@@ -244,7 +244,7 @@ def load_quantized(path: str, skeleton: nn.Module, base_fingerprint: dict | None
         raise _fail(path, "was made from a different base model than the one given (fingerprints differ). Use "
                           "the model it was quantized from, or re-quantize this model.")
     tensors = read_tensors(path)
-    layers = {name: _build_layer(path, name, e, tensors) for name, e in meta["layers"].items()}
+    layers = {name: build_layer(path, name, e, tensors) for name, e in meta["layers"].items()}
     modules = dict(skeleton.named_modules())
     for name in layers:
         _check(name in modules, path, f"layer {name} does not exist in this architecture.")

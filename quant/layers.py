@@ -24,10 +24,25 @@ from .formats import LayerFormat
 from .quantizer import qrange, quantize_weight
 
 
+def _checksum(w: torch.Tensor) -> int:
+    """Identify a weight's contents (which precomputed BOS output belongs to it)."""
+    flat = w.detach().reshape(-1)
+    if not flat.is_floating_point():
+        flat = flat.to(torch.int64)
+    pos = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=flat.dtype) % 1009
+    return hash((int(flat.sum()), int((flat * pos).sum()))) if not flat.is_floating_point() else \
+        hash((float(flat.sum()), float((flat * pos).sum())))
+
+
 class QuantLayer(nn.Module):
     """Common storage and hooks; subclasses say how a float weight maps to the [N, K] matrix and how to compute."""
 
     fmt: LayerFormat
+    # ComfyUI's low-VRAM protocol: a layer that is not fully loaded gets its LoRA patches as weight_function /
+    # bias_function (LowVramPatch: convert_weight -> LoRA -> set_weight(return_weight=True)), applied per forward.
+    comfy_cast_weights = False
+    weight_function: list = []
+    bias_function: list = []
 
     def _setup(self, n: int, k: int, fmt: LayerFormat, mode: str):
         if mode not in ("packed", "simulate"):
@@ -118,12 +133,14 @@ class QuantLayer(nn.Module):
                    **kwargs):
         """Requantize a patched float weight (fresh scales: a LoRA may widen the range). min-max ranges keep LoRA
         loading fast; the MSE range search is for calibration time."""
-        if self.bos_in is not None and not return_weight:  # the precomputed BOS output follows the patched weight
-            self.set_bos(self.bos_in, self._to_2d(weight.float()))
         if self.packed:
             new = self._pack(weight.to(self.weight.device), search="minmax")
         else:
             new = weight.to(device=self.weight.device, dtype=self.weight.dtype)
+        if self.bos_in is not None:  # the precomputed BOS output follows the patched weight (and comes back with
+            self._remember_bos()     # the original when ComfyUI restores only `.weight`)
+            self.set_bos(self.bos_in, self._to_2d(weight.float()))
+            self._bos_table[_checksum(new)] = self.bos_out
         if return_weight:
             return new
         self._w_hat = None
@@ -135,9 +152,13 @@ class QuantLayer(nn.Module):
     # --- shared forward pieces -------------------------------------------------------------------------------------
     def _params_on(self, device):
         w = self.weight if self.weight.device == device else self.weight.to(device, non_blocking=True)
+        for f in self.weight_function:  # low-VRAM LoRA patches (see above)
+            w = f(w)
         b = self.bias
         if b is not None and b.device != device:
             b = b.to(device, non_blocking=True)
+        for f in self.bias_function:
+            b = f(b)
         return w, b
 
     def _kernel_args(self, blob, bias, device) -> dict:
@@ -191,6 +212,17 @@ class QuantLinear(QuantLayer):
         self.bos_in = bos_in.float().reshape(-1).to(dev)
         self.bos_out = F.linear(self.bos_in, w_float_2d.float().to(dev), b)
 
+    def _remember_bos(self):
+        table = self.__dict__.setdefault("_bos_table", {})
+        if not table and self.bos_out is not None:
+            table[_checksum(self.weight)] = self.bos_out
+
+    def _current_bos_out(self) -> torch.Tensor:
+        table = self.__dict__.get("_bos_table")
+        if not table or len(table) < 2 or self.weight_function:  # never patched, or patched per call (low VRAM)
+            return self.bos_out
+        return table.get(_checksum(self.weight), self.bos_out)
+
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
         blob, bias = self._params_on(x.device)
         if self.packed:
@@ -205,7 +237,7 @@ class QuantLinear(QuantLayer):
             return self._compute(x)
         # tokens 1..N through the quantized path; token 0: the precomputed FP output where it is the BOS embedding,
         # the bias where the conditioning is all zeros (e.g. ComfyUI's ConditioningZeroOut), else quantized
-        bos_in, bos_out = self.bos_in.to(x.device), self.bos_out.to(x.device, x.dtype)
+        bos_in, bos_out = self.bos_in.to(x.device), self._current_bos_out().to(x.device, x.dtype)
         x0 = x[:, 0].float()
         is_bos = (x0 - bos_in).abs().amax(-1) <= 1e-3 * bos_in.abs().amax()
         is_zero = x0.abs().amax(-1) == 0

@@ -271,7 +271,7 @@ def export_file(src: str, out: str) -> dict:
 
     meta = fileformat.read_header(src)
     tensors = fileformat.read_tensors(src)
-    layers = {name: fileformat._build_layer(src, name, e, tensors) for name, e in meta["layers"].items()}
+    layers = {name: fileformat.build_layer(src, name, e, tensors) for name, e in meta["layers"].items()}
     prefixes = tuple(n + "." for n in layers)
     rest = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
     rename, naming = naming_for(meta["architecture"])

@@ -180,3 +180,26 @@ def test_interrupt_raises_cleanly():
         calibrate(runner, ["p"], [0], progress=Progress(should_stop=stop))
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
     assert not any(mod._forward_pre_hooks or mod._forward_hooks for mod in m.modules())
+
+
+def test_bos_output_follows_lora_and_its_removal():
+    """ComfyUI patches a LoRA with convert_weight/set_weight and unpatches by restoring only `.weight`: the
+    precomputed BOS output must follow both ways."""
+    torch.manual_seed(0)
+    m = CrossAttn(32, 64, 8, 4).eval()
+    ctx = clip_like_context(2, 6, 64, bos_outlier=True)
+    x = torch.randn(2, 8, 32)
+    _, calib, q = _cross_attn_error(m, ctx, x, bos=True)
+    k = q.attn2.to_k
+    with torch.no_grad():
+        before = k(ctx)[:, 0].clone()
+        backup = k.weight
+        w = k.convert_weight(k.weight.to(torch.float32, copy=True), inplace=True)
+        delta = torch.randn_like(w) * 0.05
+        k.set_weight(w + delta, seed=1)
+        patched = k(ctx)[:, 0]
+        expect = torch.nn.functional.linear(ctx[:, 0], m.attn2.to_k.weight + delta)  # FP weight + LoRA delta
+        assert torch.allclose(patched, expect, atol=2e-2 * float(expect.abs().max()))
+        assert not torch.allclose(patched, before)
+        k.weight = backup  # unpatch
+        assert torch.equal(k(ctx)[:, 0], before)
