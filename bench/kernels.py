@@ -241,30 +241,6 @@ def _plans(unet):
     return {"W8A8": w8a8, "mixed W4A8": mixed}
 
 
-def _attach_caches(model):
-    """Give each quantized layer a cache dict and route its forward through it (what quant/layers.py does once the
-    `cache=` argument is wired)."""
-    from mixquant.quant.layers import QuantConv2d, QuantLayer, QuantLinear
-    for m in model.modules():
-        if isinstance(m, QuantLayer) and m.packed:
-            m._kernel_cache = {}
-            if isinstance(m, QuantLinear):
-                m.forward = _cached_linear_forward.__get__(m)
-            elif isinstance(m, QuantConv2d):
-                m.forward = _cached_conv_forward.__get__(m)
-
-
-def _cached_linear_forward(self, x):
-    blob, bias = self._params_on(x.device)
-    return dispatch.linear(x, cache=self._kernel_cache, **self._kernel_args(blob, bias, x.device))
-
-
-def _cached_conv_forward(self, x):
-    blob, bias = self._params_on(x.device)
-    geo = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation)
-    return dispatch.conv2d(x, cache=self._kernel_cache, **self._kernel_args(blob, bias, x.device), **geo)
-
-
 def _weight_bytes(model) -> tuple[int, int]:
     from mixquant.kernels.cpu import cache_bytes
     from mixquant.quant.apply import model_bytes
@@ -300,8 +276,7 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
             copy.deepcopy(unet).to(memory_format=torch.channels_last)
     for label, plan in _plans(unet).items():
         t0 = time.time()
-        q, _ = quantize_model(unet, plan, ranges, search="minmax")
-        _attach_caches(q)
+        q, _ = quantize_model(unet, plan, ranges, search="minmax")  # its layers pass their kernel cache dicts
         models[label] = q
         print(f"  quantized {label} in {time.time() - t0:.0f}s", flush=True)
     lines = [f"### SD1.5-architecture UNet forward, batch 2 ({device})", "",

@@ -132,11 +132,20 @@ def _cached(cache: dict | None, slot: str, key: tuple, build):
         return build()
     hit = cache.get(slot)
     if hit is not None and hit[0] == key:
+        cache["misses"] = 0
         return hit[1]
     cache.pop(slot, None)  # free the stale one before building its replacement
     value = build()
     cache[slot] = (key, value)
+    if hit is not None:
+        cache["misses"] = cache.get("misses", 0) + 1
     return value
+
+
+def weight_keeps_moving(cache: dict | None) -> bool:
+    """True once a layer's weight has come back changed twice in a row (a low-VRAM layer copied to the device for
+    every call): caching derived data for it only costs time. A LoRA patch misses once, then hits again."""
+    return cache is not None and cache.get("misses", 0) >= 2
 
 
 def cache_bytes(cache: dict) -> int:
@@ -154,8 +163,9 @@ def cache_bytes(cache: dict) -> int:
             for x in v.values():
                 visit(x)
 
-    for _, value in cache.values():
-        visit(value)
+    for entry in cache.values():
+        if isinstance(entry, tuple):
+            visit(entry[1])
     return total
 
 
@@ -434,6 +444,8 @@ def int_route_accepts(op: str, route: str, *, bits, zero, scale, a_bits, a_mode,
         return "8-bit weight with a zero point does not fit int8"
     if cache is None:
         return "no cache dict from the layer: prepacking every call costs as much as the GEMM"
+    if weight_keeps_moving(cache):
+        return "the weight comes back at a new address every call: a prepack would not be reused"
     if route.startswith("onednn") and not _has_onednn():
         return "this torch has no oneDNN int8 ops"
     if route == "int_mm" and op != "linear":

@@ -141,10 +141,10 @@ def _triton_conv_accepts(**call):
 
 def _triton_wsum(cache, call):
     """The weight column sums a static zero point needs, kept in the layer's cache (else summed in the K loop)."""
-    if cache is None or call.get("a_mode") != "static":
-        return None
+    from .cpu import _cache_key, _cached, weight_keeps_moving
+    if cache is None or call.get("a_mode") != "static" or weight_keeps_moving(cache):
+        return None  # the K loop sums the weight tiles itself
     from . import triton_gemm
-    from .cpu import _cache_key, _cached
     q, scale = call["qweight"], call["scale"]
     return _cached(cache, "triton_wsum", _cache_key(q, scale, (str(q.device),)),
                    lambda: triton_gemm.weight_sums(q, call["zero"], call["bits"], call["k"], call["group_size"],

@@ -304,12 +304,13 @@ if HAVE_TRITON:
             w = weight_tile_(W, stride_wn, Z, stride_zn, offs_n, offs_k, k0, g, N, K, W_BITS, HAS_WZ, INT_DOT,
                              BLOCK_N, BLOCK_K)
             acc0, acc1, wsum = dot_step_(a0, a1, w, acc0, acc1, wsum, A_MODE, HAS_SPLIT, INT_DOT, WSUM_IN, DOT_DTYPE)
-            if GROUPED:
-                out += group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, g, N, AS, AZ, A_MODE,
-                                  A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
-                acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
-                acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
-                wsum = tl.zeros((BLOCK_N,), tl.int32)
+            if GROUPED:  # scales (and a precomputed weight sum) belong to whole groups: apply at each group's end
+                if ((k0 + BLOCK_K) % GROUP == 0) | (k0 + BLOCK_K >= K):
+                    out += group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, g, N, AS, AZ,
+                                      A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
+                    acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+                    acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+                    wsum = tl.zeros((BLOCK_N,), tl.int32)
         if not GROUPED:
             out = group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, 0, N, AS, AZ, A_MODE,
                              A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
