@@ -183,14 +183,15 @@ def gpu_gemm(quick: bool) -> list[str]:
 
 
 def _comfy_kitchen_int8():
-    """A builder of comfy-kitchen's int8 linear (per-row weight, dynamic per-token activations), or None."""
+    """A builder of comfy-kitchen's int8 linear (per-row weight, dynamic per-token activations; its CUDA backend
+    needs torch cu13, else its Triton/eager backends run), or None when comfy_kitchen is not installed."""
     try:
-        from comfy_kitchen.tensor import QuantizedTensor  # noqa: F401
+        import comfy_kitchen.tensor.base  # noqa: F401
     except Exception:  # noqa: BLE001
         return None
 
     def build(x, w, b):
-        from comfy_kitchen.tensor import QuantizedTensor
+        from comfy_kitchen.tensor.base import QuantizedTensor
         qt = QuantizedTensor.from_float(w, "TensorWiseINT8Layout", per_channel=True)
         return lambda: F.linear(x, qt, b)
     return build
@@ -238,7 +239,20 @@ def _plans(unet):
     # everything else at 4-bit group-64 weights with 8-bit activations
     mixed = {li.name: (LayerFormat(16, 16) if li.protected else
                        LayerFormat(8, 8) if li.role == "content" else LayerFormat(4, 8, 64)) for li in layers}
-    return {"W8A8": w8a8, "mixed W4A8": mixed}
+    plans = {"W8A8": w8a8, "mixed W4A8": mixed}
+    if A7:
+        # what-if: 7-bit static activations. On CPUs without VNNI one oneDNN u8 x s8 call is exact for codes
+        # < 128 (no int16 saturation), so the split's second GEMM disappears. quant/formats.py does not list
+        # a_bits=7 (yet): the format is built past its validation, for this measurement only.
+        a7 = object.__new__(LayerFormat)
+        for f, v in dict(w_bits=8, a_bits=7, group_size=None, a_mode="static", w_symmetric=None).items():
+            object.__setattr__(a7, f, v)
+        plans["W8A7 (what-if)"] = {li.name: (LayerFormat(16, 16) if li.protected else a7) for li in layers}
+    return plans
+
+
+A7 = False
+ROUNDS = 3
 
 
 def _weight_bytes(model) -> tuple[int, int]:
@@ -301,7 +315,7 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
                 peaks[label] = torch.cuda.max_memory_allocated() / 2**20
         else:
             with torch.no_grad():
-                times = race_cpu(runs, rounds=1 if quick else 3)
+                times = race_cpu(runs, rounds=1 if quick else ROUNDS)
         base = times[next(iter(models))]
         mem = []
         for label, m in models.items():
@@ -338,8 +352,12 @@ def main(argv=None) -> int:
     ap.add_argument("--part", default="gemm,conv,unet")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and rounds (a smoke run)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the CPU UNet forwards")
+    ap.add_argument("--a7", action="store_true", help="also time a what-if W8A7 UNet (7-bit static activations)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    global A7, ROUNDS
+    A7, ROUNDS = args.a7, args.rounds
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = set(args.part.split(","))

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import reference
 from .packing import unpack_codes
 
 INT_ROUTES = ("onednn", "onednn_split", "int_mm")
