@@ -30,10 +30,11 @@ class Infeasible(MixQuantError):
         self.minimum = minimum
 
 
-def solve(options: list[list[Option]], budget: float, extra_limits: tuple = (), time_limit: float = 30.0) -> list[int]:
+def solve(options: list[list[Option]], budget: float, extra_limits: tuple = (), time_limit: float = 10.0) -> list[int]:
     """Pick one option per layer: minimise sum(loss) with sum(cost) <= budget and, for each extra constraint k,
     sum(extra[k]) <= extra_limits[k]. Returns the chosen index per layer. Raises Infeasible (with the smallest
-    feasible budget) when even the cheapest choice does not fit."""
+    feasible budget) when even the cheapest choice does not fit. Past `time_limit` seconds (large models with the
+    16-bit-activation constraint) the best feasible plan found so far is returned."""
     if not options:
         return []
     min_cost = sum(min(o.cost for o in opts) for opts in options)
