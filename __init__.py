@@ -6,7 +6,10 @@ ComfyUI: the node classes only touch ``comfy`` inside their functions.
 """
 __version__ = "0.1.0"
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+else:  # loaded as a bare file, not as a package (pytest collecting a checkout folder whose name is no identifier)
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 WEB_DIRECTORY = "./web"
 
