@@ -253,6 +253,7 @@ def _plans(unet):
 
 A7 = False
 ROUNDS = 3
+CHANNELS_LAST = False
 
 
 def _weight_bytes(model) -> tuple[int, int]:
@@ -284,25 +285,31 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
     x, t, ctx = inputs(sizes[0])
     ranges = collect_act_ranges(unet, lambda: unet(x, t, ctx))  # one forward: realistic static zero points
     models = {str(fdt).replace("torch.", "").upper(): unet}
-    if not cuda:  # the same float model in channels_last (faster convs on some CPUs): the honest other baseline
-        import copy
+    if CHANNELS_LAST:  # the same float model in channels_last (faster convs on some CPUs): another baseline
         models[str(fdt).replace("torch.", "").upper() + " channels_last"] = \
-            copy.deepcopy(unet).to(memory_format=torch.channels_last)
+            sd15_unet(dtype=fdt, device=device).to(memory_format=torch.channels_last)
     for label, plan in _plans(unet).items():
         t0 = time.time()
-        q, _ = quantize_model(unet, plan, ranges, search="minmax")  # its layers pass their kernel cache dicts
+        # a fresh copy of the same seeded model, quantized in place (no deep copy: peak memory stays ~2 models)
+        q, _ = quantize_model(sd15_unet(dtype=fdt, device=device), plan, ranges, inplace=True, search="minmax")
         models[label] = q
+        gc.collect()
         print(f"  quantized {label} in {time.time() - t0:.0f}s", flush=True)
+    notes = []
     lines = [f"### SD1.5-architecture UNet forward, batch 2 ({device})", "",
              "| latents | " + " | ".join(f"{k} ms | ×" for k in models) + " | weights MB (+ kernel cache MB) |",
              "|---|" + "---|---|" * len(models) + "---|"]
     for hw in sizes:
         x, t, ctx = inputs(hw)
-        runs = {}
-        for label, m in models.items():
+        runs, agree = {}, {}
+        for i, (label, m) in enumerate(models.items()):
             xi = x.contiguous(memory_format=torch.channels_last) if label.endswith("channels_last") else x
             with torch.no_grad():
-                m(xi, t, ctx)  # warm-up: CPU route races, Triton autotuning
+                y = m(xi, t, ctx).sample  # warm-up: CPU route races, Triton autotuning
+                if i > 0 and not label.endswith("channels_last"):  # the fast paths against the reference kernels
+                    with dispatch.use_backend("reference"):
+                        y_ref = m(xi, t, ctx).sample
+                    agree[label] = float((y.float() - y_ref.float()).norm() / y_ref.float().norm())
                 if cuda:
                     runs[label] = _graphed(m, xi, t, ctx)
                 else:
@@ -325,6 +332,9 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
         lines.append(f"| {hw}×{hw} | " + " | ".join(f"{fmt_ms(times[k])} | {ratio(base, times[k])}" for k in models)
                      + " | " + "; ".join(mem) + " |")
         print(lines[-1], flush=True)
+        notes.append(f"{hw}×{hw}: output of the fast path vs the reference path (relative L2): "
+                     + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()))
+    lines += [""] + notes
     del models
     gc.collect()
     return lines
@@ -352,12 +362,13 @@ def main(argv=None) -> int:
     ap.add_argument("--part", default="gemm,conv,unet")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and rounds (a smoke run)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--channels-last", action="store_true", help="also time the float UNet in channels_last")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the CPU UNet forwards")
     ap.add_argument("--a7", action="store_true", help="also time a what-if W8A7 UNet (7-bit static activations)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    global A7, ROUNDS
-    A7, ROUNDS = args.a7, args.rounds
+    global A7, ROUNDS, CHANNELS_LAST
+    A7, ROUNDS, CHANNELS_LAST = args.a7, args.rounds, args.channels_last
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = set(args.part.split(","))
@@ -369,7 +380,8 @@ def main(argv=None) -> int:
         tag = torch.cuda.get_device_name().replace(" ", "_").lower()
     else:
         from mixquant.kernels import cpu
-        machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
+        nt = torch.get_num_threads()
+        machine = f"{cpu_name()}, {nt} torch thread{'s' if nt != 1 else ''}"
         tag = "cpu"
         print(cpu.plan().describe(), flush=True)
     try:

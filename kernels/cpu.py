@@ -213,7 +213,8 @@ def fake_quant(x, a_bits, a_mode, a_scale, a_zero, a_split, channel_dim, dynamic
     parts = [(xf, a_scale.reshape(()), a_zero.reshape(()))] if a_split is None else list(zip(
         xf.split([a_split, x.shape[channel_dim] - a_split], dim=channel_dim), a_scale, a_zero))
     qmax = 2 ** a_bits - 1
-    out = [p.div(s).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s) for p, s, z in parts]
+    # (clamp(round(x / s) + z, 0, qmax) - z) * s == clamp(round(x / s), -z, qmax - z) * s exactly (small integers)
+    out = [p.div(s).round_().clamp_(-z, qmax - z).mul_(s) for p, s, z in parts]
     return (out[0] if len(out) == 1 else torch.cat(out, dim=channel_dim)).to(x.dtype)
 
 
