@@ -142,7 +142,8 @@ def _triton_conv_accepts(**call):
 def _triton_wsum(cache, call):
     """The weight column sums a static zero point needs, kept in the layer's cache (else summed in the K loop)."""
     from .cpu import _cache_key, _cached, weight_keeps_moving
-    if cache is None or call.get("a_mode") != "static" or weight_keeps_moving(cache):
+    if cache is None or call.get("a_mode") != "static" or weight_keeps_moving(cache) \
+            or torch.compiler.is_compiling():  # (data pointers and version counters are not traceable)
         return None  # the K loop sums the weight tiles itself
     from . import triton_gemm
     q, scale = call["qweight"], call["scale"]
