@@ -145,3 +145,17 @@ def test_forward_moves_packed_tensors_to_the_input_device():
     q = QuantLinear.from_float(nn.Linear(64, 32), LayerFormat(4, 16, 64))
     x = torch.randn(2, 64, device="cuda")
     assert q(x).device.type == "cuda" and q.weight.device.type == "cpu"
+
+
+def test_layers_run_under_inference_mode():
+    """Users (and `mixquant generate`) run pipelines under torch.inference_mode(): the kernel caches must cope."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    q = QuantLinear.from_float(lin, LayerFormat(8, 8, None, "dynamic"))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = q(x)
+    with torch.inference_mode():
+        a = q(x)
+        b = q(x)  # second call: served from the layer's kernel cache
+    assert torch.allclose(a, ref, atol=1e-5) and torch.equal(a, b)
