@@ -25,6 +25,7 @@ def _layer_bytes(e: dict) -> tuple[int, int]:
 def run(args) -> int:
     from ..quant.errors import MixQuantError
     from ..quant.fileformat import read_header
+    from ..quant.formats import LayerFormat
 
     if args.kernels:
         from ..kernels import dispatch
@@ -52,7 +53,6 @@ def run(args) -> int:
     counts = Counter()
     params = wbytes = 0
     for e in layers.values():
-        from ..quant.formats import LayerFormat
 
         counts[LayerFormat.from_dict(e["format"]).name] += 1
         n, b = _layer_bytes(e)
@@ -64,7 +64,6 @@ def run(args) -> int:
     if args.layers:
         for name, e in layers.items():
             n, b = _layer_bytes(e)
-            from ..quant.formats import LayerFormat
 
             print(f"  {name:<70} {e['kind']:<7} {LayerFormat.from_dict(e['format']).name:<10} {b:>10,d} B")
     return 0

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..quant import engine
-from ..quant.allocate import Infeasible
 from ..quant.calibration import Calibration
 from ..quant.errors import MixQuantError
 from ..quant.fileformat import fingerprint
@@ -41,20 +40,7 @@ class PlanResult:
 
 
 def _check_budget(problem, cfg, layers):
-    try:
-        min_cost = problem.min_feasible()
-        if min_cost > problem.budget_cost:
-            raise Infeasible("", min_cost)
-    except Infeasible as e:
-        if problem.use_bytes:
-            smallest = (e.minimum + problem.fixed_bytes) / 1e6
-            raise MixQuantError(f"a budget of {cfg.budget_mb:g} MB cannot be met: the smallest feasible budget for "
-                                f"this model and target is {math.ceil(smallest * 100) / 100:.2f} MB.") from None
-        params_total = sum(li.params for li in layers)
-        smallest = e.minimum / params_total
-        raise MixQuantError(f"an average of {cfg.avg_w_bits:g} weight bits cannot be met: the smallest feasible "
-                            f"average for this model and target is {math.ceil(smallest * 100) / 100:.2f} bits "
-                            "(protected and unquantizable layers stay 16-bit).") from None
+    engine.check_budget(problem, cfg, layers)
 
 
 def plan_from_calibration(runner: DenoiserRunner, calib: Calibration, cfg: engine.QuantizeConfig,

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .allocate import Infeasible, Option, solve
+from .allocate import Option, solve
 from .apply import quantize_model
 from .calibration import Calibration, calibrate
 from .errors import MixQuantError
@@ -232,6 +232,21 @@ def plan_stats(layers: list[LayerInfo], plan: dict, act_elems: dict) -> dict:
     return {"avg_w_bits": wbits, "avg_a_bits": abits, "weight_bytes": wbytes}
 
 
+def check_budget(prob: Problem, cfg: QuantizeConfig, layers) -> None:
+    """Raise one clear error naming the smallest feasible budget when the configured one cannot be met."""
+    min_cost = prob.min_feasible()
+    if min_cost <= prob.budget_cost:
+        return
+    if prob.use_bytes:
+        smallest = (min_cost + prob.fixed_bytes) / 1e6
+        raise MixQuantError(f"a budget of {cfg.budget_mb:g} MB cannot be met: the smallest feasible budget for "
+                            f"this model and target is {math.ceil(smallest * 100) / 100:.2f} MB.")
+    smallest = min_cost / sum(li.params for li in layers)
+    raise MixQuantError(f"an average of {cfg.avg_w_bits:g} weight bits cannot be met: the smallest feasible "
+                        f"average for this model and target is {math.ceil(smallest * 100) / 100:.2f} bits "
+                        "(protected and unquantizable layers stay 16-bit).")
+
+
 def quality_size_curve(prob: Problem, sens: Sensitivity, lam: float, layers, act_elems,
                        points=(2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8)) -> list[dict]:
     """The whole quality/size curve from the cached sensitivities: one MILP per budget, no sampling. Budgets are
@@ -320,20 +335,7 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
     phase_times = {"calibrate": 0.0, "sensitivity": 0.0} if reused else dict(prepared.timings)
     t0 = time.time()
     prob = problem(layers, cfg, calib, sens, model)
-    try:
-        min_cost = prob.min_feasible()
-        if min_cost > prob.budget_cost:
-            raise Infeasible("", min_cost)
-    except Infeasible as e:
-        if prob.use_bytes:
-            smallest = (e.minimum + prob.fixed_bytes) / 1e6
-            raise MixQuantError(f"a budget of {cfg.budget_mb:g} MB cannot be met: the smallest feasible budget for "
-                                f"this model and target is {math.ceil(smallest * 100) / 100:.2f} MB.") from None
-        params_total = sum(li.params for li in layers)
-        smallest = e.minimum / params_total
-        raise MixQuantError(f"an average of {cfg.avg_w_bits:g} weight bits cannot be met: the smallest feasible "
-                            f"average for this model and target is {math.ceil(smallest * 100) / 100:.2f} bits "
-                            "(protected and unquantizable layers stay 16-bit).") from None
+    check_budget(prob, cfg, layers)
     ranges = calib.ranges()
     bos = calib.bos() if use_bos(cfg) else {}
     n_eval = min(cfg.sens_prompts, len(prompts))

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.packing import unpack_codes
 from .errors import MixQuantError
-from .layers import QuantConv2d, QuantLayer, QuantLinear
+from .layers import QuantLayer, QuantLinear
 
 AWQ_GROUP = 64
 MARKER = "comfy_quant"
