@@ -3,7 +3,7 @@
     python bench/kernels.py                      # CPU: per-kernel tables + SD1.5-architecture UNet at 32x32 latents
     python bench/kernels.py --device cuda        # GPU: per-kernel vs torch fp16 (and fp8 _scaled_mm, comfy-kitchen
                                                  #      int8_linear where present) + UNet at 64x64 and 128x128
-    options: --part gemm,conv,unet  --quick  --threads N  --out FILE
+    options: --part gemm,conv,unet,profile  --quick  --threads N  --out FILE
 
 CPU: every quantized call goes through the dispatcher with a per-layer cache dict (as a layer passes it), so the
 route is the one the per-shape race picks on this machine; the table names it. The float baseline is the fastest
@@ -54,12 +54,19 @@ def race_cpu(fns: dict, rounds: int = 5) -> dict:
     return {k: v * 1e3 for k, v in best.items()}
 
 
-def time_gpu(fns: dict) -> dict:
+def time_gpu(fns: dict, graphs: bool = True) -> dict:
+    """Median ms per candidate. graphs: each call captured in a CUDA graph and replayed (launch overhead gone on
+    both sides, as in a UNet run under CUDA graphs); else eager launches (what a Python loop pays per call)."""
     import triton.testing
     out = {}
     for k, f in fns.items():
         try:
-            out[k] = triton.testing.do_bench(f, warmup=25, rep=100)
+            f()  # warm-up outside any capture: autotuning, compilation, per-layer caches
+            torch.cuda.synchronize()
+            if graphs:
+                out[k] = triton.testing.do_bench_cudagraph(f, rep=50)
+            else:
+                out[k] = triton.testing.do_bench(f, warmup=25, rep=100)
         except Exception as e:  # noqa: BLE001 - a competitor that does not run here is reported, not fatal
             out[k] = None
             print(f"  {k}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
@@ -142,16 +149,19 @@ def cpu_conv(quick: bool) -> list[str]:
 
 
 def gpu_gemm(quick: bool) -> list[str]:
-    from mixquant.kernels import triton_gemm as tg
     cap = torch.cuda.get_device_capability()
     fp8 = cap >= (8, 9) and hasattr(torch, "_scaled_mm")
     ck = _comfy_kitchen_int8()
-    head = ["fp16 ms", "W8A8 static ×", "W8A8 static, prequant ×", "W8A8 dyn ×", "W4A8 g64 dyn ×", "W4A16 g64 ×"]
+    head = ["fp16 ms", "W8A8 static ×", "W8A8 dyn ×", "W4A8 g64 dyn ×", "W4A16 g64 ×"]
     if fp8:
         head.append("fp8 _scaled_mm ×")
     if ck:
         head.append("comfy-kitchen int8 ×")
+    head.append("W8A8 static, eager ×")
     lines = ["### GEMM, GPU (fp16 activations; × = torch fp16 F.linear time / this time, > 1: faster)", "",
+             "Each call goes through the dispatcher with a per-layer cache, as a quantized layer calls it. Timed in "
+             "CUDA graphs on both sides (as the UNet runs); the last column times both sides eagerly (Python launch "
+             "overhead included).", "",
              "| M | K | N | " + " | ".join(head) + " |", "|---|---|---|" + "---|" * len(head)]
     ms = (2 * 4096, 2 * 1024, 2 * 256)
     pairs = sorted({p for _, ps in SD_LINEARS for p in ps} | {(1280, 1280), (1280, 5120)})
@@ -163,10 +173,10 @@ def gpu_gemm(quick: bool) -> list[str]:
             w = torch.randn(n, k, device="cuda", dtype=torch.float16)
             b = torch.randn(n, device="cuda", dtype=torch.float16)
             fns = {"fp16": lambda: F.linear(x, w, b)}
-            for lab, f, extra in ((head[1], W8A8[1], {}), (head[2], W8A8[1], {"prequant": True}),
-                                  (head[3], W8A8D[1], {}), (head[4], W4A8[1], {}), (head[5], W4A16[1], {})):
+            for lab, f in ((head[1], W8A8[1]), (head[2], W8A8D[1]), (head[3], W4A8[1]), (head[4], W4A16[1])):
                 call = random_call(n, k, device="cuda", **f)
-                fns[lab] = lambda call=call, extra=extra: tg.qlinear(x, **call, **extra)
+                cache = {}
+                fns[lab] = lambda call=call, cache=cache: dispatch.linear(x, cache=cache, **call)
             if fp8:
                 x8 = x.to(torch.float8_e4m3fn)
                 w8 = w.to(torch.float8_e4m3fn).t()
@@ -176,8 +186,11 @@ def gpu_gemm(quick: bool) -> list[str]:
             if ck:
                 fns["comfy-kitchen int8 ×"] = ck(x, w, b)
             t = time_gpu(fns)
+            te = time_gpu({"fp16": fns["fp16"], "q": fns[head[1]]}, graphs=False)
+            t["W8A8 static, eager ×"] = te["q"]
             lines.append(f"| {m} | {k} | {n} | {fmt_ms(t['fp16'])} | "
-                         + " | ".join(ratio(t["fp16"], t[h]) for h in head[1:]) + " |")
+                         + " | ".join(ratio(t["fp16"] if h != "W8A8 static, eager ×" else te["fp16"], t[h])
+                                      for h in head[1:]) + " |")
             print(lines[-1], flush=True)
     return lines
 
@@ -198,13 +211,13 @@ def _comfy_kitchen_int8():
 
 
 def gpu_conv(quick: bool) -> list[str]:
-    from mixquant.kernels import triton_conv as tc
     shapes = [(64, 320, 320), (64, 640, 640), (32, 640, 640), (32, 1280, 1280), (16, 1280, 1280)]
     if quick:
         shapes = [(64, 640, 640)]
-    head = ["cuDNN fp16 ms (best layout)", "W8A8 static ×", "W8A8 static, fused prologue ×", "W8A8 dyn ×",
-            "W4A8 g64 dyn ×"]
+    head = ["cuDNN fp16 ms (best layout)", "W8A8 static ×", "W8A8 dyn ×", "W4A8 g64 dyn ×", "W4A16 g64 ×"]
     lines = ["### Conv2d 3×3, GPU (batch 2, padding 1, fp16; × = best cuDNN fp16 time / this time)", "",
+             "NCHW fp16 input, as the UNet feeds it; through the dispatcher with a per-layer cache; CUDA graphs on "
+             "both sides. cuDNN: the faster of NCHW and channels_last.", "",
              "| H=W | C_in | C_out | " + " | ".join(head) + " |", "|---|---|---|" + "---|" * len(head)]
     geo = conv_geometry(3, 1, 1)
     for hw, cin, cout in shapes:
@@ -216,16 +229,85 @@ def gpu_conv(quick: bool) -> list[str]:
         t = time_gpu({"nchw": lambda: F.conv2d(x, w, b, 1, 1), "nhwc": lambda: F.conv2d(xcl, wcl, b, 1, 1)})
         base = min(v for v in t.values() if v is not None)
         fns = {}
-        for lab, f, extra in ((head[1], W8A8[1], {}), (head[2], W8A8[1], {"prequant": False}),
-                              (head[3], W8A8D[1], {}), (head[4], W4A8[1], {})):
+        for lab, f in ((head[1], W8A8[1]), (head[2], W8A8D[1]), (head[3], W4A8[1]), (head[4], W4A16[1])):
             call = random_call(cout, 9 * cin, device="cuda", **f)
-            # NCHW input, as the UNet feeds it (the int8 pre-quantization pass writes NHWC codes)
-            fns[lab] = lambda call=call, extra=extra: tc.qconv2d(x, **call, **geo, **extra)
+            cache = {}
+            fns[lab] = lambda call=call, cache=cache: dispatch.conv2d(x, cache=cache, **call, **geo)
         tq = time_gpu(fns)
         lines.append(f"| {hw} | {cin} | {cout} | {fmt_ms(base)} | " + " | ".join(ratio(base, tq[h]) for h in head[1:])
                      + " |")
         print(lines[-1], flush=True)
     return lines
+
+
+def gpu_profile(quick: bool) -> list[str]:
+    """What limits the acceptance shapes: per-kernel GPU time (torch.profiler) of one quantized call, and a sweep
+    of fixed launch configs against the default heuristic."""
+    lines = ["### Where the time goes (GPU, acceptance shapes)", "",
+             "Per-kernel GPU time of one call (torch.profiler, mean of 20), and the whole call timed in a CUDA graph "
+             "with fixed launch configs (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) vs the default heuristic.", ""]
+    sweep = [(128, 256, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 128, 4, 4), (256, 128, 128, 3, 8),
+             (128, 256, 64, 4, 8), (64, 256, 128, 4, 4), (128, 128, 64, 5, 4)]
+    geo = conv_geometry(3, 1, 1)
+    cases = [("linear", 8192, 1280, 1280), ("linear", 8192, 1280, 5120), ("conv", 64, 640, 640)]
+    for op, a, k, n in cases[:1] if quick else cases:
+        for lab, f in (W8A8, W8A8D):
+            try:
+                lines.append(_profile_case(op, a, k, n, lab, f, sweep, geo))
+            except Exception as e:  # noqa: BLE001 - report and go on to the next case
+                lines.append(f"- {op} {a} {k} {n} {lab}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def _profile_case(op, a, k, n, lab, f, sweep, geo):
+    from torch.profiler import ProfilerActivity, profile
+
+    from mixquant.kernels import triton_conv as tc
+    from mixquant.kernels import triton_gemm as tg
+    call = random_call(n, k if op == "linear" else 9 * k, device="cuda", **f)
+    cache = {}
+    if op == "linear":
+        x = torch.randn(a, k, device="cuda", dtype=torch.float16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        fp = lambda: F.linear(x, w)  # noqa: E731
+        q = lambda: dispatch.linear(x, cache=cache, **call)  # noqa: E731
+        wsum = dispatch._triton_wsum(cache, call)
+        fixed = lambda c: tg.qlinear(x, **call, wsum=wsum, config=c)  # noqa: E731
+        title = f"linear M={a} K={k} N={n}"
+    else:
+        x = torch.randn(2, k, a, a, device="cuda", dtype=torch.float16)
+        w = torch.randn(n, k, 3, 3, device="cuda", dtype=torch.float16)
+        fp = lambda: F.conv2d(x, w, None, 1, 1)  # noqa: E731
+        q = lambda: dispatch.conv2d(x, cache=cache, **call, **geo)  # noqa: E731
+        wsum = dispatch._triton_wsum(cache, call)
+        fixed = lambda c: tc.qconv2d(x, **call, **geo, wsum=wsum, config=c)  # noqa: E731
+        title = f"conv 3×3 {a}×{a}×{k}→{n}, batch 2"
+    t = time_gpu({"fp16": fp, "ours": q})
+    q()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            q()
+        torch.cuda.synchronize()
+    kern = {}
+    for e in prof.key_averages():
+        if getattr(e, "device_time_total", 0) > 0:
+            kern[e.key] = e.device_time_total / 20
+    parts = ", ".join(f"{name[:40]} {us:.1f} µs" for name, us in sorted(kern.items(), key=lambda kv: -kv[1])
+                      if us >= 0.5)
+    sw = {}
+    for c in sweep:
+        cfg = dict(BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], GROUP_M=8, num_stages=c[3], num_warps=c[4])
+        if op == "conv" and k % c[2]:
+            continue
+        sw[c] = time_gpu({c: lambda cfg=cfg: fixed(dict(cfg))})[c]
+    best = min((v, c) for c, v in sw.items() if v is not None) if any(v is not None for v in sw.values()) \
+        else (None, None)
+    return (f"- **{title}, {lab}**: fp16 {fmt_ms(t['fp16'])} ms, ours {fmt_ms(t['ours'])} ms "
+                 f"({ratio(t['fp16'], t['ours'])}); kernels: {parts}; best fixed config {best[1]} "
+                 f"{fmt_ms(best[0])} ms ({ratio(t['fp16'], best[0])}); sweep: "
+            + ", ".join(f"{c}: {fmt_ms(v)}" for c, v in sw.items()))
 
 
 # --- end to end ----------------------------------------------------------------------------------------------------
@@ -323,7 +405,7 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
             times, peaks = {}, {}
             for label, f in runs.items():
                 torch.cuda.reset_peak_memory_stats()
-                times[label] = time_gpu({label: f})[label]
+                times[label] = time_gpu({label: f}, graphs=False)[label]  # f replays a captured graph
                 peaks[label] = torch.cuda.max_memory_allocated() / 2**20
         else:
             with torch.no_grad():
@@ -411,6 +493,8 @@ def main(argv=None) -> int:
             lines += gpu_gemm(args.quick) + [""]
         if "conv" in parts:
             lines += gpu_conv(args.quick) + [""]
+    if "profile" in parts and args.device == "cuda":
+        lines += gpu_profile(args.quick) + [""]
     if "unet" in parts:
         lines += unet_e2e(args.device, args.quick) + [""]
     text = "\n".join(lines)

@@ -113,13 +113,16 @@ if HAVE_TRITON:
                             other=0).to(tl.int32)
             elif W_BITS == 4:
                 offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                # bytes past the codes (a partial last block) stay inside the row (scales, padding): they are
+                # masked out below after unpacking; bounding by the row stride (a multiple of 16, kernels/
+                # packing.py) keeps the load vectorizable, which a bound of ceil(K / 2) would not
                 b = tl.load(W + offs_n[:, None] * stride_wn + offs_b[None, :],
-                            mask=n_ok & (offs_b[None, :] < (K + 1) // 2), other=0).to(tl.int32)
+                            mask=n_ok & (offs_b[None, :] < stride_wn), other=0).to(tl.int32)
                 w = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))
             else:
                 offs_b = k0 // 4 + tl.arange(0, BLOCK_K // 4)
                 b = tl.load(W + offs_n[:, None] * stride_wn + offs_b[None, :],
-                            mask=n_ok & (offs_b[None, :] < (K + 3) // 4), other=0).to(tl.int32)
+                            mask=n_ok & (offs_b[None, :] < stride_wn), other=0).to(tl.int32)
                 w = tl.reshape(tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)),
                                (BLOCK_N, BLOCK_K))
             if HAS_WZ:
@@ -369,12 +372,12 @@ if HAVE_TRITON:
 
 # --- configs ---------------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Consumer parts (sm_86/89: ~100 KB smem, fewer SMs) get smaller
-# tiles; datacenter parts (sm_80/90: 164-228 KB smem) larger ones. Each list covers small M (few tokens) to large.
-_CONSUMER = [(128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-             (128, 256, 64, 3, 8), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (64, 64, 32, 5, 4)]
+# tiles; datacenter parts (sm_80/90: 164-228 KB smem) larger ones. Each list spans small M (few tokens) to large;
+# kept short because every config is compiled (x2: int8 and fp16 dot) and timed per shape on first use.
+_CONSUMER = [(128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 3, 8),
+             (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (64, 64, 32, 5, 4)]
 _DATACENTER = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4), (128, 128, 64, 4, 4),
-               (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 64, 128, 4, 4),
-               (16, 64, 128, 4, 4), (64, 64, 32, 5, 4)]
+               (64, 128, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (64, 64, 32, 5, 4)]
 
 
 def _tile_list():
@@ -408,7 +411,12 @@ def _prune(configs, named_args, **kwargs):
         if kw["BLOCK_M"] > max(16, triton.next_power_of_2(m)) * 2:
             continue
         keep.append(c)
-    return keep or configs[-1:]
+    if not keep:  # e.g. groups of 32 with only larger K blocks listed: a K block of 32 always divides the group
+        keep = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "INT_DOT": i},
+                              num_stages=4, num_warps=4) for i in ((True, False) if int_ok else (False,))]
+    if int_ok:  # A8: every int8 tile, plus the two first float tiles as the measured fallback (fewer compiles)
+        keep = [c for c in keep if c.kwargs["INT_DOT"]] + [c for c in keep if not c.kwargs["INT_DOT"]][:2]
+    return keep
 
 
 # the interpreter runs one fixed small config: autotuning there would only multiply a slow run
@@ -421,8 +429,9 @@ def tuned(kernel, key):
     """Autotuned version of `kernel` (built lazily so that importing this module never touches the GPU)."""
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
     if name not in _TUNED:
-        _TUNED[name] = triton.autotune(configs=_configs(), key=key,
-                                       prune_configs_by={"early_config_prune": _prune})(kernel)
+        # results are cached on disk (Triton's cache dir), so a shape is tuned once per GPU, not once per process
+        _TUNED[name] = triton.autotune(configs=_configs(), key=key, prune_configs_by={"early_config_prune": _prune},
+                                       warmup=5, rep=20, cache_results=True)(kernel)
     return _TUNED[name]
 
 
@@ -580,8 +589,8 @@ def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
                 A_QMAX=qmax, HAS_SPLIT=a_split is not None and mode == A_STATIC, HAS_BIAS=bias is not None,
                 DOT_DTYPE=dot_dtype(x.dtype), EXACT_DIV=interpreting(), M_BUCKET=_bucket(m), INT_OK=int_ok)
     fixed = config or (_FIXED if interpreting() else None)
-    if fixed is not None or int_dot is not None:
-        cfg = dict(fixed or _default_config(m, n, group if grouped else None))
+    if fixed is not None or int_dot is not None or not autotuning():
+        cfg = dict(fixed or _default_config(m, n, group if grouped else None, int_ok if int_dot is None else int_dot))
         launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
         cfg.setdefault("INT_DOT", int_ok if int_dot is None else int_dot)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -593,12 +602,42 @@ def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     return out.reshape(*shape[:-1], n)
 
 
-def _default_config(m, n, group):
-    bk = 64 if group is None or group % 64 == 0 else 32
+def autotuning() -> bool:
+    """MIXQUANT_AUTOTUNE=1: time every listed config per shape on first use (results cached on disk by Triton).
+    Off by default: a whole UNet has dozens of shapes, and tuning them all made the first step take minutes on an
+    H100 (measured); the default is one config per call from `heuristic_config`."""
+    return os.environ.get("MIXQUANT_AUTOTUNE", "0") == "1"
+
+
+def heuristic_config(m: int, n: int, group: int | None, int_dot: bool, cin: int | None = None) -> dict:
+    """One launch config for an [m, K] x [K, n] call without autotuning: large int8 K blocks (128 bytes) and 8 warps
+    on datacenter parts (sm_80/90: room for 3-4 stages of 128x256x128 int8 tiles), 64-wide K blocks and 4 warps on
+    consumer ones; a K block divides the group (group scales are applied per block) and, for a conv, C_in (the
+    block then lies inside one tap)."""
+    big = _tile_list() is _DATACENTER
+    bk = 128 if (int_dot and big) else 64
+    for limit in (group, cin):
+        while limit is not None and bk > 32 and limit % bk:
+            bk //= 2
     if m <= 32:
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_M": 128 if m >= 128 else 64, "BLOCK_N": 128 if n >= 128 else 64, "BLOCK_K": bk, "GROUP_M": 8,
-            "num_warps": 4, "num_stages": 3}
+    if m <= 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 128 if n >= 128 else 64, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 4,
+                "num_stages": 4}
+    if big and int_dot and cin is None and m >= 1024:
+        # measured on an H100 (bench/results/kernels_h100.md, sweep of 7 tiles at M=8192, K=1280, N=1280 / 5120):
+        # 256x128x128, 3 stages, 8 warps was the fastest for both static and dynamic activations
+        return {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    if big:
+        bn = 256 if (n >= 2048 and int_dot) else 128
+        return {"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 8,
+                "num_stages": 3 if bn == 256 else 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128 if n >= 128 else 64, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 4,
+            "num_stages": 3}
+
+
+def _default_config(m, n, group, int_dot=True, cin=None):
+    return heuristic_config(m, n, group, int_dot, cin)
 
 
 # --- torch.library op: opaque to torch.compile (no graph break, no tracing into Triton launch code), capturable in

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from .quantizer import packed_weight_bytes
+from ..kernels.packing import row_layout
 
 W_BITS = (2, 4, 8, 16)
 A_BITS = (4, 8, 16)
@@ -58,10 +58,12 @@ class LayerFormat:
         return cls(**{k: d[k] for k in keys if k in d})
 
     def weight_bytes(self, n: int, k: int) -> int:
-        """Exact bytes of the stored weight of an [n, k] layer in this format (bias excluded)."""
+        """Exact bytes the weight of an [n, k] layer holds in memory in this format (bias excluded): the joined rows
+        of kernels/packing.py (codes, fp16 scales, zero points, each row padded to 16 bytes)."""
         if self.w_bits == 16:
             return n * k * 2
-        return packed_weight_bytes(n, k, self.w_bits, self.group_size, self.symmetric)
+        groups = 1 if self.group_size is None else -(-k // self.group_size)
+        return n * row_layout(k, self.w_bits, groups, not self.symmetric)["row_bytes"]
 
 
 _NAME = re.compile(r"^w(\d+)(?:g(\d+))?a(\d+)(d?)$", re.I)

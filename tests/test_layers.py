@@ -66,10 +66,11 @@ def test_storage_is_really_packed(bits, group):
     assert not any(t.is_floating_point() and t.numel() >= 256 * 512 for t in sd.values())
     w_bytes = q.weight.untyped_storage().nbytes()
     expect = packed_weight_bytes(256, 512, bits, group, bits == 8)
-    assert expect <= w_bytes <= expect + 256  # at most one pad byte per row
-    assert w_bytes == 256 * row_layout(512, bits, q.groups, not fmt.symmetric)["row_bytes"]
+    assert expect <= w_bytes <= expect + 256 * 15  # rows padded to 16 bytes
+    assert w_bytes == 256 * row_layout(512, bits, q.groups, not fmt.symmetric)["row_bytes"] == fmt.weight_bytes(256, 512)
+    assert q.weight.stride(0) % 16 == 0 or q.weight.stride(0) < 512  # long rows start 16-byte aligned (GPU loads)
     fp16 = lin.weight.untyped_storage().nbytes()
-    assert w_bytes / fp16 <= {8: 0.51, 4: 0.27 if group == 128 else 0.29, 2: 0.17}[bits]
+    assert w_bytes / fp16 <= {8: 0.52, 4: 0.27 if group == 128 else 0.29, 2: 0.17}[bits]
 
 
 @pytest.mark.parametrize("cls_fp,fmt", [(lambda: nn.Linear(64, 32), "W8A16"), (lambda: nn.Linear(64, 32), "W4g64A16"),
