@@ -242,6 +242,10 @@ def describe(device: str | torch.device | None = None) -> str:
     forced = _forced_name()
     if forced:
         lines.append(f"forced: {forced} (MIXQUANT_KERNELS / use_backend)")
+    from . import triton_gemm
+    if triton_gemm.HAVE_TRITON and torch.cuda.is_available():
+        lines.append("triton launch configs: " + ("autotuned per shape (MIXQUANT_AUTOTUNE=1)" if triton_gemm.autotuning()
+                                                  else "one heuristic config per call (MIXQUANT_AUTOTUNE=1 to tune)"))
     devices = [torch.device(device)] if device is not None else [torch.device("cpu")] + (
         [torch.device("cuda")] if torch.cuda.is_available() else [])
     if any(d.type == "cpu" for d in devices):

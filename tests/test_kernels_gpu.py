@@ -39,6 +39,15 @@ def test_autotuned_linear(fmt, mkn):
         assert _rel(out, ref) < 5e-3
 
 
+def test_autotuning_opt_in(monkeypatch):
+    """MIXQUANT_AUTOTUNE=1: the autotuned launch (every listed tile timed per shape) gives the same result."""
+    monkeypatch.setenv("MIXQUANT_AUTOTUNE", "1")
+    assert triton_gemm.autotuning()
+    call = random_call(640, 320, device="cuda", bits=8, a_mode="dynamic")
+    x = torch.randn(300, 320, device="cuda", dtype=torch.float16)
+    assert _rel(triton_gemm.qlinear(x, **call), _ref("linear", x, call)) < 5e-3
+
+
 @pytest.mark.parametrize("fmt", [dict(bits=8, a_mode="static"), dict(bits=4, group_size=64, a_mode="dynamic")])
 @pytest.mark.parametrize("shape", [(2, 320, 33, 31, 1), (2, 640, 16, 16, 2)])
 def test_autotuned_conv(fmt, shape):
