@@ -1,0 +1,126 @@
+"""Smoke tests of bench/peers.py's helpers (bytes, the ComfyUI-format builders, equal-bytes selection, report)."""
+import copy
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+PEERS_PY = os.path.join(os.path.dirname(__file__), "..", "bench", "peers.py")
+
+
+@pytest.fixture(scope="module")
+def peers():
+    spec = importlib.util.spec_from_file_location("mixquant_bench_peers", PEERS_PY)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_measured_bytes_counts_floats_at_16_bit_and_shared_storage_once(peers):
+    lin = nn.Linear(64, 32)
+    assert peers.measured_bytes(lin) == (64 * 32 + 32) * 2
+    assert peers.measured_bytes(lin, None) == (64 * 32 + 32) * 4
+    tied = nn.Sequential(lin, nn.Linear(64, 32))
+    tied[1].weight = lin.weight  # shared: counted once
+    assert peers.measured_bytes(tied) == (64 * 32 + 32 + 32) * 2
+
+
+def test_fp8_storage_is_one_byte_and_computes_with_the_rounded_weight(peers):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 8), nn.Conv2d(3, 4, 3))
+    q = peers.to_fp8_storage(copy.deepcopy(m))
+    assert peers.measured_bytes(q) == sum(t.numel() for t in m.state_dict().values())
+    x = torch.randn(2, 16)
+    w8, b8 = (t.detach().to(torch.float8_e4m3fn).float() for t in (m[0].weight, m[0].bias))
+    torch.testing.assert_close(q[0](x), nn.functional.linear(x, w8, b8))
+    assert peers.coverage(m, q) == {"linear": [1, 1], "conv2d": [1, 1]}
+
+
+def test_awq_rtn_matches_comfy_kitchen_decode(peers):
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    packed, scale, zeros = peers.awq_rtn_quantize(w, 64)
+    assert packed.shape == (16, 64) and packed.dtype == torch.int8 and scale.shape == (2, 16)
+    u = packed.view(torch.uint8).to(torch.int32)
+    codes = torch.stack((u & 15, u >> 4), -1).reshape(16, 128).float()
+    deq = (codes.view(16, 2, 64) - 8) * scale.t().float().unsqueeze(-1) + zeros.t().float().unsqueeze(-1)
+    err = (deq.reshape(16, 128) - w).pow(2).mean() / w.pow(2).mean()
+    assert err < 0.01
+    ck = pytest.importorskip("comfy_kitchen.tensor.awq_w4a16")
+    params = ck.TensorCoreAWQW4A16Layout.Params(scale=scale, orig_dtype=torch.float32, orig_shape=(16, 128),
+                                                zeros=zeros, group_size=64)
+    torch.testing.assert_close(ck.TensorCoreAWQW4A16Layout.dequantize(packed, params), deq.reshape(16, 128),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_comfy_int8_builder_quantizes_every_linear(peers, small_unet, unet_inputs):
+    pytest.importorskip("comfy_kitchen")
+    env = peers.Env("digits", small_unet, lambda m: None)
+    q = peers.build_comfy_int8(env)
+    cov = peers.coverage(small_unet, q)
+    assert cov["linear"][0] == cov["linear"][1] > 0 and cov["conv2d"][0] == 0
+    x, t, ctx = unet_inputs
+    with torch.no_grad():
+        y, y_fp = q(x, t, encoder_hidden_states=ctx).sample, small_unet(x, t, encoder_hidden_states=ctx).sample
+    assert peers._sqnr(y_fp, y) > 25
+    assert peers.measured_bytes(q) < peers.measured_bytes(small_unet)
+
+
+def test_best_at_budgets_and_report(peers):
+    rows = [
+        {"tool": "MixQuant", "key": "mixquant-a", "label": "a", "status": "ok", "x_fp16": 0.3, "ssim": 0.99,
+         "content_accuracy": 1.0, "content_accuracy_fp": 1.0, "bytes": 3, "sqnr_db": 20.0, "psnr_db": 30.0},
+        {"tool": "MixQuant", "key": "mixquant-b", "label": "b", "status": "ok", "x_fp16": 0.26, "ssim": 0.98,
+         "content_accuracy": 0.9, "content_accuracy_fp": 1.0, "bytes": 2, "sqnr_db": 15.0, "psnr_db": 25.0},
+        {"tool": "torchao", "key": "torchao-x", "label": "x", "status": "ok", "x_fp16": 0.8, "ssim": 1.0,
+         "content_accuracy": 1.0, "content_accuracy_fp": 1.0, "bytes": 8, "sqnr_db": 40.0, "psnr_db": 50.0},
+        {"tool": "torchao", "key": "torchao-y", "label": "y", "status": "failed", "reason": "ImportError: no"},
+    ]
+    best = peers.best_at_budgets(rows)
+    assert best[0.3]["MixQuant"]["label"] == "a" and best[0.25]["MixQuant"]["label"] == "b"
+    assert best[0.5]["torchao"] is None and peers.smallest(rows, "torchao") == 0.8
+    text = peers.markdown({"env": {"cpu": "x", "threads": 1, "device": "cpu", "versions": {"torch": "t"},
+                                   "seconds": 60.0},
+                           "digits": {"rows": rows, "meta": {"n_images": 1, "seeds": [1], "steps": 8,
+                                                             "fp16_bytes": 10}}})
+    assert "could not run**: ImportError: no" in text and "smallest 0.80x" in text
+    assert peers._jsonable({"a": math.inf, "b": [float("nan")]}) == {"a": "inf", "b": [None]}
+
+
+def test_select_peers_keeps_the_reference(peers):
+    keys = [p.key for p in peers.select_peers("torchao", None, "cpu")]
+    assert keys[0] == "fp32" and all(k == "fp32" or k.startswith("torchao") for k in keys) and len(keys) > 2
+    assert "scaled-mm-fp8" not in [p.key for p in peers.select_peers(None, None, "cpu")]
+
+
+def test_frontier_keeps_the_best_up_to_each_size(peers):
+    pts = [(0.5, 0.8), (0.3, 0.9), (0.5, 0.95), (0.7, 0.93), (0.8, 0.99)]
+    assert peers.frontier(pts) == [(0.3, 0.9), (0.5, 0.95), (0.8, 0.99)]
+
+
+def test_report_from_merges_saved_runs(peers, tmp_path):
+    """--report-from: the digits section of one saved run and the SD1.5 section of another make one report."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    row = {"tool": "MixQuant", "key": "mixquant-a", "label": "a", "status": "ok", "x_fp16": 0.3, "ssim": 0.99,
+           "content_accuracy": 1.0, "content_accuracy_fp": 1.0, "bytes": 3, "sqnr_db": 20.0, "psnr_db": 30.0}
+    env = {"cpu": "cpu A", "threads": 1, "device": "cpu", "versions": {"torch": "t"}, "seconds": 60.0}
+    d = {"env": env, "digits": {"rows": [row], "meta": {"n_images": 400, "seeds": [1, 2], "steps": 8,
+                                                         "fp16_bytes": 10}}}
+    s = {"env": {**env, "cpu": "cpu B", "seconds": 120.0},
+         "sd15": {"rows": [{**row, "section": "sd15", "latency_s": 1.0, "latency_ratio": "inf", "build_s": 2.0}],
+                  "meta": {"params": 1e6, "fp32_forward_s": [1.0, 1.2]}}}
+    paths = []
+    for name, r in (("d.json", d), ("s.json", s)):
+        paths.append(str(tmp_path / name))
+        json.dump(r, open(paths[-1], "w"))
+    assert peers.main(["--report-from", *paths, "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "peers.md").read_text()
+    assert "400 images" in text and "SD1.5-architecture UNet" in text and "cpu B" in text and "3.0 min" in text
+    assert (tmp_path / "out" / "peers_quality_vs_bytes.png").stat().st_size > 1000
