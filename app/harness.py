@@ -14,6 +14,8 @@ What is measured (every prompt with every seed; image i uses torch.Generator().m
   as the image (the MixDQ variant for content layers).
 - content_accuracy(_fp): for the digits model, the fraction of images the shipped digit classifier reads as the
   digit the prompt names (prompts naming no digit are skipped); None for other models unless a classifier is given.
+- content_confidence(_fp): the classifier's mean probability of the named digit: finer than accuracy, which
+  saturates at 1.0 while every digit is still recognisable.
 The quantized pipeline is any pipeline of the same kind whose unet was modified: the unet is a black box.
 """
 from __future__ import annotations
@@ -147,6 +149,8 @@ def compare_pipelines(fp_pipe, q_pipe, prompts: list[str], seeds: list[int], ste
         "ssim_large_window": M.ssim(fp_images, q_images, window_size=min(h, w)),
         "content_accuracy_fp": None,
         "content_accuracy": None,
+        "content_confidence_fp": None,
+        "content_confidence": None,
         "n_images": len(items),
         "prompts": list(prompts),
         "seeds": [int(s) for s in seeds],
@@ -163,11 +167,13 @@ def compare_pipelines(fp_pipe, q_pipe, prompts: list[str], seeds: list[int], ste
 
             classifier = digits_classifier()
     if classifier is not None:
-        from .digits import content_accuracy
+        from .digits import content_accuracy, content_confidence
 
         all_prompts = [p for p, _ in items]
         result["content_accuracy_fp"] = content_accuracy(fp_images, all_prompts, classifier)
         result["content_accuracy"] = content_accuracy(q_images, all_prompts, classifier)
+        result["content_confidence_fp"] = content_confidence(fp_images, all_prompts, classifier)
+        result["content_confidence"] = content_confidence(q_images, all_prompts, classifier)
     result["seconds"] = round(time.time() - t0, 3)
     if return_images:
         result["fp_images"], result["q_images"] = fp_images, q_images

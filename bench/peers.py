@@ -597,7 +597,7 @@ def digits_section(args, peers, dtype16, log):
             res = compare_pipelines(pipe, pipeline_with_denoiser(pipe, q), ev, seeds, steps=sampler.steps,
                                     guidance=sampler.guidance, scheduler=sampler.scheduler)
             row.update({k: res[k] for k in ("sqnr_db", "psnr_db", "ssim", "ssim_large_window", "content_accuracy",
-                                            "content_accuracy_fp")})
+                                            "content_accuracy_fp", "content_confidence", "content_confidence_fp")})
             row["latency_ratio"], row["latency_s"], row["latency_fp_s"] = interleaved_ratio(
                 fp_unet, q, call, args.digits_rounds)
             row["status"] = "ok"
@@ -962,6 +962,7 @@ def _row_line(r) -> str:
         return f"  {r['key']:<22} FAILED {r.get('reason', '')[:150]}"
     parts = [f"  {r['key']:<22} {r.get('x_fp16', 0):.3f}x FP16"]
     for k, f in (("sqnr_db", "SQNR {:.1f} dB"), ("ssim", "SSIM {:.3f}"), ("content_accuracy", "acc {:.2f}"),
+                 ("content_confidence", "conf {:.3f}"),
                  ("latency_ratio", "lat {:.2f}x")):
         if isinstance(r.get(k), (int, float)):
             parts.append(f.format(r[k]))
@@ -972,14 +973,17 @@ def _row_line(r) -> str:
 
 
 def best_at_budgets(rows, budgets=BUDGETS, tol=BUDGET_TOL):
-    """{budget: {tool: best row at <= budget*(1+tol) x FP16, or None}}; best = content accuracy, then SSIM."""
+    """{budget: {tool: best row at <= budget*(1+tol) x FP16, or None}}; best = content accuracy, then content
+    confidence, then SSIM."""
     out = {}
     for b in budgets:
         out[b] = {}
         for tool in TOOLS:
             cands = [r for r in rows if r["tool"] == tool and r.get("status") == "ok" and r.get("x_fp16") is not None
                      and r["x_fp16"] <= b * (1 + tol) and r.get("ssim") is not None]
-            out[b][tool] = max(cands, key=lambda r: (r.get("content_accuracy") or 0.0, r["ssim"])) if cands else None
+            out[b][tool] = max(cands, key=lambda r: (r.get("content_accuracy") or 0.0,
+                                                     round(r.get("content_confidence") or 0.0, 3), r["ssim"])) \
+                if cands else None
     return out
 
 
@@ -1033,7 +1037,9 @@ def markdown(result, plot_name: str = "peers_quality_vs_bytes.png") -> str:
         m = d["meta"]
         L += ["## Quality at equal bytes (digits)", "",
               f"Best config of each tool whose bytes are at most the budget (+{int(BUDGET_TOL * 100)}%), ranked by "
-              "content accuracy, then SSIM. `—`: the tool has no config that small (its smallest is given).", "",
+              "content accuracy, then content confidence (the digit classifier's mean probability of the prompted "
+              "digit: finer than accuracy, which saturates at 1.00 on this model), then SSIM. `—`: the tool has no "
+              "config that small (its smallest is given).", "",
               "| budget (x FP16) | " + " | ".join(TOOLS[1:]) + " |", "|---|" + "---|" * (len(TOOLS) - 1)]
         best = best_at_budgets(d["rows"])
         for b in BUDGETS:
@@ -1044,13 +1050,14 @@ def markdown(result, plot_name: str = "peers_quality_vs_bytes.png") -> str:
                     s = smallest(d["rows"], tool)
                     cells.append("—" + (f" (smallest {s:.2f}x)" if s else " (no run)"))
                 else:
-                    cells.append(f"{r['label']} ({r['x_fp16']:.2f}x): acc {_f(r['content_accuracy'], 2)}, "
+                    conf = f", conf {_f(r['content_confidence'])}" if r.get("content_confidence") is not None else ""
+                    cells.append(f"{r['label']} ({r['x_fp16']:.2f}x): acc {_f(r['content_accuracy'], 2)}{conf}, "
                                  f"SSIM {_f(r['ssim'])}")
             L.append(f"| {b} | " + " | ".join(cells) + " |")
         L += ["", f"## digits: every config ({m['n_images']} images: held-out prompts x seeds {m['seeds']}, "
                   f"DPM-Solver++ {m['steps']} steps, guidance 4; FP16 bytes {m['fp16_bytes']:,})", "",
               "| tool | config | bytes | x FP16 | quantized layers | SQNR dB | PSNR dB | SSIM | content acc (FP) | "
-              "latency vs FP32 | notes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "content conf (FP) | latency vs FP32 | notes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
             L.append(_md_row(r, digits=True))
         L += ["", f"![quality vs bytes]({plot_name})", ""]
@@ -1071,7 +1078,7 @@ def markdown(result, plot_name: str = "peers_quality_vs_bytes.png") -> str:
 def _md_row(r, digits):
     note = r.get("note") or ""
     if r.get("status") == "failed":
-        cells = [r["tool"], r["label"]] + ["—"] * (8 if digits else 7) + [f"**could not run**: {r.get('reason', '')}"]
+        cells = [r["tool"], r["label"]] + ["—"] * (9 if digits else 7) + [f"**could not run**: {r.get('reason', '')}"]
         return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
     if r.get("kernel_cache_bytes"):
         note = (note + "; " if note else "") + f"+{r['kernel_cache_bytes'] / 1e6:.0f} MB prepacked int8 at run time"
@@ -1086,7 +1093,9 @@ def _md_row(r, digits):
     if digits:
         acc = "—" if r.get("content_accuracy") is None else \
             f"{r['content_accuracy']:.2f} ({r['content_accuracy_fp']:.2f})"
-        cells += [_f(r.get("psnr_db"), 1), _f(r.get("ssim")), acc, lat]
+        conf = "—" if r.get("content_confidence") is None else \
+            f"{r['content_confidence']:.3f} ({r['content_confidence_fp']:.3f})"
+        cells += [_f(r.get("psnr_db"), 1), _f(r.get("ssim")), acc, conf, lat]
     else:
         cells += [_f(r.get("latency_s"), 2), lat, _f(r.get("build_s"), 0)]
     cells.append(note)
@@ -1114,9 +1123,11 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     ok = [r for r in rows if r.get("status") == "ok" and r.get("ssim") is not None and r["key"] != "fp32"]
-    for ax, key, name in ((axes[0], "ssim", "SSIM vs FP images"), (axes[1], "content_accuracy", "content accuracy")):
+    for ax, key, name in ((axes[0], "ssim", "SSIM vs FP images"),
+                          (axes[1], "content_confidence", "content confidence (classifier P(prompted digit))"),
+                          (axes[2], "content_accuracy", "content accuracy")):
         for tool in TOOLS:
             pts = [(r["x_fp16"], r[key]) for r in ok if r["tool"] == tool and r.get(key) is not None]
             if not pts:
@@ -1150,16 +1161,26 @@ def select_peers(only: str | None, skip: str | None, device: str):
 
 
 def report_from(paths, out_dir) -> int:
-    """Merge saved runs (e.g. a digits run with more images and an SD1.5 run) into one report."""
+    """Merge saved runs (a digits run and an SD1.5 run, or one section's peers split over processes) into one
+    report."""
     runs = [json.load(open(p)) for p in paths]
     merged = {"env": dict(runs[0]["env"])}
     notes = []
     for sec in ("digits", "sd15"):
-        src = next((r for r in runs if sec in r), None)
-        if src is not None:
-            merged[sec] = src[sec]
+        srcs = [r for r in runs if sec in r]
+        if not srcs:
+            continue
+        rows, keys = [], set()
+        for src in srcs:  # rows of the same section from several runs (e.g. peers split over processes)
+            for row in src[sec]["rows"]:
+                if row["key"] not in keys:
+                    keys.add(row["key"])
+                    rows.append(row)
             notes.append(f"{sec}: {src['env']['cpu']}, {src['env']['threads']} thread(s), "
                          f"{src['env']['seconds'] / 60:.1f} min run")
+        order = {p.key: i for i, p in enumerate(PEERS)}  # the table's usual order; extra rows (matches) last
+        rows.sort(key=lambda r: order.get(r["key"], len(order)))
+        merged[sec] = {"rows": rows, "meta": srcs[0][sec]["meta"]}
     merged["env"]["seconds"] = sum(r["env"]["seconds"] for r in runs)
     merged["env"]["runs"] = notes
     os.makedirs(out_dir, exist_ok=True)
@@ -1204,8 +1225,9 @@ def main(argv=None) -> int:
                     help="skip MixQuant's extra digits rows at the exact size of each small peer")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--report-from", nargs="+", metavar="JSON",
-                    help="write the report (peers.md, plot) from saved runs' peers*.json instead of measuring: the "
-                         "digits section of the first file that has one, the SD1.5 section likewise")
+                    help="write the report (peers.md, plot) from saved runs' peers*.json instead of measuring: each "
+                         "section's rows from every file that has it (the first row of a key wins), its settings "
+                         "from the first")
     args = ap.parse_args(argv)
     if args.report_from:
         return report_from(args.report_from, args.out)

@@ -61,6 +61,7 @@ def test_identical_pipelines_score_perfect(fp):
     assert r["ssim"] == pytest.approx(1.0) and r["ssim_large_window"] == pytest.approx(1.0)
     assert r["n_images"] == 8 and len(r["sqnr_db_per_step"]) == 4
     assert r["content_accuracy_fp"] == r["content_accuracy"] >= 0.75  # the digits classifier is used automatically
+    assert r["content_confidence_fp"] == r["content_confidence"] > 0.5
 
 
 def test_black_box_unet_gets_the_fp_trajectory(fp):
@@ -90,6 +91,8 @@ def test_damage_scores_worse_and_monotonic(fp):
     assert rm["psnr_db"] > rh["psnr_db"] and rm["ssim"] > rh["ssim"]
     assert rm["ssim"] < 1.0 and rm["psnr_db"] < math.inf
     assert rh["content_accuracy"] <= 0.5 < rh["content_accuracy_fp"]
+    # the classifier's confidence in the prompted digit falls with the damage: finer than accuracy
+    assert rh["content_confidence"] < rm["content_confidence"] <= rm["content_confidence_fp"] + 0.02
     # fp16 rounding is nearly harmless: far above the mild noise
     f16 = compare_pipelines(fp, pipeline_with_unet(fp, damaged_unet(fp.unet, "fp16")), PROMPTS, SEEDS, steps=4)
     assert f16["sqnr_db"] > rm["sqnr_db"] + 10

@@ -116,11 +116,17 @@ def test_report_from_merges_saved_runs(peers, tmp_path):
     s = {"env": {**env, "cpu": "cpu B", "seconds": 120.0},
          "sd15": {"rows": [{**row, "section": "sd15", "latency_s": 1.0, "latency_ratio": "inf", "build_s": 2.0}],
                   "meta": {"params": 1e6, "fp32_forward_s": [1.0, 1.2]}}}
+    d2 = {"env": env, "digits": {"rows": [{**row, "key": "fp32", "tool": "torch"}, {**row, "key": "mixquant-a",
+                                                                                    "ssim": 0.5}],
+                                  "meta": d["digits"]["meta"]}}
     paths = []
-    for name, r in (("d.json", d), ("s.json", s)):
+    for name, r in (("d.json", d), ("s.json", s), ("d2.json", d2)):
         paths.append(str(tmp_path / name))
         json.dump(r, open(paths[-1], "w"))
     assert peers.main(["--report-from", *paths, "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "peers.md").read_text()
-    assert "400 images" in text and "SD1.5-architecture UNet" in text and "cpu B" in text and "3.0 min" in text
+    assert "400 images" in text and "SD1.5-architecture UNet" in text and "cpu B" in text and "4.0 min" in text
+    merged = json.load(open(tmp_path / "out" / "peers.json"))
+    assert [r["key"] for r in merged["digits"]["rows"]] == ["fp32", "mixquant-a"]  # first of a key wins; usual order
+    assert merged["digits"]["rows"][0]["ssim"] == 0.99
     assert (tmp_path / "out" / "peers_quality_vs_bytes.png").stat().st_size > 1000
