@@ -581,19 +581,12 @@ def digits_section(args, peers, dtype16, log):
     rows = []
 
     def run_row(p):
-        row = {"section": "digits", "key": p.key, "tool": p.tool, "label": p.label, "settings": p.settings,
-               "note": p.note}
+        row = _new_row("digits", p)
         t1 = time.time()
         try:
-            q = p.build(env)
-            row["build_s"] = time.time() - t1
-            row["bytes"] = fp16 * 2 if p.key == "fp32" else measured_bytes(q)
-            row["bytes_as_run"] = measured_bytes(q, None)
-            row["x_fp16"] = row["bytes"] / fp16
-            row["coverage"] = coverage(fp_unet, q)
+            q = _build_and_measure(p, env, row, fp16)
             if p.key.startswith("mixquant-"):
                 row["deploy_bytes_engine"] = _engine_deploy_bytes(q)
-                row["note"] = (row["note"] + "; " if row["note"] else "") + getattr(q, "_peers_note", "")
             res = compare_pipelines(pipe, pipeline_with_denoiser(pipe, q), ev, seeds, steps=sampler.steps,
                                     guidance=sampler.guidance, scheduler=sampler.scheduler)
             row.update({k: res[k] for k in ("sqnr_db", "psnr_db", "ssim", "ssim_large_window", "content_accuracy",
@@ -635,6 +628,25 @@ def digits_section(args, peers, dtype16, log):
             "calibration_prompts": len(calib_prompts), "mixquant_seconds": mq_seconds,
             "params": sum(t.numel() for t in fp_unet.parameters())}
     return rows, meta
+
+
+def _new_row(section: str, p: Peer) -> dict:
+    return {"section": section, "key": p.key, "tool": p.tool, "label": p.label, "settings": p.settings,
+            "note": p.note}
+
+
+def _build_and_measure(p: Peer, env: Env, row: dict, fp16: int) -> nn.Module:
+    """Build the peer's model and record its build time, measured bytes and layer coverage in `row`."""
+    t1 = time.time()
+    q = p.build(env)
+    row["build_s"] = time.time() - t1
+    row["bytes"] = fp16 * 2 if p.key == "fp32" else measured_bytes(q)
+    row["bytes_as_run"] = measured_bytes(q, None)
+    row["x_fp16"] = row["bytes"] / fp16
+    row["coverage"] = coverage(env.fp_model, q)
+    if p.key.startswith("mixquant-"):
+        row["note"] = (row["note"] + "; " if row["note"] else "") + getattr(q, "_peers_note", "")
+    return q
 
 
 def _engine_deploy_bytes(model) -> int | None:
@@ -797,19 +809,12 @@ def sd15_section(args, peers, dtype16, log):
 
     rows = []
     for p in peers:
-        row = {"section": "sd15", "key": p.key, "tool": p.tool, "label": p.label, "settings": p.settings,
-               "note": p.note}
+        row = _new_row("sd15", p)
         t1 = time.time()
         q = None
         try:
-            q = p.build(env)
-            row["build_s"] = time.time() - t1
-            row["bytes"] = fp16 * 2 if p.key == "fp32" else measured_bytes(q)
-            row["bytes_as_run"] = measured_bytes(q, None)
-            row["x_fp16"] = row["bytes"] / fp16
-            row["coverage"] = coverage(unet, q)
+            q = _build_and_measure(p, env, row, fp16)
             if p.key.startswith("mixquant-"):
-                row["note"] = (row["note"] + "; " if row["note"] else "") + getattr(q, "_peers_note", "")
                 # MixQuant races its CPU routes per layer shape on the first call: warm up at the real shape
                 row["warmup_s"], _, _ = timed_call(q, call, device)
             else:
