@@ -56,13 +56,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 # --- one byte row per output channel -----------------------------------------------------------------------------
 # A quantized layer keeps codes, scales and zero points of an output channel side by side in one uint8 row:
-#   [codes: packed_len(k, bits) bytes | pad to even | fp16 scales: 2*G bytes | uint8 zeros: G bytes | pad to 16]
-# so the whole quantized weight is a single tensor. Rows of 512 bytes or more are padded to a multiple of 16 bytes so
-# that every row starts 16-byte aligned: GPU kernels then load the codes with vector (and async) copies; with an odd
-# row stride they fall back to byte loads (measured on an H100: a 8192x1280x10240 int8 GEMM took 1.06 ms unaligned,
-# 0.31 ms aligned). Shorter rows (small layers,
-# where the padding would cost more than 3% and speed hardly matters) are only padded to an even length. That is what ComfyUI's LoRA backup/restore and low-VRAM moves
-# see (`module.weight`), and they then always keep codes and scales consistent. Views split it without copying.
+#   [codes: packed_len(k, bits) bytes | pad to even | fp16 scales: 2*G bytes | uint8 zeros: G bytes | padding]
+# so the whole quantized weight is a single tensor. That is what ComfyUI's LoRA backup/restore and low-VRAM moves see
+# (`module.weight`), and they then always keep codes and scales consistent. Views split it without copying.
+# Rows of 512 bytes or more are padded to a multiple of 16 bytes, so every row starts 16-byte aligned: GPU kernels
+# then load the codes with vector (and async) copies; with an odd row stride they fall back to byte loads (measured on
+# an H100: an 8192x1280x10240 int8 GEMM took 1.06 ms unaligned, 0.31 ms aligned). Shorter rows (small layers, where
+# the padding would cost more than 3% and speed hardly matters) are only padded to an even length.
 
 def _offsets(codes: int, groups: int, has_zero: bool) -> dict:
     s_off = codes + (codes % 2)
