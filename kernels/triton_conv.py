@@ -185,8 +185,8 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
                 DOT_DTYPE=tg.dot_dtype(x.dtype), EXACT_DIV=tg.interpreting(), INT_OK=int_ok)
     fixed = config or (tg._FIXED if tg.interpreting() else None)
     if fixed is not None or int_dot is not None or not tg.autotuning():
-        cfg = dict(fixed or tg._default_config(m, n, group if grouped else None,
-                                               int_ok if int_dot is None else int_dot, cin))
+        cfg = dict(fixed or tg.heuristic_config(m, n, group if grouped else None,
+                                                int_ok if int_dot is None else int_dot, cin))
         launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
         cfg.setdefault("INT_DOT", int_ok if int_dot is None else int_dot)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)

@@ -590,7 +590,7 @@ def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
                 DOT_DTYPE=dot_dtype(x.dtype), EXACT_DIV=interpreting(), M_BUCKET=_bucket(m), INT_OK=int_ok)
     fixed = config or (_FIXED if interpreting() else None)
     if fixed is not None or int_dot is not None or not autotuning():
-        cfg = dict(fixed or _default_config(m, n, group if grouped else None, int_ok if int_dot is None else int_dot))
+        cfg = dict(fixed or heuristic_config(m, n, group if grouped else None, int_ok if int_dot is None else int_dot))
         launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
         cfg.setdefault("INT_DOT", int_ok if int_dot is None else int_dot)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -634,10 +634,6 @@ def heuristic_config(m: int, n: int, group: int | None, int_dot: bool, cin: int 
                 "num_stages": 3 if bn == 256 else 4}
     return {"BLOCK_M": 128, "BLOCK_N": 128 if n >= 128 else 64, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 4,
             "num_stages": 3}
-
-
-def _default_config(m, n, group, int_dot=True, cin=None):
-    return heuristic_config(m, n, group, int_dot, cin)
 
 
 # --- torch.library op: opaque to torch.compile (no graph break, no tracing into Triton launch code), capturable in

@@ -39,10 +39,6 @@ class PlanResult:
         return [n for n, f in self.plan.items() if not f.is_float]
 
 
-def _check_budget(problem, cfg, layers):
-    engine.check_budget(problem, cfg, layers)
-
-
 def plan_from_calibration(runner: DenoiserRunner, calib: Calibration, cfg: engine.QuantizeConfig,
                           progress: Progress | None = None, model_name: str = "",
                           base_fingerprint: dict | None = None) -> PlanResult:
@@ -72,7 +68,7 @@ def plan_from_calibration(runner: DenoiserRunner, calib: Calibration, cfg: engin
                                **({"mode": cfg.sens_mode} if hasattr(cfg, "sens_mode") else {}))
     t0 = time.time()
     problem = (getattr(engine, "problem", None) or engine._problem)(layers, cfg, calib, sens, model)
-    _check_budget(problem, cfg, layers)
+    engine.check_budget(problem, cfg, layers)
     ranges = calib.ranges()
     bos = calib.bos() if cfg.bos else {}
     n_eval = min(cfg.sens_prompts, len(calib.prompts))

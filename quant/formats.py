@@ -59,7 +59,7 @@ class LayerFormat:
 
     def weight_bytes(self, n: int, k: int) -> int:
         """Exact bytes the weight of an [n, k] layer holds in memory in this format (bias excluded): the joined rows
-        of kernels/packing.py (codes, fp16 scales, zero points, each row padded to 16 bytes)."""
+        of kernels/packing.py (codes, fp16 scales, zero points, long rows padded to 16 bytes)."""
         if self.w_bits == 16:
             return n * k * 2
         groups = 1 if self.group_size is None else -(-k // self.group_size)
