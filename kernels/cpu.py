@@ -119,7 +119,8 @@ def int8_weight(qweight, zero, bits: int, k: int) -> torch.Tensor | None:
     return (codes - z).to(torch.int8)
 
 
-def _version_of(t: torch.Tensor) -> int:
+def version_of(t: torch.Tensor) -> int:
+    """The tensor's in-place write counter (its base's for a view; -1 for an inference tensor without one)."""
     try:
         return t._version
     except RuntimeError:  # views taken under torch.inference_mode() are inference tensors: no version counter
@@ -130,8 +131,8 @@ def _version_of(t: torch.Tensor) -> int:
 def _cache_key(qweight, scale, extra=()) -> tuple:
     # `_version` changes on every in-place write (ComfyUI's LoRA set_weight copies into the blob), so a patched
     # weight is never served from a stale prepack; views share their base's counter.
-    return (qweight.data_ptr(), _version_of(qweight), tuple(qweight.shape), tuple(qweight.stride()),
-            scale.data_ptr(), _version_of(scale)) + tuple(extra)
+    return (qweight.data_ptr(), version_of(qweight), tuple(qweight.shape), tuple(qweight.stride()),
+            scale.data_ptr(), version_of(scale)) + tuple(extra)
 
 
 def _cached(cache: dict | None, slot: str, key: tuple, build):
