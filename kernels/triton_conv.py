@@ -22,7 +22,7 @@ if tg.HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_gemm import act_tile_, dot_step_, group_sum_, int8_tile_, swizzle_, weight_tile_
+    from .triton_gemm import act_tile_, epilogue_, int8_tile_, k_block_, swizzle_
 
     @triton.jit
     def _qconv_kernel(X, W, S, Z, BIAS, AS, AZ, SIMG, WSUM, O,
@@ -88,24 +88,12 @@ if tg.HAVE_TRITON:
                 xf = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
                 a0, a1 = act_tile_(xf, ch, s_row, AS, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, A_QMAX,
                                    EXACT_DIV, DOT_DTYPE)
-            g = k0 // GROUP
-            w = weight_tile_(W, stride_wn, Z, stride_zn, offs_n, offs_k, k0, g, N, K, W_BITS, HAS_WZ, INT_DOT,
-                             BLOCK_N, BLOCK_K)
-            acc0, acc1, wsum = dot_step_(a0, a1, w, acc0, acc1, wsum, A_MODE, HAS_SPLIT, INT_DOT, WSUM_IN, DOT_DTYPE)
-            if GROUPED:  # scales (and a precomputed weight sum) belong to whole groups: apply at each group's end
-                if ((k0 + BLOCK_K) % GROUP == 0) | (k0 + BLOCK_K >= K):
-                    out += group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, g, N, AS, AZ,
-                                      A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
-                    acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
-                    acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
-                    wsum = tl.zeros((BLOCK_N,), tl.int32)
-        if not GROUPED:
-            out = group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, 0, N, AS, AZ, A_MODE,
-                             A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
-        if A_MODE == 2 and (INT_DOT or A_IN_INT8):
-            out = out * s_row[:, None]
-        if HAS_BIAS:
-            out += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            acc0, acc1, wsum, out = k_block_(a0, a1, acc0, acc1, wsum, out, W, stride_wn, Z, stride_zn, WSUM,
+                                             stride_wsn, S, stride_sn, AS, AZ, offs_n, offs_k, k0, N, K, GROUP,
+                                             W_BITS, HAS_WZ, GROUPED, WSUM_IN, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT,
+                                             DOT_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+        out = epilogue_(acc0, acc1, wsum, out, s_row, WSUM, stride_wsn, S, stride_sn, AS, AZ, BIAS, offs_n, N,
+                        GROUPED, WSUM_IN, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT, HAS_BIAS)
         o_ptrs = O + (img * stride_ob + (pix // OW) * stride_oh + (pix % OW) * stride_ow)[:, None] \
             + offs_n[None, :] * stride_on
         tl.store(o_ptrs, out, mask=m_ok[:, None] & (offs_n[None, :] < N))

@@ -256,6 +256,41 @@ if HAVE_TRITON:
             return acc0.to(tl.float32)
 
     @triton.jit
+    def k_block_(a0, a1, acc0, acc1, wsum, out, W, stride_wn, Z, stride_zn, WSUM, stride_wsn, S, stride_sn, AS, AZ,
+                 offs_n, offs_k, k0, N, K, GROUP,
+                 W_BITS: tl.constexpr, HAS_WZ: tl.constexpr, GROUPED: tl.constexpr, WSUM_IN: tl.constexpr,
+                 A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr, HAS_SPLIT: tl.constexpr, INT_DOT: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One K block of a GEMM or conv after its activation tile(s) a0/a1: the weight tile, the dot, and with
+        group scales the group's fp32 contribution at each group's end (shared by both kernels' K loops)."""
+        g = k0 // GROUP
+        w = weight_tile_(W, stride_wn, Z, stride_zn, offs_n, offs_k, k0, g, N, K, W_BITS, HAS_WZ, INT_DOT,
+                         BLOCK_N, BLOCK_K)
+        acc0, acc1, wsum = dot_step_(a0, a1, w, acc0, acc1, wsum, A_MODE, HAS_SPLIT, INT_DOT, WSUM_IN, DOT_DTYPE)
+        if GROUPED:  # scales (and a precomputed weight sum) belong to whole groups: apply at each group's end
+            if ((k0 + BLOCK_K) % GROUP == 0) | (k0 + BLOCK_K >= K):
+                out += group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, g, N, AS, AZ,
+                                  A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
+                acc0 = tl.zeros((BLOCK_M, BLOCK_N), acc0.dtype)
+                acc1 = tl.zeros((BLOCK_M, BLOCK_N), acc1.dtype)
+                wsum = tl.zeros((BLOCK_N,), tl.int32)
+        return acc0, acc1, wsum, out
+
+    @triton.jit
+    def epilogue_(acc0, acc1, wsum, out, s_row, WSUM, stride_wsn, S, stride_sn, AS, AZ, BIAS, offs_n, N,
+                  GROUPED: tl.constexpr, WSUM_IN: tl.constexpr, A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr,
+                  HAS_SPLIT: tl.constexpr, INT_DOT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """fp32 output tile: the whole-K scales (no groups), the dynamic per-row scale, the bias."""
+        if not GROUPED:
+            out = group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, 0, N, AS, AZ, A_MODE,
+                             A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
+        if A_MODE == 2 and (INT_DOT or A_IN_INT8):
+            out = out * s_row[:, None]
+        if HAS_BIAS:
+            out += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        return out
+
+    @triton.jit
     def swizzle_(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         """Grouped program order: GROUP_M row tiles share each weight column tile while it is in L2."""
         num_m = tl.cdiv(M, BLOCK_M)
@@ -303,24 +338,12 @@ if HAVE_TRITON:
                              other=0.0).to(tl.float32)
                 a0, a1 = act_tile_(xf, offs_k, s_row, AS, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, A_QMAX,
                                    EXACT_DIV, DOT_DTYPE)
-            g = k0 // GROUP
-            w = weight_tile_(W, stride_wn, Z, stride_zn, offs_n, offs_k, k0, g, N, K, W_BITS, HAS_WZ, INT_DOT,
-                             BLOCK_N, BLOCK_K)
-            acc0, acc1, wsum = dot_step_(a0, a1, w, acc0, acc1, wsum, A_MODE, HAS_SPLIT, INT_DOT, WSUM_IN, DOT_DTYPE)
-            if GROUPED:  # scales (and a precomputed weight sum) belong to whole groups: apply at each group's end
-                if ((k0 + BLOCK_K) % GROUP == 0) | (k0 + BLOCK_K >= K):
-                    out += group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, g, N, AS, AZ,
-                                      A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
-                    acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
-                    acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
-                    wsum = tl.zeros((BLOCK_N,), tl.int32)
-        if not GROUPED:
-            out = group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, 0, N, AS, AZ, A_MODE,
-                             A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
-        if A_MODE == 2 and (INT_DOT or A_IN_INT8):
-            out = out * s_row[:, None]
-        if HAS_BIAS:
-            out += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            acc0, acc1, wsum, out = k_block_(a0, a1, acc0, acc1, wsum, out, W, stride_wn, Z, stride_zn, WSUM,
+                                             stride_wsn, S, stride_sn, AS, AZ, offs_n, offs_k, k0, N, K, GROUP,
+                                             W_BITS, HAS_WZ, GROUPED, WSUM_IN, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT,
+                                             DOT_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+        out = epilogue_(acc0, acc1, wsum, out, s_row, WSUM, stride_wsn, S, stride_sn, AS, AZ, BIAS, offs_n, N,
+                        GROUPED, WSUM_IN, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT, HAS_BIAS)
         tl.store(O + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, out,
                  mask=m_ok[:, None] & (offs_n[None, :] < N))
 
