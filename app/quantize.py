@@ -66,13 +66,17 @@ def write_json_atomic(obj, path: str):
 
 
 def json_safe(x):
+    """x with non-finite floats as "inf" / "-inf" / None, keys as strings, tuples as lists and any other object
+    as its str(): json.dump never fails on it."""
     if isinstance(x, float) and not math.isfinite(x):
         return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
     if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
         return [json_safe(v) for v in x]
-    return x
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
 
 
 def save_outputs(fp_unet, qunet, report: dict, out: str, report_path: str | None, model: str) -> int:

@@ -457,25 +457,16 @@ def peer_versions() -> dict:
     return out
 
 
-def fastest_16bit() -> tuple[torch.dtype, dict]:
-    """The faster of bf16 / fp16 for a diffusion-sized matmul here (and fp32 for scale), in ms."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(512, 640, generator=g), torch.randn(640, 640, generator=g)
-    times = {}
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        a, b = x.to(dt), w.to(dt)
-        try:
-            F.linear(a, b)
-        except RuntimeError:
-            continue
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            F.linear(a, b)
-            best = min(best, time.perf_counter() - t)
-        times[str(dt).replace("torch.", "")] = best * 1e3
+def fastest_16bit(device: str = "cpu") -> tuple[torch.dtype, dict]:
+    """The faster 16-bit dtype here and the probe's times (ms): on a CPU, the dtype race MixQuant's CPU plan already
+    ran (kernels/cpu.py); on a GPU, fp16."""
+    if str(device).startswith("cuda"):
+        return torch.float16, {}
+    from mixquant.kernels import cpu
+
+    times = dict(cpu.plan().timings_ms.get("float_dtype", {}))
     cands = {k: v for k, v in times.items() if k != "float32"}
-    return getattr(torch, min(cands, key=cands.get)), times
+    return (getattr(torch, min(cands, key=cands.get)) if cands else torch.bfloat16), times
 
 
 # --- timing -------------------------------------------------------------------------------------------------------
@@ -581,9 +572,7 @@ def digits_section(args, peers, dtype16, log):
     rows = []
 
     def run_row(p):
-        row = _new_row("digits", p)
-        t1 = time.time()
-        try:
+        with _row_run("digits", p, rows, log, args.verbose) as row:
             q = _build_and_measure(p, env, row, fp16)
             if p.key.startswith("mixquant-"):
                 row["deploy_bytes_engine"] = _engine_deploy_bytes(q)
@@ -594,14 +583,6 @@ def digits_section(args, peers, dtype16, log):
             row["latency_ratio"], row["latency_s"], row["latency_fp_s"] = interleaved_ratio(
                 fp_unet, q, call, args.digits_rounds)
             row["status"] = "ok"
-        except Exception as e:  # noqa: BLE001 - a peer that cannot run gets a row that says why
-            row.update(status="failed", reason=_reason(e))
-            if args.verbose:
-                traceback.print_exc()
-        row["seconds"] = time.time() - t1
-        log(_row_line(row))
-        rows.append(row)
-        gc.collect()
 
     for p in peers:
         if "digits" in p.sections:
@@ -630,9 +611,23 @@ def digits_section(args, peers, dtype16, log):
     return rows, meta
 
 
-def _new_row(section: str, p: Peer) -> dict:
-    return {"section": section, "key": p.key, "tool": p.tool, "label": p.label, "settings": p.settings,
-            "note": p.note}
+@contextlib.contextmanager
+def _row_run(section: str, p: Peer, rows: list, log, verbose: bool):
+    """The row of peer `p`: filled by the block; a peer that fails gets a row that says why (never a crash); then
+    timed, logged and appended to `rows`."""
+    row = {"section": section, "key": p.key, "tool": p.tool, "label": p.label, "settings": p.settings,
+           "note": p.note}
+    t1 = time.time()
+    try:
+        yield row
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run gets a row that says why
+        row.update(status="failed", reason=_reason(e))
+        if verbose:
+            traceback.print_exc()
+    row["seconds"] = time.time() - t1
+    log(_row_line(row))
+    rows.append(row)
+    gc.collect()
 
 
 def _build_and_measure(p: Peer, env: Env, row: dict, fp16: int) -> nn.Module:
@@ -809,10 +804,7 @@ def sd15_section(args, peers, dtype16, log):
 
     rows = []
     for p in peers:
-        row = _new_row("sd15", p)
-        t1 = time.time()
-        q = None
-        try:
+        with _row_run("sd15", p, rows, log, args.verbose) as row:
             q = _build_and_measure(p, env, row, fp16)
             if p.key.startswith("mixquant-"):
                 # MixQuant races its CPU routes per layer shape on the first call: warm up at the real shape
@@ -833,18 +825,7 @@ def sd15_section(args, peers, dtype16, log):
                            latency_ratio=tq / fp_ref)
                 if p.key.startswith("mixquant-"):
                     row["kernel_cache_bytes"] = _kernel_cache_bytes(q)
-        except Exception as e:  # noqa: BLE001
-            row.update(status="failed", reason=_reason(e))
-            if args.verbose:
-                traceback.print_exc()
-        row["seconds"] = time.time() - t1
-        log(_row_line(row))
-        rows.append(row)
-        if q is not None and q is not unet:
-            del q
-        if p.key.startswith("mixquant-"):
-            env.mixquant.drop(p.key[len("mixquant-"):])
-        gc.collect()
+            del q, y  # free the quantized model before the next one is built (the row's gc.collect runs next)
     meta = {"fp16_bytes": fp16, "params": sum(t.numel() for t in unet.parameters()), "fp32_forward_s": fp_times,
             "mixquant_seconds": getattr(env.mixquant, "seconds", {}),
             "section_s": time.time() - tm}
@@ -956,9 +937,6 @@ class LazyMixQuantSD15(dict):
             self.seconds[key] = time.time() - t
         return q
 
-    def drop(self, key):
-        pass
-
 
 # --- report -------------------------------------------------------------------------------------------------------
 
@@ -1015,15 +993,9 @@ def _cov(r):
 
 
 def _jsonable(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None if math.isnan(o) else ("inf" if o > 0 else "-inf")
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (str, int, float, bool)) or o is None:
-        return o
-    return str(o)
+    from mixquant.app.quantize import json_safe
+
+    return json_safe(o)
 
 
 def markdown(result, plot_name: str = "peers_quality_vs_bytes.png") -> str:
@@ -1251,7 +1223,7 @@ def main(argv=None) -> int:
 
     versions = peer_versions()
     log("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    dtype16, probe = fastest_16bit()
+    dtype16, probe = fastest_16bit(args.device)
     log(f"fastest 16-bit dtype here: {dtype16} (matmul 512x640x640: {probe})")
     peers = select_peers(args.only, args.skip, args.device)
     result = {"env": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": args.device,
