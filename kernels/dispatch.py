@@ -18,6 +18,7 @@ data pointer and version counter so an in-place update (a LoRA patch) invalidate
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -120,6 +121,7 @@ def path(op: str, x: torch.Tensor, cache: dict | None = None, **call) -> str:
 # --- the backends ----------------------------------------------------------------------------------------------------
 # Imported lazily: `import triton` costs a second, and neither backend's module is needed to use the reference.
 
+@functools.lru_cache(maxsize=1)  # fixed for the process (CUDA devices, Triton installed, interpreter mode)
 def _triton_available():
     from . import triton_gemm
     if not triton_gemm.HAVE_TRITON:

@@ -9,6 +9,8 @@ The last dimension is padded with zero codes up to a whole byte; `unpack_codes` 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 PACKABLE_BITS = (2, 4)
@@ -72,8 +74,9 @@ def _offsets(codes: int, groups: int, has_zero: bool) -> dict:
     return {"codes": codes, "scale_off": s_off, "zero_off": z_off, "row_bytes": end + pad}
 
 
+@functools.lru_cache(maxsize=4096)  # read on every quantized call (split_rows): the same few shapes each time
 def row_layout(k: int, bits: int, groups: int, has_zero: bool) -> dict:
-    """Byte offsets of one joined row: codes, scale_off, zero_off, row_bytes."""
+    """Byte offsets of one joined row: codes, scale_off, zero_off, row_bytes (a shared dict: do not modify)."""
     return _offsets(packed_len(k, bits), groups, has_zero)
 
 

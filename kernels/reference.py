@@ -107,11 +107,20 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, kernel_s
 
     A static zero point is exact at padded borders here because the padding is applied to the dequantized input
     (padding value 0.0, which the asymmetric grid represents exactly through its zero point)."""
-    n = w.shape[0]
-    kh, kw = kernel_size
-    w4 = w.reshape(n, kh, kw, -1).permute(0, 3, 1, 2)
+    w4 = conv_weight_view(w, *kernel_size)
     xq = fake_quant_act(x, a_bits, a_mode, a_scale, a_zero, a_split, channel_dim=1, dynamic_dims=(1, 2, 3))
     return F.conv2d(xq, w4.to(x.dtype), None if bias is None else bias.to(x.dtype), stride, padding, dilation)
+
+
+def conv_weight_view(w2d: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """[N, kh*kw*cin] -> [N, cin, kh, kw] without a copy. For kh x kw > 1 the view has channels-last strides, which
+    makes F.conv2d take oneDNN's channels-last algorithm; for 1x1 it is a plain reshape (NCHW strides): on an AVX2 CPU
+    the former is as fast or faster for 3x3 convs (1.4x at 4x4 x 1280 channels) and the latter for 1x1 (a 640->320
+    1x1 conv at 32x32 took 7.0 ms through the channels-last view, 4.9 ms through the reshape)."""
+    n = w2d.shape[0]
+    if kh == 1 and kw == 1:
+        return w2d.reshape(n, -1, 1, 1)
+    return w2d.reshape(n, kh, kw, -1).permute(0, 3, 1, 2)
 
 
 def conv_weight_to_2d(w: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,12 @@ except ImportError:  # the package works without Triton; dispatch then never sel
     HAVE_TRITON = False
 
 
+# Triton reads TRITON_INTERPRET when a kernel is decorated (this module's import), so it is read once here too.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def available(device: torch.device | str | None = None) -> str | None:
