@@ -9,7 +9,7 @@ from mixquant.kernels.synthetic import conv_geometry, random_call
 # W2A8, weight-only
 FORMATS = [(8, None, "static", None), (8, None, "dynamic", None), (8, None, "static", 40), (4, None, "static", None),
            (4, 32, "dynamic", None), (2, None, "dynamic", None), (4, 32, "none", None), (2, 64, "none", None)]
-INT_ROUTES = [r for r in ("onednn_split", "int_mm") if r != "onednn_split" or cpu._has_onednn()]
+INT_ROUTES = [r for r in ("onednn_split", "onednn_sparse", "int_mm") if r == "int_mm" or cpu._has_onednn()]
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def test_linear_routes_match_reference(route, bits, group, a_mode, split, bias):
     assert _rel(out, _ref("linear", x, call)) < 1e-5
 
 
-@pytest.mark.parametrize("route", ["float"] + INT_ROUTES[:1])
+@pytest.mark.parametrize("route", ["float"] + [r for r in INT_ROUTES if r != "int_mm"])
 @pytest.mark.parametrize("bits,group,a_mode,split", FORMATS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv_routes_match_reference(route, bits, group, a_mode, split, stride):
@@ -194,8 +194,46 @@ def test_split_route_with_few_high_codes(op, hot):
     x.index_add_(cdim, idx, torch.rand(shape).index_select(cdim, idx) * 11)  # these reach codes > 127
     geo = {} if op == "linear" else conv_geometry(3, 2, 1)
     fn = cpu.linear if op == "linear" else cpu.conv2d
-    out = fn(x, route="onednn_split", cache={}, **call, **geo)
+    for route in ("onednn_split", "onednn_sparse"):
+        out = fn(x, route=route, cache={}, **call, **geo)
+        assert _rel(out, _ref(op, x, call, geo or None)) < 1e-5
+
+
+@pytest.mark.skipif(not cpu._has_onednn(), reason="no oneDNN int8 ops in this torch")
+@pytest.mark.parametrize("op,stride", [("linear", 1), ("conv2d", 1), ("conv2d", 2)])
+@pytest.mark.parametrize("density", [0.01, 0.2])
+@pytest.mark.parametrize("zp", [20, 128])
+def test_sparse_route_with_high_codes_in_every_channel(monkeypatch, op, stride, density, zp):
+    """Codes far from the zero point scattered over all channels (no hot-channel shortcut): "onednn_sparse" computes
+    them as a sparse product beside one oneDNN call when they are few, and falls back to two calls when they are
+    not. zp 20: SiLU-like (outliers above 127); zp 128: norm-like (outliers on both sides of the window)."""
+    cin = 48
+    k = cin if op == "linear" else 9 * cin
+    call = random_call(24, k, a_mode="static", seed=5)
+    call["a_scale"], call["a_zero"] = torch.tensor([0.05]), torch.tensor([float(zp)])
+    shape = (61, cin) if op == "linear" else (2, cin, 9, 7)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(shape, generator=g) * 4 - 0.5) if zp == 20 else (torch.rand(shape, generator=g) * 5 - 2.5)
+    high = torch.rand(shape, generator=g) < density  # codes 120..240 (zp 20), beyond 128 -+ 75 (zp 128)
+    far = 5 + torch.rand(shape, generator=g) * 6 if zp == 20 else \
+        (3.75 + torch.rand(shape, generator=g) * 2) * torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
+    x = torch.where(high, far, x)
+    raw = "_onednn_linear_raw" if op == "linear" else "_onednn_conv_raw"
+    calls = []
+    real = getattr(cpu, raw)
+    monkeypatch.setattr(cpu, raw, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    csr, real_csr = [], cpu._csr_times_weight
+    monkeypatch.setattr(cpu, "_csr_times_weight", lambda *a: csr.append(1) or real_csr(*a))
+    geo = {} if op == "linear" else conv_geometry(3, stride, 1)
+    fn = cpu.linear if op == "linear" else cpu.conv2d
+    cache = {}
+    out = fn(x, route="onednn_sparse", cache=cache, **call, **geo)
     assert _rel(out, _ref(op, x, call, geo or None)) < 1e-5
+    assert len(calls) == (1 if density < cpu.SPARSE_DENSITY else 2)
+    assert len(csr) == (density < cpu.SPARSE_DENSITY)
+    assert ("cpu_sparse_wt" in cache) == (density < cpu.SPARSE_DENSITY)  # the transposed weight, kept
+    call["qweight"][:, : k // 2].neg_()  # an in-place weight update (a LoRA patch): nothing stale is used
+    assert _rel(fn(x, route="onednn_sparse", cache=cache, **call, **geo), _ref(op, x, call, geo or None)) < 1e-5
 
 
 def test_a_weight_that_moves_every_call_is_not_cached():
@@ -207,3 +245,17 @@ def test_a_weight_that_moves_every_call_is_not_cached():
         cpu.linear(x, route="onednn_split" if cpu._has_onednn() else "int_mm", cache=cache, **call)
     assert cpu.weight_keeps_moving(cache)
     assert cpu.candidates("linear", cache=cache, **call) == ["float"]
+
+
+@pytest.mark.skipif(not cpu._has_onednn(), reason="no oneDNN int8 ops in this torch")
+def test_sparse_route_keeps_no_transposed_copy_of_a_large_weight(monkeypatch):
+    monkeypatch.setattr(cpu, "SPARSE_WT_CACHE_MAX", 100)  # every weight here counts as large
+    call = random_call(24, 9 * 16, a_mode="static", seed=3)
+    call["a_scale"], call["a_zero"] = torch.tensor([0.05]), torch.tensor([20.0])
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 16, 8, 8, generator=g) * 4 - 0.5
+    x[0, :, 3, 4] = 9.0  # a few codes above 127, in every channel
+    cache, geo = {}, conv_geometry(3, 1, 1)
+    out = cpu.conv2d(x, route="onednn_sparse", cache=cache, **call, **geo)
+    assert _rel(out, _ref("conv2d", x, call, geo)) < 1e-5
+    assert "cpu_sparse_wt" not in cache and "cpu_onednn_conv" in cache
