@@ -545,7 +545,7 @@ def digits_section(args, peers, dtype16, log):
 
     pipe = load_pipeline("digits")
     fp_unet = pipe.unet
-    sampler = SamplerSettings(steps=args.steps, guidance=4.0, scheduler="dpm")
+    sampler = SamplerSettings(steps=args.steps, guidance=args.guidance, scheduler="dpm")
     calib_prompts = [p.strip() for p in open(CALIB_PROMPTS) if p.strip()]
     ev = eval_set(args.eval_per_digit)
     seeds = list(range(1000, 1000 + args.seeds))
@@ -606,6 +606,7 @@ def digits_section(args, peers, dtype16, log):
                              f"{r['label']} bytes ({size:.3f}x FP16), a_bits={a_bits}",
                              lambda env, size=size, a=a_bits: match(size, a), ("digits",)))
     meta = {"fp16_bytes": fp16, "n_images": len(ev) * len(seeds), "seeds": seeds, "steps": sampler.steps,
+            "guidance": sampler.guidance,
             "calibration_prompts": len(calib_prompts), "mixquant_seconds": mq_seconds,
             "params": sum(t.numel() for t in fp_unet.parameters())}
     return rows, meta
@@ -1032,7 +1033,8 @@ def markdown(result, plot_name: str = "peers_quality_vs_bytes.png") -> str:
                                  f"SSIM {_f(r['ssim'])}")
             L.append(f"| {b} | " + " | ".join(cells) + " |")
         L += ["", f"## digits: every config ({m['n_images']} images: held-out prompts x seeds {m['seeds']}, "
-                  f"DPM-Solver++ {m['steps']} steps, guidance 4; FP16 bytes {m['fp16_bytes']:,})", "",
+                  f"DPM-Solver++ {m['steps']} steps, guidance {m.get('guidance', 4.0):g}; FP16 bytes "
+                  f"{m['fp16_bytes']:,})", "",
               "| tool | config | bytes | x FP16 | quantized layers | SQNR dB | PSNR dB | SSIM | content acc (FP) | "
               "content conf (FP) | latency vs FP32 | notes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
@@ -1179,6 +1181,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated peer keys or key prefixes / tool names (fp32 always runs)")
     ap.add_argument("--skip", help="comma-separated peer keys or key prefixes to leave out")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--guidance", type=float, default=4.0,
+                    help="digits CFG scale (calibration and evaluation); at 2 the FP model itself misdraws ~6%% of "
+                         "digits, so content damage from quantization shows where it saturates at 4")
     ap.add_argument("--eval-per-digit", type=int, default=5)
     ap.add_argument("--full", action="store_true",
                     help="also MixQuant W4A16 / mixed avg W4 A8 / comfyui-native on SD1.5 (their quantization takes "

@@ -268,18 +268,18 @@ def _sat_free(u_max: int, w_absmax: int) -> bool:
 
 def _run_split(raw, u, zp, u_max, w_absmax, split_sat, bias, sparse=None, **kw):
     """One oneDNN call, or, when the pair sums could saturate: with `sparse`, one call on the window of 128 codes
-    around the zero point (where most codes sit) plus `sparse(r)` for the codes outside it (r: signed int16
-    residual; sparse returns None when they are too many); else two calls on halves of the codes."""
+    around the zero point (where most codes sit) plus the codes outside it (r: signed int16 residual) added by
+    `sparse(r)(out)` (sparse(r) is None when they are too many); else two calls on halves of the codes."""
     if not split_sat or _sat_free(u_max, w_absmax):
         return raw(u, zp, bias=bias, **kw)
     if sparse is not None:
         w0 = min(max(zp - 64, 0), 128)  # codes w0 .. w0 + 127 (fed as 0..127, zero point zp - w0) cannot saturate
         a = torch.clamp(u, w0, w0 + 127)
-        r = u.to(torch.int16).sub_(a)
-        part = sparse(r)
-        if part is not None:
-            out = raw(a.sub_(w0) if w0 else a, zp - w0, bias=bias, **kw)
-            return out if part is _NOTHING else out.add_(part)
+        # the codes outside: only above the window when it starts at 0 (unsigned bytes, the cheapest to scan)
+        r = torch.clamp(u, min=127).sub_(127) if w0 == 0 else u.to(torch.int16).sub_(a)
+        add = sparse(r)
+        if add is not None:
+            return add(raw(a.sub_(w0) if w0 else a, zp - w0, bias=bias, **kw))
     a = torch.clamp(u, max=127)
     out = raw(a, min(zp, 127), bias=bias, **kw)
     b = u.sub_(a)  # (u is ours: reuse it for the high half)
@@ -311,8 +311,8 @@ def _hot_channels(b, dims, limit: int):
     return hot if hot.numel() <= limit else None
 
 
-def _csr_times_weight(rows, cols, vals, n_rows: int, wt):
-    """S @ W^T as fp32 [n_rows, N]: S the sparse [n_rows, K] matrix given as (rows, cols, vals), wt = W^T [K, N]."""
+def _csr(rows, cols, vals, n_rows: int, k: int):
+    """The sparse [n_rows, k] matrix with entries (rows, cols, vals), in CSR form."""
     if rows.numel() > 1 and not bool((rows[1:] >= rows[:-1]).all()):
         order = torch.argsort(rows)
         rows, cols, vals = rows[order], cols[order], vals[order]
@@ -320,8 +320,7 @@ def _csr_times_weight(rows, cols, vals, n_rows: int, wt):
     torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=crow[1:])
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore")
-        s = torch.sparse_csr_tensor(crow, cols, vals, (n_rows, wt.shape[0]))
-    return s @ wt
+        return torch.sparse_csr_tensor(crow, cols, vals, (n_rows, k))
 
 
 def _residual_plan(b, elementwise: bool, hot_dims, hot_limit: int):
@@ -338,44 +337,56 @@ def _residual_plan(b, elementwise: bool, hot_dims, hot_limit: int):
 SPARSE_WT_CACHE_MAX = 2 ** 21
 
 
-def _transposed(qweight, cache):
-    """fp32 W^T [K, N] for the CSR product. MKL's CSR x dense product runs 1.5-3x faster on a row-major operand, but
-    transposing costs 1-4 ms per call at SD sizes, so weights up to SPARSE_WT_CACHE_MAX bytes keep a transposed int8
-    copy in the layer's cache (converting it is cheap); larger ones (a copy of each would add ~0.15x the fp32 weight
-    bytes to an SD1.5 UNet, on top of the oneDNN prepacks) use the column-major view of the weight instead."""
+def _scaled_wt(qweight, col_scale, cache):
+    """fp32 W^T * col_scale [K, N] for the CSR product. MKL's CSR x dense product runs 1.5-3x faster on a row-major
+    operand, but transposing costs 1-4 ms per call at SD sizes, so weights up to SPARSE_WT_CACHE_MAX bytes keep a
+    transposed int8 copy in the layer's cache (converting it is cheap); larger ones (a copy of each would add ~0.15x
+    the fp32 weight bytes to an SD1.5 UNet, on top of the oneDNN prepacks) use the column-major view of the weight."""
     if qweight.numel() > SPARSE_WT_CACHE_MAX:
-        return qweight.to(torch.float32).t()
-    return _cached(cache, "cpu_sparse_wt", _cache_key(qweight), lambda: qweight.t().contiguous()).to(torch.float32)
+        return qweight.to(torch.float32).mul_(col_scale[:, None]).t()
+    wt = _cached(cache, "cpu_sparse_wt", _cache_key(qweight), lambda: qweight.t().contiguous())
+    return wt.to(torch.float32).mul_(col_scale)
 
+
+# The residual is added into oneDNN's output in place (addmm_ / add_): a separate [tokens, N] product and sum would
+# cost three passes over the output (measured: 17 ms vs 1.4 ms at 2048 x 320 -> 2560 with 1% non-zeros).
 
 def _sparse_linear(qweight, w_scale, x_scale, k, elementwise: bool, cache=None):
-    def run(b):
+    def plan_(b):
         how = _residual_plan(b, elementwise, 0, min(k // 8, 1000))
-        if how is None or how is _NOTHING:
-            return how
+        if how is None:
+            return None
+        if how is _NOTHING:
+            return lambda out: out
+        col_scale = w_scale * x_scale
         if isinstance(how, str):
             r, c = b.nonzero().unbind(1)  # row-major: already sorted by row
-            acc = _csr_times_weight(r, c, b[r, c].to(torch.float32), b.shape[0], _transposed(qweight, cache))
+            m, wt = _csr(r, c, b[r, c].to(torch.float32), b.shape[0], k), _scaled_wt(qweight, col_scale, cache)
         else:
-            acc = b.index_select(1, how).to(torch.float32) @ qweight.index_select(1, how).to(torch.float32).t()
-        return acc.mul_(w_scale * x_scale)
-    return run
+            m = b.index_select(1, how).to(torch.float32)
+            wt = qweight.index_select(1, how).to(torch.float32).mul_(col_scale[:, None]).t()
+        return lambda out: out.addmm_(m, wt)
+    return plan_
 
 
 def _sparse_conv(qweight, w_scale, x_scale, cin, kernel_size, geo, elementwise: bool, cache=None):
     kh, kw = kernel_size
     (sh, sw), (ph, pw), (dh, dw) = geo
 
-    def run(b):
+    def plan_(b):
         how = _residual_plan(b, elementwise, (0, 2, 3), min(cin // 8, 110))
-        if how is None or how is _NOTHING:
-            return how
+        if how is None:
+            return None
+        if how is _NOTHING:
+            return lambda out: out
+        col_scale = w_scale * x_scale
         if not isinstance(how, str):
             taps = torch.arange(kh * kw, device=b.device)
             idx = (taps[:, None] * cin + how[None, :]).reshape(-1)
-            w = qweight.index_select(1, idx).to(torch.float32).reshape(-1, kh, kw, how.numel()).permute(0, 3, 1, 2)
-            out = F.conv2d(b.index_select(1, how).to(torch.float32), w, None, *geo)
-            return out.mul_((w_scale * x_scale).reshape(1, -1, 1, 1))
+            w = qweight.index_select(1, idx).to(torch.float32).mul_(col_scale[:, None])
+            w = w.reshape(-1, kh, kw, how.numel()).permute(0, 3, 1, 2)
+            part = F.conv2d(b.index_select(1, how).to(torch.float32), w, None, *geo)
+            return lambda out: out.add_(part)
         # im2col of the non-zero codes: input (n, c, h, w) feeds output (n, ho, wo) through tap (i, j) when
         # h + ph - i*dh = ho*sh (and the same along w); columns in the weight's K order (tap-major, then channel)
         bsz, _, hh, ww = b.shape
@@ -392,11 +403,16 @@ def _sparse_conv(qweight, w_scale, x_scale, cin, kernel_size, geo, elementwise: 
         ok &= (ho < ho_n) & (wo < wo_n)
         rows = ((n_[:, None] * ho_n + ho) * wo_n + wo)[ok]
         cols = (torch.arange(kh * kw, device=b.device)[None, :] * cin + c_[:, None])[ok]
-        acc = _csr_times_weight(rows, cols, vals[:, None].expand(-1, kh * kw)[ok], bsz * ho_n * wo_n,
-                                _transposed(qweight, cache))
-        acc.mul_(w_scale * x_scale)
-        return acc.view(bsz, ho_n, wo_n, -1).permute(0, 3, 1, 2)  # NHWC memory, as oneDNN's output
-    return run
+        m = _csr(rows, cols, vals[:, None].expand(-1, kh * kw)[ok], bsz * ho_n * wo_n, kh * kw * cin)
+        wt = _scaled_wt(qweight, col_scale, cache)
+
+        def add(out):
+            if out.is_contiguous(memory_format=torch.channels_last):  # oneDNN's NHWC output: [P, N] rows in place
+                out.permute(0, 2, 3, 1).view(-1, out.shape[1]).addmm_(m, wt)
+                return out
+            return out.add_((m @ wt).view(bsz, ho_n, wo_n, -1).permute(0, 3, 1, 2))
+        return add
+    return plan_
 
 
 def _prep_linear_onednn(w8: torch.Tensor, scale, segments):

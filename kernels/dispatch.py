@@ -18,7 +18,6 @@ data pointer and version counter so an in-place update (a LoRA patch) invalidate
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -121,8 +120,16 @@ def path(op: str, x: torch.Tensor, cache: dict | None = None, **call) -> str:
 # --- the backends ----------------------------------------------------------------------------------------------------
 # Imported lazily: `import triton` costs a second, and neither backend's module is needed to use the reference.
 
-@functools.lru_cache(maxsize=1)  # fixed for the process (CUDA devices, Triton installed, interpreter mode)
+_TRITON_WHY: list = []  # fixed for the process (CUDA devices, Triton installed, interpreter mode): probed once
+
+
 def _triton_available():
+    if not _TRITON_WHY:
+        _TRITON_WHY.append(_probe_triton())
+    return _TRITON_WHY[0]
+
+
+def _probe_triton():
     from . import triton_gemm
     if not triton_gemm.HAVE_TRITON:
         return "triton is not installed"

@@ -9,8 +9,6 @@ The last dimension is padded with zero codes up to a whole byte; `unpack_codes` 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 PACKABLE_BITS = (2, 4)
@@ -74,9 +72,8 @@ def _offsets(codes: int, groups: int, has_zero: bool) -> dict:
     return {"codes": codes, "scale_off": s_off, "zero_off": z_off, "row_bytes": end + pad}
 
 
-@functools.lru_cache(maxsize=4096)  # read on every quantized call (split_rows): the same few shapes each time
 def row_layout(k: int, bits: int, groups: int, has_zero: bool) -> dict:
-    """Byte offsets of one joined row: codes, scale_off, zero_off, row_bytes (a shared dict: do not modify)."""
+    """Byte offsets of one joined row: codes, scale_off, zero_off, row_bytes."""
     return _offsets(packed_len(k, bits), groups, has_zero)
 
 
@@ -92,9 +89,15 @@ def join_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     return out
 
 
+_LAYOUTS: dict = {}
+
+
 def split_rows(blob: torch.Tensor, k: int, bits: int, groups: int, has_zero: bool):
     """Views (codes, scale fp16 [N, G], zero uint8 [N, G] | None) into a joined uint8 blob (no copy)."""
-    lay = row_layout(k, bits, groups, has_zero)
+    key = (k, bits, groups, has_zero)
+    lay = _LAYOUTS.get(key)  # (split_rows runs on every quantized call: the same few layouts each time)
+    if lay is None:
+        lay = _LAYOUTS[key] = row_layout(*key)
     codes = blob[:, : lay["codes"]]
     if bits == 8:
         codes = codes.view(torch.int8)

@@ -111,6 +111,8 @@ class QuantLayer(nn.Module):
     def _act_args(self, device) -> dict:
         # ~20 us of Python and two tensor copies per call otherwise (a UNet step makes ~300 quantized calls): kept
         # while the range tensors are the same storage at the same version and the group and device are the same
+        if torch.compiler.is_compiling():  # (data pointers and version counters are not traceable)
+            return self._make_act_args(device)
         sc, zp = self.input_scale, self.input_zero
         key = (device, self.act_group, self.a_split, self.fmt) + (
             () if sc is None else (sc.data_ptr(), version_of(sc), sc.device, zp.data_ptr(), version_of(zp)))

@@ -222,8 +222,8 @@ def test_sparse_route_with_high_codes_in_every_channel(monkeypatch, op, stride, 
     calls = []
     real = getattr(cpu, raw)
     monkeypatch.setattr(cpu, raw, lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    csr, real_csr = [], cpu._csr_times_weight
-    monkeypatch.setattr(cpu, "_csr_times_weight", lambda *a: csr.append(1) or real_csr(*a))
+    csr, real_csr = [], cpu._csr
+    monkeypatch.setattr(cpu, "_csr", lambda *a: csr.append(1) or real_csr(*a))
     geo = {} if op == "linear" else conv_geometry(3, stride, 1)
     fn = cpu.linear if op == "linear" else cpu.conv2d
     cache = {}

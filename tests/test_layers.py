@@ -160,3 +160,17 @@ def test_layers_run_under_inference_mode():
         a = q(x)
         b = q(x)  # second call: served from the layer's kernel cache
     assert torch.allclose(a, ref, atol=1e-5) and torch.equal(a, b)
+
+
+def test_quantized_layers_trace_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces a quantized layer's Python (argument memos, row layouts, dispatch): what
+    the GPU test compiles with Triton, checked here on the reference path with dynamo's eager backend."""
+    lin = QuantLinear.from_float(nn.Linear(32, 16), LayerFormat(8, 8))
+    lin.set_act_range(torch.tensor(-1.0), torch.tensor(1.0))
+    conv = QuantConv2d.from_float(nn.Conv2d(8, 8, 3, padding=1), LayerFormat(4, 8, 32))
+    conv.set_act_range(torch.tensor(-1.0), torch.tensor(1.0))
+    x, xc = torch.randn(4, 32), torch.randn(1, 8, 5, 5)
+    with dispatch.use_backend("reference"), torch.no_grad():
+        for layer, inp in ((lin, x), (conv, xc)):
+            torch._dynamo.reset()
+            assert torch.equal(torch.compile(layer, fullgraph=True, backend="eager")(inp), layer(inp))
