@@ -200,6 +200,7 @@ def cache_bytes(cache: dict) -> int:
 def _to_u8(codes: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.int16).to(torch.uint8)
 
+
 def _static_codes(x, a_scale, a_zero, bits, split, channel_dim):
     """[(u8 codes, float scale, int zero point)] per activation segment."""
     xf = x if x.dtype == torch.float32 else x.to(torch.float32)
@@ -268,8 +269,9 @@ def _sat_free(u_max: int, w_absmax: int) -> bool:
 
 def _run_split(raw, u, zp, u_max, w_absmax, split_sat, bias, sparse=None, **kw):
     """One oneDNN call, or, when the pair sums could saturate: with `sparse`, one call on the window of 128 codes
-    around the zero point (where most codes sit) plus the codes outside it (r: signed int16 residual) added by
-    `sparse(r)(out)` (sparse(r) is None when they are too many); else two calls on halves of the codes."""
+    around the zero point (where most codes sit) plus the codes outside it (r = u - the clamped u: unsigned bytes
+    when the window starts at 0, else int16) added by `sparse(r)(out)` (sparse(r) is None when they are too many);
+    else two calls on halves of the codes."""
     if not split_sat or _sat_free(u_max, w_absmax):
         return raw(u, zp, bias=bias, **kw)
     if sparse is not None:
@@ -291,8 +293,8 @@ _NOTHING = object()
 
 # Static activations sit mostly near their zero code: after SiLU/GELU few codes exceed 127, after a norm few are more
 # than 64 from the zero point. The codes outside a window of 128 around the zero point (the residual of _run_split)
-# are then mostly zeros, and two ways skip the second GEMM for them, both exact (integer-valued operands, fp32 sums
-# far below 2**24):
+# are then mostly zeros, and two ways skip the second GEMM for them (integer codes times the scaled fp32 weight: equal
+# to the reference up to fp32 rounding, like the other routes):
 # - few hot channels (real models: outlier channels): a small fp32 product over just those channels (both routes);
 # - few non-zeros spread over all channels ("onednn_sparse"): a sparse (CSR) x dense product over them, im2col'ed for
 #   convs; a call falls back to the second GEMM when more than SPARSE_DENSITY of the codes are non-zero.
@@ -337,13 +339,17 @@ def _residual_plan(b, elementwise: bool, hot_dims, hot_limit: int):
 SPARSE_WT_CACHE_MAX = 2 ** 21
 
 
+def _csr_ok(qweight, elementwise: bool) -> bool:
+    """The CSR product needs W^T row-major (MKL's CSR x dense product is 1.5-3x slower on a column-major operand and
+    a transpose costs 1-4 ms per call at SD sizes), so it is kept as an int8 copy in the layer's cache: only for
+    weights up to SPARSE_WT_CACHE_MAX bytes. A copy for every layer would add ~0.15x the fp32 weight bytes to an
+    SD1.5 UNet, on top of the oneDNN prepacks; and for the large weights of low-resolution layers, converting the
+    weight costs more than the second GEMM it saves (measured: 3x3 conv 2560 -> 1280 at 8x8, 200 ms vs 58 ms)."""
+    return elementwise and qweight.numel() <= SPARSE_WT_CACHE_MAX
+
+
 def _scaled_wt(qweight, col_scale, cache):
-    """fp32 W^T * col_scale [K, N] for the CSR product. MKL's CSR x dense product runs 1.5-3x faster on a row-major
-    operand, but transposing costs 1-4 ms per call at SD sizes, so weights up to SPARSE_WT_CACHE_MAX bytes keep a
-    transposed int8 copy in the layer's cache (converting it is cheap); larger ones (a copy of each would add ~0.15x
-    the fp32 weight bytes to an SD1.5 UNet, on top of the oneDNN prepacks) use the column-major view of the weight."""
-    if qweight.numel() > SPARSE_WT_CACHE_MAX:
-        return qweight.to(torch.float32).mul_(col_scale[:, None]).t()
+    """fp32 W^T * col_scale [K, N], from the cached transposed int8 copy."""
     wt = _cached(cache, "cpu_sparse_wt", _cache_key(qweight), lambda: qweight.t().contiguous())
     return wt.to(torch.float32).mul_(col_scale)
 
@@ -352,6 +358,8 @@ def _scaled_wt(qweight, col_scale, cache):
 # cost three passes over the output (measured: 17 ms vs 1.4 ms at 2048 x 320 -> 2560 with 1% non-zeros).
 
 def _sparse_linear(qweight, w_scale, x_scale, k, elementwise: bool, cache=None):
+    elementwise = _csr_ok(qweight, elementwise)
+
     def plan_(b):
         how = _residual_plan(b, elementwise, 0, min(k // 8, 1000))
         if how is None:
@@ -370,6 +378,7 @@ def _sparse_linear(qweight, w_scale, x_scale, k, elementwise: bool, cache=None):
 
 
 def _sparse_conv(qweight, w_scale, x_scale, cin, kernel_size, geo, elementwise: bool, cache=None):
+    elementwise = _csr_ok(qweight, elementwise)
     kh, kw = kernel_size
     (sh, sw), (ph, pw), (dh, dw) = geo
 
@@ -820,8 +829,8 @@ def _probe() -> CpuPlan:
             else:
                 onednn = ["onednn_sparse", "onednn_split"]
                 notes.append("oneDNN u8 x s8 saturates at int16 here (no VNNI): 8-bit activations run as two "
-                             "7-bit halves, two GEMM calls on one prepacked weight (onednn_split), or one call and a "
-                             "sparse product over the few codes above 127 (onednn_sparse)")
+                             "7-bit halves, two GEMM calls on one prepacked weight (onednn_split), or one call on the 128 "
+                             "codes around the zero point and a sparse product over the few outside (onednn_sparse)")
         except RuntimeError as e:
             notes.append(f"oneDNN int8 unusable: {str(e).splitlines()[0][:80]}")
     # _int_mm is exact everywhere but only fast with AMX-class hardware: race it once against the float matmul

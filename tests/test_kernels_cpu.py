@@ -248,7 +248,7 @@ def test_a_weight_that_moves_every_call_is_not_cached():
 
 
 @pytest.mark.skipif(not cpu._has_onednn(), reason="no oneDNN int8 ops in this torch")
-def test_sparse_route_keeps_no_transposed_copy_of_a_large_weight(monkeypatch):
+def test_sparse_route_leaves_large_weights_to_the_second_gemm(monkeypatch):
     monkeypatch.setattr(cpu, "SPARSE_WT_CACHE_MAX", 100)  # every weight here counts as large
     call = random_call(24, 9 * 16, a_mode="static", seed=3)
     call["a_scale"], call["a_zero"] = torch.tensor([0.05]), torch.tensor([20.0])
