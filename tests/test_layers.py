@@ -174,3 +174,21 @@ def test_quantized_layers_trace_without_graph_breaks():
         for layer, inp in ((lin, x), (conv, xc)):
             torch._dynamo.reset()
             assert torch.equal(torch.compile(layer, fullgraph=True, backend="eager")(inp), layer(inp))
+
+
+def test_activation_args_follow_in_place_range_updates_and_groups():
+    """The per-layer memo of activation arguments must see a range loaded in place (load_state_dict copies into the
+    buffers) and a switch of timestep group."""
+    lin = nn.Linear(16, 8)
+    q = QuantLinear.from_float(lin, LayerFormat(8, 8))
+    q.set_act_range(torch.tensor([[-1.0], [-4.0]]), torch.tensor([[1.0], [4.0]]))
+    x = torch.randn(5, 16) * 3
+    with torch.no_grad():
+        first = q(x)
+        q.act_group = 1
+        wide = q(x)
+        assert not torch.equal(first, wide)
+        q.act_group = 0
+        assert torch.equal(q(x), first)
+        q.load_state_dict({**q.state_dict(), "input_scale": q.input_scale * 4, "input_zero": q.input_zero})
+        assert torch.equal(q(x), wide)  # group 0 now holds group 1's scale (and the same zero point)
