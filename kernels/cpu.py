@@ -140,10 +140,15 @@ def version_of(t: torch.Tensor) -> int:
 
 
 def _cache_key(qweight, scale=None, extra=()) -> tuple:
-    # `_version` changes on every in-place write (ComfyUI's LoRA set_weight copies into the blob), so a patched
-    # weight is never served from a stale prepack; views share their base's counter.
+    # `_version` changes on every in-place write (a LoRA patch through the layer's set_weight), so a patched weight is
+    # never served from a stale prepack; views share their base's counter. Writes through `.data` (ComfyUI's
+    # copy_to_param, which restores weights after hook-scheduled LoRAs) do not count, so on the CPU the key also holds
+    # a fingerprint of the scales, which every requantization changes (a sum over N values: microseconds; on a GPU
+    # it would synchronize, so not there).
+    fp = int(scale.view(torch.int16).sum()) if scale is not None and scale.device.type == "cpu" \
+        and scale.dtype == torch.float16 else None
     return (qweight.data_ptr(), version_of(qweight), tuple(qweight.shape), tuple(qweight.stride())) + (
-        () if scale is None else (scale.data_ptr(), version_of(scale))) + tuple(extra)
+        () if scale is None else (scale.data_ptr(), version_of(scale), fp)) + tuple(extra)
 
 
 def _cached(cache: dict | None, slot: str, key: tuple, build):
@@ -156,8 +161,9 @@ def _cached(cache: dict | None, slot: str, key: tuple, build):
     cache.pop(slot, None)  # free the stale one before building its replacement
     value = build()
     cache[slot] = (key, value)
-    if hit is not None:
+    if hit is not None and cache.get("missed_for") != key[:2]:  # one miss per weight change, however many slots
         cache["misses"] = cache.get("misses", 0) + 1
+        cache["missed_for"] = key[:2]
     return value
 
 
@@ -348,16 +354,16 @@ def _csr_ok(qweight, elementwise: bool) -> bool:
     return elementwise and qweight.numel() <= SPARSE_WT_CACHE_MAX
 
 
-def _scaled_wt(qweight, col_scale, cache):
-    """fp32 W^T * col_scale [K, N], from the cached transposed int8 copy."""
-    wt = _cached(cache, "cpu_sparse_wt", _cache_key(qweight), lambda: qweight.t().contiguous())
+def _scaled_wt(qweight, scale, col_scale, cache):
+    """fp32 W^T * col_scale [K, N], from the cached transposed int8 copy (keyed like the prepack: codes + scales)."""
+    wt = _cached(cache, "cpu_sparse_wt", _cache_key(qweight, scale), lambda: qweight.t().contiguous())
     return wt.to(torch.float32).mul_(col_scale)
 
 
 # The residual is added into oneDNN's output in place (addmm_ / add_): a separate [tokens, N] product and sum would
 # cost three passes over the output (measured: 17 ms vs 1.4 ms at 2048 x 320 -> 2560 with 1% non-zeros).
 
-def _sparse_linear(qweight, w_scale, x_scale, k, elementwise: bool, cache=None):
+def _sparse_linear(qweight, scale, w_scale, x_scale, k, elementwise: bool, cache=None):
     elementwise = _csr_ok(qweight, elementwise)
 
     def plan_(b):
@@ -369,7 +375,7 @@ def _sparse_linear(qweight, w_scale, x_scale, k, elementwise: bool, cache=None):
         col_scale = w_scale * x_scale
         if isinstance(how, str):
             r, c = b.nonzero().unbind(1)  # row-major: already sorted by row
-            m, wt = _csr(r, c, b[r, c].to(torch.float32), b.shape[0], k), _scaled_wt(qweight, col_scale, cache)
+            m, wt = _csr(r, c, b[r, c].to(torch.float32), b.shape[0], k), _scaled_wt(qweight, scale, col_scale, cache)
         else:
             m = b.index_select(1, how).to(torch.float32)
             wt = qweight.index_select(1, how).to(torch.float32).mul_(col_scale[:, None]).t()
@@ -377,7 +383,7 @@ def _sparse_linear(qweight, w_scale, x_scale, k, elementwise: bool, cache=None):
     return plan_
 
 
-def _sparse_conv(qweight, w_scale, x_scale, cin, kernel_size, geo, elementwise: bool, cache=None):
+def _sparse_conv(qweight, scale, w_scale, x_scale, cin, kernel_size, geo, elementwise: bool, cache=None):
     elementwise = _csr_ok(qweight, elementwise)
     kh, kw = kernel_size
     (sh, sw), (ph, pw), (dh, dw) = geo
@@ -413,7 +419,7 @@ def _sparse_conv(qweight, w_scale, x_scale, cin, kernel_size, geo, elementwise: 
         rows = ((n_[:, None] * ho_n + ho) * wo_n + wo)[ok]
         cols = (torch.arange(kh * kw, device=b.device)[None, :] * cin + c_[:, None])[ok]
         m = _csr(rows, cols, vals[:, None].expand(-1, kh * kw)[ok], bsz * ho_n * wo_n, kh * kw * cin)
-        wt = _scaled_wt(qweight, col_scale, cache)
+        wt = _scaled_wt(qweight, scale, col_scale, cache)
 
         def add(out):
             if out.is_contiguous(memory_format=torch.channels_last):  # oneDNN's NHWC output: [P, N] rows in place
@@ -466,7 +472,7 @@ def linear_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_
         out = None
         sparse_ok = bits == 8 and zero is None and a_split is None
         for (u, s, zp), packed in zip(_static_codes(x2, a_scale, a_zero, a_bits, a_split, -1), prep["packs"]):
-            sparse = _sparse_linear(qweight, prep["w_scale"], s, k, elementwise, cache) if sparse_ok else None
+            sparse = _sparse_linear(qweight, scale, prep["w_scale"], s, k, elementwise, cache) if sparse_ok else None
             part = _run_split(_onednn_linear_raw, u.contiguous(), zp, 2 ** a_bits - 1, prep["w_absmax"], split_sat,
                               bias32 if out is None else None, sparse=sparse, packed=packed, x_scale=s, **common)
             out = part if out is None else out.add_(part)
@@ -493,8 +499,8 @@ def conv2d_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_
         out = None
         sparse_ok = bits == 8 and zero is None and a_split is None
         for (u, s, zp), packed in zip(_static_codes(x, a_scale, a_zero, a_bits, a_split, 1), prep["packs"]):
-            sparse = _sparse_conv(qweight, prep["w_scale"], s, cin, kernel_size, geo, elementwise, cache) if sparse_ok \
-                else None
+            sparse = _sparse_conv(qweight, scale, prep["w_scale"], s, cin, kernel_size, geo, elementwise, cache) \
+                if sparse_ok else None
             part = _run_split(_onednn_conv_raw, u.contiguous(memory_format=cl), zp, 2 ** a_bits - 1,
                               prep["w_absmax"], split_sat, bias32 if out is None else None, sparse=sparse,
                               packed=packed, x_scale=s, **common)
@@ -624,13 +630,17 @@ def shape_key(op: str, x, call: dict) -> str:
         geo = f"M{1 << max(m - 1, 0).bit_length()}"
     else:
         geo = "x".join(map(str, x.shape)) + f"k{call['kernel_size']}s{call['stride']}p{call['padding']}"
-    # where the zero point sits decides how sparse the codes outside the 128-code window are (after SiLU it is near
-    # 0 and few codes pass 127; after a norm or a residual add it is mid-range), so it is part of the key too
-    z = call.get("a_zero")
-    zone = "" if call["a_mode"] != "static" or z is None else \
-        "|z-low" if float(z.reshape(-1)[0]) < 2 ** (call["a_bits"] - 2) else "|z-mid"
     return (f"{op}|{geo}|K{call['k']}|N{n}|w{call['bits']}|a{call['a_bits']}{call['a_mode']}|"
-            f"{'split' if call.get('a_split') is not None else ''}{zone}")
+            f"{'split' if call.get('a_split') is not None else ''}{_zone(call)}")
+
+
+def _zone(call: dict) -> str:
+    # where the zero point sits decides how sparse the codes outside the 128-code window are (after SiLU it is near
+    # 0 and few codes pass 127; after a norm or a residual add it is mid-range), so it is part of the route's key
+    z = call.get("a_zero")
+    if call["a_mode"] != "static" or z is None:
+        return ""
+    return "|z-low" if float(z.reshape(-1)[0]) < 2 ** (call["a_bits"] - 2) else "|z-mid"
 
 
 def choose(op: str, x=None, cache=None, **call) -> str:
@@ -646,9 +656,11 @@ def choose(op: str, x=None, cache=None, **call) -> str:
 
 
 def decide(op: str, x, cache, call) -> str:
-    # a layer's format is fixed, so its route depends only on the input shape (and the plan): remembered in its
-    # cache dict, which saves the ~25 us of Python that choose() costs on every call
-    memo = None if cache is None else (op, x.shape, x.dtype, id(plan()), weight_keeps_moving(cache))
+    # a layer's format is fixed, so its route depends only on the input shape, the zero point's zone (which changes
+    # with the timestep group) and the plan: remembered in its cache dict, which saves the ~25 us of Python that
+    # choose() costs on every call
+    memo = None if cache is None else (op, x.shape, x.dtype, id(plan()), weight_keeps_moving(cache), _zone(call),
+                                       call.get("a_split"))
     hit = None if memo is None else cache.get("route")
     if hit is not None and hit[0] == memo:
         return hit[1]
@@ -829,8 +841,9 @@ def _probe() -> CpuPlan:
             else:
                 onednn = ["onednn_sparse", "onednn_split"]
                 notes.append("oneDNN u8 x s8 saturates at int16 here (no VNNI): 8-bit activations run as two "
-                             "7-bit halves, two GEMM calls on one prepacked weight (onednn_split), or one call on the 128 "
-                             "codes around the zero point and a sparse product over the few outside (onednn_sparse)")
+                             "7-bit halves, two GEMM calls on one prepacked weight (onednn_split), or one call on the "
+                             "128 codes around the zero point and a sparse product over the few outside "
+                             "(onednn_sparse)")
         except RuntimeError as e:
             notes.append(f"oneDNN int8 unusable: {str(e).splitlines()[0][:80]}")
     # _int_mm is exact everywhere but only fast with AMX-class hardware: race it once against the float matmul

@@ -161,7 +161,8 @@ class QuantLayer(nn.Module):
             return new
         self._w_hat = None
         if inplace_update and new.shape == self.weight.shape:
-            self.weight.data.copy_(new)
+            with torch.no_grad():  # (not through .data: this write must bump the version counter kernel caches key on)
+                self.weight.copy_(new)
         else:
             self.weight = nn.Parameter(new, requires_grad=False)
 

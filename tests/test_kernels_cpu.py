@@ -234,6 +234,8 @@ def test_sparse_route_with_high_codes_in_every_channel(monkeypatch, op, stride, 
     assert ("cpu_sparse_wt" in cache) == (density < cpu.SPARSE_DENSITY)  # the transposed weight, kept
     call["qweight"][:, : k // 2].neg_()  # an in-place weight update (a LoRA patch): nothing stale is used
     assert _rel(fn(x, route="onednn_sparse", cache=cache, **call, **geo), _ref(op, x, call, geo or None)) < 1e-5
+    assert not cpu.weight_keeps_moving(cache)  # one patch is one miss, however many slots it refreshed
+    assert cpu.candidates(op, cache=cache, **call, **geo)[0] != "float"
 
 
 def test_a_weight_that_moves_every_call_is_not_cached():
@@ -259,3 +261,30 @@ def test_sparse_route_leaves_large_weights_to_the_second_gemm(monkeypatch):
     out = cpu.conv2d(x, route="onednn_sparse", cache=cache, **call, **geo)
     assert _rel(out, _ref("conv2d", x, call, geo)) < 1e-5
     assert "cpu_sparse_wt" not in cache and "cpu_onednn_conv" in cache
+
+
+@pytest.mark.skipif(not cpu._has_onednn(), reason="no oneDNN int8 ops in this torch")
+def test_writes_through_data_do_not_serve_a_stale_prepack():
+    """ComfyUI restores weights after hook-scheduled LoRAs with `param.data.copy_(...)`, which does not bump the
+    version counter: the CPU caches must still notice (the scales' fingerprint is part of their key)."""
+    call = random_call(24, 40, a_mode="static", seed=4)
+    other = random_call(24, 40, a_mode="static", seed=9)
+    x = torch.randn(6, 40)
+    for route in ("onednn_split", "onednn_sparse"):
+        c = {**call, "qweight": call["qweight"].clone(), "scale": call["scale"].clone()}
+        cache = {}
+        cpu.linear(x, route=route, cache=cache, **c)
+        c["qweight"].data.copy_(other["qweight"])
+        c["scale"].data.copy_(other["scale"])
+        assert _rel(cpu.linear(x, route=route, cache=cache, **c), _ref("linear", x, c)) < 1e-5
+
+
+def test_route_memo_follows_the_zero_point_zone(monkeypatch):
+    """A layer whose timestep groups put the zero point in different zones gets each zone's route, not the first."""
+    call = random_call(16, 32, a_mode="static", seed=6)
+    x, cache = torch.randn(8, 32), {}
+    seen = []
+    monkeypatch.setattr(cpu, "choose", lambda op, **kw: seen.append(cpu._zone(kw)) or "float")
+    for z in (10.0, 12.0, 130.0):
+        cpu.linear(x, cache=cache, **{**call, "a_zero": torch.tensor([z])})
+    assert seen == ["|z-low", "|z-mid"]  # the second call is served from the memo, the third is not
