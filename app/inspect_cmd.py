@@ -30,9 +30,7 @@ def run(args) -> int:
     if args.kernels:
         from ..kernels import dispatch
 
-        for row in dispatch.explain():
-            state = "available" if row["available"] else f"unavailable ({row['why_not']})"
-            print(f"{row['backend']:<12} {state}; ops: {', '.join(row['ops'])}")
+        print(dispatch.describe())  # backends, this CPU's measured plan, the path each kind of layer takes
         if not args.file:
             return 0
     if not args.file:

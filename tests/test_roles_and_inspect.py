@@ -93,4 +93,5 @@ def test_inspect_prints_layers_and_bad_file_is_one_line(tmp_path, capsys, small_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "corrupt" in err[0]
     assert cli(["inspect", "--kernels"]) == 0
-    assert "reference" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reference" in out and "paths on cpu" in out and "W8A8 static" in out  # the path per kind of layer
