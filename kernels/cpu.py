@@ -399,8 +399,7 @@ def _sparse_conv(qweight, scale, w_scale, x_scale, cin, kernel_size, geo, elemen
             taps = torch.arange(kh * kw, device=b.device)
             idx = (taps[:, None] * cin + how[None, :]).reshape(-1)
             w = qweight.index_select(1, idx).to(torch.float32).mul_(col_scale[:, None])
-            w = w.reshape(-1, kh, kw, how.numel()).permute(0, 3, 1, 2)
-            part = F.conv2d(b.index_select(1, how).to(torch.float32), w, None, *geo)
+            part = F.conv2d(b.index_select(1, how).to(torch.float32), conv_weight_view(w, kh, kw), None, *geo)
             return lambda out: out.add_(part)
         # im2col of the non-zero codes: input (n, c, h, w) feeds output (n, ho, wo) through tap (i, j) when
         # h + ph - i*dh = ho*sh (and the same along w); columns in the weight's K order (tap-major, then channel)
@@ -441,7 +440,7 @@ def _prep_linear_onednn(w8: torch.Tensor, scale, segments):
 
 def _prep_conv_onednn(w8: torch.Tensor, scale, segments, cin, kernel_size, geo):
     n = w8.shape[0]
-    w4 = w8.reshape(n, kernel_size[0], kernel_size[1], cin).permute(0, 3, 1, 2)
+    w4 = conv_weight_view(w8, *kernel_size)
     w_scale = scale.to(torch.float32).reshape(n).contiguous()
     stride, padding, dilation = geo
     packs = [torch.ops.onednn.qconv_prepack((w4 if sl is None else w4[:, sl]).contiguous(), w_scale, 1.0, 0,
