@@ -354,16 +354,16 @@ def _csr_ok(qweight, elementwise: bool) -> bool:
     return elementwise and qweight.numel() <= SPARSE_WT_CACHE_MAX
 
 
-def _scaled_wt(qweight, scale, col_scale, cache):
-    """fp32 W^T * col_scale [K, N], from the cached transposed int8 copy (keyed like the prepack: codes + scales)."""
-    wt = _cached(cache, "cpu_sparse_wt", _cache_key(qweight, scale), lambda: qweight.t().contiguous())
+def _scaled_wt(qweight, wkey, col_scale, cache):
+    """fp32 W^T * col_scale [K, N], from the cached transposed int8 copy (keyed like the prepack: `wkey`)."""
+    wt = _cached(cache, "cpu_sparse_wt", wkey, lambda: qweight.t().contiguous())
     return wt.to(torch.float32).mul_(col_scale)
 
 
 # The residual is added into oneDNN's output in place (addmm_ / add_): a separate [tokens, N] product and sum would
 # cost three passes over the output (measured: 17 ms vs 1.4 ms at 2048 x 320 -> 2560 with 1% non-zeros).
 
-def _sparse_linear(qweight, scale, w_scale, x_scale, k, elementwise: bool, cache=None):
+def _sparse_linear(qweight, wkey, w_scale, x_scale, k, elementwise: bool, cache=None):
     elementwise = _csr_ok(qweight, elementwise)
 
     def plan_(b):
@@ -375,7 +375,7 @@ def _sparse_linear(qweight, scale, w_scale, x_scale, k, elementwise: bool, cache
         col_scale = w_scale * x_scale
         if isinstance(how, str):
             r, c = b.nonzero().unbind(1)  # row-major: already sorted by row
-            m, wt = _csr(r, c, b[r, c].to(torch.float32), b.shape[0], k), _scaled_wt(qweight, scale, col_scale, cache)
+            m, wt = _csr(r, c, b[r, c].to(torch.float32), b.shape[0], k), _scaled_wt(qweight, wkey, col_scale, cache)
         else:
             m = b.index_select(1, how).to(torch.float32)
             wt = qweight.index_select(1, how).to(torch.float32).mul_(col_scale[:, None]).t()
@@ -383,7 +383,7 @@ def _sparse_linear(qweight, scale, w_scale, x_scale, k, elementwise: bool, cache
     return plan_
 
 
-def _sparse_conv(qweight, scale, w_scale, x_scale, cin, kernel_size, geo, elementwise: bool, cache=None):
+def _sparse_conv(qweight, wkey, w_scale, x_scale, cin, kernel_size, geo, elementwise: bool, cache=None):
     elementwise = _csr_ok(qweight, elementwise)
     kh, kw = kernel_size
     (sh, sw), (ph, pw), (dh, dw) = geo
@@ -418,7 +418,7 @@ def _sparse_conv(qweight, scale, w_scale, x_scale, cin, kernel_size, geo, elemen
         rows = ((n_[:, None] * ho_n + ho) * wo_n + wo)[ok]
         cols = (torch.arange(kh * kw, device=b.device)[None, :] * cin + c_[:, None])[ok]
         m = _csr(rows, cols, vals[:, None].expand(-1, kh * kw)[ok], bsz * ho_n * wo_n, kh * kw * cin)
-        wt = _scaled_wt(qweight, scale, col_scale, cache)
+        wt = _scaled_wt(qweight, wkey, col_scale, cache)
 
         def add(out):
             if out.is_contiguous(memory_format=torch.channels_last):  # oneDNN's NHWC output: [P, N] rows in place
@@ -456,7 +456,8 @@ def _segments(a_mode, a_split, channels):
 def linear_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
                   cache=None, split_sat=True, elementwise=False):
     segs = _segments(a_mode, a_split, k)
-    prep = _cached(cache, "cpu_onednn_linear", _cache_key(qweight, scale, (str(segs),)),
+    wkey = _cache_key(qweight, scale)
+    prep = _cached(cache, "cpu_onednn_linear", wkey + (str(segs),),
                    lambda: _prep_linear_onednn(int8_weight(qweight, zero, bits, k), scale, segs))
     shape = x.shape
     x2 = x.reshape(-1, k)
@@ -471,7 +472,7 @@ def linear_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_
         out = None
         sparse_ok = bits == 8 and zero is None and a_split is None
         for (u, s, zp), packed in zip(_static_codes(x2, a_scale, a_zero, a_bits, a_split, -1), prep["packs"]):
-            sparse = _sparse_linear(qweight, scale, prep["w_scale"], s, k, elementwise, cache) if sparse_ok else None
+            sparse = _sparse_linear(qweight, wkey, prep["w_scale"], s, k, elementwise, cache) if sparse_ok else None
             part = _run_split(_onednn_linear_raw, u.contiguous(), zp, 2 ** a_bits - 1, prep["w_absmax"], split_sat,
                               bias32 if out is None else None, sparse=sparse, packed=packed, x_scale=s, **common)
             out = part if out is None else out.add_(part)
@@ -483,7 +484,8 @@ def conv2d_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_
     cin = x.shape[1]
     geo = (list(stride), list(padding), list(dilation))
     segs = _segments(a_mode, a_split, cin)
-    prep = _cached(cache, "cpu_onednn_conv", _cache_key(qweight, scale, (str(segs), str(geo), tuple(kernel_size))),
+    wkey = _cache_key(qweight, scale)
+    prep = _cached(cache, "cpu_onednn_conv", wkey + (str(segs), str(geo), tuple(kernel_size)),
                    lambda: _prep_conv_onednn(int8_weight(qweight, zero, bits, k), scale, segs, cin, kernel_size, geo))
     bias32 = _as(bias, torch.float32)
     common = dict(w_scale=prep["w_scale"], w_zp=prep["w_zp"], geo=geo)
@@ -498,7 +500,7 @@ def conv2d_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_
         out = None
         sparse_ok = bits == 8 and zero is None and a_split is None
         for (u, s, zp), packed in zip(_static_codes(x, a_scale, a_zero, a_bits, a_split, 1), prep["packs"]):
-            sparse = _sparse_conv(qweight, scale, prep["w_scale"], s, cin, kernel_size, geo, elementwise, cache) \
+            sparse = _sparse_conv(qweight, wkey, prep["w_scale"], s, cin, kernel_size, geo, elementwise, cache) \
                 if sparse_ok else None
             part = _run_split(_onednn_conv_raw, u.contiguous(memory_format=cl), zp, 2 ** a_bits - 1,
                               prep["w_absmax"], split_sat, bias32 if out is None else None, sparse=sparse,
