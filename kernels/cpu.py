@@ -139,14 +139,24 @@ def version_of(t: torch.Tensor) -> int:
         return base._version if base is not None and not base.is_inference() else -1
 
 
+def fingerprint(t: torch.Tensor) -> int | None:
+    """A cheap content fingerprint of a CPU tensor (the integer sum of its bits; None on other devices, where
+    reading it back would synchronize). Writes through `.data` (ComfyUI's copy_to_param, which restores weights after
+    hook-scheduled LoRAs) do not bump the version counter: caches keyed on the version add this to see them."""
+    if t.device.type != "cpu":
+        return None
+    size = t.element_size()
+    if size not in (1, 2, 4, 8) or not t.is_contiguous():
+        t, size = t.contiguous(), t.element_size()
+    return int(t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).sum())
+
+
 def _cache_key(qweight, scale=None, extra=()) -> tuple:
     # `_version` changes on every in-place write (a LoRA patch through the layer's set_weight), so a patched weight is
-    # never served from a stale prepack; views share their base's counter. Writes through `.data` (ComfyUI's
-    # copy_to_param, which restores weights after hook-scheduled LoRAs) do not count, so on the CPU the key also holds
-    # a fingerprint of the scales, which every requantization changes (a sum over N values: microseconds; on a GPU
-    # it would synchronize, so not there).
-    fp = int(scale.view(torch.int16).sum()) if scale is not None and scale.device.type == "cpu" \
-        and scale.dtype == torch.float16 else None
+    # never served from a stale prepack; views share their base's counter. Writes through `.data` do not count, so the
+    # key also holds a fingerprint of the scales, which every requantization changes (a sum over N values:
+    # microseconds; CPU only).
+    fp = fingerprint(scale) if scale is not None and scale.dtype == torch.float16 else None
     return (qweight.data_ptr(), version_of(qweight), tuple(qweight.shape), tuple(qweight.stride())) + (
         () if scale is None else (scale.data_ptr(), version_of(scale), fp)) + tuple(extra)
 

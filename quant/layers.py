@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import dispatch, reference
-from ..kernels.cpu import version_of
+from ..kernels.cpu import fingerprint, version_of
 from ..kernels.packing import join_rows, row_layout, split_rows
 from .formats import LayerFormat
 from .quantizer import qrange, quantize_weight
@@ -238,8 +238,11 @@ class QuantLinear(QuantLayer):
         table = self.__dict__.get("_bos_table")
         if not table or len(table) < 2 or self.weight_function:  # never patched, or patched per call (low VRAM)
             return self.bos_out
-        # the checksum reads the whole weight: compute it once per weight write, not on every forward
-        key = (self.weight.data_ptr(), version_of(self.weight), len(table), id(self.bos_out))
+        # the checksum reads the whole weight: compute it once per weight write, not on every forward (a write through
+        # `.data`, as ComfyUI restores weights after hook-scheduled LoRAs, keeps the version: the CPU fingerprint of
+        # the scales, or of a float weight, sees it)
+        probe = self.packed_parts()[1] if self.packed else self.weight
+        key = (self.weight.data_ptr(), version_of(self.weight), len(table), id(self.bos_out), fingerprint(probe))
         memo = self.__dict__.get("_bos_memo")
         if memo is None or memo[0] != key:
             memo = self.__dict__["_bos_memo"] = (key, table.get(_checksum(self.weight), self.bos_out))

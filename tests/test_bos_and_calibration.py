@@ -203,3 +203,23 @@ def test_bos_output_follows_lora_and_its_removal():
         assert not torch.allclose(patched, before)
         k.weight = backup  # unpatch
         assert torch.equal(k(ctx)[:, 0], before)
+
+
+def test_bos_output_follows_a_restore_through_data():
+    """ComfyUI's hook-scheduled LoRAs patch in place and restore with `param.data.copy_(backup)` (copy_to_param),
+    which keeps the weight's version counter: the memoized BOS output must still go back to the original's."""
+    torch.manual_seed(0)
+    m = CrossAttn(32, 64, 8, 4).eval()
+    ctx = clip_like_context(2, 6, 64, bos_outlier=True)
+    x = torch.randn(2, 8, 32)
+    _, calib, q = _cross_attn_error(m, ctx, x, bos=True)
+    k = q.attn2.to_k
+    with torch.no_grad():
+        before = k(ctx)[:, 0].clone()
+        backup = k.weight.detach().clone()
+        w = k.convert_weight(k.weight.to(torch.float32, copy=True), inplace=True)
+        k.set_weight(w + torch.randn_like(w) * 0.05, inplace_update=True, seed=1)
+        patched = k(ctx)[:, 0].clone()
+        assert not torch.allclose(patched, before)
+        k.weight.data.copy_(backup)  # no version bump
+        assert torch.equal(k(ctx)[:, 0], before)
