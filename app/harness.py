@@ -16,6 +16,8 @@ What is measured (every prompt with every seed; image i uses torch.Generator().m
   digit the prompt names (prompts naming no digit are skipped); None for other models unless a classifier is given.
 - content_confidence(_fp): the classifier's mean probability of the named digit: finer than accuracy, which
   saturates at 1.0 while every digit is still recognisable.
+- content_hits(_fp): per image, whether the classifier read the named digit (None where the prompt names none), in
+  the order prompt x seed: two results on the same prompts and seeds pair up (`digits.paired_content`).
 The quantized pipeline is any pipeline of the same kind whose unet was modified: the unet is a black box.
 """
 from __future__ import annotations
@@ -167,11 +169,14 @@ def compare_pipelines(fp_pipe, q_pipe, prompts: list[str], seeds: list[int], ste
 
             classifier = digits_classifier()
     if classifier is not None:
-        from .digits import content_accuracy, content_confidence
+        from .digits import content_confidence, content_hits
 
         all_prompts = [p for p, _ in items]
-        result["content_accuracy_fp"] = content_accuracy(fp_images, all_prompts, classifier)
-        result["content_accuracy"] = content_accuracy(q_images, all_prompts, classifier)
+        for key, images in (("_fp", fp_images), ("", q_images)):
+            hits = content_hits(images, all_prompts, classifier)
+            scored = [h for h in hits if h is not None]
+            result["content_accuracy" + key] = float(sum(scored) / len(scored)) if scored else float("nan")
+            result["content_hits" + key] = hits
         result["content_confidence_fp"] = content_confidence(fp_images, all_prompts, classifier)
         result["content_confidence"] = content_confidence(q_images, all_prompts, classifier)
     result["seconds"] = round(time.time() - t0, 3)

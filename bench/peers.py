@@ -26,8 +26,12 @@ How things are measured:
   them in fp32): the same rule for every row, MixQuant included ("x FP16" = these bytes / the FP16 denoiser).
   Bytes at the dtype actually run are in the JSON (`bytes_as_run`). The FP32 row is counted at 4 bytes.
 - digits quality: the embedded `digits` pipeline in fp32, held-out prompts (bench/pipeline.py eval_set), the same
-  seeds for all, DPM-Solver++ 8 steps, guidance 4; app/harness.compare_pipelines gives denoiser SQNR (teacher-forced
-  on the FP trajectory), image PSNR / SSIM vs FP and content accuracy (the shipped digit classifier).
+  seeds for all, DPM-Solver++ 8 steps, guidance 4 (`--guidance`); app/harness.compare_pipelines gives denoiser SQNR
+  (teacher-forced on the FP trajectory), image PSNR / SSIM vs FP and content accuracy (the shipped digit classifier).
+  `--content-seeds N` takes content accuracy / confidence from N seeds per prompt instead (each config's own images
+  only: cheaper per image, so enough images to separate configs a few images apart). Content is also compared image
+  by image: a MixQuant row against the peer whose size it matches, and each budget's best against each tool's best,
+  counting the images only one side draws right, with an exact binomial (McNemar) p-value.
   Calibration (MixQuant, quanto's activations): the prompts of examples/prompts.txt, never the evaluation prompts.
 - Latency: CPU time of the denoiser forward (process time; 1 thread), quantized and FP32 measured alternately in one
   process, so a busy machine slows both alike; ratio = quantized / FP32 (> 1: slower).
@@ -570,6 +574,8 @@ def digits_section(args, peers, dtype16, log):
         return m(x, torch.tensor(500.0), encoder_hidden_states=ctx).sample
 
     rows = []
+    content_seeds = list(range(1000, 1000 + args.content_seeds)) if args.content_seeds else None
+    fp_content = {}
 
     def run_row(p):
         with _row_run("digits", p, rows, log, args.verbose) as row:
@@ -580,6 +586,15 @@ def digits_section(args, peers, dtype16, log):
                                     guidance=sampler.guidance, scheduler=sampler.scheduler)
             row.update({k: res[k] for k in ("sqnr_db", "psnr_db", "ssim", "ssim_large_window", "content_accuracy",
                                             "content_accuracy_fp", "content_confidence", "content_confidence_fp")})
+            row["content_hits"] = hits_str(res["content_hits"])
+            if content_seeds:  # content on more images: the sampler only (no teacher forcing), FP images once
+                if not fp_content:
+                    fp_content.update(content_pass(pipe, ev, content_seeds, sampler))
+                c = fp_content if p.key == "fp32" else content_pass(pipeline_with_denoiser(pipe, q), ev,
+                                                                          content_seeds, sampler)
+                row.update(content_accuracy=c["accuracy"], content_confidence=c["confidence"],
+                           content_accuracy_fp=fp_content["accuracy"],
+                           content_confidence_fp=fp_content["confidence"], content_hits=c["hits"])
             row["latency_ratio"], row["latency_s"], row["latency_fp_s"] = interleaved_ratio(
                 fp_unet, q, call, args.digits_rounds)
             row["status"] = "ok"
@@ -606,10 +621,76 @@ def digits_section(args, peers, dtype16, log):
                              f"{r['label']} bytes ({size:.3f}x FP16), a_bits={a_bits}",
                              lambda env, size=size, a=a_bits: match(size, a), ("digits",)))
     meta = {"fp16_bytes": fp16, "n_images": len(ev) * len(seeds), "seeds": seeds, "steps": sampler.steps,
+            "content_images": len(ev) * len(content_seeds or seeds), "content_seeds": content_seeds or seeds,
+            "content_hits_fp": fp_content.get("hits"),
             "guidance": sampler.guidance,
             "calibration_prompts": len(calib_prompts), "mixquant_seconds": mq_seconds,
             "params": sum(t.numel() for t in fp_unet.parameters())}
     return rows, meta
+
+
+def hits_str(hits) -> str:
+    """Per-image content hits as one short string for the JSON: 1 right, 0 wrong, - no digit named."""
+    return "".join("-" if h is None else "1" if h else "0" for h in hits)
+
+
+def hits_list(text: str | None):
+    return None if text is None else [None if c == "-" else c == "1" for c in text]
+
+
+@torch.no_grad()
+def content_pass(pipe, prompts, seeds, sampler, batch: int = 64) -> dict:
+    """The digit classifier on the pipeline's own images for every prompt x seed (prompt-major, as
+    compare_pipelines orders them): accuracy, confidence and the per-image hits string."""
+    from mixquant.app.digits import content_confidence, content_hits, digits_classifier
+    from mixquant.app.models import set_scheduler
+
+    set_scheduler(pipe, sampler.scheduler)
+    clf = digits_classifier()
+    items = [(p, s) for p in prompts for s in seeds]
+    hits, conf = [], 0.0
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        ps = [p for p, _ in chunk]
+        images = pipe(ps, generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
+                      num_inference_steps=sampler.steps, guidance_scale=sampler.guidance, output_type="pt").images
+        chunk_hits = content_hits(images, ps, clf)
+        hits += chunk_hits
+        n = sum(h is not None for h in chunk_hits)
+        if n:
+            conf += content_confidence(images, ps, clf) * n
+    scored = [h for h in hits if h is not None]
+    n = len(scored)
+    return {"accuracy": sum(scored) / n if n else math.nan, "confidence": conf / n if n else math.nan,
+            "hits": hits_str(hits)}
+
+
+def paired_rows(rows, budgets=BUDGETS, tol=BUDGET_TOL) -> list[tuple]:
+    """(MixQuant row, peer row, paired_content) for each MixQuant row made at a peer's exact size (vs that peer) and
+    for the best MixQuant config against each other tool's best at each budget, where both have per-image hits."""
+    from mixquant.app.digits import paired_content
+
+    ok = {r["key"]: r for r in rows if r.get("status") == "ok" and r.get("content_hits")}
+    pairs, seen = [], set()
+    for r in ok.values():
+        if r["key"].startswith("mixquant-match-"):
+            peer = r["key"][len("mixquant-match-"):].rsplit("-a", 1)[0]
+            if peer in ok:
+                pairs.append((r, ok[peer]))
+    best = best_at_budgets([r for r in rows if r["key"] in ok], budgets, tol)
+    for b in budgets:
+        mq = best[b].get("MixQuant")
+        for tool, other in best[b].items():
+            if mq is not None and other is not None and tool not in ("MixQuant", "torch") \
+                    and not tool.startswith("MixQuant"):
+                pairs.append((mq, other))
+    out = []
+    for a, b in pairs:
+        if (a["key"], b["key"]) in seen or len(a["content_hits"]) != len(b["content_hits"]):
+            continue
+        seen.add((a["key"], b["key"]))
+        out.append((a, b, paired_content(hits_list(a["content_hits"]), hits_list(b["content_hits"]))))
+    return out
 
 
 @contextlib.contextmanager
@@ -1029,13 +1110,29 @@ def markdown(result, plot_name: str = "peers_quality_vs_bytes.png") -> str:
                     cells.append("—" + (f" (smallest {s:.2f}x)" if s else " (no run)"))
                 else:
                     conf = f", conf {_f(r['content_confidence'])}" if r.get("content_confidence") is not None else ""
-                    cells.append(f"{r['label']} ({r['x_fp16']:.2f}x): acc {_f(r['content_accuracy'], 2)}{conf}, "
+                    cells.append(f"{r['label']} ({r['x_fp16']:.2f}x): acc {_f(r['content_accuracy'], 4)}{conf}, "
                                  f"SSIM {_f(r['ssim'])}")
             L.append(f"| {b} | " + " | ".join(cells) + " |")
+        pairs = paired_rows(d["rows"])
+        if pairs:
+            n_c = m.get("content_images", m["n_images"])
+            L += ["", f"### Content, image by image ({n_c} images: every row drew the same prompts with the same seeds)",
+                  "", "Images only MixQuant draws right vs only the peer: the images both get right (or both wrong) "
+                  "cancel out, so this separates two configs whose accuracies differ by a few images. p: exact "
+                  "two-sided binomial (McNemar) test of that split; below 0.05 the difference is unlikely to be "
+                  "chance on these prompts and seeds.", "",
+                  "| MixQuant | peer | only MixQuant right | only peer right | p |", "|---|---|---|---|---|"]
+            for a, b, pc in pairs:
+                L.append(f"| {a['label']} ({a['x_fp16']:.3f}x) | {b['tool']} {b['label']} ({b['x_fp16']:.3f}x) | "
+                         f"{pc['only_a']} | {pc['only_b']} | {pc['p_value']:.3g} |")
         L += ["", f"## digits: every config ({m['n_images']} images: held-out prompts x seeds {m['seeds']}, "
                   f"DPM-Solver++ {m['steps']} steps, guidance {m.get('guidance', 4.0):g}; FP16 bytes "
-                  f"{m['fp16_bytes']:,})", "",
-              "| tool | config | bytes | x FP16 | quantized layers | SQNR dB | PSNR dB | SSIM | content acc (FP) | "
+                  f"{m['fp16_bytes']:,})", ""]
+        if m.get("content_images", m["n_images"]) != m["n_images"]:
+            L += [f"Content columns: {m['content_images']} images (the same prompts x seeds {m['content_seeds'][0]}-"
+                  f"{m['content_seeds'][-1]}, each config's own images, no teacher forcing); the other columns: the "
+                  f"{m['n_images']} images above.", ""]
+        L += ["| tool | config | bytes | x FP16 | quantized layers | SQNR dB | PSNR dB | SSIM | content acc (FP) | "
               "content conf (FP) | latency vs FP32 | notes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
             L.append(_md_row(r, digits=True))
@@ -1071,7 +1168,7 @@ def _md_row(r, digits):
     cells = [r["tool"], r["label"], f"{r.get('bytes', 0):,}", _f(r.get("x_fp16")), _cov(r), _f(r.get("sqnr_db"), 1)]
     if digits:
         acc = "—" if r.get("content_accuracy") is None else \
-            f"{r['content_accuracy']:.2f} ({r['content_accuracy_fp']:.2f})"
+            f"{r['content_accuracy']:.4f} ({r['content_accuracy_fp']:.4f})"
         conf = "—" if r.get("content_confidence") is None else \
             f"{r['content_confidence']:.3f} ({r['content_confidence_fp']:.3f})"
         cells += [_f(r.get("psnr_db"), 1), _f(r.get("ssim")), acc, conf, lat]
@@ -1189,6 +1286,9 @@ def main(argv=None) -> int:
                     help="also MixQuant W4A16 / mixed avg W4 A8 / comfyui-native on SD1.5 (their quantization takes "
                          "~25 min on 1 CPU thread), 2 seeds on digits, and a cap of 8x FP32")
     ap.add_argument("--seeds", type=int, help="seeds per prompt on digits (1000, 1001, ...); 1, or 2 with --full")
+    ap.add_argument("--content-seeds", type=int,
+                    help="content accuracy / confidence on digits from this many seeds per prompt (1000, 1001, ...): "
+                         "images only, no teacher forcing, so cheaper than --seeds; the paired table uses them")
     ap.add_argument("--digits-rounds", type=int, default=5, help="alternating timing rounds on the digits UNet")
     ap.add_argument("--sd15-calib-steps", type=int, default=2, help="Euler steps of MixQuant's SD1.5 calibration")
     ap.add_argument("--sd15-calib-t", type=float, nargs="*",

@@ -91,6 +91,13 @@ def test_damage_scores_worse_and_monotonic(fp):
     assert rm["psnr_db"] > rh["psnr_db"] and rm["ssim"] > rh["ssim"]
     assert rm["ssim"] < 1.0 and rm["psnr_db"] < math.inf
     assert rh["content_accuracy"] <= 0.5 < rh["content_accuracy_fp"]
+    # per-image hits (prompt x seed order) agree with the accuracies and pair the two runs image by image
+    from mixquant.app.digits import paired_content
+
+    assert len(rh["content_hits"]) == len(rh["content_hits_fp"]) == len(PROMPTS) * len(SEEDS)
+    assert sum(rh["content_hits"]) / len(rh["content_hits"]) == rh["content_accuracy"]
+    pc = paired_content(rh["content_hits_fp"], rh["content_hits"])
+    assert pc["only_a"] - pc["only_b"] == round((rh["content_accuracy_fp"] - rh["content_accuracy"]) * pc["images"])
     # the classifier's confidence in the prompted digit falls with the damage: finer than accuracy
     assert rh["content_confidence"] < rm["content_confidence"] <= rm["content_confidence_fp"] + 0.02
     # fp16 rounding is nearly harmless: far above the mild noise

@@ -130,3 +130,38 @@ def test_report_from_merges_saved_runs(peers, tmp_path):
     assert [r["key"] for r in merged["digits"]["rows"]] == ["fp32", "mixquant-a"]  # first of a key wins; usual order
     assert merged["digits"]["rows"][0]["ssim"] == 0.99
     assert (tmp_path / "out" / "peers_quality_vs_bytes.png").stat().st_size > 1000
+
+
+def test_paired_content_counts_the_images_only_one_side_gets_right():
+    from mixquant.app.digits import paired_content
+
+    a = [True] * 90 + [True] * 8 + [False] * 2 + [None] * 5
+    b = [True] * 90 + [False] * 8 + [True] * 2 + [True] * 5  # the 5 with no digit named do not count
+    pc = paired_content(a, b)
+    assert (pc["images"], pc["only_a"], pc["only_b"]) == (100, 8, 2)
+    assert abs(pc["p_value"] - 2 * sum(math.comb(10, k) for k in range(0, 3)) / 2 ** 10) < 1e-12  # exact binomial
+    assert paired_content([True, False], [True, False])["p_value"] == 1.0  # no discordant image: no evidence
+    with pytest.raises(ValueError, match="same images"):
+        paired_content([True], [True, False])
+
+
+def test_report_pairs_match_rows_with_their_peer_image_by_image(peers):
+    """The paired table compares a MixQuant row made at a peer's size with that peer on the same images; the hits
+    strings round-trip, and a row without per-image hits (older JSON) is left out instead of failing."""
+    hits_q = [True] * 50 + [False] * 10 + [None] * 3
+    hits_m = [True] * 50 + [True] * 7 + [False] * 3 + [None] * 3
+    assert peers.hits_list(peers.hits_str(hits_q)) == hits_q
+    base = {"status": "ok", "content_accuracy_fp": 1.0, "sqnr_db": 20.0, "psnr_db": 30.0, "ssim": 0.98, "bytes": 3}
+    rows = [{**base, "tool": "optimum-quanto", "key": "quanto-w4", "label": "qint4 weights", "x_fp16": 0.283,
+             "content_accuracy": 50 / 60, "content_hits": peers.hits_str(hits_q)},
+            {**base, "tool": "MixQuant", "key": "mixquant-match-quanto-w4-a8", "label": "mixed A8", "x_fp16": 0.283,
+             "content_accuracy": 57 / 60, "content_hits": peers.hits_str(hits_m)},
+            {**base, "tool": "torchao", "key": "torchao-int4", "label": "int4", "x_fp16": 0.29,
+             "content_accuracy": 0.5}]
+    pairs = peers.paired_rows(rows)
+    assert [(a["key"], b["key"]) for a, b, _ in pairs] == [("mixquant-match-quanto-w4-a8", "quanto-w4")]
+    assert (pairs[0][2]["only_a"], pairs[0][2]["only_b"], pairs[0][2]["images"]) == (7, 0, 60)
+    text = peers.markdown({"env": {"cpu": "x", "threads": 1, "device": "cpu", "versions": {}, "seconds": 1.0},
+                           "digits": {"rows": rows, "meta": {"n_images": 63, "seeds": [1], "steps": 8,
+                                                             "fp16_bytes": 10}}})
+    assert "| mixed A8 (0.283x) | optimum-quanto qint4 weights (0.283x) | 7 | 0 | 0.0156 |" in text
