@@ -28,6 +28,9 @@ def add_arguments(p):
                    help="comfyui-native: only formats stock ComfyUI runs (for `mixquant export --to comfyui`)")
     p.add_argument("--act-groups", type=int, default=1, help="timestep groups with their own activation ranges")
     p.add_argument("--no-bos", action="store_true", help="do not compute the BOS token of to_k/to_v in FP")
+    p.add_argument("--weight-search", default="best", choices=("best", "mse", "minmax"),
+                   help="ranges of weights below 8 bits: MSE-clipped, full min-max, or best = the one whose images "
+                        "come closer to FP on the calibration prompts (default)")
     p.add_argument("--cache-dir", help="where sensitivity results are cached (default ~/.cache/mixquant)")
     p.add_argument("--no-eval", action="store_true", help="skip the FP-vs-quantized quality evaluation")
     p.add_argument("--device", default="cpu")
@@ -116,13 +119,14 @@ def run(args) -> int:
             pipe, prompts, avg_w_bits=args.avg_w_bits, budget_mb=args.budget_mb, a_bits=args.a_bits,
             target=args.target, sampler=sampler, seeds=[args.seed + i for i in range(len(prompts))],
             evaluate=not args.no_eval, model_name=args.model, progress=bar, act_groups=args.act_groups,
-            bos=not args.no_bos, cache_dir=args.cache_dir)
+            bos=not args.no_bos, cache_dir=args.cache_dir, weight_search=args.weight_search)
     finally:
         bar.close()
     size = save_outputs(pipe.unet, qpipe.unet, report, args.out, args.report, args.model)
     q = report["quality"]
-    print(f"wrote {args.out} ({size / 1e6:.2f} MB): avg {report['avg_w_bits']:.2f} weight bits, "
-          f"{report['avg_a_bits']:.2f} activation bits, {report['bytes_quantized'] / 1e6:.3f} MB vs "
+    print(f"wrote {args.out} ({size / 1e6:.2f} MB): avg {report['avg_w_bits']:.2f} weight bits "
+          f"({report.get('weight_search', 'mse')} ranges), {report['avg_a_bits']:.2f} activation bits, "
+          f"{report['bytes_quantized'] / 1e6:.3f} MB vs "
           f"{report['bytes_fp16'] / 1e6:.3f} MB fp16 ({report['bytes_quantized'] / report['bytes_fp16']:.3f}x)")
     parts = [f"{k} {q[k]:.3f}" for k in ("sqnr_db", "psnr_db", "ssim") if isinstance(q.get(k), (int, float))]
     if q.get("content_accuracy") is not None:

@@ -803,7 +803,8 @@ def mixquant_digits(pipe, sampler, prompts, fp16, wanted, cache_dir, log) -> dic
             except MixQuantError as e2:
                 out[key] = MixQuantError(f"{e} / with 2-bit quality layers: {e2}")
                 continue
-        out[key] = tag(q, f"avg W {rep['avg_w_bits']:.2f} bits, avg A {rep['avg_a_bits']:.2f} bits"
+        out[key] = tag(q, f"avg W {rep['avg_w_bits']:.2f} bits, avg A {rep['avg_a_bits']:.2f} bits, "
+                       f"{rep.get('weight_search', 'mse')} weight ranges"
                        + (f"; {note}" if note else ""))
     if {"mixquant-native", "mixquant-native-min"} & wanted:
         cfg_n = dict(a_bits=8, cache_dir=cache_dir, target="comfyui-native")
@@ -834,7 +835,8 @@ def mixquant_digits(pipe, sampler, prompts, fp16, wanted, cache_dir, log) -> dic
             prepared_by_bits[a_bits] = engine.prepare(runner, prompts, engine.QuantizeConfig(avg_w_bits=4, **kw),
                                                       seeds)
         q, rep = run_within(dict(budget_mb=frac * fp16 / 1e6, **kw), prepared_by_bits[a_bits])
-        return tag(q, f"avg W {rep['avg_w_bits']:.2f} bits, avg A {rep['avg_a_bits']:.2f} bits")
+        return tag(q, f"avg W {rep['avg_w_bits']:.2f} bits, avg A {rep['avg_a_bits']:.2f} bits, "
+                       f"{rep.get('weight_search', 'mse')} weight ranges")
 
     out["_match"] = match
     return out

@@ -304,7 +304,7 @@ def quantize_from_plan(model, plan: PlanResult):
     cache = plan.__dict__.setdefault("_layers", {})
     if key not in cache:
         fp = _check_same_model(model, plan)
-        _, layers, stats = patching.quantize_layers(model, plan.plan, plan.ranges, plan.bos)
+        _, layers, stats = patching.quantize_layers(model, plan.plan, plan.ranges, plan.bos, plan.search)
         cache.clear()
         cache[key] = (layers, fp)
     layers, fp = cache[key]

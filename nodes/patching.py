@@ -101,7 +101,7 @@ def quantized_layers(model) -> dict[str, QuantLayer]:
             if k.startswith(PREFIX) and isinstance(v, QuantLayer)}
 
 
-def quantize_layers(model, plan: dict, ranges: dict, bos: dict):
+def quantize_layers(model, plan: dict, ranges: dict, bos: dict, search: str = "auto"):
     """Build the quantized layers of `plan` from this MODEL's FP weights (nothing shared is modified). Returns
     (view with the layers in place, {name: QuantLayer}, QuantStats)."""
     names = [n for n, f in plan.items() if not f.is_float]
@@ -111,7 +111,7 @@ def quantize_layers(model, plan: dict, ranges: dict, bos: dict):
     if missing:
         raise MixQuantError(f"the plan names layers this MODEL does not have (e.g. {missing[0]}): it was made for "
                             "another model. Plan on this model's calibration.")
-    qview, stats = quantize_model(view, {n: plan[n] for n in names}, ranges, inplace=True, bos=bos)
+    qview, stats = quantize_model(view, {n: plan[n] for n in names}, ranges, inplace=True, bos=bos, search=search)
     return qview, {n: qview.get_submodule(n) for n in names}, stats
 
 

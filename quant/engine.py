@@ -25,6 +25,7 @@ from .runner import DenoiserRunner, Progress
 from .sensitivity import Sensitivity, content_ssim, measure_sensitivity
 
 TARGETS = ("mixquant", "comfyui-native")
+WEIGHT_SEARCHES = ("best", "mse", "minmax")
 _RANGE_BUFFERS = ("input_scale", "input_zero", "bos_in", "bos_out")
 
 
@@ -45,6 +46,11 @@ class QuantizeConfig:
     sens_prompts: int = 8
     sens_mode: str = "full"  # "full": MixDQ's decoupled metrics; "local": layer-output noise (fast, approximate)
     coupling: tuple = (0.2, 0.35, 0.5, 0.65, 0.8)  # share of the loss weight given to content layers
+    # weights below 8 bits: "mse" clips each group's range to the least squared weight error, "minmax" keeps the full
+    # range, "best" measures with "mse" and then tries the chosen plan with min-max ranges too, keeping whichever
+    # images come closer to FP (clipping shrinks the largest weights, a bias that can cost content more than the
+    # rounding error it saves)
+    weight_search: str = "best"
     cache_dir: str | None = None
 
     def check(self):
@@ -52,12 +58,25 @@ class QuantizeConfig:
             raise MixQuantError("give exactly one budget: an average weight bit-width or megabytes.")
         if self.target not in TARGETS:
             raise MixQuantError(f"unknown target {self.target!r}: use one of {', '.join(TARGETS)}.")
+        if self.weight_search not in WEIGHT_SEARCHES:
+            raise MixQuantError(f"unknown weight search {self.weight_search!r}: use one of "
+                                f"{', '.join(WEIGHT_SEARCHES)}.")
         if self.a_bits not in (4, 8, 16):
             raise MixQuantError("activation bits must be 4, 8 or 16.")
         if self.avg_w_bits is not None and not (1 <= self.avg_w_bits <= 16):
             raise MixQuantError("the average weight bits must be between 1 and 16.")
         if self.budget_mb is not None and self.budget_mb <= 0:
             raise MixQuantError("the budget in MB must be positive.")
+
+
+def measure_search(cfg: QuantizeConfig) -> str:
+    """The weight range search of the sensitivity probes and the coupling sweep ("auto": MSE-clipped below 8 bits,
+    min-max at 8, as quantize_weight does)."""
+    return "minmax" if cfg.weight_search == "minmax" else "auto"
+
+
+def _has_low_bits(plan: dict) -> bool:
+    return any(f.w_bits < 8 for f in plan.values())
 
 
 def use_bos(cfg: QuantizeConfig) -> bool:
@@ -178,8 +197,8 @@ def problem(layers, cfg: QuantizeConfig, calib: Calibration, sens: Sensitivity, 
 class _Swap:
     """Swap simulate-mode quantized layers into `model` for a trial, and always put the FP layers back."""
 
-    def __init__(self, model, plan, ranges, bos):
-        self.model, self.plan, self.ranges, self.bos = model, plan, ranges, bos
+    def __init__(self, model, plan, ranges, bos, search: str = "auto"):
+        self.model, self.plan, self.ranges, self.bos, self.search = model, plan, ranges, bos, search
         self.saved = {}
 
     def __enter__(self):
@@ -190,7 +209,7 @@ class _Swap:
                     continue
                 src = mods[name]
                 cls = QuantLinear if isinstance(src, nn.Linear) else QuantConv2d
-                q = cls.from_float(src, f, mode="simulate")
+                q = cls.from_float(src, f, mode="simulate", search=self.search)
                 r = self.ranges.get(name)
                 if r is not None and f.a_bits < 16 and f.a_mode == "static":
                     q.set_act_range(r.lo, r.hi, r.split)
@@ -221,6 +240,10 @@ def predicted(prob: Problem, sens: Sensitivity, plan: dict) -> dict:
     c_loss = sum(joint_loss(sens, li.name, plan[li.name]) for li in prob.layers
                  if li.role == "content" and not li.protected)
     return {"sqnr_db": (math.inf if q_noise <= 0 else -10 * math.log10(q_noise)), "ssim": max(0.0, 1.0 - c_loss)}
+
+
+def _search_name(search: str) -> str:
+    return "minmax" if search == "minmax" else "mse"
 
 
 def plan_stats(layers: list[LayerInfo], plan: dict, act_elems: dict) -> dict:
@@ -292,7 +315,7 @@ class Prepared:
 
 def _prepared_key(prompts, seeds, settings, cfg: QuantizeConfig) -> dict:
     fields = ("target", "a_bits", "w_bits_content", "w_bits_quality", "group_size", "act_groups", "range_method",
-              "bos", "sens_calls", "sens_prompts", "sens_mode")
+              "bos", "sens_calls", "sens_prompts", "sens_mode", "weight_search")
     return {"prompts": list(prompts), "seeds": list(seeds), "settings": settings,
             **{f: getattr(cfg, f) for f in fields}}
 
@@ -312,9 +335,86 @@ def prepare(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, see
     t_cal = time.time() - t0
     w_menu, a_menu, layers_s = menus(cfg, layers)
     sens = measure_sensitivity(runner, calib, layers_s, w_menu, a_menu, fp_id, cfg.sens_calls, cfg.sens_prompts,
-                               use_bos(cfg), cfg.cache_dir, progress, mode=cfg.sens_mode)
+                               use_bos(cfg), cfg.cache_dir, progress, mode=cfg.sens_mode,
+                               search=measure_search(cfg))
     return Prepared(layers, calib, sens, fp_id, _prepared_key(prompts, seeds, runner.settings(), cfg),
                     {"calibrate": t_cal, "sensitivity": 0.0 if sens.cached else sens.seconds})
+
+
+@dataclass
+class Allocation:
+    plan: dict  # layer name -> LayerFormat
+    content_weight: float  # the coupling chosen
+    search: str  # the weight range search to quantize with (quantize_weight's: "auto" or "minmax")
+    candidates: list  # every plan tried: content_weight, weight_search, ssim_vs_fp, plan, stats
+    curve: list  # the predicted quality/size curve at the chosen coupling
+    problem: Problem
+    seconds: float
+
+
+def _best(candidates: list) -> dict:
+    # the closest images to FP; ties: the lower content weight, then MSE-searched weights (a single untried
+    # candidate has nan)
+    return max(candidates, key=lambda c: (-1.0 if math.isnan(c["ssim_vs_fp"]) else c["ssim_vs_fp"],
+                                          -c["content_weight"], c["weight_search"] == "mse"))
+
+
+def allocate(runner: DenoiserRunner, calib: Calibration, sens: Sensitivity, cfg: QuantizeConfig, layers: list,
+             progress: Progress | None = None, ref: torch.Tensor | None = None) -> Allocation:
+    """Bits per layer (MixDQ §5): the MILP under the budget at each content/quality coupling of `cfg.coupling`, each
+    plan's images compared with FP on the first prompts, the closest kept; with weight_search="best" that plan is
+    tried once more with min-max weight ranges. `ref`: the FP images of those prompts when already at hand. The
+    runner's denoiser is only swapped temporarily (every swap is undone)."""
+    progress = progress or Progress()
+    model = runner.denoiser
+    t0 = time.time()
+    prob = problem(layers, cfg, calib, sens, model)
+    check_budget(prob, cfg, layers)
+    ranges = calib.ranges()
+    bos = calib.bos() if use_bos(cfg) else {}
+    n_eval = min(cfg.sens_prompts, len(calib.prompts))
+    ev_prompts, ev_seeds = calib.prompts[:n_eval], calib.seeds[:n_eval]
+    search = measure_search(cfg)
+    retry = cfg.weight_search == "best"
+    single = len(cfg.coupling) == 1 and not retry  # nothing to choose between: no sampling
+    progress.start(len(cfg.coupling) + 1 + retry, "allocating bits")
+    candidates, seen = [], {}
+    with torch.no_grad():
+        if ref is None and not single:
+            ref = runner.sample(ev_prompts, ev_seeds)
+        progress.tick()
+        switch = model.register_forward_pre_hook(
+            lambda mod, args, kwargs: set_act_group(mod, calib.group_of(float(runner.timestep_of(args, kwargs)))),
+            with_kwargs=True) if calib.n_groups > 1 else None
+        try:
+            def trial(plan, how):
+                key = (how, tuple(sorted((k, v.name) for k, v in plan.items())))
+                if key not in seen:  # the same plan from two ratios is evaluated once
+                    if single:
+                        seen[key] = float("nan")
+                    else:
+                        with _Swap(model, plan, ranges, bos, how):
+                            seen[key] = content_ssim(ref, runner.sample(ev_prompts, ev_seeds))
+                return seen[key]
+
+            for lam in cfg.coupling:
+                plan = prob.solve(sens, lam)
+                candidates.append({"content_weight": lam, "weight_search": _search_name(search),
+                                   "ssim_vs_fp": trial(plan, search), "plan": plan,
+                                   **plan_stats(layers, plan, calib.act_elements)})
+                progress.tick()
+            if retry:
+                best = _best(candidates)
+                if _has_low_bits(best["plan"]):  # the chosen plan once more, with full weight ranges
+                    candidates.append({**best, "weight_search": "minmax", "ssim_vs_fp": trial(best["plan"], "minmax")})
+                progress.tick()
+        finally:
+            if switch is not None:
+                switch.remove()
+    best = _best(candidates)
+    curve = quality_size_curve(prob, sens, best["content_weight"], layers, calib.act_elements)
+    return Allocation(best["plan"], best["content_weight"], "minmax" if best["weight_search"] == "minmax" else "auto",
+                      candidates, curve, prob, time.time() - t0)
 
 
 def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: list[int] | None = None,
@@ -333,51 +433,24 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
     layers, calib, sens = prepared.layers, prepared.calib, prepared.sens
     # a reused preparation cost nothing in this run
     phase_times = {"calibrate": 0.0, "sensitivity": 0.0} if reused else dict(prepared.timings)
-    t0 = time.time()
-    prob = problem(layers, cfg, calib, sens, model)
-    check_budget(prob, cfg, layers)
+    alloc = allocate(runner, calib, sens, cfg, layers, progress)
+    plan, lam = alloc.plan, alloc.content_weight
     ranges = calib.ranges()
     bos = calib.bos() if use_bos(cfg) else {}
-    n_eval = min(cfg.sens_prompts, len(prompts))
-    ev_prompts, ev_seeds = calib.prompts[:n_eval], calib.seeds[:n_eval]
-    progress.start(len(cfg.coupling) + 1, "allocating bits")
-    candidates, seen = [], {}
-    with torch.no_grad():
-        ref = runner.sample(ev_prompts, ev_seeds)
-        progress.tick()
-        switch = model.register_forward_pre_hook(
-            lambda mod, args, kwargs: set_act_group(mod, calib.group_of(float(runner.timestep_of(args, kwargs)))),
-            with_kwargs=True) if calib.n_groups > 1 else None
-        try:
-            for lam in cfg.coupling:
-                plan = prob.solve(sens, lam)
-                key = tuple(sorted((k, v.name) for k, v in plan.items()))
-                if key not in seen:  # the same plan from two ratios is evaluated once
-                    with _Swap(model, plan, ranges, bos):
-                        seen[key] = content_ssim(ref, runner.sample(ev_prompts, ev_seeds))
-                candidates.append({"content_weight": lam, "ssim_vs_fp": seen[key], "plan": plan,
-                                   **plan_stats(layers, plan, calib.act_elements)})
-                progress.tick()
-        finally:
-            if switch is not None:
-                switch.remove()
-    best = max(candidates, key=lambda c: (c["ssim_vs_fp"], -c["content_weight"]))
-    plan, lam = best["plan"], best["content_weight"]
-    curve = quality_size_curve(prob, sens, lam, layers, calib.act_elements)
-    t_alloc = time.time() - t0
     progress.check()
 
-    qmodel, stats = quantize_model(model, plan, ranges, bos=bos)
+    qmodel, stats = quantize_model(model, plan, ranges, bos=bos, search=alloc.search)
     if calib.n_groups > 1:
         attach_act_group_switch(qmodel, calib.group_bounds(), runner.timestep_of)
-    report = build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, prob, candidates, lam, curve,
-                          {**phase_times, "allocate": t_alloc, "total": time.time() - t_start})
+    report = build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, alloc.problem,
+                          alloc.candidates, lam, alloc.curve,
+                          {**phase_times, "allocate": alloc.seconds, "total": time.time() - t_start}, alloc.search)
     report["sensitivity_cached"] = sens.cached or reused
     return qmodel, report, calib
 
 
 def build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, prob, candidates, lam, curve,
-                 timings) -> dict:
+                 timings, search: str = "auto") -> dict:
     st = plan_stats(layers, plan, calib.act_elements)
     ranges = calib.ranges()
     out_layers = []
@@ -399,6 +472,7 @@ def build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, prob
         "timings_s": timings,
         "sensitivity_cached": sens.cached,
         "sensitivity_mode": cfg.sens_mode,
+        "weight_search": _search_name(search),
         "coupling": {"chosen_content_weight": lam,
                      "candidates": [{k: v for k, v in c.items() if k != "plan"} for c in candidates]},
         "curve": curve,

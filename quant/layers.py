@@ -52,6 +52,7 @@ class QuantLayer(nn.Module):
         self.act_group = 0
         self.a_split: int | None = None
         self._w_hat: torch.Tensor | None = None  # simulate mode: dequantized weight cache
+        self.search = "auto"  # simulate mode: the weight range search its lazily quantized weight uses
         self._kernel_cache: dict = {}  # kernel backends keep per-layer prepared data here (keyed by weight version)
         self.register_buffer("input_scale", None)
         self.register_buffer("input_zero", None)
@@ -83,7 +84,7 @@ class QuantLayer(nn.Module):
             return self._to_2d(self.weight.float())
         if self.mode == "simulate":
             if self._w_hat is None or self._w_hat.device != self.weight.device:
-                self._w_hat = self._blob_to_2d(self._pack(self.weight))
+                self._w_hat = self._blob_to_2d(self._pack(self.weight, self.search))
             return self._w_hat
         return self._blob_to_2d(self.weight)
 
@@ -206,6 +207,7 @@ class QuantLinear(QuantLayer):
     def from_float(cls, layer: nn.Linear, fmt: LayerFormat, mode: str = "packed", search: str = "auto"):
         q = cls(layer.in_features, layer.out_features, layer.bias is not None, fmt, mode,
                 device=layer.weight.device, dtype=layer.weight.dtype)
+        q.search = search
         with torch.no_grad():
             if q.packed:
                 q.weight.data = q._pack(layer.weight, search)
@@ -300,6 +302,7 @@ class QuantConv2d(QuantLayer):
         q = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                 layer.dilation, layer.bias is not None, fmt, mode, device=layer.weight.device,
                 dtype=layer.weight.dtype)
+        q.search = search
         with torch.no_grad():
             q.weight.data = q._pack(layer.weight, search) if q.packed else layer.weight.detach().clone()
             if layer.bias is not None:

@@ -147,9 +147,9 @@ class MultiProbe(nn.Module):
         return torch.cat(ys, dim=1).reshape(x.shape[0], *ys[0].shape[3:])
 
 
-def _probe_layer(src: nn.Module, fmt: LayerFormat, act: ActRange | None, bos_vec) -> QuantLayer:
+def _probe_layer(src: nn.Module, fmt: LayerFormat, act: ActRange | None, bos_vec, search: str = "auto") -> QuantLayer:
     cls = QuantLinear if isinstance(src, nn.Linear) else QuantConv2d
-    q = cls.from_float(src, fmt, mode="simulate")
+    q = cls.from_float(src, fmt, mode="simulate", search=search)
     if act is not None and fmt.a_bits < 16 and fmt.a_mode == "static":
         q.set_act_range(act.lo, act.hi, act.split)
     if bos_vec is not None and isinstance(q, QuantLinear):
@@ -160,21 +160,23 @@ def _probe_layer(src: nn.Module, fmt: LayerFormat, act: ActRange | None, bos_vec
 def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list[LayerInfo],
                         w_menu: dict[str, list[LayerFormat]], a_menu: list[LayerFormat], fingerprint_id: str,
                         n_calls: int = 4, n_prompts: int = 8, use_bos: bool = True, cache_dir: str | None = None,
-                        progress: Progress | None = None, call_batch: int = 8, mode: str = "full") -> Sensitivity:
+                        progress: Progress | None = None, call_batch: int = 8, mode: str = "full",
+                        search: str = "auto") -> Sensitivity:
     """w_menu: role -> weight formats to score (their a_bits must be 16); a_menu: activation formats (w_bits 16).
     mode="full": MixDQ's decoupled metrics (denoiser-output SQNR for quality layers, image SSIM for content layers).
     mode="local": every layer scored by the relative noise of its own output, computed from its recorded FP input
     (one layer forward per probe instead of a whole network or sampler run: the fast approximation for big
     models on slow hardware; it does not see how errors propagate).
     Quality layers are scored on `n_calls` recorded calls spread over the timesteps, `call_batch` samples of each
-    (conditional and unconditional halves alike when guidance batches them)."""
+    (conditional and unconditional halves alike when guidance batches them). `search`: the probes' weight range search
+    (quantize_weight's; "auto" = MSE-clipped below 8 bits)."""
     progress = progress or Progress()
     todo = [li for li in layers if not li.protected]
     key = stable_hash({"v": CACHE_VERSION, "model": fingerprint_id, "prompts": calib.prompts, "seeds": calib.seeds,
                        "settings": calib.settings, "groups": calib.n_groups, "range": calib.range_method,
                        "w": {r: [f.name for f in fs] for r, fs in w_menu.items()}, "a": [f.name for f in a_menu],
                        "layers": [li.name for li in todo], "calls": n_calls, "prompts_n": n_prompts, "bos": use_bos,
-                       "call_batch": call_batch, "mode": mode})
+                       "call_batch": call_batch, "mode": mode, **({"search": search} if search != "auto" else {})})
     cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
     path = os.path.join(cache_dir, f"{key}.json") if cache_dir else None
     if path and os.path.isfile(path):
@@ -226,7 +228,8 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                 src = modules[name]
                 if mode == "local":
                     for fmt in fmts:
-                        loss = _local_loss(src, _probe_layer(src, fmt, ranges.get(name), bos.get(name)), inputs[name])
+                        loss = _local_loss(src, _probe_layer(src, fmt, ranges.get(name), bos.get(name), search),
+                                           inputs[name])
                         out.loss.setdefault(name, {})[fmt.name] = loss if math.isfinite(loss) else 1e6
                         progress.tick()
                     continue
@@ -236,7 +239,7 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                 per_run = max(1, max_batch // len(prompts)) if li.role == "content" else len(fmts)
                 for start in range(0, len(fmts), per_run):
                     group = fmts[start:start + per_run]
-                    probes = [_probe_layer(src, f, ranges.get(name), bos.get(name)) for f in group]
+                    probes = [_probe_layer(src, f, ranges.get(name), bos.get(name), search) for f in group]
                     try:
                         if li.role == "content":
                             setattr(parent, attr, MultiProbe(probes, len(prompts)))

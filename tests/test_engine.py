@@ -161,3 +161,57 @@ def test_engine_config_checks():
         engine.QuantizeConfig().check()
     with pytest.raises(MixQuantError, match="target"):
         engine.QuantizeConfig(avg_w_bits=4, target="tensorrt").check()
+
+
+@pytest.mark.parametrize("winner", ["minmax", "mse"])
+def test_weight_search_best_keeps_the_ranges_whose_images_are_closer(digits, tmp_path, monkeypatch, winner):
+    """weight_search="best": the sweep measures with MSE-clipped weight ranges, then tries the chosen plan once with
+    min-max ranges; the quantized model is built with whichever came closer to FP (forced here by a spy on the
+    similarity), down to the codes of every layer below 8 bits."""
+    tried = []
+
+    class Spy(engine._Swap):
+        def __enter__(self):
+            tried.append(self.search)
+            return super().__enter__()
+
+    real = engine.content_ssim
+    monkeypatch.setattr(engine, "_Swap", Spy)
+    monkeypatch.setattr(engine, "content_ssim", lambda ref, imgs: real(ref, imgs) + (
+        1.0 if (tried[-1] == "minmax") == (winner == "minmax") else 0.0))
+    runner = PipelineRunner(digits, SamplerSettings(steps=2))
+    cfg = engine.QuantizeConfig(avg_w_bits=4, sens_mode="local", cache_dir=str(tmp_path))
+    q, rep, _ = engine.run(runner, ["digit one", "the number 2", "a picture of a 3"], cfg)
+    assert tried.count("minmax") == 1 and tried[-1] == "minmax" and set(tried[:-1]) == {"auto"}
+    cands = rep["coupling"]["candidates"]
+    assert [c["weight_search"] for c in cands].count("minmax") == 1 and rep["weight_search"] == winner
+    best_mse = max((c for c in cands if c["weight_search"] == "mse"), key=lambda c: c["ssim_vs_fp"])
+    assert cands[-1]["content_weight"] == best_mse["content_weight"]  # the chosen plan, retried
+    fp = dict(digits.unet.named_modules())
+    differ = 0
+    for name, layer in q.named_modules():
+        if isinstance(layer, QuantLayer) and layer.fmt.w_bits < 8:
+            codes = {s: type(layer).from_float(fp[name], layer.fmt, search=s).packed_parts()[0]
+                     for s in ("minmax", "auto")}
+            assert torch.equal(layer.packed_parts()[0], codes["minmax" if winner == "minmax" else "auto"]), name
+            differ += not torch.equal(codes["minmax"], codes["auto"])
+    assert differ > 0  # the two searches really give different weights here
+
+
+def test_weight_search_minmax_measures_and_quantizes_with_full_ranges(digits, tmp_path):
+    runner = PipelineRunner(digits, SamplerSettings(steps=2))
+    prompts = ["digit one", "the number 2"]
+    kw = dict(avg_w_bits=4, sens_mode="local", cache_dir=str(tmp_path))
+    q, rep, _ = engine.run(runner, prompts, engine.QuantizeConfig(weight_search="minmax", **kw))
+    assert rep["weight_search"] == "minmax" and {c["weight_search"] for c in rep["coupling"]["candidates"]} == \
+        {"minmax"}
+    fp = dict(digits.unet.named_modules())
+    for name, layer in q.named_modules():
+        if isinstance(layer, QuantLayer) and layer.fmt.w_bits < 8:
+            ref = type(layer).from_float(fp[name], layer.fmt, search="minmax").packed_parts()[0]
+            assert torch.equal(layer.packed_parts()[0], ref), name
+    # the probes measured min-max weights: a sensitivity cache entry of its own, next to the MSE one
+    engine.run(runner, prompts, engine.QuantizeConfig(weight_search="mse", **kw))
+    assert len(os.listdir(tmp_path)) == 2
+    with pytest.raises(MixQuantError, match="weight search"):
+        engine.QuantizeConfig(avg_w_bits=4, weight_search="gptq").check()

@@ -3,6 +3,7 @@ functions on a small diffusers UNet inside a stand-in for ComfyUI's ModelPatcher
 nodes/patching.py uses: clone, add_object_patch, get_model_object, object_patches(_backup), backup, model_options,
 size). folder_paths is a stand-in module too."""
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -257,11 +258,20 @@ def test_plan_quantize_clone_leaves_input_untouched(unet, plans):
     assert "quantized layers" in summary and qm.model_options["mixquant"]["quantized_bytes"] < \
         qm.model_options["mixquant"]["fp_bytes"]
     # the clone computes what quant/'s quantize_model computes from the same plan
-    ref, _ = quantize_model(unet, plan.plan, plan.ranges, bos=plan.bos)
+    assert plan.search in ("auto", "minmax") and plan.report["weight_search"] == \
+        ("minmax" if plan.search == "minmax" else "mse")
+    ref, _ = quantize_model(unet, plan.plan, plan.ranges, bos=plan.bos, search=plan.search)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([900, 900]), torch.randn(2, 6, 32)
     with torch.no_grad(), dispatch.use_backend("reference"):
         y_ref = ref(x, t, encoder_hidden_states=ctx).sample
     assert torch.equal(_run_view(qm, x, t, ctx), y_ref)
+    # the weight ranges the plan chose reach the Quantize node's layers
+    other = dataclasses.replace(plan, search="minmax" if plan.search == "auto" else "auto")
+    ql = patching.quantized_layers(N.MixQuantQuantizeModel().quantize(Patcher(unet), other)[0])
+    ref2, _ = quantize_model(unet, plan.plan, plan.ranges, bos=plan.bos, search=other.search)
+    low = [n for n, m in ql.items() if m.fmt.w_bits < 8]
+    assert low and all(torch.equal(ql[n].weight, ref2.get_submodule(n).weight) for n in low)
+    assert any(not torch.equal(ql[n].weight, layers[n].weight) for n in low)
     with pytest.raises(MixQuantError, match="already quantized"):
         N.MixQuantQuantizeModel().quantize(qm, plan)
 
