@@ -243,11 +243,16 @@ def content_hits(images, prompts: list[str], classifier: DigitClassifier | None 
     return [None if t is None else int(pred[i]) == t for i, t in enumerate(targets)]
 
 
+def hit_rate(hits) -> float:
+    """The accuracy of per-image hits (None: no digit named, skipped; nan when none is left)."""
+    scored = [h for h in hits if h is not None]
+    return float(sum(scored) / len(scored)) if scored else float("nan")
+
+
 def content_accuracy(images, prompts: list[str], classifier: DigitClassifier | None = None) -> float:
     """Fraction of images the classifier reads as the digit their prompt names (prompts naming no single digit are
     skipped; nan when none is left)."""
-    hits = [h for h in content_hits(images, prompts, classifier) if h is not None]
-    return float(sum(hits) / len(hits)) if hits else float("nan")
+    return hit_rate(content_hits(images, prompts, classifier))
 
 
 def paired_content(hits_a, hits_b) -> dict:

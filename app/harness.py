@@ -169,13 +169,12 @@ def compare_pipelines(fp_pipe, q_pipe, prompts: list[str], seeds: list[int], ste
 
             classifier = digits_classifier()
     if classifier is not None:
-        from .digits import content_confidence, content_hits
+        from .digits import content_confidence, content_hits, hit_rate
 
         all_prompts = [p for p, _ in items]
         for key, images in (("_fp", fp_images), ("", q_images)):
             hits = content_hits(images, all_prompts, classifier)
-            scored = [h for h in hits if h is not None]
-            result["content_accuracy" + key] = float(sum(scored) / len(scored)) if scored else float("nan")
+            result["content_accuracy" + key] = hit_rate(hits)
             result["content_hits" + key] = hits
         result["content_confidence_fp"] = content_confidence(fp_images, all_prompts, classifier)
         result["content_confidence"] = content_confidence(q_images, all_prompts, classifier)

@@ -642,7 +642,7 @@ def hits_list(text: str | None):
 def content_pass(pipe, prompts, seeds, sampler, batch: int = 64) -> dict:
     """The digit classifier on the pipeline's own images for every prompt x seed (prompt-major, as
     compare_pipelines orders them): accuracy, confidence and the per-image hits string."""
-    from mixquant.app.digits import content_confidence, content_hits, digits_classifier
+    from mixquant.app.digits import content_confidence, content_hits, digits_classifier, hit_rate
     from mixquant.app.models import set_scheduler
 
     set_scheduler(pipe, sampler.scheduler)
@@ -659,10 +659,8 @@ def content_pass(pipe, prompts, seeds, sampler, batch: int = 64) -> dict:
         n = sum(h is not None for h in chunk_hits)
         if n:
             conf += content_confidence(images, ps, clf) * n
-    scored = [h for h in hits if h is not None]
-    n = len(scored)
-    return {"accuracy": sum(scored) / n if n else math.nan, "confidence": conf / n if n else math.nan,
-            "hits": hits_str(hits)}
+    n = sum(h is not None for h in hits)
+    return {"accuracy": hit_rate(hits), "confidence": conf / n if n else math.nan, "hits": hits_str(hits)}
 
 
 def paired_rows(rows, budgets=BUDGETS, tol=BUDGET_TOL) -> list[tuple]:

@@ -182,15 +182,19 @@ def test_interrupt_raises_cleanly():
     assert not any(mod._forward_pre_hooks or mod._forward_hooks for mod in m.modules())
 
 
-def test_bos_output_follows_lora_and_its_removal():
-    """ComfyUI patches a LoRA with convert_weight/set_weight and unpatches by restoring only `.weight`: the
-    precomputed BOS output must follow both ways."""
+def _bos_to_k():
+    """(FP cross-attention, a context with a BOS outlier, the quantized BOS-aware to_k) for the LoRA tests."""
     torch.manual_seed(0)
     m = CrossAttn(32, 64, 8, 4).eval()
     ctx = clip_like_context(2, 6, 64, bos_outlier=True)
-    x = torch.randn(2, 8, 32)
-    _, calib, q = _cross_attn_error(m, ctx, x, bos=True)
-    k = q.attn2.to_k
+    _, _, q = _cross_attn_error(m, ctx, torch.randn(2, 8, 32), bos=True)
+    return m, ctx, q.attn2.to_k
+
+
+def test_bos_output_follows_lora_and_its_removal():
+    """ComfyUI patches a LoRA with convert_weight/set_weight and unpatches by restoring only `.weight`: the
+    precomputed BOS output must follow both ways."""
+    m, ctx, k = _bos_to_k()
     with torch.no_grad():
         before = k(ctx)[:, 0].clone()
         backup = k.weight
@@ -208,12 +212,7 @@ def test_bos_output_follows_lora_and_its_removal():
 def test_bos_output_follows_a_restore_through_data():
     """ComfyUI's hook-scheduled LoRAs patch in place and restore with `param.data.copy_(backup)` (copy_to_param),
     which keeps the weight's version counter: the memoized BOS output must still go back to the original's."""
-    torch.manual_seed(0)
-    m = CrossAttn(32, 64, 8, 4).eval()
-    ctx = clip_like_context(2, 6, 64, bos_outlier=True)
-    x = torch.randn(2, 8, 32)
-    _, calib, q = _cross_attn_error(m, ctx, x, bos=True)
-    k = q.attn2.to_k
+    m, ctx, k = _bos_to_k()
     with torch.no_grad():
         before = k(ctx)[:, 0].clone()
         backup = k.weight.detach().clone()
