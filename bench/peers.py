@@ -31,7 +31,8 @@ How things are measured:
   `--content-seeds N` takes content accuracy / confidence from N seeds per prompt instead (each config's own images
   only: cheaper per image, so enough images to separate configs a few images apart). Content is also compared image
   by image: a MixQuant row against the peer whose size it matches, and each budget's best against each tool's best,
-  counting the images only one side draws right, with an exact binomial (McNemar) p-value.
+  counting the images only one side draws right, with an exact binomial (McNemar) p-value. `--content-seed-start`
+  runs a later block of seeds; bench/pool_content.py pools the blocks of several runs image by image.
   Calibration (MixQuant, quanto's activations): the prompts of examples/prompts.txt, never the evaluation prompts.
 - Latency: CPU time of the denoiser forward (process time; 1 thread), quantized and FP32 measured alternately in one
   process, so a busy machine slows both alike; ratio = quantized / FP32 (> 1: slower).
@@ -562,7 +563,7 @@ def digits_section(args, peers, dtype16, log):
     env = Env("digits", fp_unet, calibrate_run, dtype16=dtype16)
     wanted = {p.key for p in peers}
     t0 = time.time()
-    if any(k.startswith("mixquant-") for k in wanted):
+    if any(k.startswith("mixquant-") for k in wanted) or not args.no_match:  # (the match rows are MixQuant's too)
         env.mixquant = mixquant_digits(pipe, sampler, calib_prompts, fp16, wanted, args.cache_dir, log)
     mq_seconds = time.time() - t0
 
@@ -574,7 +575,8 @@ def digits_section(args, peers, dtype16, log):
         return m(x, torch.tensor(500.0), encoder_hidden_states=ctx).sample
 
     rows = []
-    content_seeds = list(range(1000, 1000 + args.content_seeds)) if args.content_seeds else None
+    start = getattr(args, "content_seed_start", 1000)
+    content_seeds = list(range(start, start + args.content_seeds)) if args.content_seeds else None
     fp_content = {}
 
     def run_row(p):
@@ -1289,6 +1291,9 @@ def main(argv=None) -> int:
     ap.add_argument("--content-seeds", type=int,
                     help="content accuracy / confidence on digits from this many seeds per prompt (1000, 1001, ...): "
                          "images only, no teacher forcing, so cheaper than --seeds; the paired table uses them")
+    ap.add_argument("--content-seed-start", type=int, default=1000,
+                    help="first of the --content-seeds seeds: a later block of images (e.g. 1064 after a run with "
+                         "--content-seeds 64) that bench/pool_content.py can pool with the earlier run's")
     ap.add_argument("--digits-rounds", type=int, default=5, help="alternating timing rounds on the digits UNet")
     ap.add_argument("--sd15-calib-steps", type=int, default=2, help="Euler steps of MixQuant's SD1.5 calibration")
     ap.add_argument("--sd15-calib-t", type=float, nargs="*",

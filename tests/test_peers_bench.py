@@ -165,3 +165,73 @@ def test_report_pairs_match_rows_with_their_peer_image_by_image(peers):
                            "digits": {"rows": rows, "meta": {"n_images": 63, "seeds": [1], "steps": 8,
                                                              "fp16_bytes": 10}}})
     assert "| mixed A8 (0.283x) | optimum-quanto qint4 weights (0.283x) | 7 | 0 | 0.0156 |" in text
+
+
+def _pool_module():
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "pool_content.py")
+    spec = importlib.util.spec_from_file_location("mixquant_bench_pool", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(peers, seeds, hits_fp, hits_q, hits_m, **meta):
+    base = {"status": "ok", "sqnr_db": 20.0, "psnr_db": 30.0, "ssim": 0.98, "bytes": 3, "content_confidence": 0.9}
+    rows = [{**base, "tool": "torch", "key": "fp32", "label": "FP32", "x_fp16": 2.0,
+             "content_hits": peers.hits_str(hits_fp)},
+            {**base, "tool": "optimum-quanto", "key": "quanto-w4", "label": "qint4 weights", "x_fp16": 0.283,
+             "content_hits": peers.hits_str(hits_q)},
+            {**base, "tool": "MixQuant", "key": "mixquant-match-quanto-w4-a16", "label": "mixed W-only",
+             "x_fp16": 0.283, "content_hits": peers.hits_str(hits_m)}]
+    return {"digits": {"rows": rows, "meta": {"steps": 8, "guidance": 2, "calibration_prompts": 8,
+                                              "content_seeds": seeds, "content_hits_fp": peers.hits_str(hits_fp),
+                                              **meta}}}
+
+
+def test_pool_content_adds_the_blocks_image_by_image(peers, tmp_path):
+    """Two runs on disjoint seeds: the pooled split is the sum of the blocks' splits (one block has the peer ahead,
+    the other MixQuant), p is the exact binomial of the pooled split, gains/losses vs FP add up; runs that overlap in
+    seeds or differ in settings are refused with a message, not pooled."""
+    import json
+    from scipy.stats import binomtest
+
+    pool = _pool_module()
+    t, f = True, False
+    # block 1 (2 seeds x 10 prompts): quanto right on 4 images MixQuant misses, MixQuant on 1
+    fp1 = [t] * 18 + [f] * 2
+    q1 = [t] * 15 + [t, t, t] + [f, t]
+    m1 = [t] * 15 + [f, f, f] + [t, f]
+    # block 2: MixQuant right on 5 images quanto misses, quanto on 0; one FP-wrong image MixQuant gets right
+    fp2 = [t] * 19 + [f]
+    q2 = [t] * 14 + [f] * 5 + [f]
+    m2 = [t] * 14 + [t] * 5 + [t]
+    paths = []
+    for i, (seeds, hs) in enumerate((([1000, 1001], (fp1, q1, m1)), ([1002, 1003], (fp2, q2, m2)))):
+        p = tmp_path / f"run{i}.json"
+        p.write_text(json.dumps(_run(peers, seeds, *hs)))
+        paths.append(str(p))
+    pooled = pool.pool(pool.load_runs(paths))
+    mq = next(r for r in pooled["rows"] if r["key"].startswith("mixquant-"))
+    assert mq["content_hits"] == peers.hits_str(m1 + m2) and abs(mq["content_accuracy"] - 36 / 40) < 1e-12
+    text = pool.markdown(pooled, paths)
+    p_pooled = binomtest(1 + 6, 1 + 4 + 6 + 0, 0.5).pvalue
+    assert f"| mixed W-only (0.283x) | optimum-quanto qint4 weights (0.283x) | 1 / 4 | 6 / 0 | 7 / 4 | " \
+           f"{p_pooled:.3g} |" in text
+    assert "| MixQuant | mixed W-only | 0.283 | +1 / −3 | +1 / −0 | +2 / −3 | 0.9000 |" in text
+    assert "| torch | FP32 | 2.000 | +0 / −0 | +0 / −0 | +0 / −0 | 0.9250 |" in text
+
+    clash = tmp_path / "clash.json"
+    clash.write_text(json.dumps(_run(peers, [1001, 1005], fp2, q2, m2)))
+    with pytest.raises(pool.PoolError, match="earlier run too"):
+        pool.load_runs([paths[0], str(clash)])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"digits": {**_run(peers, [7, 8], fp2, q2, m2)["digits"]}}))
+    data = json.loads(other.read_text())
+    data["digits"]["meta"]["guidance"] = 4
+    other.write_text(json.dumps(data))
+    with pytest.raises(pool.PoolError, match="guidance"):
+        pool.load_runs([paths[0], str(other)])
+    assert pool.main([paths[0]]) == 2  # one run: a message and exit code 2, no traceback
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert pool.main([paths[0], str(bad)]) == 2

@@ -1,0 +1,143 @@
+"""Pool the per-image content hits of several `bench/peers.py` digits runs made on disjoint blocks of seeds.
+
+    python bench/peers.py ... --content-seeds 64                            # seeds 1000-1063
+    python bench/peers.py ... --content-seeds 64 --content-seed-start 1064  # seeds 1064-1127, --out elsewhere
+    python bench/pool_content.py run1/peers_partial.json run2/peers_partial.json > pooled.md
+
+Why: at ~0.3x FP16 the quantizers differ from FP on a hundred or so ambiguous images out of 12,800, and which of those
+flip depends on the exact rounding of every weight. One block of seeds can put either tool ahead; the pooled,
+image-by-image comparison (and the per-block split beside it) says how much of a lead is the tool and how much the
+images. Rows are matched by key; every run must use the same prompts, sampler and guidance, and no seed twice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from peers import hits_list, paired_rows  # noqa: E402
+
+
+class PoolError(ValueError):
+    pass
+
+
+def _digits(run: dict, path: str) -> dict:
+    d = run.get("digits")
+    if not d or not d.get("meta", {}).get("content_hits_fp"):
+        raise PoolError(f"{path}: no digits section with per-image content hits (run bench/peers.py with "
+                        "--content-seeds)")
+    return d
+
+
+def load_runs(paths) -> list[dict]:
+    runs = []
+    for p in paths:
+        try:
+            with open(p) as f:
+                runs.append(_digits(json.load(f), p))
+        except (OSError, json.JSONDecodeError) as e:
+            raise PoolError(f"{p}: cannot read it ({e})") from e
+    if len(runs) < 2:
+        raise PoolError("give at least two runs to pool")
+    first = runs[0]["meta"]
+    prompts = len(first["content_hits_fp"]) // len(first["content_seeds"])
+    seen: set = set()
+    for p, d in zip(paths, runs):
+        m = d["meta"]
+        for k in ("steps", "guidance", "calibration_prompts"):
+            if m.get(k) != first.get(k):
+                raise PoolError(f"{p}: {k} = {m.get(k)} but the first run has {first.get(k)}: pool runs of one setting")
+        if len(m["content_hits_fp"]) != prompts * len(m["content_seeds"]):
+            raise PoolError(f"{p}: {len(m['content_hits_fp'])} images for {len(m['content_seeds'])} seeds: not the "
+                            f"first run's {prompts} prompts")
+        twice = seen & set(m["content_seeds"])
+        if twice:
+            raise PoolError(f"{p}: seeds {sorted(twice)[:3]}... are in an earlier run too: pool disjoint blocks "
+                            "(--content-seed-start)")
+        seen |= set(m["content_seeds"])
+    return runs
+
+
+def pool(runs: list[dict]) -> dict:
+    """Rows present (with hits) in every run, their hits concatenated run after run, and FP's."""
+    from mixquant.app.digits import hit_rate
+
+    keyed = [{r["key"]: r for r in d["rows"] if r.get("status") == "ok" and r.get("content_hits")} for d in runs]
+    common = [k for k in keyed[0] if all(k in kd for kd in keyed[1:])]
+    rows = []
+    for k in common:
+        row = dict(keyed[0][k])
+        row["content_hits_runs"] = [kd[k]["content_hits"] for kd in keyed]
+        row["content_hits"] = "".join(row["content_hits_runs"])
+        row["content_accuracy"] = hit_rate(hits_list(row["content_hits"]))  # (best_at_budgets ranks on these)
+        sizes = [len(h) for h in row["content_hits_runs"]]
+        confs = [kd[k].get("content_confidence") for kd in keyed]
+        row["content_confidence"] = None if None in confs else sum(c * s for c, s in zip(confs, sizes)) / sum(sizes)
+        rows.append(row)
+    fp_runs = [d["meta"]["content_hits_fp"] for d in runs]
+    return {"rows": rows, "fp_hits_runs": fp_runs, "fp_hits": "".join(fp_runs),
+            "seed_blocks": [(d["meta"]["content_seeds"][0], d["meta"]["content_seeds"][-1]) for d in runs]}
+
+
+def vs_fp(hits: str, fp: str) -> tuple[int, int]:
+    """(images this config draws right that FP draws wrong, images FP draws right that it draws wrong)."""
+    h, f = hits_list(hits), hits_list(fp)
+    return (sum(1 for a, b in zip(h, f) if a and b is False),
+            sum(1 for a, b in zip(h, f) if a is False and b))
+
+
+def markdown(pooled: dict, paths) -> str:
+    from mixquant.app.digits import hit_rate, paired_content
+
+    blocks = pooled["seed_blocks"]
+    heads = [f"seeds {a}-{b}" for a, b in blocks]
+    n = len(pooled["fp_hits"])
+    L = [f"# Content on digits, pooled over {len(blocks)} runs ({n} images)", "",
+         "Runs: " + ", ".join(f"`{p}` ({h})" for p, h in zip(paths, heads)) + ".", "",
+         "## Image by image: only MixQuant right / only the peer right", "",
+         "p: exact two-sided binomial (McNemar) test of the pooled split.", "",
+         "| MixQuant | peer | " + " | ".join(heads) + " | pooled | p |", "|---|---|" + "---|" * len(heads) + "---|---|"]
+    for a, b, pc in paired_rows(pooled["rows"]):
+        per = [paired_content(hits_list(x), hits_list(y)) for x, y in zip(a["content_hits_runs"], b["content_hits_runs"])]
+        L.append(f"| {a['label']} ({a['x_fp16']:.3f}x) | {b['tool']} {b['label']} ({b['x_fp16']:.3f}x) | "
+                 + " | ".join(f"{q['only_a']} / {q['only_b']}" for q in per)
+                 + f" | {pc['only_a']} / {pc['only_b']} | {pc['p_value']:.3g} |")
+    L += ["", "## Each config against FP (+ images it draws right that FP draws wrong, − the reverse)", "",
+          "| tool | config | x FP16 | " + " | ".join(heads) + " | pooled | content acc |",
+          "|---|---|---|" + "---|" * len(heads) + "---|---|",
+          "| torch | FP32 | 2.000 | " + " | ".join("+0 / −0" for _ in heads) + f" | +0 / −0 | "
+          f"{hit_rate(hits_list(pooled['fp_hits'])):.4f} |"]
+    for r in pooled["rows"]:
+        if r["key"] == "fp32":
+            continue
+        per = [vs_fp(h, f) for h, f in zip(r["content_hits_runs"], pooled["fp_hits_runs"])]
+        g, l = vs_fp(r["content_hits"], pooled["fp_hits"])
+        L.append(f"| {r['tool']} | {r['label']} | {r['x_fp16']:.3f} | " + " | ".join(f"+{x} / −{y}" for x, y in per)
+                 + f" | +{g} / −{l} | {hit_rate(hits_list(r['content_hits'])):.4f} |")
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="peers*.json of digits runs on disjoint seed blocks")
+    ap.add_argument("--out", help="write the markdown here (default: print it)")
+    args = ap.parse_args(argv)
+    try:
+        text = markdown(pool(load_runs(args.runs)), args.runs)
+    except PoolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
