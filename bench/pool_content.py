@@ -80,7 +80,26 @@ def pool(runs: list[dict]) -> dict:
         rows.append(row)
     fp_runs = [d["meta"]["content_hits_fp"] for d in runs]
     return {"rows": rows, "fp_hits_runs": fp_runs, "fp_hits": "".join(fp_runs),
-            "seed_blocks": [(d["meta"]["content_seeds"][0], d["meta"]["content_seeds"][-1]) for d in runs]}
+            "seed_blocks": [(d["meta"]["content_seeds"][0], d["meta"]["content_seeds"][-1]) for d in runs],
+            "seeds_per_run": [len(d["meta"]["content_seeds"]) for d in runs]}
+
+
+def by_prompt(hits_runs_a, hits_runs_b, seeds_per_run) -> dict:
+    """The paired split counted per prompt (images are prompt-major: prompt i holds images i*S .. i*S + S - 1 of a
+    run with S seeds), summed over runs, and an exact sign test over the prompts where one side draws more images
+    right. Images of one prompt are not independent (some prompts are ambiguous for every tool): this test counts
+    each prompt once, so a cluster of flips on one prompt cannot pass for many independent images."""
+    from scipy.stats import binomtest
+
+    diff: dict[int, int] = {}
+    for ha, hb, s in zip(hits_runs_a, hits_runs_b, seeds_per_run):
+        for i, (a, b) in enumerate(zip(hits_list(ha), hits_list(hb))):
+            if a is not None and b is not None and a != b:
+                diff[i // s] = diff.get(i // s, 0) + (1 if a else -1)
+    ahead_a = sum(1 for d in diff.values() if d > 0)
+    ahead_b = sum(1 for d in diff.values() if d < 0)
+    p = binomtest(ahead_a, ahead_a + ahead_b, 0.5).pvalue if ahead_a + ahead_b else 1.0
+    return {"prompts_a": ahead_a, "prompts_b": ahead_b, "p_value": float(p)}
 
 
 def vs_fp(hits: str, fp: str) -> tuple[int, int]:
@@ -99,13 +118,18 @@ def markdown(pooled: dict, paths) -> str:
     L = [f"# Content on digits, pooled over {len(blocks)} runs ({n} images)", "",
          "Runs: " + ", ".join(f"`{p}` ({h})" for p, h in zip(paths, heads)) + ".", "",
          "## Image by image: only MixQuant right / only the peer right", "",
-         "p: exact two-sided binomial (McNemar) test of the pooled split.", "",
-         "| MixQuant | peer | " + " | ".join(heads) + " | pooled | p |", "|---|---|" + "---|" * len(heads) + "---|---|"]
+         "p: exact two-sided binomial (McNemar) test of the pooled split, image by image. By prompt: the prompts on "
+         "which MixQuant draws more images right than the peer / fewer, and the exact sign test over them (images of "
+         "one prompt are not independent draws; this test counts each prompt once, whatever its number of flips).", "",
+         "| MixQuant | peer | " + " | ".join(heads) + " | pooled | p | by prompt | p (by prompt) |",
+         "|---|---|" + "---|" * len(heads) + "---|---|---|---|"]
     for a, b, pc in paired_rows(pooled["rows"]):
         per = [paired_content(hits_list(x), hits_list(y)) for x, y in zip(a["content_hits_runs"], b["content_hits_runs"])]
+        bp = by_prompt(a["content_hits_runs"], b["content_hits_runs"], pooled["seeds_per_run"])
         L.append(f"| {a['label']} ({a['x_fp16']:.3f}x) | {b['tool']} {b['label']} ({b['x_fp16']:.3f}x) | "
                  + " | ".join(f"{q['only_a']} / {q['only_b']}" for q in per)
-                 + f" | {pc['only_a']} / {pc['only_b']} | {pc['p_value']:.3g} |")
+                 + f" | {pc['only_a']} / {pc['only_b']} | {pc['p_value']:.3g} | {bp['prompts_a']} / {bp['prompts_b']}"
+                 f" | {bp['p_value']:.3g} |")
     L += ["", "## Each config against FP (+ images it draws right that FP draws wrong, − the reverse)", "",
           "| tool | config | x FP16 | " + " | ".join(heads) + " | pooled | content acc |",
           "|---|---|---|" + "---|" * len(heads) + "---|---|",

@@ -215,8 +215,10 @@ def test_pool_content_adds_the_blocks_image_by_image(peers, tmp_path):
     assert mq["content_hits"] == peers.hits_str(m1 + m2) and abs(mq["content_accuracy"] - 36 / 40) < 1e-12
     text = pool.markdown(pooled, paths)
     p_pooled = binomtest(1 + 6, 1 + 4 + 6 + 0, 0.5).pvalue
+    # by prompt (10 prompts x 2 seeds, prompt-major): prompt 7 nets -1 then +2, prompt 8 -2 then +2, prompt 9 0 then
+    # +2 -> MixQuant ahead on 2 prompts, behind on none
     assert f"| mixed W-only (0.283x) | optimum-quanto qint4 weights (0.283x) | 1 / 4 | 6 / 0 | 7 / 4 | " \
-           f"{p_pooled:.3g} |" in text
+           f"{p_pooled:.3g} | 2 / 0 | 0.5 |" in text
     assert "| MixQuant | mixed W-only | 0.283 | +1 / −3 | +1 / −0 | +2 / −3 | 0.9000 |" in text
     assert "| torch | FP32 | 2.000 | +0 / −0 | +0 / −0 | +0 / −0 | 0.9250 |" in text
 
