@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import cpu_name, sd15_unet  # noqa: E402
 
-from mixquant.kernels import dispatch  # noqa: E402
+from mixquant.kernels import dispatch, triton_conv, triton_gemm  # noqa: E402
 from mixquant.kernels.synthetic import conv_geometry, random_call  # noqa: E402
 
 # formats benchmarked per kernel: (label, random_call kwargs)
@@ -34,6 +34,8 @@ W8A8D = ("W8A8 dynamic", dict(bits=8, a_mode="dynamic"))
 W4A8 = ("W4A8 g64 dyn", dict(bits=4, group_size=64, a_mode="dynamic"))
 W4A16 = ("W4A16 g64", dict(bits=4, group_size=64, a_mode="none"))
 SILU = "W8A8 static, SiLU input"
+# the W4A8 g64 call forced onto the int8 dot (the default takes the float dot under group scales: default_int_dot)
+INT_DOT_COL = "W4A8 g64 dyn, int8 dot ×"
 
 # SD1.5 GEMMs per UNet level: (tokens per image at 64x64 latents, [(K, N), ...])
 SD_LINEARS = [(4096, [(320, 320), (320, 2560), (1280, 320)]), (1024, [(640, 640), (640, 5120), (2560, 640)]),
@@ -160,7 +162,7 @@ def gpu_gemm(quick: bool) -> list[str]:
     cap = torch.cuda.get_device_capability()
     fp8 = cap >= (8, 9) and hasattr(torch, "_scaled_mm")
     ck = _comfy_kitchen_int8()
-    head = ["fp16 ms", "W8A8 static ×", "W8A8 dyn ×", "W4A8 g64 dyn ×", "W4A16 g64 ×"]
+    head = ["fp16 ms", "W8A8 static ×", "W8A8 dyn ×", "W4A8 g64 dyn ×", "W4A16 g64 ×", INT_DOT_COL]
     if fp8:
         head.append("fp8 _scaled_mm ×")
     if ck:
@@ -185,6 +187,8 @@ def gpu_gemm(quick: bool) -> list[str]:
                 call = random_call(n, k, device="cuda", **f)
                 cache = {}
                 fns[lab] = lambda call=call, cache=cache: dispatch.linear(x, cache=cache, **call)
+                if f is W4A8[1]:
+                    fns[INT_DOT_COL] = lambda call=call: triton_gemm.qlinear(x, int_dot=True, **call)
             if fp8:
                 x8 = x.to(torch.float8_e4m3fn)
                 w8 = w.to(torch.float8_e4m3fn).t()
@@ -222,7 +226,8 @@ def gpu_conv(quick: bool) -> list[str]:
     shapes = [(64, 320, 320), (64, 640, 640), (32, 640, 640), (32, 1280, 1280), (16, 1280, 1280)]
     if quick:
         shapes = [(64, 640, 640)]
-    head = ["cuDNN fp16 ms (best layout)", "W8A8 static ×", "W8A8 dyn ×", "W4A8 g64 dyn ×", "W4A16 g64 ×"]
+    head = ["cuDNN fp16 ms (best layout)", "W8A8 static ×", "W8A8 dyn ×", "W4A8 g64 dyn ×", "W4A16 g64 ×",
+            INT_DOT_COL]
     lines = ["### Conv2d 3×3, GPU (batch 2, padding 1, fp16; × = best cuDNN fp16 time / this time)", "",
              "NCHW fp16 input, as the UNet feeds it; through the dispatcher with a per-layer cache; CUDA graphs on "
              "both sides. cuDNN: the faster of NCHW and channels_last.", "",
@@ -241,6 +246,8 @@ def gpu_conv(quick: bool) -> list[str]:
             call = random_call(cout, 9 * cin, device="cuda", **f)
             cache = {}
             fns[lab] = lambda call=call, cache=cache: dispatch.conv2d(x, cache=cache, **call, **geo)
+            if f is W4A8[1]:
+                fns[INT_DOT_COL] = lambda call=call: triton_conv.qconv2d(x, int_dot=True, **call, **geo)
         tq = time_gpu(fns)
         lines.append(f"| {hw} | {cin} | {cout} | {fmt_ms(base)} | " + " | ".join(ratio(base, tq[h]) for h in head[1:])
                      + " |")

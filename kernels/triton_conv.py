@@ -6,9 +6,12 @@ input at (oh*stride - pad + r*dil, ow*stride - pad + s*dil) for the tap (r, s) o
 
 A8 inputs are quantized once by kernels/triton_gemm.py's `_quant_rows_kernel` into int8 NHWC rows (a 3x3 conv
 gathers every input element 9 times, so quantizing in the prologue would repeat the work 9 * N / BLOCK_N times),
-unless `prequant=False`. Padded border taps read the *zero code* of their channel's segment (z - 128), i.e. the
-code of 0.0, so the zero-point correction z' * sum(w) stays exact at the borders (MixDQ's padding trick); reading a
-float input in the prologue gets the same for free, since 0.0 quantizes to z.
+unless `prequant=False`. That pass writes the codes of the zero-padded input: its border rows hold the code of 0.0
+(the *zero code* of their channel's segment, z - 128), so the zero-point correction z' * sum(w) stays exact at the
+borders (MixDQ's padding trick) and the K loop reads the codes as they are, with no border mask and no select
+between the load and the dot (a select there kept Triton from pipelining the loads: on an H100 the static conv ran
+75% slower than the dynamic one with the same tiles, bench/results/kernels_h100.md). Reading a float input in the
+prologue (BORDER on) gets the same for free, since a masked-out 0.0 quantizes to z.
 
 1x1 stride-1 convs over channels_last inputs run as the plain GEMM (the pixels are already rows).
 """
@@ -33,7 +36,7 @@ if tg.HAVE_TRITON:
                       SH, SW, PH, PW, DH, DW, M_BUCKET,
                       CIN: tl.constexpr, KW: tl.constexpr,
                       W_BITS: tl.constexpr, HAS_WZ: tl.constexpr, GROUPED: tl.constexpr, WSUM_IN: tl.constexpr,
-                      A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr, A_QMAX: tl.constexpr,
+                      A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr, A_QMAX: tl.constexpr, BORDER: tl.constexpr,
                       HAS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INT_DOT: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, EXACT_DIV: tl.constexpr, INT_OK: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -62,7 +65,10 @@ if tg.HAVE_TRITON:
                 ch = (k0 - tap * CIN) + tl.arange(0, BLOCK_K)
                 ih = ih0 + (tap // KW) * DH
                 iw = iw0 + (tap % KW) * DW
-                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
+                if BORDER:
+                    row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
+                else:
+                    row_ok = m_ok
                 mask = row_ok[:, None] & (ch[None, :] < CIN)
                 ptrs = (x_row + ih * stride_xh + iw * stride_xw)[:, None] + ch[None, :] * stride_xc
             else:
@@ -70,19 +76,12 @@ if tg.HAVE_TRITON:
                 ch = offs_k % CIN
                 ih = ih0[:, None] + ((tap // KW) * DH)[None, :]
                 iw = iw0[:, None] + ((tap % KW) * DW)[None, :]
-                mask = m_ok[:, None] & (offs_k[None, :] < K) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
+                mask = m_ok[:, None] & (offs_k[None, :] < K)
+                if BORDER:
+                    mask = mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
                 ptrs = x_row[:, None] + ch[None, :] * stride_xc + ih * stride_xh + iw * stride_xw
-            if A_IN_INT8:
-                if A_MODE == 1:  # the zero code of the column's segment: padding is 0.0
-                    a8 = tl.load(ptrs, mask=mask, other=0)
-                    z0 = (tl.load(AZ) - 128.0).to(tl.int8)
-                    if HAS_SPLIT:
-                        z1 = (tl.load(AZ + 1) - 128.0).to(tl.int8)
-                        a8 = tl.where(mask, a8, tl.where(ch[None, :] >= SPLIT, z1, z0))
-                    else:
-                        a8 = tl.where(mask, a8, z0)
-                else:
-                    a8 = tl.load(ptrs, mask=mask, other=0)
+            if A_IN_INT8:  # padded codes (BORDER is off): only rows past M are masked, and they are not stored
+                a8 = tl.load(ptrs, mask=mask, other=0)
                 a0, a1 = int8_tile_(a8, ch, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, DOT_DTYPE, AS)
             else:
                 xf = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -140,6 +139,8 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     int_ok = tg._int_ok(bits, zero, a_mode)
     if int_dot and not int_ok:
         raise ValueError("the int8 dot needs quantized activations and a weight without an 8-bit zero point")
+    if int_dot is None and not tg.autotuning():
+        int_dot = tg.default_int_dot(int_ok, scale.shape[1] > 1)
     simg = dynamic_image_scale(x, a_bits) if mode == tg.A_DYNAMIC else None
     if mode == tg.A_NONE:
         prequant = False
@@ -147,10 +148,12 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
             x = x.contiguous(memory_format=torch.channels_last)
     elif prequant is None:
         prequant = kh * kw > 1 or n > 512
-    if prequant:
+    ih, iw, ph, pw = h, w, padding[0], padding[1]
+    if prequant:  # NHWC codes of the zero-padded input: the kernel reads no border
         xa, _ = tg.quantize_rows(x, a_mode, a_bits, a_scale, a_zero, a_split, image_scale=simg,
-                                 geometry=(b, cin, h, w))
-        xs = (h * w * cin, 1, w * cin, cin)  # NHWC rows
+                                 geometry=(b, cin, h, w), pad=(ph, pw))
+        ih, iw, ph, pw = h + 2 * ph, w + 2 * pw, 0, 0
+        xs = (ih * iw * cin, 1, iw * cin, cin)
     else:
         xa = x
         xs = (x.stride(0), x.stride(1), x.stride(2), x.stride(3))
@@ -162,13 +165,13 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     args = (xa, qweight, scale, zero if zero is not None else qweight, bias if bias is not None else dummy,
             a_scale if a_scale is not None else dummy, a_zero if a_zero is not None else dummy,
             simg if simg is not None else dummy, wsum if wsum_in else dummy, out,
-            h, w, oh, ow, m, n, k, group, a_split or 0, *xs,
+            ih, iw, oh, ow, m, n, k, group, a_split or 0, *xs,
             qweight.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
             wsum.stride(0) if wsum_in else 0,
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], tg._bucket(m))
+            stride[0], stride[1], ph, pw, dilation[0], dilation[1], tg._bucket(m))
     meta = dict(CIN=cin, KW=kw, W_BITS=bits, HAS_WZ=zero is not None, GROUPED=grouped, WSUM_IN=wsum_in, A_MODE=mode,
-                A_IN_INT8=prequant,
+                A_IN_INT8=prequant, BORDER=ph > 0 or pw > 0,
                 A_QMAX=qmax, HAS_SPLIT=a_split is not None and mode == tg.A_STATIC, HAS_BIAS=bias is not None,
                 DOT_DTYPE=tg.dot_dtype(x.dtype), EXACT_DIV=tg.interpreting(), INT_OK=int_ok)
     fixed = config or (tg._FIXED if tg.interpreting() else None)
@@ -182,7 +185,7 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     else:
         grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
         tg.tuned(_qconv_kernel, ["M_BUCKET", "N", "K", "CIN", "W_BITS", "A_MODE", "A_IN_INT8", "GROUPED",
-                                 "HAS_SPLIT", "INT_OK"])[grid](*args, **meta)
+                                 "HAS_SPLIT", "INT_OK", "BORDER"])[grid](*args, **meta)
     return out
 
 

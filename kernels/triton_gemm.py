@@ -13,11 +13,16 @@ How a call runs (`qlinear`):
   more than one extra int8 pass once N spans more than a few tiles (`prequant` decides; bench/kernels.py measures).
 - The K loop unpacks 4/2-bit codes in registers (never an int8 weight in memory), subtracts the zero point and runs
   an int8 x int8 -> int32 `tl.dot`. Static zero points use sum_k (q_k - z) w_k = sum_k q'_k w_k - z' sum_k w_k with
-  q' = q - 128 (int8), so the column sums of the weight tile ride along. Group scales are applied per K block.
+  q' = q - 128 (int8), so the column sums of the weight tile ride along. Group scales are applied at each group's
+  end (the int32 accumulator is scaled into an fp32 one and reset).
 - Epilogue in fp32: x activation scale(s) x weight scale + bias, stored in the activation dtype.
-- A16 (weight-only): the same loop with the unpacked integer weights as fp16/bf16 (exact) and a float dot; scales
-  per group in fp32. This is also the measured fallback for A8 shapes where int8 loses: the autotuner's config space
-  holds both INT_DOT=True and INT_DOT=False, so a shape takes whichever is faster on the GPU it runs on.
+- A16 (weight-only): the same loop with a float dot. Per-channel scales: the unpacked integer weights as fp16/bf16
+  (exact), scales in the epilogue. Group scales: the weight tile is dequantized in the K loop (code x scale in fp32,
+  then the dot dtype: the reference's own rounding), so one accumulator runs through K untouched.
+- The float dot also serves A8 calls (on the fake-quantized activations): the autotuner's config space holds both
+  INT_DOT=True and INT_DOT=False, so a shape takes whichever is faster on the GPU it runs on. Without autotuning,
+  grouped A8 weights take the float dot (`default_int_dot`): the int8 dot's per-group flush ran W4A8 g64 at
+  0.15-0.3x fp16 on an H100 (bench/results/kernels_h100.md).
 
 Rounding: codes use round-half-to-even of an exactly rounded division (the reference's torch ops), so the interpreter
 reproduces the reference bit for bit; compiled kernels multiply by the reciprocal (EXACT_DIV=False), which can move a
@@ -266,12 +271,19 @@ if HAVE_TRITON:
                  A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr, HAS_SPLIT: tl.constexpr, INT_DOT: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One K block of a GEMM or conv after its activation tile(s) a0/a1: the weight tile, the dot, and with
-        group scales the group's fp32 contribution at each group's end (shared by both kernels' K loops)."""
+        group scales on the int8 dot the group's fp32 contribution at each group's end (shared by both kernels' K
+        loops). A float dot takes the group scales into the weight tile instead (dequantized in the K loop, as the
+        reference does: code x scale in fp32, then the dot dtype), so one accumulator runs through the whole K
+        with nothing between its dots: flushing it at every group stalled the tensor-core pipeline (W4A16 g64 ran
+        at 0.15-0.25x fp16 on an H100 that way, bench/results/kernels_h100.md)."""
         g = k0 // GROUP
         w = weight_tile_(W, stride_wn, Z, stride_zn, offs_n, offs_k, k0, g, N, K, W_BITS, HAS_WZ, INT_DOT,
                          BLOCK_N, BLOCK_K)
+        if GROUPED and not INT_DOT:
+            s_g = tl.load(S + offs_n * stride_sn + g, mask=offs_n < N, other=0.0).to(tl.float32)
+            w = w.to(tl.float32) * s_g[:, None]
         acc0, acc1, wsum = dot_step_(a0, a1, w, acc0, acc1, wsum, A_MODE, HAS_SPLIT, INT_DOT, WSUM_IN, DOT_DTYPE)
-        if GROUPED:  # scales (and a precomputed weight sum) belong to whole groups: apply at each group's end
+        if GROUPED and INT_DOT:  # scales (and a precomputed weight sum) belong to whole groups: add each group's end
             if ((k0 + BLOCK_K) % GROUP == 0) | (k0 + BLOCK_K >= K):
                 out += group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, g, N, AS, AZ,
                                   A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
@@ -288,6 +300,8 @@ if HAVE_TRITON:
         if not GROUPED:
             out = group_sum_(acc0, acc1, wsum, WSUM, stride_wsn, S, stride_sn, offs_n, 0, N, AS, AZ, A_MODE,
                              A_IN_INT8, HAS_SPLIT, INT_DOT, WSUM_IN)
+        elif not INT_DOT:  # group scales are already in the weight tiles
+            out = block_sum_(acc0, acc1, wsum, AS, AZ, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT)
         if A_MODE == 2 and (INT_DOT or A_IN_INT8):
             out = out * s_row[:, None]
         if HAS_BIAS:
@@ -353,20 +367,28 @@ if HAVE_TRITON:
 
     @triton.jit
     def _quant_rows_kernel(X, Q, SROW, SIMG, AS, AZ,
-                           R, C, HW, WD, SPLIT,
+                           R, C, HW, WD, H, W, PH, PW, SPLIT,
                            stride_b, stride_h, stride_w, stride_c,
                            A_MODE: tl.constexpr, A_QMAX: tl.constexpr, HAS_SPLIT: tl.constexpr,
-                           PER_IMAGE: tl.constexpr, EXACT_DIV: tl.constexpr,
+                           PER_IMAGE: tl.constexpr, PAD: tl.constexpr, EXACT_DIV: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """Activation codes, written once as int8 rows [R, C] (row-major; for a conv input R = pixels, i.e. NHWC).
-        Row r of X is image r // HW, pixel (r % HW) // WD, r % WD (a linear input is HW = WD = 1).
+        Row r is image r // HW, pixel (r % HW) // WD, r % WD (a linear input is HW = WD = 1).
+        PAD: the rows are the pixels of the input padded by PH / PW on each side (H, W: the input's own size); a
+        border row reads 0.0, so it holds the code of 0.0 (the zero code) and a conv over it needs no border mask.
         static: q - 128 per segment range. dynamic: q with a per-row scale computed here (absmax over the row, as
         the reference) and stored to SROW, or with the per-image scale SIMG[r // HW] (PER_IMAGE)."""
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
         img = offs_r // HW
         pix = offs_r % HW
-        row_ptr = X + img * stride_b + (pix // WD) * stride_h + (pix % WD) * stride_w
+        py = pix // WD - PH
+        px = pix % WD - PW
+        if PAD:
+            in_ok = r_ok & (py >= 0) & (py < H) & (px >= 0) & (px < W)
+        else:
+            in_ok = r_ok
+        row_ptr = X + img * stride_b + py * stride_h + px * stride_w
         s_row = tl.zeros((BLOCK_R,), tl.float32)
         if A_MODE == 2:
             if PER_IMAGE:
@@ -376,14 +398,15 @@ if HAVE_TRITON:
                 for c0 in range(0, C, BLOCK_C):
                     offs_c = c0 + tl.arange(0, BLOCK_C)
                     xf = tl.load(row_ptr[:, None] + offs_c[None, :] * stride_c,
-                                 mask=r_ok[:, None] & (offs_c[None, :] < C), other=0.0).to(tl.float32)
+                                 mask=in_ok[:, None] & (offs_c[None, :] < C), other=0.0).to(tl.float32)
                     amax = tl.maximum(amax, tl.max(tl.abs(xf), axis=1))
                 s_row = tl.maximum(tl.math.div_rn(amax, A_QMAX * 1.0), 1e-30)
                 tl.store(SROW + offs_r, s_row, mask=r_ok)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = r_ok[:, None] & (offs_c[None, :] < C)
-            xf = tl.load(row_ptr[:, None] + offs_c[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+            xf = tl.load(row_ptr[:, None] + offs_c[None, :] * stride_c, mask=mask & in_ok[:, None],
+                         other=0.0).to(tl.float32)
             if A_MODE == 1:
                 s = tl.load(AS)
                 z = tl.load(AZ)
@@ -511,16 +534,21 @@ def _int_ok(bits, zero, a_mode):
 
 
 def quantize_rows(x2: torch.Tensor, a_mode: str, a_bits: int, a_scale=None, a_zero=None, a_split=None,
-                  image_scale=None, geometry=None):
+                  image_scale=None, geometry=None, pad=(0, 0)):
     """int8 codes [R, C] (q - 128 static, q dynamic) and, for dynamic per-token, the per-row scales [R].
-    x2 is [R, C] (linear) or, with geometry=(B, C, H, W) and NCHW-strided x2, the conv input: rows are pixels."""
+    x2 is [R, C] (linear) or, with geometry=(B, C, H, W) and NCHW-strided x2, the conv input: rows are pixels,
+    of the input zero-padded by pad=(ph, pw) on each side (R = B * (H + 2 ph) * (W + 2 pw)): the border rows hold
+    the code of 0.0, which is what a conv's padding must read (the zero code under a static zero point)."""
+    ph, pw = pad
     if geometry is None:
         r, c = x2.shape
-        hw, wd = 1, 1
+        h = w = hw = wd = 1
         strides = (x2.stride(0), 0, 0, x2.stride(1))
     else:
         b, c, h, w = geometry
-        r, hw, wd = b * h * w, h * w, w
+        wd = w + 2 * pw
+        hw = (h + 2 * ph) * wd
+        r = b * hw
         strides = (x2.stride(0), x2.stride(2), x2.stride(3), x2.stride(1))
     q = torch.empty(r, c, dtype=torch.int8, device=x2.device)
     srow = torch.empty(r if (a_mode == "dynamic" and image_scale is None) else 1, dtype=torch.float32,
@@ -533,9 +561,9 @@ def quantize_rows(x2: torch.Tensor, a_mode: str, a_bits: int, a_scale=None, a_ze
     _quant_rows_kernel[(triton.cdiv(r, block_r),)](
         x2, q, srow, image_scale if image_scale is not None else dummy,
         a_scale if a_scale is not None else dummy, a_zero if a_zero is not None else dummy,
-        r, c, hw, wd, a_split or 0, *strides,
+        r, c, hw, wd, h, w, ph, pw, a_split or 0, *strides,
         A_MODE=mode, A_QMAX=qmax, HAS_SPLIT=a_split is not None, PER_IMAGE=image_scale is not None,
-        EXACT_DIV=interpreting(), BLOCK_R=block_r, BLOCK_C=block_c)
+        PAD=ph > 0 or pw > 0, EXACT_DIV=interpreting(), BLOCK_R=block_r, BLOCK_C=block_c)
     return q, (srow if mode == A_DYNAMIC and image_scale is None else None)
 
 
@@ -575,7 +603,8 @@ def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
 
     wsum: weight_sums(...) if precomputed (static activations; otherwise the K loop sums the weight tiles).
     prequant: quantize the activations in a separate int8 pass (None: when N spans more than 4 tiles of 128).
-    int_dot: force the int8 (True) or float (False) dot; None lets the autotuner choose (A8), float for A16.
+    int_dot: force the int8 (True) or float (False) dot; None: the autotuner chooses (A8, MIXQUANT_AUTOTUNE=1),
+    else `default_int_dot`.
     config: fixed BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M (and num_warps/num_stages) instead of autotuning."""
     n = qweight.shape[0]
     shape = x.shape
@@ -588,6 +617,8 @@ def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     int_ok = _int_ok(bits, zero, a_mode)
     if int_dot and not int_ok:
         raise ValueError("the int8 dot needs quantized activations and a weight without an 8-bit zero point")
+    if int_dot is None and not autotuning():
+        int_dot = default_int_dot(int_ok, scale.shape[1] > 1)
     if mode == A_NONE:
         prequant = False
     elif prequant is None:
@@ -634,6 +665,13 @@ def autotuning() -> bool:
     Off by default: a whole UNet has dozens of shapes, and tuning them all made the first step take minutes on an
     H100 (measured); the default is one config per call from `heuristic_config`."""
     return os.environ.get("MIXQUANT_AUTOTUNE", "0") == "1"
+
+
+def default_int_dot(int_ok: bool, grouped: bool) -> bool:
+    """The dot a call takes without autotuning: int8 where it can, except under group scales, where the int8 dot has
+    to flush its accumulator at every group (measured: W4A8 g64 at 0.15-0.3x fp16 on an H100) and the float dot
+    dequantizes the weight tile in the K loop instead."""
+    return int_ok and not grouped
 
 
 def heuristic_config(m: int, n: int, group: int | None, int_dot: bool, cin: int | None = None) -> dict:

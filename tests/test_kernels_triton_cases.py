@@ -49,7 +49,7 @@ def test_linear(bits, group, a_mode, split, wzero, prequant):
     call = _call(45, 100, bits, group, a_mode, split, wzero, seed=bits, bias=not prequant)
     x = torch.randn(2, 19, 100, device=DEV)
     ref = _ref("linear", x, call)
-    dots = [True, False] if a_mode != "none" and not prequant else [None]
+    dots = [True, False] if a_mode != "none" else [None]  # the int8 dot and the float dot (in-loop dequantized)
     for int_dot in dots:
         out = triton_gemm.qlinear(x, prequant=prequant, int_dot=int_dot, **call)
         assert out.shape == ref.shape and out.dtype == x.dtype
@@ -89,9 +89,10 @@ def test_conv3x3(bits, group, a_mode, split, wzero, stride, prequant):
     geo = conv_geometry(3, stride, 1)
     x = torch.randn(2, cin, 9, 7, device=DEV) * 2
     ref = _ref("conv2d", x, call, geo)
-    out = triton_conv.qconv2d(x, prequant=prequant, **call, **geo)
-    assert out.shape == ref.shape
-    assert _rel(out, ref) < 1e-5
+    for int_dot in ([True, False] if a_mode != "none" else [None]):
+        out = triton_conv.qconv2d(x, prequant=prequant, int_dot=int_dot, **call, **geo)
+        assert out.shape == ref.shape
+        assert _rel(out, ref) < 1e-5, (int_dot, _rel(out, ref))
 
 
 @pytest.mark.parametrize("a_mode", ["static", "dynamic"])
