@@ -141,8 +141,9 @@ def version_of(t: torch.Tensor) -> int:
 
 def fingerprint(t: torch.Tensor) -> int | None:
     """A cheap content fingerprint of a CPU tensor (the integer sum of its bits; None on other devices, where
-    reading it back would synchronize). Writes through `.data` (ComfyUI's copy_to_param, which restores weights after
-    hook-scheduled LoRAs) do not bump the version counter: caches keyed on the version add this to see them."""
+    reading it back would synchronize). Writes through a plain tensor's `.data` (ComfyUI's copy_to_param, which swaps
+    hook-scheduled LoRA weights) do not bump its version counter: caches keyed on the version add this to see them.
+    (A quantized layer's weight counts them anyway: quant/layers.py's CountedParameter; this covers other callers.)"""
     if t.device.type != "cpu":
         return None
     size = t.element_size()
@@ -153,9 +154,9 @@ def fingerprint(t: torch.Tensor) -> int | None:
 
 def _cache_key(qweight, scale=None, extra=()) -> tuple:
     # `_version` changes on every in-place write (a LoRA patch through the layer's set_weight), so a patched weight is
-    # never served from a stale prepack; views share their base's counter. Writes through `.data` do not count, so the
-    # key also holds a fingerprint of the scales, which every requantization changes (a sum over N values:
-    # microseconds; CPU only).
+    # never served from a stale prepack; views share their base's counter. Writes through a plain tensor's `.data` do
+    # not count (a quantized layer's CountedParameter counts them), so on the CPU the key also holds a fingerprint
+    # of the scales, which every requantization changes (a sum over N values: microseconds).
     fp = fingerprint(scale) if scale is not None and scale.dtype == torch.float16 else None
     return (qweight.data_ptr(), version_of(qweight), tuple(qweight.shape), tuple(qweight.stride())) + (
         () if scale is None else (scale.data_ptr(), version_of(scale), fp)) + tuple(extra)

@@ -35,6 +35,23 @@ def _checksum(w: torch.Tensor) -> int:
         hash((float(flat.sum()), float((flat * pos).sum())))
 
 
+class CountedParameter(nn.Parameter):
+    """A Parameter whose `.data` shares its version counter. On a plain Parameter `p.data` is a fresh alias with a
+    counter of its own, so `p.data.copy_(w)` (ComfyUI's copy_to_param, which swaps hook-scheduled LoRA weights in
+    and out) changes the values without a trace in `p._version`; every per-layer cache keyed on the weight's version
+    (prepacked int8 copies, Triton weight sums, the BOS-output and weight memos) would then serve the old weight's
+    data. On the CPU a content fingerprint caught it; on a GPU reading the tensor would synchronize. Here `.data`
+    is `detach()`, the same storage and the same counter, so such a write counts like any in-place write."""
+
+    @property
+    def data(self):
+        return self.detach()
+
+    @data.setter
+    def data(self, value):  # (`module.to(...)` assigns through here: the subclass stays)
+        torch.Tensor.data.__set__(self, value)
+
+
 class QuantLayer(nn.Module):
     """Common storage and hooks; subclasses say how a float weight maps to the [N, K] matrix and how to compute."""
 
@@ -44,6 +61,13 @@ class QuantLayer(nn.Module):
     comfy_cast_weights = False
     weight_function: list = []
     bias_function: list = []
+
+    def __setattr__(self, name, value):
+        # every weight this layer holds counts writes through `.data` (CountedParameter), including one ComfyUI sets
+        # (set_attr_param wraps its tensor in a plain nn.Parameter); same storage, no copy
+        if name == "weight" and isinstance(value, nn.Parameter) and not isinstance(value, CountedParameter):
+            value = CountedParameter(value.detach(), requires_grad=value.requires_grad)
+        super().__setattr__(name, value)
 
     def _setup(self, n: int, k: int, fmt: LayerFormat, mode: str):
         if mode not in ("packed", "simulate"):
@@ -240,9 +264,9 @@ class QuantLinear(QuantLayer):
         table = self.__dict__.get("_bos_table")
         if not table or len(table) < 2 or self.weight_function:  # never patched, or patched per call (low VRAM)
             return self.bos_out
-        # the checksum reads the whole weight: compute it once per weight write, not on every forward (a write through
-        # `.data`, as ComfyUI restores weights after hook-scheduled LoRAs, keeps the version: the CPU fingerprint of
-        # the scales, or of a float weight, sees it)
+        # the checksum reads the whole weight: compute it once per weight write, not on every forward (the weight is
+        # a CountedParameter, so a write through `.data`, as ComfyUI swaps hook-scheduled LoRA weights, counts too;
+        # on the CPU the fingerprint of the scales, or of a float weight, is a second check)
         probe = self.packed_parts()[1] if self.packed else self.weight
         key = (self.weight.data_ptr(), version_of(self.weight), len(table), id(self.bos_out), fingerprint(probe))
         memo = self.__dict__.get("_bos_memo")

@@ -192,3 +192,34 @@ def test_activation_args_follow_in_place_range_updates_and_groups():
         assert torch.equal(q(x), first)
         q.load_state_dict({**q.state_dict(), "input_scale": q.input_scale * 4, "input_zero": q.input_zero})
         assert torch.equal(q(x), wide)  # group 0 now holds group 1's scale (and the same zero point)
+
+
+@pytest.mark.parametrize("cls_fp,fmt", [(lambda: nn.Linear(48, 24), "W8A8"), (lambda: nn.Linear(48, 24), "W4A8"),
+                                        (lambda: nn.Conv2d(8, 16, 3, padding=1), "W8A8")])
+def test_writes_through_data_reach_every_kernel_cache(cls_fp, fmt, monkeypatch):
+    """ComfyUI swaps hook-scheduled LoRA weights in and out with `param.data.copy_(...)` (copy_to_param), which on a
+    plain Parameter keeps the version counter the per-layer caches (prepacked int8 weights, the Triton weight sums)
+    key on. On a GPU no content fingerprint backs that key up (reading the tensor would synchronize): simulated here
+    by a fingerprint that reads nothing. The layer's weight must still count such writes."""
+    from mixquant.kernels import cpu
+    if not cpu._has_onednn():
+        pytest.skip("no oneDNN int8 ops in this torch")
+    monkeypatch.setattr(cpu, "fingerprint", lambda t: None)
+    monkeypatch.setattr(cpu, "choose", lambda op, **kw: "onednn_split")  # a route that keeps a prepacked copy
+    torch.manual_seed(0)
+    fp = cls_fp()
+    cls = QuantLinear if isinstance(fp, nn.Linear) else QuantConv2d
+    q = cls.from_float(fp, as_format(fmt))
+    x = torch.randn(6, 48) if cls is QuantLinear else torch.randn(2, 8, 6, 6)
+    q.set_act_range(x.min(), x.max())
+    other = cls.from_float(cls_fp(), as_format(fmt))
+    other.set_act_range(x.min(), x.max())
+    other.bias = q.bias  # (only the weight changes)
+    with torch.no_grad():
+        before = q(x).clone()
+        backup = q.weight.detach().clone()
+        q.weight.data.copy_(other.weight)  # a hook's weights in
+        assert torch.equal(q(x), other(x))
+        q.weight.data.copy_(backup)  # and out again
+        assert torch.equal(q(x), before)
+        assert any(k.startswith("cpu_onednn") for k in q._kernel_cache)  # (the cached route ran)
