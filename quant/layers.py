@@ -47,6 +47,11 @@ class CountedParameter(nn.Parameter):
     def data(self):
         return self.detach()
 
+    def detach(self):
+        # a CountedParameter too (same storage, same counter): `nn.Parameter(w)` on one, as ComfyUI's set_attr_param
+        # does with a backed-up weight, requires that detach() keeps the type of a Parameter subclass
+        return torch.Tensor._make_subclass(CountedParameter, torch.Tensor.detach(self), False)
+
     @data.setter
     def data(self, value):  # (`module.to(...)` assigns through here: the subclass stays)
         torch.Tensor.data.__set__(self, value)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -223,3 +225,21 @@ def test_writes_through_data_reach_every_kernel_cache(cls_fp, fmt, monkeypatch):
         q.weight.data.copy_(backup)  # and out again
         assert torch.equal(q(x), before)
         assert any(k.startswith("cpu_onednn") for k in q._kernel_cache)  # (the cached route ran)
+
+
+def test_weight_stays_counted_through_comfyui_set_attr_param():
+    """ComfyUI's set_attr_param puts back a backed-up weight as `nn.Parameter(backup)`, where the backup may be the
+    layer's own (Counted)Parameter: that must work, share the storage, and keep counting writes through `.data`."""
+    from mixquant.quant.layers import CountedParameter
+    q = QuantLinear.from_float(nn.Linear(16, 8), LayerFormat(8, 8))
+    backup = q.weight
+    q.weight = nn.Parameter(backup, requires_grad=False)  # set_attr_param(model, key, bk.weight)
+    assert isinstance(q.weight, CountedParameter) and q.weight.data_ptr() == backup.data_ptr()
+    q.weight = nn.Parameter(torch.zeros_like(backup), requires_grad=False)  # a plain Parameter gets wrapped too
+    assert isinstance(q.weight, CountedParameter)
+    v = q.weight._version
+    q.weight.data.copy_(backup)
+    assert q.weight._version > v and torch.equal(q.weight, backup)
+    assert isinstance(copy.deepcopy(q).weight, CountedParameter)
+    q.to(torch.float64)  # (module moves assign through .data: the type stays)
+    assert isinstance(q.weight, CountedParameter) and q.weight.dtype == torch.uint8
