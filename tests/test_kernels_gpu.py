@@ -33,10 +33,12 @@ def test_autotuned_linear(fmt, mkn):
     call = random_call(n, k, device="cuda", **fmt)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     ref = _ref("linear", x, call)
+    dots = (None, True, False) if fmt["a_mode"] != "none" else (None,)  # default, int8 dot, float dot
     for prequant in ((None, True, False) if fmt["a_mode"] != "none" else (None,)):
-        out = triton_gemm.qlinear(x, prequant=prequant, **call)
-        assert out.dtype == torch.float16
-        assert _rel(out, ref) < 5e-3
+        for int_dot in dots:
+            out = triton_gemm.qlinear(x, prequant=prequant, int_dot=int_dot, **call)
+            assert out.dtype == torch.float16
+            assert _rel(out, ref) < 5e-3, (prequant, int_dot)
 
 
 def test_autotuning_opt_in(monkeypatch):
@@ -58,8 +60,9 @@ def test_autotuned_conv(fmt, shape):
         x = torch.randn(b, c, h, w, device="cuda", dtype=torch.float16)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = triton_conv.qconv2d(x, **call, **geo)
-        assert _rel(out, _ref("conv2d", x, call, geo)) < 5e-3
+        for int_dot in (None, True, False):  # default, int8 dot, float dot (dequantized in the K loop)
+            out = triton_conv.qconv2d(x, int_dot=int_dot, **call, **geo)
+            assert _rel(out, _ref("conv2d", x, call, geo)) < 5e-3, int_dot
 
 
 def test_cuda_graph_capture_and_replay():

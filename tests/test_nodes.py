@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import types
 
@@ -193,7 +194,11 @@ def _run_view(model, x, t, ctx):
 # --- contracts ---------------------------------------------------------------------------------------------------------
 
 def test_import_needs_no_comfyui():
-    assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
+    # in a fresh interpreter: other tests in this process may import ComfyUI themselves (COMFYUI_PATH set)
+    probe = ("import sys, mixquant, mixquant.nodes.nodes, mixquant.nodes.patching; "
+             "bad = [m for m in ('comfy', 'folder_paths') if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
     assert mixquant.NODE_CLASS_MAPPINGS is N.NODE_CLASS_MAPPINGS
     assert set(mixquant.NODE_DISPLAY_NAME_MAPPINGS) == set(N.NODE_CLASS_MAPPINGS)
     assert mixquant.WEB_DIRECTORY == "./web" and os.path.isfile(os.path.join(os.path.dirname(mixquant.__file__),
