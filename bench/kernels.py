@@ -34,7 +34,8 @@ W8A8D = ("W8A8 dynamic", dict(bits=8, a_mode="dynamic"))
 W4A8 = ("W4A8 g64 dyn", dict(bits=4, group_size=64, a_mode="dynamic"))
 W4A16 = ("W4A16 g64", dict(bits=4, group_size=64, a_mode="none"))
 SILU = "W8A8 static, SiLU input"
-# the W4A8 g64 call forced onto the int8 dot (the default takes the float dot under group scales: default_int_dot)
+# the W4A8 g64 call forced onto the int8 dot (the default takes the float dot under group scales: default_int_dot);
+# forcing the dot also skips the autotuner (heuristic launch config), so compare it without MIXQUANT_AUTOTUNE=1
 INT_DOT_COL = "W4A8 g64 dyn, int8 dot ×"
 
 # SD1.5 GEMMs per UNet level: (tokens per image at 64x64 latents, [(K, N), ...])

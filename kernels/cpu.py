@@ -163,8 +163,12 @@ def _cache_key(qweight, scale=None, extra=()) -> tuple:
 
 
 def _cached(cache: dict | None, slot: str, key: tuple, build):
+    """The value built for `key` in `cache[slot]` (one entry per slot). cache["epoch"], which a layer changes whenever
+    its weight may have changed unseen by data pointer and version (quant/layers.py: weight_epoch), is part of
+    every key."""
     if cache is None:
         return build()
+    key = key + (cache.get("epoch"),)
     hit = cache.get(slot)
     if hit is not None and hit[0] == key:
         cache["misses"] = 0
@@ -172,9 +176,10 @@ def _cached(cache: dict | None, slot: str, key: tuple, build):
     cache.pop(slot, None)  # free the stale one before building its replacement
     value = build()
     cache[slot] = (key, value)
-    if hit is not None and cache.get("missed_for") != key[:2]:  # one miss per weight change, however many slots
+    change = key[:2] + key[-1:]
+    if hit is not None and cache.get("missed_for") != change:  # one miss per weight change, however many slots
         cache["misses"] = cache.get("misses", 0) + 1
-        cache["missed_for"] = key[:2]
+        cache["missed_for"] = change
     return value
 
 

@@ -13,7 +13,9 @@ Registered here, in priority order:
 
 `cache`: a layer may pass a dict it owns (`dispatch.linear(x, cache=self._kernel_cache, ...)`); backends keep
 per-layer prepared data in it (the CPU int8 routes: one prepacked int8 copy of the weight), keyed by the weight's
-data pointer and version counter so an in-place update (a LoRA patch) invalidates it. Without it nothing is cached.
+data pointer and version counter so an in-place update (a LoRA patch) invalidates it, and by `cache["epoch"]`, a
+value the layer changes whenever its weight may have changed where pointer and version do not show it (a new
+weight at a freed one's address, a write through `.data`, an inference tensor). Without it nothing is cached.
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ timesteps, selected by `act_group`; optionally two channel segments split at `a_
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,25 +38,36 @@ def _checksum(w: torch.Tensor) -> int:
 
 
 class CountedParameter(nn.Parameter):
-    """A Parameter whose `.data` shares its version counter. On a plain Parameter `p.data` is a fresh alias with a
+    """A Parameter that counts writes through `.data`. On a plain Parameter `p.data` is a fresh alias with a version
     counter of its own, so `p.data.copy_(w)` (ComfyUI's copy_to_param, which swaps hook-scheduled LoRA weights in
-    and out) changes the values without a trace in `p._version`; every per-layer cache keyed on the weight's version
-    (prepacked int8 copies, Triton weight sums, the BOS-output and weight memos) would then serve the old weight's
-    data. On the CPU a content fingerprint caught it; on a GPU reading the tensor would synchronize. Here `.data`
-    is `detach()`, the same storage and the same counter, so such a write counts like any in-place write."""
+    and out) changes the values without a trace in `p._version`; every per-layer cache keyed on the weight (prepacked
+    int8 copies, Triton weight sums, the BOS-output memo) would then serve the old weight's data. On the CPU a content
+    fingerprint caught it; on a GPU reading the tensor would synchronize. Here `.data` is `detach()` (the same storage
+    and, for a normal tensor, the same counter) and every `.data` access or assignment also bumps `_mq_writes`, which
+    the layer's `weight_epoch()` reports: that also covers inference tensors (no version counter at all; ComfyUI runs
+    every node under torch.inference_mode)."""
 
     @property
     def data(self):
+        _touch(self)
         return self.detach()
+
+    @data.setter
+    def data(self, value):  # (`module.to(...)` assigns through here: the subclass stays)
+        torch.Tensor.data.__set__(self, value)
+        _touch(self)
 
     def detach(self):
         # a CountedParameter too (same storage, same counter): `nn.Parameter(w)` on one, as ComfyUI's set_attr_param
         # does with a backed-up weight, requires that detach() keeps the type of a Parameter subclass
         return torch.Tensor._make_subclass(CountedParameter, torch.Tensor.detach(self), False)
 
-    @data.setter
-    def data(self, value):  # (`module.to(...)` assigns through here: the subclass stays)
-        torch.Tensor.data.__set__(self, value)
+    def __reduce_ex__(self, proto):  # torch.save: a plain Parameter (Parameter's own reduce pickles `.data`: itself)
+        return torch._utils._rebuild_parameter, (torch.Tensor.detach(self), self.requires_grad, OrderedDict())
+
+
+def _touch(p: torch.Tensor) -> None:
+    p._mq_writes = getattr(p, "_mq_writes", 0) + 1
 
 
 class QuantLayer(nn.Module):
@@ -69,10 +82,27 @@ class QuantLayer(nn.Module):
 
     def __setattr__(self, name, value):
         # every weight this layer holds counts writes through `.data` (CountedParameter), including one ComfyUI sets
-        # (set_attr_param wraps its tensor in a plain nn.Parameter); same storage, no copy
-        if name == "weight" and isinstance(value, nn.Parameter) and not isinstance(value, CountedParameter):
-            value = CountedParameter(value.detach(), requires_grad=value.requires_grad)
+        # (set_attr_param wraps its tensor in a plain nn.Parameter); same storage, no copy. A new weight is a new
+        # epoch: its storage may sit at a freed weight's address with the same version (a caching allocator reuses
+        # a block of the same size), which a (data pointer, version) key alone would take for the old weight
+        if name == "weight" and isinstance(value, nn.Parameter):
+            if not isinstance(value, CountedParameter):
+                value = CountedParameter(value.detach(), requires_grad=value.requires_grad)
+            self.__dict__["_weight_epoch"] = self.__dict__.get("_weight_epoch", 0) + 1
         super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        w = self._parameters.get("weight")
+        if w is not None and not isinstance(w, CountedParameter):  # a move that replaced the Parameter object
+            self.weight = w
+        return out
+
+    def weight_epoch(self) -> tuple:
+        """Changes whenever the weight may have changed where its data pointer and version counter do not show it:
+        a new Parameter, a write through `.data`, an in-place write into an inference tensor. Kernel caches and
+        memos key on it as well (`dispatch`: cache["epoch"])."""
+        return self.__dict__.get("_weight_epoch", 0), getattr(self.weight, "_mq_writes", 0)
 
     def _setup(self, n: int, k: int, fmt: LayerFormat, mode: str):
         if mode not in ("packed", "simulate"):
@@ -193,6 +223,7 @@ class QuantLayer(nn.Module):
         if inplace_update and new.shape == self.weight.shape:
             with torch.no_grad():  # (not through .data: this write must bump the version counter kernel caches key on)
                 self.weight.copy_(new)
+            self.__dict__["_weight_epoch"] = self.__dict__.get("_weight_epoch", 0) + 1  # (an inference tensor has none)
         else:
             self.weight = nn.Parameter(new, requires_grad=False)
 
@@ -210,6 +241,8 @@ class QuantLayer(nn.Module):
 
     def _kernel_args(self, blob, bias, device) -> dict:
         codes, scale, zero = self.packed_parts(blob)
+        if not torch.compiler.is_compiling():
+            self._kernel_cache["epoch"] = self.weight_epoch()
         return dict(qweight=codes, scale=scale, zero=zero, bits=self.fmt.w_bits, k=self.k,
                     group_size=self.fmt.group_size, bias=bias, cache=self._kernel_cache, **self._act_args(device))
 
@@ -273,7 +306,8 @@ class QuantLinear(QuantLayer):
         # a CountedParameter, so a write through `.data`, as ComfyUI swaps hook-scheduled LoRA weights, counts too;
         # on the CPU the fingerprint of the scales, or of a float weight, is a second check)
         probe = self.packed_parts()[1] if self.packed else self.weight
-        key = (self.weight.data_ptr(), version_of(self.weight), len(table), id(self.bos_out), fingerprint(probe))
+        key = (self.weight.data_ptr(), version_of(self.weight), self.weight_epoch(), len(table), id(self.bos_out),
+               fingerprint(probe))
         memo = self.__dict__.get("_bos_memo")
         if memo is None or memo[0] != key:
             memo = self.__dict__["_bos_memo"] = (key, table.get(_checksum(self.weight), self.bos_out))

@@ -196,18 +196,17 @@ def test_activation_args_follow_in_place_range_updates_and_groups():
         assert torch.equal(q(x), wide)  # group 0 now holds group 1's scale (and the same zero point)
 
 
-@pytest.mark.parametrize("cls_fp,fmt", [(lambda: nn.Linear(48, 24), "W8A8"), (lambda: nn.Linear(48, 24), "W4A8"),
-                                        (lambda: nn.Conv2d(8, 16, 3, padding=1), "W8A8")])
-def test_writes_through_data_reach_every_kernel_cache(cls_fp, fmt, monkeypatch):
-    """ComfyUI swaps hook-scheduled LoRA weights in and out with `param.data.copy_(...)` (copy_to_param), which on a
-    plain Parameter keeps the version counter the per-layer caches (prepacked int8 weights, the Triton weight sums)
-    key on. On a GPU no content fingerprint backs that key up (reading the tensor would synchronize): simulated here
-    by a fingerprint that reads nothing. The layer's weight must still count such writes."""
+def _gpu_like_cpu_cache(monkeypatch):
+    """The CPU's oneDNN route (it keeps a prepacked copy per layer) without the content fingerprint that backs up its
+    cache key on the CPU: as on a GPU, where reading the tensor would synchronize."""
     from mixquant.kernels import cpu
     if not cpu._has_onednn():
         pytest.skip("no oneDNN int8 ops in this torch")
     monkeypatch.setattr(cpu, "fingerprint", lambda t: None)
-    monkeypatch.setattr(cpu, "choose", lambda op, **kw: "onednn_split")  # a route that keeps a prepacked copy
+    monkeypatch.setattr(cpu, "choose", lambda op, **kw: "onednn_split")
+
+
+def _two_layers(cls_fp, fmt):
     torch.manual_seed(0)
     fp = cls_fp()
     cls = QuantLinear if isinstance(fp, nn.Linear) else QuantConv2d
@@ -217,14 +216,59 @@ def test_writes_through_data_reach_every_kernel_cache(cls_fp, fmt, monkeypatch):
     other = cls.from_float(cls_fp(), as_format(fmt))
     other.set_act_range(x.min(), x.max())
     other.bias = q.bias  # (only the weight changes)
-    with torch.no_grad():
+    return q, other, x
+
+
+@pytest.mark.parametrize("inference", [False, True])
+@pytest.mark.parametrize("cls_fp,fmt", [(lambda: nn.Linear(48, 24), "W8A8"), (lambda: nn.Linear(48, 24), "W4A8"),
+                                        (lambda: nn.Conv2d(8, 16, 3, padding=1), "W8A8")])
+def test_writes_through_data_reach_every_kernel_cache(cls_fp, fmt, inference, monkeypatch):
+    """ComfyUI swaps hook-scheduled LoRA weights in and out with `param.data.copy_(...)` (copy_to_param), which on a
+    plain Parameter keeps the version counter the per-layer caches (prepacked int8 weights, the Triton weight sums)
+    key on; ComfyUI also runs every node under torch.inference_mode, where tensors have no version counter at all.
+    The layer must still see such writes (its weight_epoch)."""
+    _gpu_like_cpu_cache(monkeypatch)
+    with (torch.inference_mode() if inference else torch.no_grad()):
+        q, other, x = _two_layers(cls_fp, fmt)
+        assert q.weight.is_inference() == inference
         before = q(x).clone()
         backup = q.weight.detach().clone()
         q.weight.data.copy_(other.weight)  # a hook's weights in
         assert torch.equal(q(x), other(x))
         q.weight.data.copy_(backup)  # and out again
         assert torch.equal(q(x), before)
+        w = q.convert_weight(q.weight.to(torch.float32, copy=True))
+        q.set_weight(w * 1.5, inplace_update=True)  # a LoRA through the layer's own hook, in place
+        assert not torch.equal(q(x), before)
         assert any(k.startswith("cpu_onednn") for k in q._kernel_cache)  # (the cached route ran)
+
+
+def test_a_new_weight_at_a_freed_weights_address_is_not_served_stale(monkeypatch):
+    """LoRA strength changed between runs: ComfyUI restores the original (set_attr_param) and patches again with no
+    forward in between; the new packed weight may land at the freed previous one's address, with the same version."""
+    _gpu_like_cpu_cache(monkeypatch)
+    q, _, x = _two_layers(lambda: nn.Linear(48, 24), "W8A8")
+    w0 = q.convert_weight(q.weight.to(torch.float32, copy=True))
+    with torch.no_grad():
+        for strength in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0):
+            backup = q.weight
+            q.set_weight(w0 * strength)  # patch (not in place: a new Parameter)
+            fresh = QuantLinear.from_float(nn.Linear(48, 24), LayerFormat(8, 8))
+            fresh.weight, fresh.bias = nn.Parameter(q.weight.detach().clone(), requires_grad=False), q.bias
+            fresh.set_act_range(x.min(), x.max())
+            assert torch.equal(q(x), fresh(x)), strength
+            q.weight = nn.Parameter(backup, requires_grad=False)  # unpatch
+
+
+def test_quantized_layer_state_dict_saves_with_torch_save(tmp_path):
+    """Not our file format (safetensors), but users may torch.save a quantized module's state dict: it must save and
+    load back with weights_only=True."""
+    q = QuantLinear.from_float(nn.Linear(16, 8), LayerFormat(8, 8))
+    q.set_act_range(torch.tensor(-1.0), torch.tensor(1.0))
+    path = tmp_path / "sd.pt"
+    torch.save(q.state_dict(), path)
+    back = torch.load(path, weights_only=True)
+    assert torch.equal(back["weight"], q.weight) and type(back["weight"]) in (torch.Tensor, nn.Parameter)
 
 
 def test_weight_stays_counted_through_comfyui_set_attr_param():
