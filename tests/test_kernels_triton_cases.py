@@ -163,6 +163,26 @@ def test_padding_reads_the_zero_code():
         assert _rel(triton_conv.qconv2d(x, prequant=prequant, **call, **geo), ref) < 1e-5
 
 
+@pytest.mark.parametrize("a_mode,split", [("static", None), ("static", 3), ("dynamic", None)])
+def test_conv_uneven_padding_dilation_and_strides(a_mode, split):
+    """The pre-quantized input is padded by (ph, pw) on each side and read with padding 0: padding (2, 1), dilation
+    2, stride (2, 1), a 3x1 kernel and no padding at all must all land on the right codes."""
+    cin = 6
+    x = torch.randn(2, cin, 9, 8, device=DEV) * 2
+    geos = [dict(kernel_size=(3, 3), stride=(2, 1), padding=(2, 1), dilation=(2, 2)),
+            dict(kernel_size=(3, 1), stride=(1, 2), padding=(1, 0), dilation=(1, 1)),
+            dict(kernel_size=(3, 3), stride=(1, 1), padding=(0, 0), dilation=(1, 1))]
+    for i, geo in enumerate(geos):
+        kh, kw = geo["kernel_size"]
+        call = _call(7, kh * kw * cin, 8, None, a_mode, split, False, seed=20 + i)
+        if a_mode == "static":  # zero points far from the middle: a border read as code 0 would show
+            call["a_zero"] = torch.tensor([230.0, 20.0][:1 if split is None else 2], device=DEV)
+        ref = _ref("conv2d", x, call, geo)
+        for prequant in (False, True):
+            out = triton_conv.qconv2d(x, prequant=prequant, **call, **geo)
+            assert out.shape == ref.shape and _rel(out, ref) < 1e-5, (geo, prequant)
+
+
 def test_quantized_layers_agree_on_every_path():
     from mixquant.quant.formats import as_format
     from mixquant.quant.layers import QuantConv2d, QuantLinear
