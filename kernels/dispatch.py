@@ -163,15 +163,27 @@ def _triton_wsum(cache, call):
                                                    scale.shape[1]))
 
 
+# Under torch.compile the kernels run as torch.library custom ops (opaque to the compiler, no graph break); eager
+# calls go to the wrappers directly: the custom-op machinery (autograd wrapper, redispatch, dynamo-disable guard)
+# cost ~50 us per call of host time, about a third of the whole call (bench/overhead.py), which every layer pays
+# without CUDA graphs. Both forms run the same wrapper and kernels.
+
 def _triton_linear(x, cache=None, **call):
     from . import triton_gemm
-    return triton_gemm.linear_op()(x, **call, wsum=_triton_wsum(cache, call))
+    wsum = _triton_wsum(cache, call)
+    if torch.compiler.is_compiling():
+        return triton_gemm.linear_op()(x, **call, wsum=wsum)
+    return triton_gemm.qlinear(x, **call, wsum=wsum)
 
 
 def _triton_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), **call):
     from . import triton_conv
-    return triton_conv.conv2d_op()(x, **call, wsum=_triton_wsum(cache, call), kernel_size=list(kernel_size),
-                                   stride=list(stride), padding=list(padding), dilation=list(dilation))
+    wsum = _triton_wsum(cache, call)
+    if torch.compiler.is_compiling():
+        return triton_conv.conv2d_op()(x, **call, wsum=wsum, kernel_size=list(kernel_size), stride=list(stride),
+                                       padding=list(padding), dilation=list(dilation))
+    return triton_conv.qconv2d(x, **call, wsum=wsum, kernel_size=tuple(kernel_size), stride=tuple(stride),
+                               padding=tuple(padding), dilation=tuple(dilation))
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -180,10 +180,10 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
                                                 int_ok if int_dot is None else int_dot, cin))
         launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
         cfg.setdefault("INT_DOT", int_ok if int_dot is None else int_dot)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        grid = (tg._cdiv(m, cfg["BLOCK_M"]) * tg._cdiv(n, cfg["BLOCK_N"]),)
         _qconv_kernel[grid](*args, **meta, **cfg, **launch)
     else:
-        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+        grid = lambda c: (tg._cdiv(m, c["BLOCK_M"]) * tg._cdiv(n, c["BLOCK_N"]),)  # noqa: E731
         tg.tuned(_qconv_kernel, ["M_BUCKET", "N", "K", "CIN", "W_BITS", "A_MODE", "A_IN_INT8", "GROUPED",
                                  "HAS_SPLIT", "INT_OK", "BORDER"])[grid](*args, **meta)
     return out

@@ -458,7 +458,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         if kw["INT_DOT"] and not int_ok:
             continue
-        if kw["BLOCK_M"] > max(16, triton.next_power_of_2(m)) * 2:
+        if kw["BLOCK_M"] > max(16, _pow2(m)) * 2:
             continue
         keep.append(c)
     if not keep:  # e.g. groups of 32 with only larger K blocks listed: a K block of 32 always divides the group
@@ -493,9 +493,19 @@ def dot_dtype(x_dtype: torch.dtype):
     return tl.float32
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1). triton.cdiv / triton.next_power_of_2 are ConstexprFunctions in
+    Triton 3.x: ~6 us per call from host Python, several per launch (bench/overhead.py)."""
+    return 1 << (int(n) - 1).bit_length()
+
+
 def _bucket(m: int) -> int:
     """M rounded up to a power of two: the autotune key, so each token count does not re-tune."""
-    return triton.next_power_of_2(max(int(m), 16))
+    return _pow2(max(int(m), 16))
 
 
 # --- wrappers --------------------------------------------------------------------------------------------------------
@@ -557,8 +567,8 @@ def quantize_rows(x2: torch.Tensor, a_mode: str, a_bits: int, a_scale=None, a_ze
     mode = _A_MODES[a_mode]
     qmax = 2 ** a_bits - 1 if mode == A_STATIC else 2 ** (a_bits - 1) - 1
     block_r = 16 if interpreting() else 32
-    block_c = min(triton.next_power_of_2(c), 32 if interpreting() else 256)
-    _quant_rows_kernel[(triton.cdiv(r, block_r),)](
+    block_c = min(_pow2(c), 32 if interpreting() else 256)
+    _quant_rows_kernel[(_cdiv(r, block_r),)](
         x2, q, srow, image_scale if image_scale is not None else dummy,
         a_scale if a_scale is not None else dummy, a_zero if a_zero is not None else dummy,
         r, c, hw, wd, h, w, ph, pw, a_split or 0, *strides,
@@ -651,10 +661,10 @@ def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
         cfg = dict(fixed or heuristic_config(m, n, group if grouped else None, int_ok if int_dot is None else int_dot))
         launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
         cfg.setdefault("INT_DOT", int_ok if int_dot is None else int_dot)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),)
         _qgemm_kernel[grid](*args, **meta, **cfg, **launch)
     else:
-        grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
+        grid = lambda c: (_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)  # noqa: E731
         tuned(_qgemm_kernel, ["M_BUCKET", "N", "K", "W_BITS", "A_MODE", "A_IN_INT8", "GROUPED", "HAS_SPLIT",
                               "INT_OK"])[grid](*args, **meta)
     return out.reshape(*shape[:-1], n)

@@ -22,3 +22,13 @@ def test_triton_kernels_under_the_interpreter():
                        env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=600)
     tail = (r.stdout + r.stderr)[-4000:]
     assert r.returncode == 0, tail  # (5 would mean that nothing was collected)
+
+
+def test_overhead_bench_runs():
+    """bench/overhead.py (host-side cost of a Triton-path call, launches stubbed) runs and fills its table."""
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "bench", "overhead.py"), "--calls", "3"],
+                       cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, TRITON_INTERPRET="1", MIXQUANT_CPU_CACHE=""))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| linear") or ln.startswith("| conv")]
+    assert len(rows) >= 4 and all(float(ln.split("|")[2]) > 0 for ln in rows), r.stdout[-2000:]

@@ -1,0 +1,108 @@
+"""Host-side (Python) cost of one quantized call on the Triton path, without a GPU.
+
+    python bench/overhead.py [--calls N] [--out FILE]
+
+Without CUDA graphs (ComfyUI's default) every quantized layer pays this per call before its kernels start; on an
+H100 it made small layers 10-50x slower than cuBLAS (bench/results/kernels_h100.md, eager column). The Python part
+does not need a GPU to be measured: this runs the dispatcher and the Triton wrappers on CPU tensors under
+TRITON_INTERPRET=1 (so the Triton backend accepts them) with the kernel launches replaced by no-ops, and the
+content fingerprint the CPU adds to cache keys switched off (a GPU has none). What is left out: Triton's own
+launcher (binding ~40 arguments) and the CUDA launch itself. Baseline in the same process: one eager F.linear call
+on tiny tensors (the floor of any PyTorch op call). Numbers are per call, best of 9 rounds. The last row calls the
+same linear through the torch.library custom op, the form torch.compile sees (eager calls skip it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the Triton backend accepts CPU tensors
+os.environ.setdefault("MIXQUANT_CPU_CACHE", "")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import cpu_name  # noqa: E402
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _per_call_us(fn, calls: int, rounds: int = 9) -> float:
+    for _ in range(min(calls, 50)):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t) / calls * 1e6)
+    return min(times)  # the least disturbed round: other load on the machine only adds time
+
+
+def measure(calls: int) -> list[str]:
+    from mixquant.kernels import cpu, dispatch, triton_conv, triton_gemm
+    from mixquant.kernels.synthetic import conv_geometry, random_call
+    if not triton_gemm.HAVE_TRITON:
+        return ["Triton is not installed: nothing to measure."]
+    triton_gemm._qgemm_kernel = _NoLaunch()
+    triton_gemm._quant_rows_kernel = _NoLaunch()
+    triton_conv._qconv_kernel = _NoLaunch()
+    cpu.fingerprint = lambda t: None  # as on a GPU
+    a, b = torch.randn(1, 1), torch.randn(1, 1)
+    base = _per_call_us(lambda: F.linear(a, b), calls)
+    lines = [f"CPU: {cpu_name()}, torch {torch.__version__}, 1 thread. Baseline: eager F.linear on 1x1 tensors "
+             f"{base:.1f} us per call.", "",
+             "| call | us per call | × baseline |", "|---|---|---|"]
+    geo = conv_geometry(3, 1, 1)
+    cases = [("linear W8A8 static, M=512, K=N=1280", "linear", dict(bits=8, a_mode="static"), (512, 1280), 1280),
+             ("linear W8A8 dynamic, M=512, K=N=1280", "linear", dict(bits=8, a_mode="dynamic"), (512, 1280), 1280),
+             ("linear W4A16 g64, M=512, K=N=1280", "linear", dict(bits=4, group_size=64, a_mode="none"),
+              (512, 1280), 1280),
+             ("conv 3x3 W8A8 static, 2x640x16x16", "conv", dict(bits=8, a_mode="static"), (2, 640, 16, 16), 640)]
+    for label, op, fmt, shape, n in cases:
+        x = torch.randn(*shape)
+        k = shape[1] * (9 if op == "conv" else 1)
+        call = random_call(n, k, **fmt)
+        cache = {"epoch": (1, 0)}
+        if op == "linear":
+            fn = lambda x=x, call=call, cache=cache: dispatch.linear(x, cache=cache, **call)  # noqa: E731
+        else:
+            fn = lambda x=x, call=call, cache=cache: dispatch.conv2d(x, cache=cache, **call, **geo)  # noqa: E731
+        assert dispatch.path(op if op == "linear" else "conv2d", x, **call,
+                             **({} if op == "linear" else geo)).startswith("triton")
+        us = _per_call_us(fn, calls)
+        lines.append(f"| {label} | {us:.1f} | {us / base:.1f}× |")
+        print(lines[-1], flush=True)
+    x = torch.randn(512, 1280)
+    call = random_call(1280, 1280, bits=8, a_mode="static")
+    op = triton_gemm.linear_op()
+    us = _per_call_us(lambda: op(x, **call, wsum=None), calls)
+    lines.append(f"| the first row's linear through the custom op (as under torch.compile) | {us:.1f} | "
+                 f"{us / base:.1f}× |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--out", help="write the table (markdown) here too")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    lines = measure(args.calls)
+    text = "\n".join(["## Host-side cost of a quantized call (Triton path, launches stubbed)", ""] + lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
