@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 
 import torch
 
@@ -23,6 +24,19 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def race_cpu(fns: dict, rounds: int = 5) -> dict:
+    """Best wall time (ms) per candidate, run in turns (a noisy neighbour slows all alike)."""
+    for f in fns.values():
+        f()
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return {k: v * 1e3 for k, v in best.items()}
 
 
 def sd15_unet(dtype=torch.float16, device="cpu"):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import cpu_name, sd15_unet  # noqa: E402
+from common import cpu_name, race_cpu, sd15_unet  # noqa: E402
 
 from mixquant.kernels import dispatch, triton_conv, triton_gemm  # noqa: E402
 from mixquant.kernels.synthetic import conv_geometry, random_call  # noqa: E402
@@ -44,19 +44,6 @@ SD_LINEARS = [(4096, [(320, 320), (320, 2560), (1280, 320)]), (1024, [(640, 640)
 
 
 # --- timing --------------------------------------------------------------------------------------------------------
-
-def race_cpu(fns: dict, rounds: int = 5) -> dict:
-    """Best wall time (ms) per candidate, run in turns (a noisy neighbour slows all alike)."""
-    for f in fns.values():
-        f()
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t)
-    return {k: v * 1e3 for k, v in best.items()}
-
 
 def time_gpu(fns: dict, graphs: bool = True) -> dict:
     """Median ms per candidate. graphs: each call captured in a CUDA graph and replayed (launch overhead gone on

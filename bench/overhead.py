@@ -8,15 +8,14 @@ does not need a GPU to be measured: this runs the dispatcher and the Triton wrap
 TRITON_INTERPRET=1 (so the Triton backend accepts them) with the kernel launches replaced by no-ops, and the
 content fingerprint the CPU adds to cache keys switched off (a GPU has none). What is left out: Triton's own
 launcher (binding ~40 arguments) and the CUDA launch itself. Baseline in the same process: one eager F.linear call
-on tiny tensors (the floor of any PyTorch op call). Numbers are per call, best of 9 rounds. The last row calls the
-same linear through the torch.library custom op, the form torch.compile sees (eager calls skip it).
+on tiny tensors (the floor of any PyTorch op call). Numbers are per call, best of 9 rounds run in turns. The last
+row calls the same linear through the torch.library custom op, the form torch.compile sees (eager calls skip it).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the Triton backend accepts CPU tensors
 os.environ.setdefault("MIXQUANT_CPU_CACHE", "")
@@ -26,7 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import cpu_name  # noqa: E402
+from common import cpu_name, race_cpu  # noqa: E402
 
 
 class _NoLaunch:
@@ -34,16 +33,11 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def _per_call_us(fn, calls: int, rounds: int = 9) -> float:
-    for _ in range(min(calls, 50)):
-        fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
+def _loop(fn, calls: int):
+    def run():
         for _ in range(calls):
             fn()
-        times.append((time.perf_counter() - t) / calls * 1e6)
-    return min(times)  # the least disturbed round: other load on the machine only adds time
+    return run
 
 
 def measure(calls: int) -> list[str]:
@@ -56,10 +50,7 @@ def measure(calls: int) -> list[str]:
     triton_conv._qconv_kernel = _NoLaunch()
     cpu.fingerprint = lambda t: None  # as on a GPU
     a, b = torch.randn(1, 1), torch.randn(1, 1)
-    base = _per_call_us(lambda: F.linear(a, b), calls)
-    lines = [f"CPU: {cpu_name()}, torch {torch.__version__}, 1 thread. Baseline: eager F.linear on 1x1 tensors "
-             f"{base:.1f} us per call.", "",
-             "| call | us per call | × baseline |", "|---|---|---|"]
+    fns = {"baseline": lambda: F.linear(a, b)}
     geo = conv_geometry(3, 1, 1)
     cases = [("linear W8A8 static, M=512, K=N=1280", "linear", dict(bits=8, a_mode="static"), (512, 1280), 1280),
              ("linear W8A8 dynamic, M=512, K=N=1280", "linear", dict(bits=8, a_mode="dynamic"), (512, 1280), 1280),
@@ -72,20 +63,23 @@ def measure(calls: int) -> list[str]:
         call = random_call(n, k, **fmt)
         cache = {"epoch": (1, 0)}
         if op == "linear":
-            fn = lambda x=x, call=call, cache=cache: dispatch.linear(x, cache=cache, **call)  # noqa: E731
+            fns[label] = lambda x=x, call=call, cache=cache: dispatch.linear(x, cache=cache, **call)
         else:
-            fn = lambda x=x, call=call, cache=cache: dispatch.conv2d(x, cache=cache, **call, **geo)  # noqa: E731
+            fns[label] = lambda x=x, call=call, cache=cache: dispatch.conv2d(x, cache=cache, **call, **geo)
         assert dispatch.path(op if op == "linear" else "conv2d", x, **call,
                              **({} if op == "linear" else geo)).startswith("triton")
-        us = _per_call_us(fn, calls)
-        lines.append(f"| {label} | {us:.1f} | {us / base:.1f}× |")
-        print(lines[-1], flush=True)
     x = torch.randn(512, 1280)
     call = random_call(1280, 1280, bits=8, a_mode="static")
     op = triton_gemm.linear_op()
-    us = _per_call_us(lambda: op(x, **call, wsum=None), calls)
-    lines.append(f"| the first row's linear through the custom op (as under torch.compile) | {us:.1f} | "
-                 f"{us / base:.1f}× |")
+    fns["the first row's linear through the custom op (as under torch.compile)"] = \
+        lambda: op(x, **call, wsum=None)
+    # best of 9 rounds, every row and the baseline in turns (a noisy neighbour slows all alike)
+    us = {k: v * 1e3 / calls for k, v in race_cpu({k: _loop(f, calls) for k, f in fns.items()}, rounds=9).items()}
+    base = us.pop("baseline")
+    lines = [f"CPU: {cpu_name()}, torch {torch.__version__}, 1 thread. Baseline: eager F.linear on 1x1 tensors "
+             f"{base:.1f} us per call.", "",
+             "| call | us per call | × baseline |", "|---|---|---|"]
+    lines += [f"| {label} | {v:.1f} | {v / base:.1f}× |" for label, v in us.items()]
     return lines
 
 
