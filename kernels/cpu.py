@@ -142,8 +142,8 @@ def version_of(t: torch.Tensor) -> int:
 def fingerprint(t: torch.Tensor) -> int | None:
     """A cheap content fingerprint of a CPU tensor (the integer sum of its bits; None on other devices, where
     reading it back would synchronize). Writes through a plain tensor's `.data` (ComfyUI's copy_to_param, which swaps
-    hook-scheduled LoRA weights) do not bump its version counter: caches keyed on the version add this to see them.
-    (A quantized layer's weight counts them anyway: quant/layers.py's CountedParameter; this covers other callers.)"""
+    hook-scheduled LoRA weights) do not bump its version counter: caches keyed on the version add this to see them
+    (a cache owner that counts such writes itself says so through cache["epoch"]; this covers the others)."""
     if t.device.type != "cpu":
         return None
     size = t.element_size()
@@ -155,17 +155,16 @@ def fingerprint(t: torch.Tensor) -> int | None:
 def _cache_key(qweight, scale=None, extra=()) -> tuple:
     # `_version` changes on every in-place write (a LoRA patch through the layer's set_weight), so a patched weight is
     # never served from a stale prepack; views share their base's counter. Writes through a plain tensor's `.data` do
-    # not count (a quantized layer's CountedParameter counts them), so on the CPU the key also holds a fingerprint
-    # of the scales, which every requantization changes (a sum over N values: microseconds).
+    # not count (unless the cache's owner counts them: cache["epoch"], see _cached), so on the CPU the key also holds
+    # a fingerprint of the scales, which every requantization changes (a sum over N values: microseconds).
     fp = fingerprint(scale) if scale is not None and scale.dtype == torch.float16 else None
     return (qweight.data_ptr(), version_of(qweight), tuple(qweight.shape), tuple(qweight.stride())) + (
         () if scale is None else (scale.data_ptr(), version_of(scale), fp)) + tuple(extra)
 
 
 def _cached(cache: dict | None, slot: str, key: tuple, build):
-    """The value built for `key` in `cache[slot]` (one entry per slot). cache["epoch"], which a layer changes whenever
-    its weight may have changed unseen by data pointer and version (quant/layers.py: weight_epoch), is part of
-    every key."""
+    """The value built for `key` in `cache[slot]` (one entry per slot). cache["epoch"], a value the cache's owner
+    changes whenever its weight may have changed unseen by data pointer and version, is part of every key."""
     if cache is None:
         return build()
     key = key + (cache.get("epoch"),)

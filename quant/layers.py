@@ -88,8 +88,11 @@ class QuantLayer(nn.Module):
         if name == "weight" and isinstance(value, nn.Parameter):
             if not isinstance(value, CountedParameter):
                 value = CountedParameter(value.detach(), requires_grad=value.requires_grad)
-            self.__dict__["_weight_epoch"] = self.__dict__.get("_weight_epoch", 0) + 1
+            self._new_weight_epoch()
         super().__setattr__(name, value)
+
+    def _new_weight_epoch(self) -> None:
+        self.__dict__["_weight_epoch"] = self.__dict__.get("_weight_epoch", 0) + 1
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -223,7 +226,7 @@ class QuantLayer(nn.Module):
         if inplace_update and new.shape == self.weight.shape:
             with torch.no_grad():  # (not through .data: this write must bump the version counter kernel caches key on)
                 self.weight.copy_(new)
-            self.__dict__["_weight_epoch"] = self.__dict__.get("_weight_epoch", 0) + 1  # (an inference tensor has none)
+            self._new_weight_epoch()  # (an inference tensor has no version counter)
         else:
             self.weight = nn.Parameter(new, requires_grad=False)
 
