@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 
 import torch
+
+from mixquant.kernels.cpu import race as race_cpu  # noqa: F401  (the benchmarks' timing: the CPU route race's)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SD15_CONFIG = os.path.join(HERE, "..", "configs", "sd15_unet.json")
@@ -24,19 +25,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def race_cpu(fns: dict, rounds: int = 5) -> dict:
-    """Best wall time (ms) per candidate, run in turns (a noisy neighbour slows all alike)."""
-    for f in fns.values():
-        f()
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t)
-    return {k: v * 1e3 for k, v in best.items()}
 
 
 def sd15_unet(dtype=torch.float16, device="cpu"):

@@ -687,7 +687,7 @@ def decide(op: str, x, cache, call) -> str:
         return route
     cands = candidates(op, cache=cache, **call)
     fn = _OPS[op]
-    t = _race({r: (lambda r=r: fn(x, route=r, cache=cache, **call)) for r in cands}, rounds=3)
+    t = race({r: (lambda r=r: fn(x, route=r, cache=cache, **call)) for r in cands}, rounds=3)
     best = min(t, key=t.get)
     for r in cands:  # free what the losers prepared (an int8 copy of the weight) unless the winner uses it too
         if r != best and cache is not None:
@@ -807,7 +807,7 @@ def _time_ms(fn, reps: int = 3) -> float:
     return best * 1e3
 
 
-def _race(candidates: dict, rounds: int = 5) -> dict:
+def race(candidates: dict, rounds: int = 5) -> dict:
     """Best time (ms) of each candidate, run in turns so that a noisy neighbour slows all of them alike."""
     for fn in candidates.values():
         fn()
@@ -846,7 +846,7 @@ def _probe() -> CpuPlan:
         except RuntimeError:
             continue
         cands[str(dt).replace("torch.", "")] = lambda a=a, b=b: F.linear(a, b)
-    dt_times = _race(cands, rounds=2)
+    dt_times = race(cands, rounds=2)
     float_dtype = getattr(torch, min(dt_times, key=dt_times.get))
 
     onednn = []
@@ -866,7 +866,7 @@ def _probe() -> CpuPlan:
     # and keep it as a per-shape candidate only when it is not hopeless.
     xi = torch.randint(-127, 128, (512, 640), generator=g, dtype=torch.int8)
     wi = torch.randint(-127, 128, (640, 640), generator=g, dtype=torch.int8)
-    t = _race({"float": cands[min(dt_times, key=dt_times.get)], "int_mm": lambda: torch._int_mm(xi, wi)}, rounds=2)
+    t = race({"float": cands[min(dt_times, key=dt_times.get)], "int_mm": lambda: torch._int_mm(xi, wi)}, rounds=2)
     int_mm = ["int_mm"] if t["int_mm"] < 1.5 * t["float"] else []
     if not int_mm:
         notes.append(f"torch._int_mm {t['int_mm'] / t['float']:.1f}x slower than the float matmul here: not used")
