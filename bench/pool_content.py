@@ -7,7 +7,11 @@
 Why: at ~0.3x FP16 the quantizers differ from FP on a hundred or so ambiguous images out of 12,800, and which of those
 flip depends on the exact rounding of every weight. One block of seeds can put either tool ahead; the pooled,
 image-by-image comparison (and the per-block split beside it) says how much of a lead is the tool and how much the
-images. Rows are matched by key; every run must use the same prompts, sampler and guidance, and no seed twice.
+images. Rows are matched by key; every run must use the same prompts, sampler and guidance.
+
+A config added later on a block already run (`--only fp32,<key> --no-match` with that block's seeds) joins that
+block: two runs of exactly the same seeds are merged row by row, after checking they drew the same FP images (same
+FP hits; a row present in both must agree too). Blocks that overlap only in part are refused.
 """
 from __future__ import annotations
 
@@ -34,19 +38,20 @@ def _digits(run: dict, path: str) -> dict:
 
 
 def load_runs(paths) -> list[dict]:
+    """One digits section per block of seeds: runs of exactly the same seeds are merged (their rows joined), each
+    block's `paths` lists the files it came from."""
     runs = []
     for p in paths:
         try:
             with open(p) as f:
-                runs.append(_digits(json.load(f), p))
+                d = _digits(json.load(f), p)
         except (OSError, json.JSONDecodeError) as e:
             raise PoolError(f"{p}: cannot read it ({e})") from e
-    if len(runs) < 2:
-        raise PoolError("give at least two runs to pool")
-    first = runs[0]["meta"]
-    prompts = len(first["content_hits_fp"]) // len(first["content_seeds"])
-    seen: set = set()
-    for p, d in zip(paths, runs):
+        runs.append((p, d))
+    first = runs[0][1]["meta"] if runs else {}
+    prompts = len(first["content_hits_fp"]) // len(first["content_seeds"]) if runs else 0
+    blocks: list[dict] = []
+    for p, d in runs:
         m = d["meta"]
         for k in ("steps", "guidance", "calibration_prompts"):
             if m.get(k) != first.get(k):
@@ -54,12 +59,35 @@ def load_runs(paths) -> list[dict]:
         if len(m["content_hits_fp"]) != prompts * len(m["content_seeds"]):
             raise PoolError(f"{p}: {len(m['content_hits_fp'])} images for {len(m['content_seeds'])} seeds: not the "
                             f"first run's {prompts} prompts")
-        twice = seen & set(m["content_seeds"])
-        if twice:
-            raise PoolError(f"{p}: seeds {sorted(twice)[:3]}... are in an earlier run too: pool disjoint blocks "
-                            "(--content-seed-start)")
-        seen |= set(m["content_seeds"])
-    return runs
+        same = next((b for b in blocks if b["meta"]["content_seeds"] == m["content_seeds"]), None)
+        if same is not None:
+            _merge(same, d, p)
+            continue
+        for b in blocks:
+            twice = set(b["meta"]["content_seeds"]) & set(m["content_seeds"])
+            if twice:
+                raise PoolError(f"{p}: seeds {sorted(twice)[:3]}... are in an earlier run too, which has other seeds "
+                                "as well: pool disjoint blocks (--content-seed-start), or runs of exactly one block")
+        blocks.append({"meta": m, "rows": list(d["rows"]), "paths": [p]})
+    if len(blocks) < 2:
+        raise PoolError("give runs of at least two disjoint seed blocks to pool")
+    return blocks
+
+
+def _merge(block: dict, d: dict, path: str) -> None:
+    """Join run `d` (the same seeds as `block`) into `block`: only if both drew the same FP images."""
+    if d["meta"]["content_hits_fp"] != block["meta"]["content_hits_fp"]:
+        raise PoolError(f"{path}: the same seeds as {block['paths'][0]} but other FP images (FP hits differ): not "
+                        "the same model, prompts or machine; cannot merge its rows into that block")
+    have = {r["key"]: r for r in block["rows"]}
+    for r in d["rows"]:
+        old = have.get(r["key"])
+        if old is None or old.get("status") != "ok":  # new, or a row that failed there
+            block["rows"] = [x for x in block["rows"] if x is not old] + [r]
+            have[r["key"]] = r
+        elif r.get("status") == "ok" and r.get("content_hits") != old.get("content_hits"):
+            raise PoolError(f"{path}: row {r['key']} drew other images than in {block['paths'][0]}: cannot merge")
+    block["paths"].append(path)
 
 
 def pool(runs: list[dict]) -> dict:
@@ -81,7 +109,7 @@ def pool(runs: list[dict]) -> dict:
     fp_runs = [d["meta"]["content_hits_fp"] for d in runs]
     return {"rows": rows, "fp_hits_runs": fp_runs, "fp_hits": "".join(fp_runs),
             "seed_blocks": [(d["meta"]["content_seeds"][0], d["meta"]["content_seeds"][-1]) for d in runs],
-            "seeds_per_run": [len(d["meta"]["content_seeds"]) for d in runs]}
+            "seeds_per_run": [len(d["meta"]["content_seeds"]) for d in runs], "paths": [d["paths"] for d in runs]}
 
 
 def by_prompt(hits_runs_a, hits_runs_b, seeds_per_run) -> dict:
@@ -109,14 +137,15 @@ def vs_fp(hits: str, fp: str) -> tuple[int, int]:
             sum(1 for a, b in zip(h, f) if a is False and b))
 
 
-def markdown(pooled: dict, paths) -> str:
+def markdown(pooled: dict) -> str:
     from mixquant.app.digits import hit_rate, paired_content
 
     blocks = pooled["seed_blocks"]
     heads = [f"seeds {a}-{b}" for a, b in blocks]
     n = len(pooled["fp_hits"])
     L = [f"# Content on digits, pooled over {len(blocks)} runs ({n} images)", "",
-         "Runs: " + ", ".join(f"`{p}` ({h})" for p, h in zip(paths, heads)) + ".", "",
+         "Runs: " + "; ".join(f"{h}: " + ", ".join(f"`{p}`" for p in ps) for h, ps in zip(heads, pooled["paths"]))
+         + ".", "",
          "## Image by image: only MixQuant right / only the peer right", "",
          "p: exact two-sided binomial (McNemar) test of the pooled split, image by image. By prompt: the prompts on "
          "which MixQuant draws more images right than the peer / fewer, and the exact sign test over them (images of "
@@ -147,11 +176,12 @@ def markdown(pooled: dict, paths) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="peers*.json of digits runs on disjoint seed blocks")
+    ap.add_argument("runs", nargs="+", help="peers*.json of digits runs on disjoint seed blocks (runs of exactly the "
+                    "same block are merged)")
     ap.add_argument("--out", help="write the markdown here (default: print it)")
     args = ap.parse_args(argv)
     try:
-        text = markdown(pool(load_runs(args.runs)), args.runs)
+        text = markdown(pool(load_runs(args.runs)))
     except PoolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

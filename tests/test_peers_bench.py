@@ -213,7 +213,7 @@ def test_pool_content_adds_the_blocks_image_by_image(peers, tmp_path):
     pooled = pool.pool(pool.load_runs(paths))
     mq = next(r for r in pooled["rows"] if r["key"].startswith("mixquant-"))
     assert mq["content_hits"] == peers.hits_str(m1 + m2) and abs(mq["content_accuracy"] - 36 / 40) < 1e-12
-    text = pool.markdown(pooled, paths)
+    text = pool.markdown(pooled)
     p_pooled = binomtest(1 + 6, 1 + 4 + 6 + 0, 0.5).pvalue
     # by prompt (10 prompts x 2 seeds, prompt-major): prompt 7 nets -1 then +2, prompt 8 -2 then +2, prompt 9 0 then
     # +2 -> MixQuant ahead on 2 prompts, behind on none
@@ -234,6 +234,38 @@ def test_pool_content_adds_the_blocks_image_by_image(peers, tmp_path):
     with pytest.raises(pool.PoolError, match="guidance"):
         pool.load_runs([paths[0], str(other)])
     assert pool.main([paths[0]]) == 2  # one run: a message and exit code 2, no traceback
+    assert pool.main([paths[0], paths[0]]) == 2  # one block twice is still one block
+
+    # a config run later on block 1 alone (FP32 + the new row) joins block 1; its FP images must be block 1's
+    later = _run(peers, [1000, 1001], fp1, q1, m1)
+    later["digits"]["rows"] = [r for r in later["digits"]["rows"] if r["key"] == "fp32"] + [
+        {**later["digits"]["rows"][2], "key": "mixquant-b0.3", "label": "mixed A8 at 0.3x FP16", "x_fp16": 0.3,
+         "content_hits": peers.hits_str(fp1)}]
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    blocks = pool.load_runs([paths[0], str(tmp_path / "later.json"), paths[1]])
+    assert [b["paths"] for b in blocks] == [[paths[0], str(tmp_path / "later.json")], [paths[1]]]
+    merged = pool.pool(blocks)
+    assert "mixquant-b0.3" not in {r["key"] for r in merged["rows"]}  # block 2 lacks it: not pooled
+    later2 = _run(peers, [1002, 1003], fp2, q2, m2)
+    later2["digits"]["rows"] = [later2["digits"]["rows"][0], {**later["digits"]["rows"][1],
+                                                              "content_hits": peers.hits_str(fp2)}]
+    (tmp_path / "later2.json").write_text(json.dumps(later2))
+    merged = pool.pool(pool.load_runs([paths[0], paths[1], str(tmp_path / "later.json"), str(tmp_path / "later2.json")]))
+    b03 = next(r for r in merged["rows"] if r["key"] == "mixquant-b0.3")
+    assert b03["content_hits"] == peers.hits_str(fp1 + fp2)
+    text = pool.markdown(merged)
+    assert f"seeds 1000-1001: `{paths[0]}`, `{tmp_path / 'later.json'}`" in text
+    # at the 0.3x budget the best MixQuant (here b0.3, drawing FP's images) is compared with quanto image by image
+    assert "| mixed A8 at 0.3x FP16 (0.300x) | optimum-quanto qint4 weights (0.283x) | 0 / 1 | 5 / 0 | 5 / 1 |" in text
+    wrong_fp = _run(peers, [1000, 1001], [f] + fp1[1:], q1, m1)
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong_fp))
+    with pytest.raises(pool.PoolError, match="other FP images"):
+        pool.load_runs([paths[0], str(tmp_path / "wrong.json")])
+    other_row = _run(peers, [1000, 1001], fp1, q1, m2[:20])
+    other_row["digits"]["rows"][2]["content_hits"] = peers.hits_str([not h for h in m1])
+    (tmp_path / "other_row.json").write_text(json.dumps(other_row))
+    with pytest.raises(pool.PoolError, match="other images"):
+        pool.load_runs([paths[0], str(tmp_path / "other_row.json")])
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert pool.main([paths[0], str(bad)]) == 2
