@@ -1054,6 +1054,30 @@ def best_at_budgets(rows, budgets=BUDGETS, tol=BUDGET_TOL):
     return out
 
 
+def budget_table(rows) -> list[str]:
+    """Markdown lines: the best config of each tool at each budget of BUDGETS (best_at_budgets), with its content
+    accuracy, confidence and SSIM."""
+    L = [f"Best config of each tool whose bytes are at most the budget (+{int(BUDGET_TOL * 100)}%), ranked by "
+         "content accuracy, then content confidence (the digit classifier's mean probability of the prompted "
+         "digit: finer than accuracy, which saturates at 1.00 on this model), then SSIM. `—`: the tool has no "
+         "config that small (its smallest is given).", "",
+         "| budget (x FP16) | " + " | ".join(TOOLS[1:]) + " |", "|---|" + "---|" * (len(TOOLS) - 1)]
+    best = best_at_budgets(rows)
+    for b in BUDGETS:
+        cells = []
+        for tool in TOOLS[1:]:
+            r = best[b][tool]
+            if r is None:
+                s = smallest(rows, tool)
+                cells.append("—" + (f" (smallest {s:.2f}x)" if s else " (no run)"))
+            else:
+                conf = f", conf {_f(r['content_confidence'])}" if r.get("content_confidence") is not None else ""
+                cells.append(f"{r['label']} ({r['x_fp16']:.2f}x): acc {_f(r['content_accuracy'], 4)}{conf}, "
+                             f"SSIM {_f(r['ssim'])}")
+        L.append(f"| {b} | " + " | ".join(cells) + " |")
+    return L
+
+
 def smallest(rows, tool):
     xs = [r["x_fp16"] for r in rows if r["tool"] == tool and r.get("status") == "ok" and r.get("x_fp16")]
     return min(xs) if xs else None
@@ -1096,25 +1120,7 @@ def markdown(result, plot_name: str = "peers_quality_vs_bytes.png") -> str:
     d = result.get("digits")
     if d:
         m = d["meta"]
-        L += ["## Quality at equal bytes (digits)", "",
-              f"Best config of each tool whose bytes are at most the budget (+{int(BUDGET_TOL * 100)}%), ranked by "
-              "content accuracy, then content confidence (the digit classifier's mean probability of the prompted "
-              "digit: finer than accuracy, which saturates at 1.00 on this model), then SSIM. `—`: the tool has no "
-              "config that small (its smallest is given).", "",
-              "| budget (x FP16) | " + " | ".join(TOOLS[1:]) + " |", "|---|" + "---|" * (len(TOOLS) - 1)]
-        best = best_at_budgets(d["rows"])
-        for b in BUDGETS:
-            cells = []
-            for tool in TOOLS[1:]:
-                r = best[b][tool]
-                if r is None:
-                    s = smallest(d["rows"], tool)
-                    cells.append("—" + (f" (smallest {s:.2f}x)" if s else " (no run)"))
-                else:
-                    conf = f", conf {_f(r['content_confidence'])}" if r.get("content_confidence") is not None else ""
-                    cells.append(f"{r['label']} ({r['x_fp16']:.2f}x): acc {_f(r['content_accuracy'], 4)}{conf}, "
-                                 f"SSIM {_f(r['ssim'])}")
-            L.append(f"| {b} | " + " | ".join(cells) + " |")
+        L += ["## Quality at equal bytes (digits)", ""] + budget_table(d["rows"])
         pairs = paired_rows(d["rows"])
         if pairs:
             n_c = m.get("content_images", m["n_images"])

@@ -22,7 +22,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from peers import hits_list, paired_rows  # noqa: E402
+from peers import budget_table, hits_list, paired_rows  # noqa: E402
 
 
 class PoolError(ValueError):
@@ -146,6 +146,9 @@ def markdown(pooled: dict) -> str:
     L = [f"# Content on digits, pooled over {len(blocks)} runs ({n} images)", "",
          "Runs: " + "; ".join(f"{h}: " + ", ".join(f"`{p}`" for p in ps) for h, ps in zip(heads, pooled["paths"]))
          + ".", "",
+         "## Quality at equal bytes", "",
+         f"Content accuracy and confidence pooled over the {n} images; SSIM on the 800-image eval (the same prompts "
+         "and seeds in every run).", ""] + budget_table(pooled["rows"]) + ["",
          "## Image by image: only MixQuant right / only the peer right", "",
          "p: exact two-sided binomial (McNemar) test of the pooled split, image by image. By prompt: the prompts on "
          "which MixQuant draws more images right than the peer / fewer, and the exact sign test over them (images of "

@@ -255,6 +255,8 @@ def test_pool_content_adds_the_blocks_image_by_image(peers, tmp_path):
     assert b03["content_hits"] == peers.hits_str(fp1 + fp2)
     text = pool.markdown(merged)
     assert f"seeds 1000-1001: `{paths[0]}`, `{tmp_path / 'later.json'}`" in text
+    # the budget rows rank on the pooled accuracy: b0.3 (0.925 pooled) over the mixed W-only plan (0.900)
+    assert "| 0.3 | — (no run) | mixed A8 at 0.3x FP16 (0.30x): acc 0.9250, conf 0.900, SSIM 0.980 |" in text
     # at the 0.3x budget the best MixQuant (here b0.3, drawing FP's images) is compared with quanto image by image
     assert "| mixed A8 at 0.3x FP16 (0.300x) | optimum-quanto qint4 weights (0.283x) | 0 / 1 | 5 / 0 | 5 / 1 |" in text
     wrong_fp = _run(peers, [1000, 1001], [f] + fp1[1:], q1, m1)
