@@ -137,7 +137,7 @@ def vs_fp(hits: str, fp: str) -> tuple[int, int]:
             sum(1 for a, b in zip(h, f) if a is False and b))
 
 
-def markdown(pooled: dict) -> str:
+def markdown(pooled: dict, note: str = "") -> str:
     from mixquant.app.digits import hit_rate, paired_content
 
     blocks = pooled["seed_blocks"]
@@ -145,7 +145,7 @@ def markdown(pooled: dict) -> str:
     n = len(pooled["fp_hits"])
     L = [f"# Content on digits, pooled over {len(blocks)} runs ({n} images)", "",
          "Runs: " + "; ".join(f"{h}: " + ", ".join(f"`{p}`" for p in ps) for h, ps in zip(heads, pooled["paths"]))
-         + ".", "",
+         + ".", ""] + ([note, ""] if note else []) + [
          "## Quality at equal bytes", "",
          f"Content accuracy and confidence pooled over the {n} images; SSIM on the 800-image eval (the same prompts "
          "and seeds in every run).", ""] + budget_table(pooled["rows"]) + ["",
@@ -182,9 +182,10 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", help="peers*.json of digits runs on disjoint seed blocks (runs of exactly the "
                     "same block are merged)")
     ap.add_argument("--out", help="write the markdown here (default: print it)")
+    ap.add_argument("--note", default="", help="a paragraph to put under the title (how the runs were made)")
     args = ap.parse_args(argv)
     try:
-        text = markdown(pool(load_runs(args.runs)))
+        text = markdown(pool(load_runs(args.runs)), args.note)
     except PoolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

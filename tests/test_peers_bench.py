@@ -259,6 +259,9 @@ def test_pool_content_adds_the_blocks_image_by_image(peers, tmp_path):
     assert "| 0.3 | — (no run) | mixed A8 at 0.3x FP16 (0.30x): acc 0.9250, conf 0.900, SSIM 0.980 |" in text
     # at the 0.3x budget the best MixQuant (here b0.3, drawing FP's images) is compared with quanto image by image
     assert "| mixed A8 at 0.3x FP16 (0.300x) | optimum-quanto qint4 weights (0.283x) | 0 / 1 | 5 / 0 | 5 / 1 |" in text
+    out = tmp_path / "pooled.md"
+    assert pool.main([paths[0], paths[1], "--note", "How: two blocks.", "--out", str(out)]) == 0
+    assert out.read_text().split("\n")[4] == "How: two blocks."
     wrong_fp = _run(peers, [1000, 1001], [f] + fp1[1:], q1, m1)
     (tmp_path / "wrong.json").write_text(json.dumps(wrong_fp))
     with pytest.raises(pool.PoolError, match="other FP images"):
