@@ -136,11 +136,7 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     if m == 0:
         return out
     mode = tg._A_MODES[a_mode]
-    int_ok = tg._int_ok(bits, zero, a_mode)
-    if int_dot and not int_ok:
-        raise ValueError("the int8 dot needs quantized activations and a weight without an 8-bit zero point")
-    if int_dot is None and not tg.autotuning():
-        int_dot = tg.default_int_dot(int_ok, scale.shape[1] > 1)
+    int_ok, int_dot = tg.choose_dot(bits, zero, a_mode, scale.shape[1] > 1, int_dot)
     simg = dynamic_image_scale(x, a_bits) if mode == tg.A_DYNAMIC else None
     if mode == tg.A_NONE:
         prequant = False
@@ -175,11 +171,11 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
                 A_QMAX=qmax, HAS_SPLIT=a_split is not None and mode == tg.A_STATIC, HAS_BIAS=bias is not None,
                 DOT_DTYPE=tg.dot_dtype(x.dtype), EXACT_DIV=tg.interpreting(), INT_OK=int_ok)
     fixed = config or (tg._FIXED if tg.interpreting() else None)
-    if fixed is not None or int_dot is not None or not tg.autotuning():
-        cfg = dict(fixed or tg.heuristic_config(m, n, group if grouped else None,
-                                                int_ok if int_dot is None else int_dot, cin))
+    if fixed is not None or int_dot is not None:  # (int_dot is None only when autotuning)
+        dot = int_ok if int_dot is None else int_dot
+        cfg = dict(fixed or tg.heuristic_config(m, n, group if grouped else None, dot, cin))
         launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
-        cfg.setdefault("INT_DOT", int_ok if int_dot is None else int_dot)
+        cfg.setdefault("INT_DOT", dot)
         grid = (tg._cdiv(m, cfg["BLOCK_M"]) * tg._cdiv(n, cfg["BLOCK_N"]),)
         _qconv_kernel[grid](*args, **meta, **cfg, **launch)
     else:

@@ -624,11 +624,7 @@ def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     if m == 0:
         return out.reshape(*shape[:-1], n)
     mode = _A_MODES[a_mode]
-    int_ok = _int_ok(bits, zero, a_mode)
-    if int_dot and not int_ok:
-        raise ValueError("the int8 dot needs quantized activations and a weight without an 8-bit zero point")
-    if int_dot is None and not autotuning():
-        int_dot = default_int_dot(int_ok, scale.shape[1] > 1)
+    int_ok, int_dot = choose_dot(bits, zero, a_mode, scale.shape[1] > 1, int_dot)
     if mode == A_NONE:
         prequant = False
     elif prequant is None:
@@ -657,10 +653,11 @@ def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
                 A_QMAX=qmax, HAS_SPLIT=a_split is not None and mode == A_STATIC, HAS_BIAS=bias is not None,
                 DOT_DTYPE=dot_dtype(x.dtype), EXACT_DIV=interpreting(), M_BUCKET=_bucket(m), INT_OK=int_ok)
     fixed = config or (_FIXED if interpreting() else None)
-    if fixed is not None or int_dot is not None or not autotuning():
-        cfg = dict(fixed or heuristic_config(m, n, group if grouped else None, int_ok if int_dot is None else int_dot))
+    if fixed is not None or int_dot is not None:  # (int_dot is None only when autotuning)
+        dot = int_ok if int_dot is None else int_dot
+        cfg = dict(fixed or heuristic_config(m, n, group if grouped else None, dot))
         launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
-        cfg.setdefault("INT_DOT", int_ok if int_dot is None else int_dot)
+        cfg.setdefault("INT_DOT", dot)
         grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),)
         _qgemm_kernel[grid](*args, **meta, **cfg, **launch)
     else:
@@ -675,6 +672,17 @@ def autotuning() -> bool:
     Off by default: a whole UNet has dozens of shapes, and tuning them all made the first step take minutes on an
     H100 (measured); the default is one config per call from `heuristic_config`."""
     return os.environ.get("MIXQUANT_AUTOTUNE", "0") == "1"
+
+
+def choose_dot(bits, zero, a_mode, grouped: bool, int_dot: bool | None) -> tuple[bool, bool | None]:
+    """(int_ok, int_dot) of a qlinear / qconv2d call: whether the int8 dot can run at all, and the dot the call takes:
+    the forced one (checked), else `default_int_dot` without autotuning, else None (the autotuner chooses)."""
+    int_ok = _int_ok(bits, zero, a_mode)
+    if int_dot and not int_ok:
+        raise ValueError("the int8 dot needs quantized activations and a weight without an 8-bit zero point")
+    if int_dot is None and not autotuning():
+        int_dot = default_int_dot(int_ok, grouped)
+    return int_ok, int_dot
 
 
 def default_int_dot(int_ok: bool, grouped: bool) -> bool:
