@@ -7,8 +7,6 @@ import platform
 
 import torch
 
-from mixquant.kernels.cpu import race as race_cpu  # noqa: F401  (the benchmarks' timing: the CPU route race's)
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 SD15_CONFIG = os.path.join(HERE, "..", "configs", "sd15_unet.json")
 

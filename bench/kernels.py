@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import cpu_name, race_cpu, sd15_unet  # noqa: E402
+from common import cpu_name, sd15_unet  # noqa: E402
 
 from mixquant.kernels import dispatch, triton_conv, triton_gemm  # noqa: E402
+from mixquant.kernels.cpu import race  # noqa: E402  (CPU timing: the route choice's own race)
 from mixquant.kernels.synthetic import conv_geometry, random_call  # noqa: E402
 
 # formats benchmarked per kernel: (label, random_call kwargs)
@@ -99,7 +100,7 @@ def cpu_gemm(quick: bool) -> list[str]:
                 dispatch.linear(x, cache=cache, **call)  # first call: the route race
                 routes[lab] = dispatch.path("linear", x, cache=cache, **call)
                 fns[lab] = lambda call=call, cache=cache: dispatch.linear(x, cache=cache, **call)
-            t = race_cpu(fns, rounds=3 if quick else 5)
+            t = race(fns, rounds=3 if quick else 5)
             cells = " | ".join(f"{fmt_ms(t[lab])} ({routes[lab].replace('cpu:', '')}) | {ratio(t['fp'], t[lab])}"
                                for lab, _ in (W8A8, W8A8D, W4A16))
             lines.append(f"| {m} | {k} | {n} | {fmt_ms(t['fp'])} | {cells} |")
@@ -138,7 +139,7 @@ def cpu_conv(quick: bool) -> list[str]:
             dispatch.conv2d(xi, cache=cache, **call, **geo)
             routes[lab] = dispatch.path("conv2d", xi, cache=cache, **call, **geo)
             fns[lab] = lambda call=call, cache=cache, xi=xi: dispatch.conv2d(xi, cache=cache, **call, **geo)
-        t = race_cpu(fns, rounds=3)
+        t = race(fns, rounds=3)
         cells = " | ".join(f"{fmt_ms(t[lab])} ({routes[lab].replace('cpu:', '')}) | {ratio(t['fp'], t[lab])}"
                            for lab in labels)
         lines.append(f"| {hw} | {cin} | {cout} | {fmt_ms(t['fp'])} | {cells} |")
@@ -412,7 +413,7 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
                 peaks[label] = torch.cuda.max_memory_allocated() / 2**20
         else:
             with torch.no_grad():
-                times = race_cpu(runs, rounds=1 if quick else ROUNDS)
+                times = race(runs, rounds=1 if quick else ROUNDS)
         base = times[next(iter(models))]
         mem = []
         for label, m in models.items():

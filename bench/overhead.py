@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import cpu_name, race_cpu  # noqa: E402
+from common import cpu_name  # noqa: E402
 
 
 class _NoLaunch:
@@ -74,7 +74,7 @@ def measure(calls: int) -> list[str]:
     fns["the first row's linear through the custom op (as under torch.compile)"] = \
         lambda: op(x, **call, wsum=None)
     # best of 9 rounds, every row and the baseline in turns (a noisy neighbour slows all alike)
-    us = {k: v * 1e3 / calls for k, v in race_cpu({k: _loop(f, calls) for k, f in fns.items()}, rounds=9).items()}
+    us = {k: v * 1e3 / calls for k, v in cpu.race({k: _loop(f, calls) for k, f in fns.items()}, rounds=9).items()}
     base = us.pop("baseline")
     lines = [f"CPU: {cpu_name()}, torch {torch.__version__}, 1 thread. Baseline: eager F.linear on 1x1 tensors "
              f"{base:.1f} us per call.", "",
