@@ -502,7 +502,8 @@ def main(argv=None) -> int:
     if "unet" in parts:
         lines += unet_e2e(args.device, args.quick) + [""]
     text = "\n".join(lines)
-    out = args.out or os.path.join(HERE, "results", f"kernels_{tag}.md")
+    # (a --quick smoke run does not overwrite the committed table)
+    out = args.out or os.path.join(HERE, "results", f"kernels_{tag}{'_quick' if args.quick else ''}.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
