@@ -26,7 +26,7 @@ sys.path.insert(0, HERE)
 from common import cpu_name, sd15_unet  # noqa: E402
 
 from mixquant.kernels import dispatch, triton_conv, triton_gemm  # noqa: E402
-from mixquant.kernels.cpu import race  # noqa: E402  (CPU timing: the route choice's own race)
+from mixquant.kernels.cpu_routes import race  # noqa: E402  (CPU timing: the route choice's own race)
 from mixquant.kernels.synthetic import conv_geometry, random_call  # noqa: E402
 
 # formats benchmarked per kernel: (label, random_call kwargs)
@@ -76,7 +76,7 @@ def ratio(base, v):
 # --- per kernel ----------------------------------------------------------------------------------------------------
 
 def cpu_gemm(quick: bool) -> list[str]:
-    from mixquant.kernels import cpu
+    from mixquant.kernels import cpu_routes as cpu
     fdt = cpu.plan().float_dtype
     dt = str(fdt).replace("torch.", "")
     lines = [f"### GEMM, CPU (x [M, K] @ W^T, {dt} baseline = torch F.linear with a {dt} weight)", "",
@@ -109,7 +109,7 @@ def cpu_gemm(quick: bool) -> list[str]:
 
 
 def cpu_conv(quick: bool) -> list[str]:
-    from mixquant.kernels import cpu
+    from mixquant.kernels import cpu_routes as cpu
     fdt = cpu.plan().float_dtype
     dt = str(fdt).replace("torch.", "")
     # SD1.5 3x3 convs at 32x32 latents, batch 2: (H=W, C_in, C_out)
@@ -343,7 +343,7 @@ CHANNELS_LAST = False
 
 
 def _weight_bytes(model) -> tuple[int, int]:
-    from mixquant.kernels.cpu import cache_bytes
+    from mixquant.kernels.cache import cache_bytes
     from mixquant.quant.apply import model_bytes
     extra = sum(cache_bytes(m._kernel_cache) for m in model.modules() if hasattr(m, "_kernel_cache"))
     return model_bytes(model), extra
@@ -356,7 +356,7 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
     if cuda:
         fdt = torch.float16
     else:
-        from mixquant.kernels import cpu
+        from mixquant.kernels import cpu_routes as cpu
         fdt = cpu.plan().float_dtype
     sizes = [64, 128] if cuda else [32]
     if quick:
@@ -470,7 +470,7 @@ def main(argv=None) -> int:
         machine = f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
         tag = torch.cuda.get_device_name().replace(" ", "_").lower()
     else:
-        from mixquant.kernels import cpu
+        from mixquant.kernels import cpu_routes as cpu
         nt = torch.get_num_threads()
         machine = f"{cpu_name()}, {nt} torch thread{'s' if nt != 1 else ''}"
         tag = "cpu"
@@ -486,7 +486,7 @@ def main(argv=None) -> int:
              f"{time.strftime('%Y-%m-%d')}. Times are the best of interleaved rounds (CPU) or triton do_bench "
              "medians (GPU); ratios compare within one process.", ""]
     if args.device == "cpu":
-        from mixquant.kernels import cpu
+        from mixquant.kernels import cpu_routes as cpu
         lines += ["```", cpu.plan().describe(), "```", ""]
         if "gemm" in parts:
             lines += cpu_gemm(args.quick) + [""]

@@ -41,14 +41,16 @@ def _loop(fn, calls: int):
 
 
 def measure(calls: int) -> list[str]:
-    from mixquant.kernels import cpu, dispatch, triton_conv, triton_gemm
+    from mixquant.kernels import cache as kernel_cache
+    from mixquant.kernels import cpu_routes as cpu
+    from mixquant.kernels import dispatch, triton_conv, triton_gemm
     from mixquant.kernels.synthetic import conv_geometry, random_call
     if not triton_gemm.HAVE_TRITON:
         return ["Triton is not installed: nothing to measure."]
     triton_gemm._qgemm_kernel = _NoLaunch()
     triton_gemm._quant_rows_kernel = _NoLaunch()
     triton_conv._qconv_kernel = _NoLaunch()
-    cpu.fingerprint = lambda t: None  # as on a GPU
+    kernel_cache.fingerprint = lambda t: None  # as on a GPU
     a, b = torch.randn(1, 1), torch.randn(1, 1)
     fns = {"baseline": lambda: F.linear(a, b)}
     geo = conv_geometry(3, 1, 1)

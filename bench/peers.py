@@ -464,10 +464,10 @@ def peer_versions() -> dict:
 
 def fastest_16bit(device: str = "cpu") -> tuple[torch.dtype, dict]:
     """The faster 16-bit dtype here and the probe's times (ms): on a CPU, the dtype race MixQuant's CPU plan already
-    ran (kernels/cpu.py); on a GPU, fp16."""
+    ran (kernels/cpu_routes.py); on a GPU, fp16."""
     if str(device).startswith("cuda"):
         return torch.float16, {}
-    from mixquant.kernels import cpu
+    from mixquant.kernels import cpu_routes as cpu
 
     times = dict(cpu.plan().timings_ms.get("float_dtype", {}))
     cands = {k: v for k, v in times.items() if k != "float32"}
@@ -924,7 +924,7 @@ def _sqnr(ref, y) -> float:
 
 def _kernel_cache_bytes(model) -> int:
     try:
-        from mixquant.kernels.cpu import cache_bytes
+        from mixquant.kernels.cache import cache_bytes
 
         return sum(cache_bytes(m._kernel_cache) for m in model.modules() if hasattr(m, "_kernel_cache"))
     except Exception:  # noqa: BLE001

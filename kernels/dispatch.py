@@ -1,81 +1,43 @@
-"""Choose an implementation for each quantized op: a fast backend whose constraints accept the call, else the
-reference. `MIXQUANT_KERNELS=reference` (or `use_backend("reference")`) forces the reference everywhere;
-`MIXQUANT_KERNELS=cpu` / `triton` forces one backend (calls it does not accept still fall back to the reference).
+"""Choose an implementation for each quantized op: the first backend, in priority order, whose constraints accept
+the call, else the reference. `MIXQUANT_KERNELS=reference` (or `use_backend("reference")`) forces the reference
+everywhere; `MIXQUANT_KERNELS=cpu` / `triton` forces one backend (calls it does not accept still fall back to the
+reference).
 
-A backend is a name plus two callables per op: `accepts(**call) -> str | None` (None = accepted, else why not) and
-the op itself. Backends register in priority order; `explain()` says, per backend and op, what it would take, and
-`describe()` which path each kind of quantized layer takes on this machine.
-
-Registered here, in priority order:
+The registry (kernels/registry.py) holds the priority list, each backend's availability (probed once) and per op
+its `Constraints` (data: devices, dtypes, weight bits, group sizes, activation modes and bits; plus rules for shapes
+and the device's capability). This module declares the backends, in priority order:
 - "triton" (kernels/triton_gemm.py, triton_conv.py): CUDA tensors on compute capability >= 8.0 (or CPU tensors
   under TRITON_INTERPRET=1, for the tests);
-- "cpu" (kernels/cpu.py): CPU tensors; the int8 route or float dtype measured fastest on this CPU.
+- "cpu" (kernels/cpu_routes.py, cpu_ops.py): CPU tensors; the int8 route or float dtype measured fastest on this CPU;
+- "reference" (kernels/reference.py): every call.
+`explain()` says, per backend, whether it is available and what it takes; `path()` which implementation a call
+would run; `describe()` which path each kind of quantized layer takes on this machine.
 
 `cache`: a layer may pass a dict it owns (`dispatch.linear(x, cache=self._kernel_cache, ...)`); backends keep
-per-layer prepared data in it (the CPU int8 routes: one prepacked int8 copy of the weight), keyed by the weight's
-data pointer and version counter so an in-place update (a LoRA patch) invalidates it, and by `cache["epoch"]`, a
-value the layer changes whenever its weight may have changed where pointer and version do not show it (a new
-weight at a freed one's address, a write through `.data`, an inference tensor). Without it nothing is cached.
+per-layer prepared data in it (the CPU int8 routes: one prepacked int8 copy of the weight; Triton: the weight sums),
+keyed as kernels/cache.py says: by the weight's data pointer and version counter so an in-place update (a LoRA
+patch) invalidates it, and by `cache["epoch"]`, a value the layer changes whenever its weight may have changed where
+pointer and version do not show it (a new weight at a freed one's address, a write through `.data`, an inference
+tensor). Without it nothing is cached.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from . import reference
 from .reference import dequantize_weight
+from .registry import Backend, Constraints, Registry
+
+REGISTRY = Registry(priority=["triton", "cpu", "reference"], fallback="reference")
+register = REGISTRY.register
+backends = REGISTRY.backends
+use_backend = REGISTRY.use_backend  # force one backend ("reference" included) inside the block
 
 
-@dataclass
-class Backend:
-    name: str
-    available: Callable[[], str | None]  # None when usable on this machine, else the reason
-    ops: dict = field(default_factory=dict)  # op name -> (accepts, impl)
-
-
-_BACKENDS: list[Backend] = []
-_forced: list[str | None] = [None]
-
-
-def register(backend: Backend, first: bool = True) -> None:
-    _BACKENDS[:] = [b for b in _BACKENDS if b.name != backend.name]
-    _BACKENDS.insert(0 if first else len(_BACKENDS), backend)
-
-
-def backends() -> list[Backend]:
-    return list(_BACKENDS)
-
-
-@contextlib.contextmanager
-def use_backend(name: str | None):
-    """Force one backend ("reference" included) inside the block."""
-    _forced.append(name)
-    try:
-        yield
-    finally:
-        _forced.pop()
-
-
-def _forced_name() -> str | None:
-    return _forced[-1] or os.environ.get("MIXQUANT_KERNELS") or None
-
-
-def select(op: str, **call) -> tuple[str, Callable]:
-    forced = _forced_name()
-    if forced != "reference":
-        for b in _BACKENDS:
-            if forced and b.name != forced:
-                continue
-            if op not in b.ops or b.available() is not None:
-                continue
-            accepts, impl = b.ops[op]
-            if accepts(**call) is None:
-                return b.name, impl
-    return "reference", _REFERENCE[op]
+select: Callable[..., tuple[str, Callable]] = REGISTRY.select  # select(op, **call) -> (backend name, implementation)
+_forced_name = REGISTRY.forced
 
 
 def _ref_linear(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
@@ -111,10 +73,10 @@ def path(op: str, x: torch.Tensor, cache: dict | None = None, **call) -> str:
     """Which implementation this call would run, e.g. "triton", "cpu:onednn_split", "cpu:float", "reference"."""
     name, _ = select(op, x=x, cache=cache, **call)
     if name == "cpu":
-        from . import cpu
-        route = cpu.choose(op, x=x, cache=cache, **call)
+        from . import cpu_routes
+        route = cpu_routes.choose(op, x=x, cache=cache, **call)
         if route == "measure":
-            route = " | ".join(cpu.candidates(op, cache=cache, **call)) + " (raced per shape on first use)"
+            route = " | ".join(cpu_routes.candidates(op, cache=cache, **call)) + " (raced per shape on first use)"
         return "cpu:" + route
     return name
 
@@ -122,16 +84,8 @@ def path(op: str, x: torch.Tensor, cache: dict | None = None, **call) -> str:
 # --- the backends ----------------------------------------------------------------------------------------------------
 # Imported lazily: `import triton` costs a second, and neither backend's module is needed to use the reference.
 
-_TRITON_WHY: list = []  # fixed for the process (CUDA devices, Triton installed, interpreter mode): probed once
-
-
 def _triton_available():
-    if not _TRITON_WHY:
-        _TRITON_WHY.append(_probe_triton())
-    return _TRITON_WHY[0]
-
-
-def _probe_triton():
+    """Fixed for the process (CUDA devices, Triton installed, interpreter mode): the registry probes it once."""
     from . import triton_gemm
     if not triton_gemm.HAVE_TRITON:
         return "triton is not installed"
@@ -140,27 +94,41 @@ def _probe_triton():
     return triton_gemm.available()
 
 
-def _triton_linear_accepts(**call):
+def _on_a_triton_device(call):
+    """the tensor's device runs the kernels (CUDA compute capability >= 8.0, or CPU under TRITON_INTERPRET=1)"""
     from . import triton_gemm
-    return triton_gemm.accepts(**call)
+    return triton_gemm.available(call["x"].device)
 
 
-def _triton_conv_accepts(**call):
-    from . import triton_conv
-    return triton_conv.accepts(**call)
+def _width_matches(call):
+    """input width == K"""
+    return None if call["x"].shape[-1] == call["k"] else "input width does not match the weight"
 
 
-def _triton_wsum(cache, call):
-    """The weight column sums a static zero point needs, kept in the layer's cache (else summed in the K loop)."""
-    from .cpu import _cache_key, _cached, weight_keeps_moving
-    if cache is None or call.get("a_mode") != "static" or weight_keeps_moving(cache) \
-            or torch.compiler.is_compiling():  # (data pointers and version counters are not traceable)
-        return None  # the K loop sums the weight tiles itself
-    from . import triton_gemm
-    q, scale = call["qweight"], call["scale"]
-    return _cached(cache, "triton_wsum", _cache_key(q, scale, (str(q.device),)),
-                   lambda: triton_gemm.weight_sums(q, call["zero"], call["bits"], call["k"], call["group_size"],
-                                                   scale.shape[1]))
+def _conv_k_matches(call):
+    """K == kh * kw * cin"""
+    ks = call["kernel_size"]
+    return None if call["k"] == ks[0] * ks[1] * call["x"].shape[1] else "weight K does not match kh * kw * cin"
+
+
+def _rows_contiguous(call):
+    """weight and scale rows contiguous along K"""
+    if call["qweight"].stride(-1) != 1 or call["scale"].stride(-1) != 1:
+        return "weight rows must be contiguous along K"
+    return None
+
+
+_FLOATS = frozenset((torch.float32, torch.float16, torch.bfloat16))
+# the int8 dot's K step is 32: group-wise scales need groups of a multiple of it
+_TRITON_FORMATS = dict(dtypes=_FLOATS, weight_on_x_device=True, bits=frozenset((2, 4, 8)), group_multiple=32,
+                       a_modes=frozenset(("none", "static", "dynamic")), max_a_bits=8)
+TRITON_CONSTRAINTS = {
+    "linear": Constraints(rules=(_width_matches, _on_a_triton_device, _rows_contiguous), **_TRITON_FORMATS),
+    "conv2d": Constraints(x_dims=4, rules=(_conv_k_matches, _on_a_triton_device, _rows_contiguous),
+                          **_TRITON_FORMATS)}
+# every format: what the int8 routes do not take runs dequantize-then-matmul
+CPU_CONSTRAINTS = dict.fromkeys(("linear", "conv2d"), Constraints(devices=frozenset(("cpu",)), dtypes=_FLOATS,
+                                                                 weight_on_x_device=True))
 
 
 # Under torch.compile the kernels run as torch.library custom ops (opaque to the compiler, no graph break); eager
@@ -170,15 +138,15 @@ def _triton_wsum(cache, call):
 
 def _triton_linear(x, cache=None, **call):
     from . import triton_gemm
-    wsum = _triton_wsum(cache, call)
+    wsum = triton_gemm.cached_weight_sums(cache, call)
     if torch.compiler.is_compiling():
         return triton_gemm.linear_op()(x, **call, wsum=wsum)
     return triton_gemm.qlinear(x, **call, wsum=wsum)
 
 
 def _triton_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), **call):
-    from . import triton_conv
-    wsum = _triton_wsum(cache, call)
+    from . import triton_conv, triton_gemm
+    wsum = triton_gemm.cached_weight_sums(cache, call)
     if torch.compiler.is_compiling():
         return triton_conv.conv2d_op()(x, **call, wsum=wsum, kernel_size=list(kernel_size), stride=list(stride),
                                        padding=list(padding), dilation=list(dilation))
@@ -186,42 +154,30 @@ def _triton_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0,
                                padding=tuple(padding), dilation=tuple(dilation))
 
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _cpu_accepts(*, x, bits, **call):
-    if x.device.type != "cpu":
-        return "tensor is not on the CPU"
-    if x.dtype not in _FLOATS:
-        return f"activation dtype {x.dtype}"
-    if call.get("qweight") is not None and call["qweight"].device.type != "cpu":
-        return "weight is not on the CPU"
-    return None
-
-
 def _cpu_linear(x, **call):
-    from . import cpu
-    return cpu.linear(x, **call)
+    from . import cpu_routes
+    return cpu_routes.linear(x, **call)
 
 
 def _cpu_conv2d(x, **call):
-    from . import cpu
-    return cpu.conv2d(x, **call)
+    from . import cpu_routes
+    return cpu_routes.conv2d(x, **call)
 
 
-register(Backend("cpu", lambda: None, {"linear": (_cpu_accepts, _cpu_linear),
-                                       "conv2d": (_cpu_accepts, _cpu_conv2d)}), first=False)
-register(Backend("triton", _triton_available, {"linear": (_triton_linear_accepts, _triton_linear),
-                                               "conv2d": (_triton_conv_accepts, _triton_conv2d)}), first=True)
+register(Backend("triton", _triton_available, {"linear": _triton_linear, "conv2d": _triton_conv2d},
+                 TRITON_CONSTRAINTS))
+register(Backend("cpu", lambda: None, {"linear": _cpu_linear, "conv2d": _cpu_conv2d}, CPU_CONSTRAINTS))
+register(Backend("reference", lambda: None, _REFERENCE))  # takes every call
 
 
 def explain() -> list[dict]:
-    """Per backend: available or why not, and the ops it implements."""
+    """Per backend, in priority order: available or why not, the ops it implements and what each accepts."""
     rows = []
-    for b in _BACKENDS:
-        why = b.available()
-        rows.append({"backend": b.name, "available": why is None, "why_not": why, "ops": sorted(b.ops)})
-    rows.append({"backend": "reference", "available": True, "why_not": None, "ops": sorted(_REFERENCE)})
+    for b in backends():
+        why = REGISTRY.why_unavailable(b.name)
+        rows.append({"backend": b.name, "available": why is None, "why_not": why, "ops": sorted(b.ops),
+                     "accepts": {op: b.constraints[op].describe() if op in b.constraints else "any call"
+                                 for op in sorted(b.ops)}})
     return rows
 
 
@@ -262,6 +218,7 @@ def describe(device: str | torch.device | None = None) -> str:
     for row in explain():
         state = "available" if row["available"] else f"unavailable ({row['why_not']})"
         lines.append(f"{row['backend']:<10} {state}; ops: {', '.join(row['ops'])}")
+        lines += [f"{'':<10} {op} takes: {text}" for op, text in row["accepts"].items()]
     forced = _forced_name()
     if forced:
         lines.append(f"forced: {forced} (MIXQUANT_KERNELS / use_backend)")
@@ -272,9 +229,9 @@ def describe(device: str | torch.device | None = None) -> str:
     devices = [torch.device(device)] if device is not None else [torch.device("cpu")] + (
         [torch.device("cuda")] if torch.cuda.is_available() else [])
     if any(d.type == "cpu" for d in devices):
-        from . import cpu
+        from . import cpu_routes
         lines.append("")
-        lines.append(cpu.plan().describe())
+        lines.append(cpu_routes.plan().describe())
     for d in devices:
         lines.append("")
         lines.append(f"paths on {d}:")

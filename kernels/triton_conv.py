@@ -98,15 +98,6 @@ if tg.HAVE_TRITON:
         tl.store(o_ptrs, out, mask=m_ok[:, None] & (offs_n[None, :] < N))
 
 
-def accepts(*, x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, kernel_size, stride, padding,
-            dilation, **_) -> str | None:
-    if x.dim() != 4:
-        return "input is not 4-D NCHW"
-    if k != kernel_size[0] * kernel_size[1] * x.shape[1]:
-        return "weight K does not match kh * kw * cin"
-    return tg.check_call(x.device, x.dtype, qweight, scale, bits, group_size, a_bits, a_mode)
-
-
 def dynamic_image_scale(x: torch.Tensor, a_bits: int) -> torch.Tensor:
     """Per-image scale exactly as the reference computes it (fp32 absmax over C, H, W / qmax, floored at 1e-30)."""
     amax = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=float("inf"), dim=1, dtype=torch.float32)

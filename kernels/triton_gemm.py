@@ -34,6 +34,8 @@ import os
 
 import torch
 
+from .cache import cache_key, cached, weight_keeps_moving
+
 try:
     import triton
     import triton.language as tl
@@ -510,34 +512,6 @@ def _bucket(m: int) -> int:
 
 # --- wrappers --------------------------------------------------------------------------------------------------------
 
-def accepts(*, x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, **_) -> str | None:
-    """None when qlinear can run this call, else why not (the dispatcher's constraint)."""
-    if x.shape[-1] != k:
-        return "input width does not match the weight"
-    return check_call(x.device, x.dtype, qweight, scale, bits, group_size, a_bits, a_mode)
-
-
-def check_call(device, dtype, qweight, scale, bits, group_size, a_bits, a_mode) -> str | None:
-    why = available(device)
-    if why:
-        return why
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"activation dtype {dtype}"
-    if bits not in (2, 4, 8):
-        return f"{bits}-bit weights"
-    if qweight.device != device:
-        return "weight and input are on different devices"
-    if scale.shape[1] > 1 and (group_size is None or group_size % 32 != 0):
-        return "group size must be a multiple of 32 (the int8 dot's K step)"
-    if a_mode not in ("none", "static", "dynamic"):
-        return f"activation mode {a_mode!r}"
-    if a_mode != "none" and a_bits > 8:
-        return f"{a_bits}-bit activations"
-    if qweight.stride(-1) != 1 or scale.stride(-1) != 1:
-        return "weight rows must be contiguous along K"
-    return None
-
-
 def _int_ok(bits, zero, a_mode):
     # int8 dot: activations quantized; weight codes minus zero point fit in int8 (8-bit weights are symmetric)
     return a_mode != "none" and not (bits == 8 and zero is not None)
@@ -585,7 +559,7 @@ def dynamic_row_scale(x2: torch.Tensor, a_bits: int) -> torch.Tensor:
 
 def weight_sums(qweight, zero, bits: int, k: int, group_size: int | None, groups: int) -> torch.Tensor:
     """int32 [N, G]: per group, the sum over K of (code - zero point): the static zero-point correction's other
-    factor. Computed once per layer when the layer passes a cache (dispatch keeps it there)."""
+    factor. Computed once per layer when the layer passes a cache (`cached_weight_sums`)."""
     from .packing import unpack_codes
     n = qweight.shape[0]
     if bits == 8:
@@ -605,6 +579,18 @@ def weight_sums(qweight, zero, bits: int, k: int, group_size: int | None, groups
     w = torch.nn.functional.pad(w, (0, groups * group_size - k))
     return w.reshape(n, groups, group_size).sum(dim=2, dtype=torch.int32).contiguous()
 
+
+
+def cached_weight_sums(cache: dict | None, call: dict) -> torch.Tensor | None:
+    """The weight sums a static zero point needs, kept in the layer's cache dict (slot "triton_wsum"); None (the K
+    loop sums the weight tiles itself) without a cache, for other activation modes, for a weight that keeps moving,
+    and under torch.compile (data pointers and version counters are not traceable)."""
+    if cache is None or call.get("a_mode") != "static" or weight_keeps_moving(cache) \
+            or torch.compiler.is_compiling():
+        return None
+    q, scale = call["qweight"], call["scale"]
+    return cached(cache, "triton_wsum", cache_key(q, scale, (str(q.device),)),
+                  lambda: weight_sums(q, call["zero"], call["bits"], call["k"], call["group_size"], scale.shape[1]))
 
 def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale=None,
             a_zero=None, a_split=None, wsum=None, prequant: bool | None = None, int_dot: bool | None = None,

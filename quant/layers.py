@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import dispatch, reference
-from ..kernels.cpu import fingerprint, version_of
+from ..kernels.cache import fingerprint, version_of
 from ..kernels.packing import join_rows, row_layout, split_rows
 from .formats import LayerFormat
 from .quantizer import qrange, quantize_weight

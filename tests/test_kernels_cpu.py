@@ -1,15 +1,16 @@
-"""CPU paths (kernels/cpu.py) and the dispatcher against the reference, on odd shapes."""
+"""CPU paths (kernels/cpu_ops.py, cpu_routes.py) and the dispatcher against the reference, on odd shapes."""
 import pytest
 import torch
 
-from mixquant.kernels import cpu, dispatch, reference
+from mixquant.kernels import cache as kernel_cache
+from mixquant.kernels import cpu_ops, cpu_routes, dispatch, reference
 from mixquant.kernels.synthetic import conv_geometry, random_call
 
 # (bits, group_size, a_mode, a_split): W8A8 static/dynamic, the skip-concat split, W4A8 per channel and grouped,
 # W2A8, weight-only
 FORMATS = [(8, None, "static", None), (8, None, "dynamic", None), (8, None, "static", 40), (4, None, "static", None),
            (4, 32, "dynamic", None), (2, None, "dynamic", None), (4, 32, "none", None), (2, 64, "none", None)]
-INT_ROUTES = [r for r in ("onednn_split", "onednn_sparse", "int_mm") if r == "int_mm" or cpu._has_onednn()]
+INT_ROUTES = [r for r in ("onednn_split", "onednn_sparse", "int_mm") if r == "int_mm" or cpu_routes._has_onednn()]
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,7 @@ def _ref(op, x, call, geo=None):
 def test_dequantize_equals_reference(bits, group, a_mode, split):
     call = random_call(37, 100, bits=bits, group_size=group, symmetric=False if bits < 8 else None)
     ref = reference.dequantize_weight(call["qweight"], call["scale"], call["zero"], bits, 100, group)
-    assert torch.equal(cpu.dequantize(call["qweight"], call["scale"], call["zero"], bits, 100, group), ref)
+    assert torch.equal(cpu_ops.dequantize(call["qweight"], call["scale"], call["zero"], bits, 100, group), ref)
 
 
 @pytest.mark.parametrize("a_mode,split", [("static", None), ("static", 3), ("dynamic", None)])
@@ -42,7 +43,7 @@ def test_fake_quant_equals_reference(a_mode, split):
         if split is not None and dim == -1:
             continue
         ref = reference.fake_quant_act(x, *args, channel_dim=dim, dynamic_dims=dyn)
-        assert torch.equal(cpu.fake_quant(x, *args, channel_dim=dim, dynamic_dims=dyn), ref)
+        assert torch.equal(cpu_ops.fake_quant(x, *args, channel_dim=dim, dynamic_dims=dyn), ref)
 
 
 @pytest.mark.parametrize("route", ["float"] + INT_ROUTES)
@@ -51,9 +52,9 @@ def test_fake_quant_equals_reference(a_mode, split):
 def test_linear_routes_match_reference(route, bits, group, a_mode, split, bias):
     call = random_call(45, 100, bits=bits, group_size=group, a_mode=a_mode, a_split=split, bias=bias, seed=1)
     x = torch.randn(3, 13, 100)
-    if route != "float" and cpu.int_route_accepts("linear", route, cache={}, **call) is not None:
+    if route != "float" and cpu_routes.int_route_accepts("linear", route, cache={}, **call) is not None:
         pytest.skip("route does not take this format")
-    out = cpu.linear(x, route=route, cache={}, **call)
+    out = cpu_routes.linear(x, route=route, cache={}, **call)
     assert out.shape == (3, 13, 45)
     assert _rel(out, _ref("linear", x, call)) < 1e-5
 
@@ -65,11 +66,11 @@ def test_conv_routes_match_reference(route, bits, group, a_mode, split, stride):
     cin = 13
     call = random_call(21, 9 * cin, bits=bits, group_size=group, a_mode=a_mode,
                        a_split=5 if split else None, bias=stride == 1, seed=2)
-    if route != "float" and cpu.int_route_accepts("conv2d", route, cache={}, **call) is not None:
+    if route != "float" and cpu_routes.int_route_accepts("conv2d", route, cache={}, **call) is not None:
         pytest.skip("route does not take this format")
     geo = conv_geometry(3, stride, 1)
     x = torch.randn(2, cin, 9, 7) * 2
-    out = cpu.conv2d(x, route=route, cache={}, **call, **geo)
+    out = cpu_routes.conv2d(x, route=route, cache={}, **call, **geo)
     ref = _ref("conv2d", x, call, geo)
     assert out.shape == ref.shape
     assert _rel(out, ref) < 1e-5
@@ -79,11 +80,11 @@ def test_float_route_is_the_reference_bit_for_bit():
     for op in ("linear", "conv2d"):
         call = random_call(21, 99, bits=4, group_size=32, a_mode="static")
         x, geo = (torch.randn(5, 99), {}) if op == "linear" else (torch.randn(2, 11, 6, 5), conv_geometry(3, 1, 1))
-        fn = cpu.linear if op == "linear" else cpu.conv2d
+        fn = cpu_routes.linear if op == "linear" else cpu_routes.conv2d
         assert torch.equal(fn(x, route="float", dtype=torch.float32, **call, **geo), _ref(op, x, call, geo))
 
 
-@pytest.mark.skipif(not cpu._has_onednn(), reason="no oneDNN int8 ops in this torch")
+@pytest.mark.skipif(not cpu_routes._has_onednn(), reason="no oneDNN int8 ops in this torch")
 def test_onednn_saturation_is_detected():
     """Full-range u8 activations: the split route is exact everywhere; the single call only where the probe says so
     (VNNI/AMX). Without VNNI a single call saturates in int16 and is never chosen."""
@@ -91,11 +92,11 @@ def test_onednn_saturation_is_detected():
     call["a_zero"] = torch.tensor([0.0])  # codes up to 255 on positive inputs
     x = torch.rand(16, 256) * 4
     ref = _ref("linear", x, call)
-    assert _rel(cpu.linear(x, route="onednn_split", cache={}, **call), ref) < 1e-5
-    single_ok = _rel(cpu.linear(x, route="onednn", cache={}, **call), ref) < 1e-5
-    assert single_ok == cpu.onednn_single_call_exact()
+    assert _rel(cpu_routes.linear(x, route="onednn_split", cache={}, **call), ref) < 1e-5
+    single_ok = _rel(cpu_routes.linear(x, route="onednn", cache={}, **call), ref) < 1e-5
+    assert single_ok == cpu_ops.onednn_single_call_exact()
     if not single_ok:
-        assert "onednn" not in cpu.plan().int_routes["linear"]
+        assert "onednn" not in cpu_routes.plan().int_routes["linear"]
 
 
 @pytest.mark.parametrize("route", INT_ROUTES)
@@ -104,32 +105,32 @@ def test_cache_follows_in_place_weight_updates(route):
     call = random_call(24, 64, a_mode="dynamic")
     x = torch.randn(9, 64)
     cache = {}
-    first = cpu.linear(x, route=route, cache=cache, **call)
-    assert cache and cpu.cache_bytes(cache) >= 24 * 64
+    first = cpu_routes.linear(x, route=route, cache=cache, **call)
+    assert cache and kernel_cache.cache_bytes(cache) >= 24 * 64
     call["qweight"].mul_(-1)  # in place, through the view: same data pointer, new version
-    second = cpu.linear(x, route=route, cache=cache, **call)
+    second = cpu_routes.linear(x, route=route, cache=cache, **call)
     assert _rel(second, _ref("linear", x, call)) < 1e-5
     assert not torch.allclose(first, second)
 
 
 def test_no_cache_means_no_int8_route():
     call = random_call(24, 64, a_mode="static")
-    assert cpu.candidates("linear", cache=None, **call) == ["float"]
-    assert "no cache" in cpu.int_route_accepts("linear", "onednn_split", cache=None, **call)
+    assert cpu_routes.candidates("linear", cache=None, **call) == ["float"]
+    assert "no cache" in cpu_routes.int_route_accepts("linear", "onednn_split", cache=None, **call)
 
 
 def test_per_shape_race_records_a_winner_and_frees_the_loser():
-    if len(cpu.candidates("linear", cache={}, **random_call(8, 32, a_mode="static"))) < 2:
+    if len(cpu_routes.candidates("linear", cache={}, **random_call(8, 32, a_mode="static"))) < 2:
         pytest.skip("a single candidate here")
     call = random_call(48, 96, a_mode="static", seed=5)
     x = torch.randn(33, 96)
     cache = {}
-    key = cpu.shape_key("linear", x, call)
-    cpu.plan().decisions.pop(key, None)
-    assert cpu.choose("linear", x=x, cache=cache, **call) == "measure"
-    out = cpu.linear(x, cache=cache, **call)
-    won = cpu.plan().decisions[key]
-    assert cpu.choose("linear", x=x, cache=cache, **call) == won
+    key = cpu_routes.shape_key("linear", x, call)
+    cpu_routes.plan().decisions.pop(key, None)
+    assert cpu_routes.choose("linear", x=x, cache=cache, **call) == "measure"
+    out = cpu_routes.linear(x, cache=cache, **call)
+    won = cpu_routes.plan().decisions[key]
+    assert cpu_routes.choose("linear", x=x, cache=cache, **call) == won
     assert _rel(out, _ref("linear", x, call)) < 1e-5
     if won == "float":
         assert not [k for k in cache if k.startswith("cpu_")]  # the int8 prepack of the loser is gone
@@ -172,12 +173,12 @@ def test_quantized_layers_agree_on_every_cpu_path():
             args.pop("cache", None)
             geo = {} if cls is QuantLinear else dict(kernel_size=q.kernel_size, stride=q.stride,
                                                      padding=q.padding, dilation=q.dilation)
-            fn = cpu.linear if cls is QuantLinear else cpu.conv2d
-            for route in cpu.candidates("linear" if cls is QuantLinear else "conv2d", cache={}, **args):
+            fn = cpu_routes.linear if cls is QuantLinear else cpu_routes.conv2d
+            for route in cpu_routes.candidates("linear" if cls is QuantLinear else "conv2d", cache={}, **args):
                 assert _rel(fn(x, route=route, cache={}, **args, **geo), ref) < 1e-5
 
 
-@pytest.mark.skipif(not cpu._has_onednn(), reason="no oneDNN int8 ops in this torch")
+@pytest.mark.skipif(not cpu_routes._has_onednn(), reason="no oneDNN int8 ops in this torch")
 @pytest.mark.parametrize("op", ["linear", "conv2d"])
 @pytest.mark.parametrize("hot", [0, 3, 60])
 def test_split_route_with_few_high_codes(op, hot):
@@ -193,13 +194,13 @@ def test_split_route_with_few_high_codes(op, hot):
     x.index_fill_(cdim, idx, 0.0)
     x.index_add_(cdim, idx, torch.rand(shape).index_select(cdim, idx) * 11)  # these reach codes > 127
     geo = {} if op == "linear" else conv_geometry(3, 2, 1)
-    fn = cpu.linear if op == "linear" else cpu.conv2d
+    fn = cpu_routes.linear if op == "linear" else cpu_routes.conv2d
     for route in ("onednn_split", "onednn_sparse"):
         out = fn(x, route=route, cache={}, **call, **geo)
         assert _rel(out, _ref(op, x, call, geo or None)) < 1e-5
 
 
-@pytest.mark.skipif(not cpu._has_onednn(), reason="no oneDNN int8 ops in this torch")
+@pytest.mark.skipif(not cpu_routes._has_onednn(), reason="no oneDNN int8 ops in this torch")
 @pytest.mark.parametrize("op,stride", [("linear", 1), ("conv2d", 1), ("conv2d", 2)])
 @pytest.mark.parametrize("density", [0.01, 0.2])
 @pytest.mark.parametrize("zp", [20, 128])
@@ -220,22 +221,22 @@ def test_sparse_route_with_high_codes_in_every_channel(monkeypatch, op, stride, 
     x = torch.where(high, far, x)
     raw = "_onednn_linear_raw" if op == "linear" else "_onednn_conv_raw"
     calls = []
-    real = getattr(cpu, raw)
-    monkeypatch.setattr(cpu, raw, lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    csr, real_csr = [], cpu._csr
-    monkeypatch.setattr(cpu, "_csr", lambda *a: csr.append(1) or real_csr(*a))
+    real = getattr(cpu_ops, raw)
+    monkeypatch.setattr(cpu_ops, raw, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    csr, real_csr = [], cpu_ops._csr
+    monkeypatch.setattr(cpu_ops, "_csr", lambda *a: csr.append(1) or real_csr(*a))
     geo = {} if op == "linear" else conv_geometry(3, stride, 1)
-    fn = cpu.linear if op == "linear" else cpu.conv2d
+    fn = cpu_routes.linear if op == "linear" else cpu_routes.conv2d
     cache = {}
     out = fn(x, route="onednn_sparse", cache=cache, **call, **geo)
     assert _rel(out, _ref(op, x, call, geo or None)) < 1e-5
-    assert len(calls) == (1 if density < cpu.SPARSE_DENSITY else 2)
-    assert len(csr) == (density < cpu.SPARSE_DENSITY)
-    assert ("cpu_sparse_wt" in cache) == (density < cpu.SPARSE_DENSITY)  # the transposed weight, kept
+    assert len(calls) == (1 if density < cpu_ops.SPARSE_DENSITY else 2)
+    assert len(csr) == (density < cpu_ops.SPARSE_DENSITY)
+    assert ("cpu_sparse_wt" in cache) == (density < cpu_ops.SPARSE_DENSITY)  # the transposed weight, kept
     call["qweight"][:, : k // 2].neg_()  # an in-place weight update (a LoRA patch): nothing stale is used
     assert _rel(fn(x, route="onednn_sparse", cache=cache, **call, **geo), _ref(op, x, call, geo or None)) < 1e-5
-    assert not cpu.weight_keeps_moving(cache)  # one patch is one miss, however many slots it refreshed
-    assert cpu.candidates(op, cache=cache, **call, **geo)[0] != "float"
+    assert not kernel_cache.weight_keeps_moving(cache)  # one patch is one miss, however many slots it refreshed
+    assert cpu_routes.candidates(op, cache=cache, **call, **geo)[0] != "float"
 
 
 def test_a_weight_that_moves_every_call_is_not_cached():
@@ -244,26 +245,26 @@ def test_a_weight_that_moves_every_call_is_not_cached():
     x = torch.randn(4, 32)
     for _ in range(3):  # a fresh copy of the blob per call, as a low-VRAM layer gets
         call["qweight"] = call["qweight"].clone()
-        cpu.linear(x, route="onednn_split" if cpu._has_onednn() else "int_mm", cache=cache, **call)
-    assert cpu.weight_keeps_moving(cache)
-    assert cpu.candidates("linear", cache=cache, **call) == ["float"]
+        cpu_routes.linear(x, route="onednn_split" if cpu_routes._has_onednn() else "int_mm", cache=cache, **call)
+    assert kernel_cache.weight_keeps_moving(cache)
+    assert cpu_routes.candidates("linear", cache=cache, **call) == ["float"]
 
 
-@pytest.mark.skipif(not cpu._has_onednn(), reason="no oneDNN int8 ops in this torch")
+@pytest.mark.skipif(not cpu_routes._has_onednn(), reason="no oneDNN int8 ops in this torch")
 def test_sparse_route_leaves_large_weights_to_the_second_gemm(monkeypatch):
-    monkeypatch.setattr(cpu, "SPARSE_WT_CACHE_MAX", 100)  # every weight here counts as large
+    monkeypatch.setattr(cpu_ops, "SPARSE_WT_CACHE_MAX", 100)  # every weight here counts as large
     call = random_call(24, 9 * 16, a_mode="static", seed=3)
     call["a_scale"], call["a_zero"] = torch.tensor([0.05]), torch.tensor([20.0])
     g = torch.Generator().manual_seed(2)
     x = torch.rand(2, 16, 8, 8, generator=g) * 4 - 0.5
     x[0, :, 3, 4] = 9.0  # a few codes above 127, in every channel
     cache, geo = {}, conv_geometry(3, 1, 1)
-    out = cpu.conv2d(x, route="onednn_sparse", cache=cache, **call, **geo)
+    out = cpu_routes.conv2d(x, route="onednn_sparse", cache=cache, **call, **geo)
     assert _rel(out, _ref("conv2d", x, call, geo)) < 1e-5
     assert "cpu_sparse_wt" not in cache and "cpu_onednn_conv" in cache
 
 
-@pytest.mark.skipif(not cpu._has_onednn(), reason="no oneDNN int8 ops in this torch")
+@pytest.mark.skipif(not cpu_routes._has_onednn(), reason="no oneDNN int8 ops in this torch")
 def test_writes_through_data_do_not_serve_a_stale_prepack():
     """ComfyUI restores weights after hook-scheduled LoRAs with `param.data.copy_(...)`, which does not bump the
     version counter: the CPU caches must still notice (the scales' fingerprint is part of their key)."""
@@ -273,10 +274,10 @@ def test_writes_through_data_do_not_serve_a_stale_prepack():
     for route in ("onednn_split", "onednn_sparse"):
         c = {**call, "qweight": call["qweight"].clone(), "scale": call["scale"].clone()}
         cache = {}
-        cpu.linear(x, route=route, cache=cache, **c)
+        cpu_routes.linear(x, route=route, cache=cache, **c)
         c["qweight"].data.copy_(other["qweight"])
         c["scale"].data.copy_(other["scale"])
-        assert _rel(cpu.linear(x, route=route, cache=cache, **c), _ref("linear", x, c)) < 1e-5
+        assert _rel(cpu_routes.linear(x, route=route, cache=cache, **c), _ref("linear", x, c)) < 1e-5
 
 
 def test_route_memo_follows_the_zero_point_zone(monkeypatch):
@@ -284,7 +285,7 @@ def test_route_memo_follows_the_zero_point_zone(monkeypatch):
     call = random_call(16, 32, a_mode="static", seed=6)
     x, cache = torch.randn(8, 32), {}
     seen = []
-    monkeypatch.setattr(cpu, "choose", lambda op, **kw: seen.append(cpu._zone(kw)) or "float")
+    monkeypatch.setattr(cpu_routes, "choose", lambda op, **kw: seen.append(cpu_routes._zone(kw)) or "float")
     for z in (10.0, 12.0, 130.0):
-        cpu.linear(x, cache=cache, **{**call, "a_zero": torch.tensor([z])})
+        cpu_routes.linear(x, cache=cache, **{**call, "a_zero": torch.tensor([z])})
     assert seen == ["|z-low", "|z-mid"]  # the second call is served from the memo, the third is not

@@ -199,11 +199,12 @@ def test_activation_args_follow_in_place_range_updates_and_groups():
 def _gpu_like_cpu_cache(monkeypatch):
     """The CPU's oneDNN route (it keeps a prepacked copy per layer) without the content fingerprint that backs up its
     cache key on the CPU: as on a GPU, where reading the tensor would synchronize."""
-    from mixquant.kernels import cpu
-    if not cpu._has_onednn():
+    from mixquant.kernels import cache as kernel_cache
+    from mixquant.kernels import cpu_routes
+    if not cpu_routes._has_onednn():
         pytest.skip("no oneDNN int8 ops in this torch")
-    monkeypatch.setattr(cpu, "fingerprint", lambda t: None)
-    monkeypatch.setattr(cpu, "choose", lambda op, **kw: "onednn_split")
+    monkeypatch.setattr(kernel_cache, "fingerprint", lambda t: None)
+    monkeypatch.setattr(cpu_routes, "choose", lambda op, **kw: "onednn_split")
 
 
 def _two_layers(cls_fp, fmt):

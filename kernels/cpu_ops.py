@@ -1,11 +1,7 @@
-"""CPU paths for the quantized ops, chosen by measurement on the machine they run on.
+"""The CPU implementations of the quantized ops, one function per route; kernels/cpu_routes.py decides which
+route a call takes (by measurement on the machine) and calls them.
 
-CPUs disagree about what is fast. On a 2-core AMD EPYC with AVX2 only, bf16/fp16 matmuls and `torch._int_mm` are
-tens of times slower than fp32 while oneDNN's int8 primitives are about 2x faster per call; with AMX, `_int_mm` and
-bf16 are the fast ones. So:
-
-- `plan()` probes once per process: ISA flags, the fastest float dtype for a matmul (fp32 / bf16 / fp16), and which
-  int8 routes are *exact* here and not hopeless:
+Routes (ROUTES):
     "onednn"        torch.ops.onednn.qlinear_pointwise / qconv2d_pointwise: u8 activations x s8 weights;
     "onednn_split"  the same with each u8 activation split as a + b (a = min(u, 127), b = u - a). Without VNNI,
                     oneDNN multiplies u8 x s8 byte pairs with vpmaddubsw, which saturates at int16: full 8-bit
@@ -13,75 +9,33 @@ bf16 are the fast ones. So:
                     Both halves are < 128, which cannot saturate; the two calls share one prepacked weight;
     "onednn_sparse" one call on the 128 codes around the zero point (where most codes sit), and the few codes
                     outside that window as a sparse product instead of a second GEMM (see SPARSE_DENSITY below);
-    "int_mm"        torch._int_mm, int32 accumulation (kept only when the probe finds it within 1.5x of float);
-    "float"         fake-quantized activations x dequantized weight in the float dtype (the reference's math,
+    "int_mm"        torch._int_mm, int32 accumulation;
+    "float"         fake-quantized activations x dequantized weight in a float dtype (the reference's math,
                     in fewer passes; for fp32 it is the reference bit for bit).
-- The first call of each layer shape races the candidates (a few runs each, interleaved) and keeps the winner per
-  shape; decisions persist in ~/.cache/mixquant/cpu_routes.json (MIXQUANT_CPU_CACHE) per CPU, thread count and
-  torch version. The loser's prepared data is dropped.
+
 - Weight-only (A16) layers always run dequantize-then-matmul in the float dtype; the dequantized weight is a
   temporary, never cached (a cached fp32 copy would make the layer 8x its packed size).
 - The int8 routes keep one prepacked int8 copy of the weight in the layer's `cache` dict (~N*K bytes, the size of
-  the codes): prepacking costs 10-40 ms, as much as the GEMM. Without a cache dict they are not used.
+  the codes; slots per route: CACHE_SLOTS; keys: kernels/cache.py): prepacking costs 10-40 ms, as much as the GEMM.
 
 Every route equals the reference up to int32-accumulation / fp32 rounding (tests/test_kernels_cpu.py).
-MIXQUANT_CPU_ROUTE forces a route (where it can run); MIXQUANT_CPU_DTYPE the float dtype.
 """
 from __future__ import annotations
 
-import functools
-import json
-import os
-import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .cache import cache_key, cached
 from .packing import unpack_codes
 from .reference import conv_weight_view
 
 INT_ROUTES = ("onednn", "onednn_sparse", "onednn_split", "int_mm")
 ROUTES = INT_ROUTES + ("float",)
-
-
-@functools.lru_cache(maxsize=1)
-def _has_onednn() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack") \
-            and hasattr(torch.ops.onednn, "qconv2d_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def isa() -> dict:
-    """What the CPU offers, as far as torch can tell."""
-    cpu = getattr(torch, "cpu", None)
-
-    def flag(name):
-        f = getattr(cpu, name, None)
-        try:
-            return bool(f()) if f else None
-        except RuntimeError:
-            return None
-
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "avx512": flag("_is_avx512_supported"),
-            "vnni": flag("_is_vnni_supported"), "amx": flag("_is_amx_tile_supported"),
-            "avx512_bf16": flag("_is_avx512_bf16_supported"), "onednn_int8": _has_onednn(),
-            "threads": torch.get_num_threads(), "model": cpu_model()}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
+_ONEDNN_SLOTS = ("cpu_onednn_linear", "cpu_onednn_conv")
+CACHE_SLOTS = {"onednn": _ONEDNN_SLOTS, "onednn_split": _ONEDNN_SLOTS,  # route -> the cache slots it fills
+               "onednn_sparse": _ONEDNN_SLOTS + ("cpu_sparse_wt",), "int_mm": ("cpu_int_mm_linear",)}
 
 
 def _as(t, dtype):
@@ -128,85 +82,6 @@ def int8_weight(qweight, zero, bits: int, k: int) -> torch.Tensor | None:
     codes = unpack_codes(qweight, bits, k).to(torch.int16)
     z = zero.to(torch.int16) if zero is not None else 2 ** (bits - 1)
     return (codes - z).to(torch.int8)
-
-
-def version_of(t: torch.Tensor) -> int:
-    """The tensor's in-place write counter (its base's for a view; -1 for an inference tensor without one)."""
-    try:
-        return t._version
-    except RuntimeError:  # views taken under torch.inference_mode() are inference tensors: no version counter
-        base = t._base
-        return base._version if base is not None and not base.is_inference() else -1
-
-
-def fingerprint(t: torch.Tensor) -> int | None:
-    """A cheap content fingerprint of a CPU tensor (the integer sum of its bits; None on other devices, where
-    reading it back would synchronize). Writes through a plain tensor's `.data` (ComfyUI's copy_to_param, which swaps
-    hook-scheduled LoRA weights) do not bump its version counter: caches keyed on the version add this to see them
-    (a cache owner that counts such writes itself says so through cache["epoch"]; this covers the others)."""
-    if t.device.type != "cpu":
-        return None
-    size = t.element_size()
-    if size not in (1, 2, 4, 8) or not t.is_contiguous():
-        t, size = t.contiguous(), t.element_size()
-    return int(t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).sum())
-
-
-def _cache_key(qweight, scale=None, extra=()) -> tuple:
-    # `_version` changes on every in-place write (a LoRA patch through the layer's set_weight), so a patched weight is
-    # never served from a stale prepack; views share their base's counter. Writes through a plain tensor's `.data` do
-    # not count (unless the cache's owner counts them: cache["epoch"], see _cached), so on the CPU the key also holds
-    # a fingerprint of the scales, which every requantization changes (a sum over N values: microseconds).
-    fp = fingerprint(scale) if scale is not None and scale.dtype == torch.float16 else None
-    return (qweight.data_ptr(), version_of(qweight), tuple(qweight.shape), tuple(qweight.stride())) + (
-        () if scale is None else (scale.data_ptr(), version_of(scale), fp)) + tuple(extra)
-
-
-def _cached(cache: dict | None, slot: str, key: tuple, build):
-    """The value built for `key` in `cache[slot]` (one entry per slot). cache["epoch"], a value the cache's owner
-    changes whenever its weight may have changed unseen by data pointer and version, is part of every key."""
-    if cache is None:
-        return build()
-    key = key + (cache.get("epoch"),)
-    hit = cache.get(slot)
-    if hit is not None and hit[0] == key:
-        cache["misses"] = 0
-        return hit[1]
-    cache.pop(slot, None)  # free the stale one before building its replacement
-    value = build()
-    cache[slot] = (key, value)
-    change = key[:2] + key[-1:]
-    if hit is not None and cache.get("missed_for") != change:  # one miss per weight change, however many slots
-        cache["misses"] = cache.get("misses", 0) + 1
-        cache["missed_for"] = change
-    return value
-
-
-def weight_keeps_moving(cache: dict | None) -> bool:
-    """True once a layer's weight has come back changed twice in a row (a low-VRAM layer copied to the device for
-    every call): caching derived data for it only costs time. A LoRA patch misses once, then hits again."""
-    return cache is not None and cache.get("misses", 0) >= 2
-
-
-def cache_bytes(cache: dict) -> int:
-    """Bytes held by a layer's kernel cache (oneDNN's opaque prepacked weights counted as numel * itemsize)."""
-    total = 0
-
-    def visit(v):
-        nonlocal total
-        if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
-        elif isinstance(v, (tuple, list)):
-            for x in v:
-                visit(x)
-        elif isinstance(v, dict):
-            for x in v.values():
-                visit(x)
-
-    for entry in cache.values():
-        if isinstance(entry, tuple):
-            visit(entry[1])
-    return total
 
 
 # --- activation codes -----------------------------------------------------------------------------------------------
@@ -371,7 +246,7 @@ def _csr_ok(qweight, elementwise: bool) -> bool:
 
 def _scaled_wt(qweight, wkey, col_scale, cache):
     """fp32 W^T * col_scale [K, N], from the cached transposed int8 copy (keyed like the prepack: `wkey`)."""
-    wt = _cached(cache, "cpu_sparse_wt", wkey, lambda: qweight.t().contiguous())
+    wt = cached(cache, "cpu_sparse_wt", wkey, lambda: qweight.t().contiguous())
     return wt.to(torch.float32).mul_(col_scale)
 
 
@@ -471,8 +346,8 @@ def _segments(a_mode, a_split, channels):
 def linear_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
                   cache=None, split_sat=True, elementwise=False):
     segs = _segments(a_mode, a_split, k)
-    wkey = _cache_key(qweight, scale)
-    prep = _cached(cache, "cpu_onednn_linear", wkey + (str(segs),),
+    wkey = cache_key(qweight, scale)
+    prep = cached(cache, "cpu_onednn_linear", wkey + (str(segs),),
                    lambda: _prep_linear_onednn(int8_weight(qweight, zero, bits, k), scale, segs))
     shape = x.shape
     x2 = x.reshape(-1, k)
@@ -499,8 +374,8 @@ def conv2d_onednn(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_
     cin = x.shape[1]
     geo = (list(stride), list(padding), list(dilation))
     segs = _segments(a_mode, a_split, cin)
-    wkey = _cache_key(qweight, scale)
-    prep = _cached(cache, "cpu_onednn_conv", wkey + (str(segs), str(geo), tuple(kernel_size)),
+    wkey = cache_key(qweight, scale)
+    prep = cached(cache, "cpu_onednn_conv", wkey + (str(segs), str(geo), tuple(kernel_size)),
                    lambda: _prep_conv_onednn(int8_weight(qweight, zero, bits, k), scale, segs, cin, kernel_size, geo))
     bias32 = _as(bias, torch.float32)
     common = dict(w_scale=prep["w_scale"], w_zp=prep["w_zp"], geo=geo)
@@ -542,7 +417,7 @@ def _signed(u: torch.Tensor, zp: int):
 def linear_int_mm(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
                   cache=None):
     segs = _segments(a_mode, a_split, k)
-    prep = _cached(cache, "cpu_int_mm_linear", _cache_key(qweight, scale, (str(segs),)),
+    prep = cached(cache, "cpu_int_mm_linear", cache_key(qweight, scale, (str(segs),)),
                    lambda: _prep_int_mm(int8_weight(qweight, zero, bits, k), scale, segs))
     shape = x.shape
     x2 = x.reshape(-1, k)
@@ -566,8 +441,7 @@ def linear_int_mm(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_
 # --- float (dequantize-then-matmul) ---------------------------------------------------------------------------------
 
 def linear_float(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
-                 cache=None, dtype=None):
-    dtype = dtype or plan().float_dtype
+                 cache=None, dtype=torch.float32):
     w = dequantize(qweight, scale, zero, bits, k, group_size, dtype)
     xq = fake_quant(x, a_bits, a_mode, a_scale, a_zero, a_split, channel_dim=-1, dynamic_dims=(-1,))
     out = F.linear(_as(xq, dtype), w, _as(bias, dtype))
@@ -575,8 +449,7 @@ def linear_float(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_m
 
 
 def conv2d_float(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
-                 kernel_size, stride, padding, dilation, cache=None, dtype=None):
-    dtype = dtype or plan().float_dtype
+                 kernel_size, stride, padding, dilation, cache=None, dtype=torch.float32):
     w = dequantize(qweight, scale, zero, bits, k, group_size, dtype)
     # the reference's view of the weight (not a copy): same conv algorithm, same output bit for bit
     w4 = conv_weight_view(w, *kernel_size)
@@ -585,33 +458,10 @@ def conv2d_float(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_m
     return _as(out, x.dtype)
 
 
-# --- route selection ------------------------------------------------------------------------------------------------
+# --- one route ------------------------------------------------------------------------------------------------------
 
-def int_route_accepts(op: str, route: str, *, bits, zero, scale, a_bits, a_mode, cache, a_split=None,
-                      **_) -> str | None:
-    """None when `route` can run this call, else why not."""
-    if a_mode not in ("static", "dynamic") or a_bits > 8:
-        return "weight-only layer (A16): dequantize-then-matmul"
-    if scale.shape[1] != 1:
-        return "group-wise weight scales: an int8 GEMM takes one scale per output channel"
-    if bits == 8 and zero is not None:
-        return "8-bit weight with a zero point does not fit int8"
-    if cache is None:
-        return "no cache dict from the layer: prepacking every call costs as much as the GEMM"
-    if weight_keeps_moving(cache):
-        return "the weight comes back at a new address every call: a prepack would not be reused"
-    if route.startswith("onednn") and not _has_onednn():
-        return "this torch has no oneDNN int8 ops"
-    if route == "int_mm" and op != "linear":
-        return "_int_mm covers linear layers only"
-    if route == "onednn_sparse" and (a_mode != "static" or bits != 8 or a_split is not None):
-        return "a sparse high half needs static activations (dynamic ones center at code 128), one activation " \
-               "segment and 8-bit weights"
-    return None
-
-
-def linear(x, *, route: str | None = None, cache=None, dtype=None, **call):
-    route = route or decide("linear", x, cache, call)
+def linear(x, route: str, *, cache=None, dtype=torch.float32, **call):
+    """The quantized linear by `route` (ROUTES); `dtype`: the float route's matmul dtype."""
     if route == "float":
         return linear_float(x, dtype=dtype, **call)
     if route == "int_mm":
@@ -619,205 +469,11 @@ def linear(x, *, route: str | None = None, cache=None, dtype=None, **call):
     return linear_onednn(x, cache=cache, split_sat=route != "onednn", elementwise=route == "onednn_sparse", **call)
 
 
-def conv2d(x, *, route: str | None = None, cache=None, dtype=None, **call):
-    route = route or decide("conv2d", x, cache, call)
+def conv2d(x, route: str, *, cache=None, dtype=torch.float32, **call):
+    """The quantized conv2d by `route` (ROUTES other than "int_mm")."""
     if route == "float":
         return conv2d_float(x, dtype=dtype, **call)
     return conv2d_onednn(x, cache=cache, split_sat=route != "onednn", elementwise=route == "onednn_sparse", **call)
-
-
-_OPS = {"linear": linear, "conv2d": conv2d}
-_ONEDNN_SLOTS = ("cpu_onednn_linear", "cpu_onednn_conv")
-_CACHE_SLOTS = {"onednn": _ONEDNN_SLOTS, "onednn_split": _ONEDNN_SLOTS,
-                "onednn_sparse": _ONEDNN_SLOTS + ("cpu_sparse_wt",), "int_mm": ("cpu_int_mm_linear",)}
-
-
-def candidates(op: str, **call) -> list:
-    """Routes that can run this call exactly here: the machine's int8 routes that accept it, then "float"."""
-    p = plan()
-    return [r for r in p.int_routes.get(op, []) if int_route_accepts(op, r, **call) is None] + ["float"]
-
-
-def shape_key(op: str, x, call: dict) -> str:
-    """What decides the winner: the GEMM/conv shape (token count rounded up to a power of two) and the format."""
-    n = call["qweight"].shape[0]
-    if op == "linear":
-        m = x.numel() // max(x.shape[-1], 1)
-        geo = f"M{1 << max(m - 1, 0).bit_length()}"
-    else:
-        geo = "x".join(map(str, x.shape)) + f"k{call['kernel_size']}s{call['stride']}p{call['padding']}"
-    return (f"{op}|{geo}|K{call['k']}|N{n}|w{call['bits']}|a{call['a_bits']}{call['a_mode']}|"
-            f"{'split' if call.get('a_split') is not None else ''}{_zone(call)}")
-
-
-def _zone(call: dict) -> str:
-    # where the zero point sits decides how sparse the codes outside the 128-code window are (after SiLU it is near
-    # 0 and few codes pass 127; after a norm or a residual add it is mid-range), so it is part of the route's key
-    z = call.get("a_zero")
-    if call["a_mode"] != "static" or z is None:
-        return ""
-    return "|z-low" if float(z.reshape(-1)[0]) < 2 ** (call["a_bits"] - 2) else "|z-mid"
-
-
-def choose(op: str, x=None, cache=None, **call) -> str:
-    """The route a call takes, without measuring: the only candidate, the recorded winner for its shape, or
-    "measure" (the first call of an undecided shape races the candidates)."""
-    cands = candidates(op, cache=cache, **call)
-    if len(cands) == 1:
-        return cands[0]
-    p = plan()
-    if p.forced:
-        return p.forced if p.forced in cands else "float"
-    return p.decisions.get(shape_key(op, x, call), "measure")
-
-
-def decide(op: str, x, cache, call) -> str:
-    # a layer's format is fixed, so its route depends only on the input shape, the zero point's zone (which changes
-    # with the timestep group) and the plan: remembered in its cache dict, which saves the ~25 us of Python that
-    # choose() costs on every call
-    memo = None if cache is None else (op, x.shape, x.dtype, id(plan()), weight_keeps_moving(cache), _zone(call),
-                                       call.get("a_split"))
-    hit = None if memo is None else cache.get("route")
-    if hit is not None and hit[0] == memo:
-        return hit[1]
-    route = choose(op, x=x, cache=cache, **call)
-    if route != "measure":
-        if memo is not None:
-            cache["route"] = (memo, route)
-        return route
-    cands = candidates(op, cache=cache, **call)
-    fn = _OPS[op]
-    t = race({r: (lambda r=r: fn(x, route=r, cache=cache, **call)) for r in cands}, rounds=3)
-    best = min(t, key=t.get)
-    for r in cands:  # free what the losers prepared (an int8 copy of the weight) unless the winner uses it too
-        if r != best and cache is not None:
-            for slot in set(_CACHE_SLOTS.get(r, ())) - set(_CACHE_SLOTS.get(best, ())):
-                cache.pop(slot, None)
-    p = plan()
-    p.decisions[shape_key(op, x, call)] = best
-    p.timings_ms[shape_key(op, x, call)] = t
-    _save_decisions(p)
-    return best
-
-
-@dataclass
-class CpuPlan:
-    float_dtype: torch.dtype
-    int_routes: dict  # op -> exact int8 routes worth racing here, best first
-    isa: dict
-    decisions: dict = field(default_factory=dict)  # shape key -> winning route
-    timings_ms: dict = field(default_factory=dict)  # what the probe / races measured
-    notes: list = field(default_factory=list)
-    forced: str | None = None
-
-    def describe(self) -> str:
-        lines = [f"CPU: {self.isa['model']} ({self.isa['capability']}, VNNI={self.isa['vnni']}, "
-                 f"AMX={self.isa['amx']}, threads={self.isa['threads']})",
-                 f"float dtype (weight-only layers, float route): {str(self.float_dtype).replace('torch.', '')}  "
-                 f"(probe: {_fmt_times(self.timings_ms.get('float_dtype', {}))})"]
-        for op, rs in self.int_routes.items():
-            lines.append(f"{op} A8 candidates: {' / '.join(rs + ['float'])}; the winner is measured per shape on "
-                         f"first use ({sum(k.startswith(op) for k in self.decisions)} shapes decided)")
-        if self.forced:
-            lines.append(f"route forced: {self.forced} (MIXQUANT_CPU_ROUTE)")
-        lines += self.notes
-        return "\n".join(lines)
-
-
-def _fmt_times(t: dict) -> str:
-    return ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
-
-
-_PLAN: list[CpuPlan] = []
-
-
-def plan(refresh: bool = False) -> CpuPlan:
-    """The per-machine choice, probed on first use. MIXQUANT_CPU_ROUTE / MIXQUANT_CPU_DTYPE override it;
-    MIXQUANT_CPU_CACHE names the JSON file that keeps per-shape decisions across runs (default
-    ~/.cache/mixquant/cpu_routes.json; "" disables it)."""
-    if _PLAN and not refresh:
-        return _PLAN[0]
-    p = _probe()
-    forced_route = os.environ.get("MIXQUANT_CPU_ROUTE")
-    if forced_route:
-        if forced_route not in ROUTES:
-            raise ValueError(f"MIXQUANT_CPU_ROUTE must be one of {ROUTES}, got {forced_route!r}")
-        p.forced = forced_route
-        for op in p.int_routes:  # a forced route is used where it can run, exact or not (for benchmarks/tests)
-            if forced_route != "float" and not (forced_route == "int_mm" and op != "linear"):
-                p.int_routes[op] = [forced_route]
-    forced_dtype = os.environ.get("MIXQUANT_CPU_DTYPE")
-    if forced_dtype:
-        p.float_dtype = getattr(torch, forced_dtype)
-        p.notes.append(f"float dtype forced by MIXQUANT_CPU_DTYPE={forced_dtype}")
-    p.decisions.update(_load_decisions(p))
-    _PLAN[:] = [p]
-    return p
-
-
-def _decisions_file() -> str | None:
-    path = os.environ.get("MIXQUANT_CPU_CACHE")
-    if path is None:
-        path = os.path.join(os.path.expanduser("~"), ".cache", "mixquant", "cpu_routes.json")
-    return path or None
-
-
-def _machine_key(p: CpuPlan) -> str:
-    return f"{p.isa['model']}|{p.isa['capability']}|threads={p.isa['threads']}|torch={torch.__version__}|" \
-           f"{','.join(r for rs in p.int_routes.values() for r in rs)}"
-
-
-def _load_decisions(p: CpuPlan) -> dict:
-    path = _decisions_file()
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            return dict(json.load(f).get(_machine_key(p), {}))
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_decisions(p: CpuPlan) -> None:
-    path = _decisions_file()
-    if not path:
-        return
-    try:
-        data = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                data = json.load(f)
-        data[_machine_key(p)] = p.decisions
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + f".{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)
-    except (OSError, ValueError):
-        pass  # a read-only home only costs re-measuring next time
-
-
-def _time_ms(fn, reps: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
-
-
-def race(candidates: dict, rounds: int = 5) -> dict:
-    """Best time (ms) of each candidate, run in turns so that a noisy neighbour slows all of them alike."""
-    for fn in candidates.values():
-        fn()
-    best = {name: float("inf") for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return {name: v * 1e3 for name, v in best.items()}
 
 
 def onednn_single_call_exact() -> bool:
@@ -830,46 +486,3 @@ def onednn_single_call_exact() -> bool:
                              torch.zeros(n, dtype=torch.int64), None)
     return torch.equal(out.double(), u.double() @ w.double().t())
 
-
-def _probe() -> CpuPlan:
-    """ISA flags, the fastest float dtype, and which int8 routes are exact here (and not hopeless)."""
-    info = isa()
-    notes = []
-    g = torch.Generator().manual_seed(0)
-    xf = torch.randn(512, 640, generator=g)
-    wf = torch.randn(640, 640, generator=g)
-    cands = {}
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        a, b = xf.to(dt), wf.to(dt)
-        try:
-            F.linear(a, b)
-        except RuntimeError:
-            continue
-        cands[str(dt).replace("torch.", "")] = lambda a=a, b=b: F.linear(a, b)
-    dt_times = race(cands, rounds=2)
-    float_dtype = getattr(torch, min(dt_times, key=dt_times.get))
-
-    onednn = []
-    if _has_onednn():
-        try:
-            if onednn_single_call_exact():
-                onednn = ["onednn"]
-            else:
-                onednn = ["onednn_sparse", "onednn_split"]
-                notes.append("oneDNN u8 x s8 saturates at int16 here (no VNNI): 8-bit activations run as two "
-                             "7-bit halves, two GEMM calls on one prepacked weight (onednn_split), or one call on the "
-                             "128 codes around the zero point and a sparse product over the few outside "
-                             "(onednn_sparse)")
-        except RuntimeError as e:
-            notes.append(f"oneDNN int8 unusable: {str(e).splitlines()[0][:80]}")
-    # _int_mm is exact everywhere but only fast with AMX-class hardware: race it once against the float matmul
-    # and keep it as a per-shape candidate only when it is not hopeless.
-    xi = torch.randint(-127, 128, (512, 640), generator=g, dtype=torch.int8)
-    wi = torch.randint(-127, 128, (640, 640), generator=g, dtype=torch.int8)
-    t = race({"float": cands[min(dt_times, key=dt_times.get)], "int_mm": lambda: torch._int_mm(xi, wi)}, rounds=2)
-    int_mm = ["int_mm"] if t["int_mm"] < 1.5 * t["float"] else []
-    if not int_mm:
-        notes.append(f"torch._int_mm {t['int_mm'] / t['float']:.1f}x slower than the float matmul here: not used")
-    timings = {"float_dtype": dt_times, "int_mm_vs_float": t}
-    return CpuPlan(float_dtype=float_dtype, int_routes={"linear": onednn + int_mm, "conv2d": list(onednn)},
-                   isa=info, timings_ms=timings, notes=notes)
