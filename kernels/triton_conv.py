@@ -25,7 +25,7 @@ if tg.HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_gemm import act_tile_, epilogue_, int8_tile_, k_block_, swizzle_
+    from .triton_gemm import epilogue_, k_block_, swizzle_, tile_start_
 
     @triton.jit
     def _qconv_kernel(X, W, S, Z, BIAS, AS, AZ, SIMG, WSUM, O,
@@ -49,14 +49,7 @@ if tg.HAVE_TRITON:
         ih0 = (pix // OW) * SH - PH
         iw0 = (pix % OW) * SW - PW
         x_row = X + img * stride_xb
-        s_row = tl.zeros((BLOCK_M,), tl.float32)
-        if A_MODE == 2:
-            s_row = tl.load(SIMG + img, mask=m_ok, other=1.0)
-        ACC_T: tl.constexpr = tl.int32 if INT_DOT else tl.float32
-        acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
-        acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
-        wsum = tl.zeros((BLOCK_N,), tl.int32)
-        out = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        s_row, acc0, acc1, wsum, out = tile_start_(SIMG + img, m_ok, A_MODE, INT_DOT, BLOCK_M, BLOCK_N)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if CIN % BLOCK_K == 0:
@@ -80,17 +73,11 @@ if tg.HAVE_TRITON:
                 if BORDER:
                     mask = mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
                 ptrs = x_row[:, None] + ch[None, :] * stride_xc + ih * stride_xh + iw * stride_xw
-            if A_IN_INT8:  # padded codes (BORDER is off): only rows past M are masked, and they are not stored
-                a8 = tl.load(ptrs, mask=mask, other=0)
-                a0, a1 = int8_tile_(a8, ch, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, DOT_DTYPE, AS)
-            else:
-                xf = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                a0, a1 = act_tile_(xf, ch, s_row, AS, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, A_QMAX,
-                                   EXACT_DIV, DOT_DTYPE)
-            acc0, acc1, wsum, out = k_block_(a0, a1, acc0, acc1, wsum, out, W, stride_wn, Z, stride_zn, WSUM,
-                                             stride_wsn, S, stride_sn, AS, AZ, offs_n, offs_k, k0, N, K, GROUP,
-                                             W_BITS, HAS_WZ, GROUPED, WSUM_IN, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT,
-                                             DOT_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+            # int8 input: padded codes (BORDER is off), only rows past M are masked, and they are not stored
+            acc0, acc1, wsum, out = k_block_(
+                ptrs, mask, ch, s_row, acc0, acc1, wsum, out, W, stride_wn, Z, stride_zn, WSUM, stride_wsn, S,
+                stride_sn, AS, AZ, SPLIT, offs_n, offs_k, k0, N, K, GROUP, W_BITS, HAS_WZ, GROUPED, WSUM_IN, A_MODE,
+                A_IN_INT8, HAS_SPLIT, INT_DOT, DOT_DTYPE, A_QMAX, EXACT_DIV, BLOCK_M, BLOCK_N, BLOCK_K)
         out = epilogue_(acc0, acc1, wsum, out, s_row, WSUM, stride_wsn, S, stride_sn, AS, AZ, BIAS, offs_n, N,
                         GROUPED, WSUM_IN, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT, HAS_BIAS)
         o_ptrs = O + (img * stride_ob + (pix // OW) * stride_oh + (pix % OW) * stride_ow)[:, None] \

@@ -267,17 +267,26 @@ if HAVE_TRITON:
             return acc0.to(tl.float32)
 
     @triton.jit
-    def k_block_(a0, a1, acc0, acc1, wsum, out, W, stride_wn, Z, stride_zn, WSUM, stride_wsn, S, stride_sn, AS, AZ,
-                 offs_n, offs_k, k0, N, K, GROUP,
+    def k_block_(a_ptrs, a_mask, cols, s_row, acc0, acc1, wsum, out, W, stride_wn, Z, stride_zn, WSUM, stride_wsn,
+                 S, stride_sn, AS, AZ, SPLIT, offs_n, offs_k, k0, N, K, GROUP,
                  W_BITS: tl.constexpr, HAS_WZ: tl.constexpr, GROUPED: tl.constexpr, WSUM_IN: tl.constexpr,
                  A_MODE: tl.constexpr, A_IN_INT8: tl.constexpr, HAS_SPLIT: tl.constexpr, INT_DOT: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One K block of a GEMM or conv after its activation tile(s) a0/a1: the weight tile, the dot, and with
-        group scales on the int8 dot the group's fp32 contribution at each group's end (shared by both kernels' K
-        loops). A float dot takes the group scales into the weight tile instead (dequantized in the K loop, as the
-        reference does: code x scale in fp32, then the dot dtype), so one accumulator runs through the whole K
-        with nothing between its dots: flushing it at every group stalled the tensor-core pipeline (W4A16 g64 ran
+                 DOT_DTYPE: tl.constexpr, A_QMAX: tl.constexpr, EXACT_DIV: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One K block of a GEMM or conv from its activation pointers (`a_ptrs` under `a_mask`; `cols`: each
+        column's activation channel): the activation tile(s) (int8 codes as they are, or a float tile quantized
+        here), the weight tile, the dot, and with group scales on the int8 dot the group's fp32 contribution at each
+        group's end (shared by both kernels' K loops). A float dot takes the group scales into the weight tile
+        instead (dequantized in the K loop, as the reference does: code x scale in fp32, then the dot dtype), so one
+        accumulator runs through the whole K with nothing between its dots: flushing it at every group stalled the tensor-core pipeline (W4A16 g64 ran
         at 0.15-0.25x fp16 on an H100 that way, bench/results/kernels_h100.md)."""
+        if A_IN_INT8:
+            a8 = tl.load(a_ptrs, mask=a_mask, other=0)
+            a0, a1 = int8_tile_(a8, cols, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, DOT_DTYPE, AS)
+        else:
+            xf = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+            a0, a1 = act_tile_(xf, cols, s_row, AS, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, A_QMAX, EXACT_DIV,
+                               DOT_DTYPE)
         g = k0 // GROUP
         w = weight_tile_(W, stride_wn, Z, stride_zn, offs_n, offs_k, k0, g, N, K, W_BITS, HAS_WZ, INT_DOT,
                          BLOCK_N, BLOCK_K)
@@ -311,6 +320,22 @@ if HAVE_TRITON:
         return out
 
     @triton.jit
+    def tile_start_(S_ROWS, m_ok, A_MODE: tl.constexpr, INT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        """An output tile's starting state (shared by both kernels): the dynamic activation scale of each row (A_MODE
+        2: loaded through the pointers S_ROWS, else unused), zeroed accumulators (int32 for the int8 dot), weight sums
+        and fp32 output."""
+        s_row = tl.zeros((BLOCK_M,), tl.float32)
+        if A_MODE == 2:
+            s_row = tl.load(S_ROWS, mask=m_ok, other=1.0)
+        ACC_T: tl.constexpr = tl.int32 if INT_DOT else tl.float32
+        acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
+        wsum = tl.zeros((BLOCK_N,), tl.int32)
+        out = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        return s_row, acc0, acc1, wsum, out
+
+    @triton.jit
     def swizzle_(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         """Grouped program order: GROUP_M row tiles share each weight column tile while it is in L2."""
         num_m = tl.cdiv(M, BLOCK_M)
@@ -339,29 +364,14 @@ if HAVE_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = offs_m < M
-        s_row = tl.zeros((BLOCK_M,), tl.float32)
-        if A_MODE == 2:
-            s_row = tl.load(SROW + offs_m, mask=m_ok, other=1.0)
-        ACC_T: tl.constexpr = tl.int32 if INT_DOT else tl.float32
-        acc0 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
-        acc1 = tl.zeros((BLOCK_M, BLOCK_N), ACC_T)
-        wsum = tl.zeros((BLOCK_N,), tl.int32)
-        out = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        s_row, acc0, acc1, wsum, out = tile_start_(SROW + offs_m, m_ok, A_MODE, INT_DOT, BLOCK_M, BLOCK_N)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            a_mask = m_ok[:, None] & (offs_k[None, :] < K)
-            if A_IN_INT8:
-                a8 = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=a_mask, other=0)
-                a0, a1 = int8_tile_(a8, offs_k, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, DOT_DTYPE, AS)
-            else:
-                xf = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=a_mask,
-                             other=0.0).to(tl.float32)
-                a0, a1 = act_tile_(xf, offs_k, s_row, AS, AZ, SPLIT, A_MODE, HAS_SPLIT, INT_DOT, A_QMAX,
-                                   EXACT_DIV, DOT_DTYPE)
-            acc0, acc1, wsum, out = k_block_(a0, a1, acc0, acc1, wsum, out, W, stride_wn, Z, stride_zn, WSUM,
-                                             stride_wsn, S, stride_sn, AS, AZ, offs_n, offs_k, k0, N, K, GROUP,
-                                             W_BITS, HAS_WZ, GROUPED, WSUM_IN, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT,
-                                             DOT_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc0, acc1, wsum, out = k_block_(
+                X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, m_ok[:, None] & (offs_k[None, :] < K),
+                offs_k, s_row, acc0, acc1, wsum, out, W, stride_wn, Z, stride_zn, WSUM, stride_wsn, S, stride_sn, AS,
+                AZ, SPLIT, offs_n, offs_k, k0, N, K, GROUP, W_BITS, HAS_WZ, GROUPED, WSUM_IN, A_MODE, A_IN_INT8,
+                HAS_SPLIT, INT_DOT, DOT_DTYPE, A_QMAX, EXACT_DIV, BLOCK_M, BLOCK_N, BLOCK_K)
         out = epilogue_(acc0, acc1, wsum, out, s_row, WSUM, stride_wsn, S, stride_sn, AS, AZ, BIAS, offs_n, N,
                         GROUPED, WSUM_IN, A_MODE, A_IN_INT8, HAS_SPLIT, INT_DOT, HAS_BIAS)
         tl.store(O + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, out,
