@@ -10,7 +10,7 @@ from mixquant.app.diffusers_adapter import load_denoiser, save_denoiser
 from mixquant.quant.apply import quantize_model
 from mixquant.quant.calibration import collect_act_ranges
 from mixquant.quant.errors import MixQuantError
-from mixquant.quant.fileformat import META_KEY, fingerprint, read_header
+from mixquant.quant.fileformat import META_KEY, fingerprint, read_header, sign, tensor_digests
 from mixquant.quant.formats import LayerFormat
 from mixquant.quant.roles import discover_layers
 
@@ -40,14 +40,16 @@ def test_save_load_identical_outputs(saved, small_unet, unet_inputs):
     loaded = load_denoiser(path, base=small_unet)
     assert torch.equal(_run(q, unet_inputs), _run(loaded, unet_inputs))
     meta = read_header(path)
-    assert meta["format_version"] == 1 and meta["extra"]["note"] == "test"
+    assert meta["format_version"] == 2 and meta["extra"]["note"] == "test"
     assert meta["architecture"]["class"] == "UNet2DConditionModel"
     assert {e["format"]["w_bits"] for e in meta["layers"].values()} == {2, 4, 8}
     # the file alone rebuilds it (no base model given)
     assert torch.equal(_run(load_denoiser(path), unet_inputs), _run(q, unet_inputs))
 
 
-def _rewrite(path, dst, tensors=None, meta=None):
+def _rewrite(path, dst, tensors=None, meta=None, resign=True):
+    """A copy with tensors / metadata changed, re-signed (as a deliberately edited file would be) so that the checks
+    behind the digest are what catches it."""
     t = load_file(path)
     from safetensors import safe_open
 
@@ -57,6 +59,9 @@ def _rewrite(path, dst, tensors=None, meta=None):
         tensors(t)
     if meta:
         meta(m)
+    if resign:
+        m.pop("digest", None)
+        m = sign(m, tensor_digests(t))
     save_file(t, dst, metadata={META_KEY: json.dumps(m)})
     return dst
 
