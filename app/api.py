@@ -34,7 +34,7 @@ def quantize_pipeline(pipe, prompts: list[str], *, avg_w_bits: float | None = No
     `config` takes any other QuantizeConfig field (act_groups, group_size, w_bits_content, cache_dir, ...).
     `prepared` (engine.prepare on the same prompts/settings) skips calibration and sensitivity.
     Returns (pipeline with the quantized UNet, report)."""
-    prompts = [p.strip() for p in (prompts or []) if p and p.strip()]
+    prompts = [p.strip() for p in (prompts or []) if p and p.strip()]  # (a list: a "#" starts no comment here)
     if not prompts:
         raise MixQuantError("the prompt list is empty: give at least one prompt to calibrate on.")
     fields = {f.name for f in dataclasses.fields(engine.QuantizeConfig)}

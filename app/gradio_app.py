@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..quant.errors import MixQuantError
+from ..quant.sizes import model_bytes
+from ..quant.util import json_safe, parse_prompts
 
 log = logging.getLogger("mixquant.demo")
 
@@ -64,16 +66,9 @@ class Settings:
                                negative_prompt=self.negative_prompt)
 
 
-def parse_prompts(text: str) -> list[str]:
-    prompts = [ln.strip() for ln in (text or "").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise MixQuantError("the prompt list is empty: write at least one prompt (one per line) to calibrate on.")
-    return prompts
-
-
 def read_settings(model, prompts_text, steps, guidance, scheduler, seed, negative_prompt, a_bits,
                   sens_mode) -> Settings:
-    prompts = parse_prompts(prompts_text)
+    prompts = parse_prompts(prompts_text)  # (quant.util's)
     try:
         steps, seed, a_bits = int(steps), int(seed), int(a_bits)
         guidance = float(guidance)
@@ -92,30 +87,33 @@ def read_settings(model, prompts_text, steps, guidance, scheduler, seed, negativ
 class ModelInfo:
     name: str
     path: str
-    layers: list
-    params_total: int  # weight elements of the quantizable layers
-    bytes_fp16: int  # whole denoiser with floats in fp16
-    fixed_bytes: int  # the part that is not a quantizable weight
-    min_bits: float  # smallest feasible average weight bits (protected layers stay 16-bit)
-    min_mb: float
+    sizes: object  # engine.ModelSizes: layers, bytes, the feasible budget range
     image_size: tuple
     is_digits: bool
 
     @property
+    def layers(self) -> list:
+        return self.sizes.layers
+
+    @property
+    def min_bits(self) -> float:
+        return self.sizes.min_bits
+
+    @property
+    def min_mb(self) -> float:
+        return self.sizes.min_mb
+
+    @property
     def fp16_mb(self) -> float:
-        return self.bytes_fp16 / 1e6
+        return self.sizes.bytes_fp16 / 1e6
 
 
 @dataclass
 class CalibResult:
     settings: Settings
-    calib: object
-    sens: object
-    problems: dict  # "bits" | "mb" -> engine.Problem
-    lam: float
+    prepared: object  # engine.Prepared: quantizing with the same settings skips calibration + sensitivity
     curve: list
     seconds: dict
-    prepared: object = None  # engine.Prepared: quantizing with the same settings skips calibration + sensitivity
 
 
 @dataclass
@@ -143,10 +141,6 @@ def _resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MixQuantError("CUDA was asked for but is not available; start the demo with --device cpu")
     return name
-
-
-def _tensor_bytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def _sync(device):
@@ -194,30 +188,20 @@ class DemoBackend:
     @staticmethod
     def _model_info(pipe, name: str, path: str) -> ModelInfo:
         from ..quant import engine
-        from ..quant.roles import discover_layers
         from .models import DIGITS_DIR
 
         unet = pipe.unet
-        layers = discover_layers(unet)
-        if not layers:
-            raise MixQuantError(f"{name}: its denoiser has no Linear/Conv2d layers MixQuant can quantize.")
-        cfg = engine.QuantizeConfig(avg_w_bits=4)
-        params_total = sum(li.params for li in layers)
-        bytes_fp16 = sum(t.numel() * 2 if t.is_floating_point() else t.numel() * t.element_size()
-                         for t in unet.state_dict().values())
-        fixed = bytes_fp16 - sum(2 * li.params for li in layers)
-        menus = [engine.menu(li, cfg) for li in layers]
-        min_bits = sum(min(f.w_bits for f in m) * li.params for li, m in zip(layers, menus)) / params_total
-        min_bytes = sum(min(f.weight_bytes(li.out_features, li.in_features) for f in m)
-                        for li, m in zip(layers, menus))
+        try:
+            sizes = engine.model_sizes(unet)
+        except MixQuantError:
+            raise MixQuantError(f"{name}: its denoiser has no Linear/Conv2d layers MixQuant can quantize.") from None
         scale = getattr(pipe, "vae_scale_factor", 8)
         side = int(getattr(unet.config, "sample_size", 64)) * scale
         try:
             is_digits = os.path.samefile(path, DIGITS_DIR)
         except OSError:
             is_digits = False
-        return ModelInfo(name, path, layers, params_total, bytes_fp16, fixed, min_bits, (min_bytes + fixed) / 1e6,
-                         (side, side), is_digits)
+        return ModelInfo(name, path, sizes, (side, side), is_digits)
 
     def default_prompts(self, info: ModelInfo) -> list[str]:
         return DIGITS_PROMPTS if (info.is_digits or info.image_size[0] <= 32) else GENERIC_PROMPTS
@@ -238,9 +222,8 @@ class DemoBackend:
     def estimate(info: ModelInfo, unit: str, value: float) -> dict:
         """Size / bits of a budget before sensitivity is known (no scales counted: a lower bound)."""
         if unit == UNIT_MB:
-            bits = (value * 1e6 - info.fixed_bytes) * 8 / info.params_total
-            return {"mb": value, "avg_w_bits": bits}
-        return {"mb": (info.fixed_bytes + value / 8 * info.params_total) / 1e6, "avg_w_bits": value}
+            return {"mb": value, "avg_w_bits": info.sizes.bits_of_mb(value)}
+        return {"mb": info.sizes.mb_of_bits(value), "avg_w_bits": value}
 
     # calibration --------------------------------------------------------------------------------------------
     def _progress(self, callback):
@@ -265,22 +248,13 @@ class DemoBackend:
         pipe, info = self.pipeline(s.model)
         cfg = self._config(s)
         cfg.check()
-        prog = self._progress(progress)
         runner = PipelineRunner(pipe, s.sampler())
-        prepared = engine.prepare(runner, list(s.prompts), cfg, s.seeds, prog)
-        calib, sens = prepared.calib, prepared.sens
-        problems = {}
-        for key, unit, value in (("bits", UNIT_BITS, 8.0), ("mb", UNIT_MB, info.fp16_mb)):
-            problems[key] = engine.problem(info.layers, self._config(s, unit, value), calib, sens, pipe.unet)
-        lam = sorted(cfg.coupling)[len(cfg.coupling) // 2]  # the middle coupling until quantize picks one
-        curve = engine.quality_size_curve(problems["bits"], sens, lam, info.layers, calib.act_elements)
-        return CalibResult(s, calib, sens, problems, lam, curve,
-                           {**prepared.timings, "sensitivity_cached": sens.cached}, prepared)
+        prepared = engine.prepare(runner, list(s.prompts), cfg, s.seeds, self._progress(progress))
+        return CalibResult(s, prepared, prepared.curve(cfg),
+                           {**prepared.timings, "sensitivity_cached": prepared.sens.cached})
 
     def predict(self, info: ModelInfo, cal: CalibResult | None, unit: str, value: float) -> dict:
         """Predicted size (and quality, once sensitivity is known) of a budget."""
-        from ..quant import engine
-
         out = {"unit": unit, "value": value, "exact": False, **self.estimate(info, unit, value)}
         lowest = info.min_mb if unit == UNIT_MB else info.min_bits
         if value < lowest - 1e-9:
@@ -289,17 +263,12 @@ class DemoBackend:
             return out
         if cal is None:
             return out
-        problem = cal.problems["mb" if unit == UNIT_MB else "bits"]
-        cost = value * 1e6 - problem.fixed_bytes if unit == UNIT_MB else value * info.params_total
         try:
-            plan = problem.solve(cal.sens, cal.lam, cost)
+            pred = cal.prepared.what_if(self._config(cal.settings, unit, value))
         except MixQuantError as e:
             out["infeasible"] = str(e)
             return out
-        st = engine.plan_stats(info.layers, plan, cal.calib.act_elements)
-        pred = engine.predicted(problem, cal.sens, plan)
-        out.update(exact=True, mb=(st["weight_bytes"] + problem.fixed_bytes) / 1e6, avg_w_bits=st["avg_w_bits"],
-                   avg_a_bits=st["avg_a_bits"], predicted_ssim=pred["ssim"], predicted_sqnr_db=pred["sqnr_db"])
+        out.update(exact=True, **{k: v for k, v in pred.items() if k != "plan"})
         return out
 
     # quantize and compare -----------------------------------------------------------------------------------
@@ -341,7 +310,7 @@ class DemoBackend:
             "avg_w_bits": report["avg_w_bits"], "avg_a_bits": report["avg_a_bits"],
             "bytes_fp16": report["bytes_fp16"], "bytes_quantized": report["bytes_quantized"],
             "size_ratio": report["bytes_quantized"] / report["bytes_fp16"],
-            "memory_fp_bytes": _tensor_bytes(pipe.unet), "memory_quantized_bytes": _tensor_bytes(qpipe.unet),
+            "memory_fp_bytes": model_bytes(pipe.unet), "memory_quantized_bytes": model_bytes(qpipe.unet),
             "quality": {k: report["quality"].get(k) for k in
                         ("sqnr_db", "psnr_db", "ssim", "content_accuracy_fp", "content_accuracy",
                          "predicted_sqnr_db", "predicted_ssim")},
@@ -767,7 +736,7 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
         curve = res.report.get("curve") or []
         head = f"### FP vs quantized ({label}): same prompts, same seed ({s.seed})"
         return (st, head, to_gallery(fp_images, shown), to_gallery(q_images, shown),
-                numbers_markdown(numbers), bit_chart_image(res.report["layers"]), _json_ready(numbers),
+                numbers_markdown(numbers), bit_chart_image(res.report["layers"]), json_safe(numbers),
                 curve_image(curve, info, _as_quantized(res.report), proxy=s.sens_mode == "local"),
                 be.default_file_name(res))
 
@@ -880,16 +849,6 @@ def _as_quantized(report: dict) -> dict:
     size = sum(x["bytes"] for x in ly) + report["bytes_fp16"] - 2 * sum(x["params"] for x in ly)
     return {"exact": True, "mb": size / 1e6, "predicted_ssim": report["quality"].get("predicted_ssim", 0.0),
             "label": "quantized"}
-
-
-def _json_ready(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_ready(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_ready(v) for v in x]
-    return x
 
 
 __all__ = ["DemoBackend", "Settings", "build_app", "read_settings", "parse_prompts", "UNIT_BITS", "UNIT_MB",

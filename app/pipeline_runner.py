@@ -3,33 +3,10 @@ settings so that quant/ can record, probe and compare its UNet without knowing d
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
-
 import torch
 
-from ..quant.errors import MixQuantError
-from ..quant.runner import DenoiserRunner
+from ..quant.runner import DenoiserRunner, SamplerSettings
 from .diffusers_adapter import diffusers_timestep
-
-
-@dataclass
-class SamplerSettings:
-    steps: int = 8
-    guidance: float = 4.0
-    scheduler: str = "dpm"  # ddim | dpm | euler
-    width: int | None = None
-    height: int | None = None
-    negative_prompt: str = ""
-    batch_size: int = 64
-
-    def check(self):
-        if self.steps < 1:
-            raise MixQuantError("steps must be at least 1")
-        if self.guidance < 0:
-            raise MixQuantError("guidance must be >= 0")
-        for v in (self.width, self.height):
-            if v is not None and (v < 8 or v % 8):
-                raise MixQuantError("width and height must be multiples of 8")
 
 
 class PipelineRunner(DenoiserRunner):
@@ -43,9 +20,7 @@ class PipelineRunner(DenoiserRunner):
         self.max_batch = settings.batch_size  # sample() never splits a batch of this size
 
     def settings(self) -> dict:
-        d = asdict(self.s)
-        d.pop("batch_size")
-        return d
+        return self.s.trajectory()
 
     @torch.no_grad()
     def sample(self, prompts, seeds):

@@ -3,10 +3,11 @@ report (architecture.md)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
+
+from ..quant.util import json_safe
 
 
 def add_arguments(p):
@@ -40,19 +41,15 @@ def add_arguments(p):
 
 def read_prompts(args) -> list[str]:
     from ..quant.errors import MixQuantError
+    from ..quant.util import parse_prompts
 
     if args.prompts_file:
         try:
             with open(args.prompts_file, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+                return parse_prompts(f.read(), hint="--prompt or --prompts-file")
         except OSError as e:
             raise MixQuantError(f"cannot read the prompts file {args.prompts_file}: {e.strerror}") from None
-    else:
-        lines = args.prompt or []
-    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise MixQuantError("the prompt list is empty: give at least one prompt (--prompt or --prompts-file).")
-    return prompts
+    return parse_prompts(args.prompt or [], hint="--prompt or --prompts-file")
 
 
 def write_json_atomic(obj, path: str):
@@ -60,26 +57,12 @@ def write_json_atomic(obj, path: str):
     fd, tmp = tempfile.mkstemp(prefix=".mixquant-", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
+            json.dump(json_safe(obj), f, indent=1)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def json_safe(x):
-    """x with non-finite floats as "inf" / "-inf" / None, keys as strings, tuples as lists and any other object
-    as its str(): json.dump never fails on it."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
 
 
 def save_outputs(fp_unet, qunet, report: dict, out: str, report_path: str | None, model: str) -> int:

@@ -106,6 +106,8 @@ class LatentRunner(DenoiserRunner):
     """SD1.5-architecture UNet without text encoder / VAE (random weights): fixed random 77x768 contexts, an
     Euler loop over `steps` timesteps; the "images" are the final latents, min-max scaled to [0, 1]."""
 
+    max_batch = 1 << 16  # sample() runs every prompt in one batch
+
     def __init__(self, unet, steps=4, size=32):
         self.denoiser, self.steps, self.size = unet, steps, size
 

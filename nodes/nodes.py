@@ -18,9 +18,11 @@ from ..quant.errors import InterruptedRun, MixQuantError
 from ..quant.fileformat import fingerprint, load_quantized, read_header, same_base, save_quantized
 from ..quant.native import export_native, save_native, split_model
 from ..quant.runner import Progress
+from ..quant.util import json_safe, parse_prompts
 from . import patching
 from .planning import PlanResult, plan_from_calibration
-from .runner import ComfyRunner, SamplerSettings, interrupted
+from ..quant.runner import SamplerSettings
+from .runner import ComfyRunner, interrupted
 
 CATEGORY = "MixQuant"
 FOLDER = "mixquant"  # models/mixquant: our quantized files
@@ -127,10 +129,6 @@ def _interruptible(fn):
         raise mm.InterruptProcessingException() from None
 
 
-def parse_prompts(text: str) -> list[str]:
-    return [ln.strip() for ln in (text or "").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-
-
 # --- values passed between nodes -------------------------------------------------------------------------------------
 
 @dataclass
@@ -150,18 +148,6 @@ def _model_name(model) -> str:
         return type(model.model).__name__
     except AttributeError:
         return type(model).__name__
-
-
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
 
 
 # --- nodes -------------------------------------------------------------------------------------------------------------
@@ -203,7 +189,7 @@ class MixQuantCalibrate:
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompts=None, width=None, height=None):
-        if prompts is not None and not parse_prompts(prompts):
+        if prompts is not None and not parse_prompts(prompts, required=False):
             return "the prompt list is empty: write at least one prompt (one per line)."
         for name, v in (("width", width), ("height", height)):
             if v is not None and (v < 8 or v % 8):
@@ -215,10 +201,9 @@ class MixQuantCalibrate:
         from ..quant.calibration import calibrate
 
         plist = parse_prompts(prompts)
-        if not plist:
-            raise MixQuantError("the prompt list is empty: write at least one prompt (one per line).")
-        settings = SamplerSettings(int(steps), float(cfg), sampler_name, scheduler, int(width), int(height),
-                                   negative or "")
+        settings = SamplerSettings(steps=int(steps), guidance=float(cfg), scheduler=scheduler,
+                                   sampler_name=sampler_name, width=int(width), height=int(height),
+                                   negative_prompt=negative or "")
         runner = ComfyRunner(model, clip, settings, vae)
         base_fp = fingerprint(patching.fp_view(model))
         runner.load()
@@ -272,12 +257,10 @@ class MixQuantPlan:
         bits = budget_kind == BUDGET_KINDS[0]
         cfg = QuantizeConfig(avg_w_bits=float(budget) if bits else None, budget_mb=None if bits else float(budget),
                              a_bits=int(activation_bits), target=target, act_groups=calibration.calib.n_groups,
-                             bos=target != "comfyui-native")  # BOS handling has no native form
-        if hasattr(cfg, "sens_mode"):
-            cfg.sens_mode = sensitivity
+                             bos=target != "comfyui-native",  # BOS handling has no native form
+                             sens_mode=sensitivity)
         runner = calibration.runner
-        if hasattr(runner, "load"):
-            runner.load()
+        runner.load()
 
         def go():
             return (plan_from_calibration(runner, calibration.calib, cfg, comfy_progress(unique_id),
@@ -316,7 +299,7 @@ def quantize_from_plan(model, plan: PlanResult):
 def patched_clone_checked(model, layers, info, bounds):
     if patching.quantized_layers(model):
         raise MixQuantError("this MODEL is already quantized: connect the full-precision MODEL.")
-    return patching.patched_clone(model, layers, _json_safe(info), bounds)
+    return patching.patched_clone(model, layers, json_safe(info), bounds)
 
 
 class MixQuantQuantizeModel:
@@ -365,7 +348,7 @@ def architecture_of(model) -> dict:
     arch = {"library": "comfyui", "class": type(dm).__name__, "base_model": _model_name(model)}
     cfg = getattr(getattr(model.model, "model_config", None), "unet_config", None)
     if isinstance(cfg, dict):
-        arch["unet_config"] = _json_safe(cfg)
+        arch["unet_config"] = json_safe(cfg)
     return arch
 
 
@@ -389,7 +372,7 @@ class MixQuantSaveQuantized:
                  "model": _model_name(model)}
         size = save_quantized(view, path, architecture=architecture_of(model),
                               base_fingerprint=info.get("base_fingerprint") or fingerprint(patching.fp_view(model)),
-                              extra=_json_safe(extra))
+                              extra=json_safe(extra))
         text = f"saved {os.path.basename(path)} ({size / 1e6:.2f} MB, {len(layers)} quantized layers)"
         return {"ui": {"text": [text]}, "result": ()}
 
@@ -607,7 +590,7 @@ def block_of(name: str) -> str:
 
 def _report_summary(report: dict) -> dict:
     keys = ("model", "target", "avg_w_bits", "avg_a_bits", "bytes_fp16", "bytes_quantized", "quality", "act_groups")
-    return _json_safe({k: report.get(k) for k in keys if k in report})
+    return json_safe({k: report.get(k) for k in keys if k in report})
 
 
 def report_view(report: dict) -> dict:
@@ -626,7 +609,7 @@ def report_view(report: dict) -> dict:
                    "bytes": b["bytes"], "layers": b["layers"], "formats": b["formats"]} for b in blocks.values()]
     layers = [{k: li.get(k) for k in ("name", "role", "w_bits", "a_bits", "format", "params", "bytes")}
               for li in report.get("layers", [])]
-    return _json_safe({"summary": _report_summary(report), "blocks": out_blocks, "layers": layers,
+    return json_safe({"summary": _report_summary(report), "blocks": out_blocks, "layers": layers,
                        "curve": report.get("curve", [])})
 
 
@@ -661,8 +644,9 @@ class MixQuantReport:
             raise MixQuantError("connect the output of MixQuant Plan.")
         view = report_view(plan.report)
         text = report_text(plan.report)
-        full = json.dumps(_json_safe(plan.report))
+        full = json.dumps(json_safe(plan.report))
         return {"ui": {"mixquant_report": [view], "text": [text]}, "result": (full,)}
+
 
 
 NODE_CLASS_MAPPINGS = {
@@ -686,4 +670,3 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MixQuantKSampler": "KSampler (MixQuant)",
     "MixQuantReport": "MixQuant Report",
 }
-

@@ -18,10 +18,10 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..quant.apply import quantize_model, tensor_bytes
+from ..quant.apply import quantize_model
 from ..quant.errors import MixQuantError
-from ..quant.layers import QuantLayer, set_act_group
-from ..quant.roles import quantizable
+from ..quant.layers import QuantLayer, act_group_at, set_act_group
+from ..quant.sizes import model_bytes
 
 PREFIX = "diffusion_model."
 OPTIONS_KEY = "mixquant"  # model_options entry: JSON-safe facts about the quantized MODEL (deep-copied by clone)
@@ -125,7 +125,7 @@ def act_group_wrapper(layers: list, bounds: list[float], model_sampling, previou
         sigma = args["timestep"]
         t = float(torch.as_tensor(model_sampling.timestep(sigma)).reshape(-1)[0]) if model_sampling is not None \
             else float(torch.as_tensor(sigma).reshape(-1)[0])
-        g = next((i for i, b in enumerate(bounds) if t >= b), len(bounds) - 1)
+        g = act_group_at(bounds, t)
         for m in layers:
             m.act_group = g
         if previous is not None:
@@ -147,11 +147,11 @@ def patched_clone(model, layers: dict, info: dict, group_bounds=None):
         out.add_object_patch(PREFIX + name, q)
         try:
             src = resolve(model, name)
-            before += tensor_bytes(src.state_dict(keep_vars=True).values())
+            before += model_bytes(src)
         except AttributeError:
             pass
         after += q.storage_bytes()
-    fp_size = model.model_size() if hasattr(model, "model_size") else tensor_bytes(dm.state_dict().values())
+    fp_size = model.model_size() if hasattr(model, "model_size") else model_bytes(dm)
     if hasattr(out, "size"):
         out.size = max(1, int(fp_size - before + after))  # what ComfyUI's memory estimates use
     opts = getattr(out, "model_options", None)
@@ -167,6 +167,3 @@ def patched_clone(model, layers: dict, info: dict, group_bounds=None):
                 set_act_group(q, 0)
     return out
 
-
-def discover_names(view: nn.Module) -> list[str]:
-    return [n for n, m in view.named_modules() if quantizable(m) is not None]

@@ -1,7 +1,5 @@
-"""Plan from an existing calibration: quant/engine.run's sensitivity -> allocation -> report steps, without the
-calibration before them (the Calibrate node ran it) and without quantizing after them (the Quantize node does).
-The allocation itself (MILP + coupling sweep) is engine.allocate, the same function engine.run calls. Nothing here
-touches ComfyUI.
+"""Plan from an existing calibration (the Calibrate node ran it; the Quantize node quantizes after): quant/engine's
+prepare (sensitivity only) -> plan -> report, the same calls `engine.run` makes. Nothing here touches ComfyUI.
 """
 from __future__ import annotations
 
@@ -10,12 +8,8 @@ from dataclasses import dataclass, field
 
 from ..quant import engine
 from ..quant.calibration import Calibration
-from ..quant.errors import MixQuantError
 from ..quant.fileformat import fingerprint
-from ..quant.formats import LayerFormat
-from ..quant.roles import discover_layers
 from ..quant.runner import DenoiserRunner, Progress
-from ..quant.sensitivity import measure_sensitivity
 
 
 @dataclass
@@ -37,35 +31,17 @@ class PlanResult:
 def plan_from_calibration(runner: DenoiserRunner, calib: Calibration, cfg: engine.QuantizeConfig,
                           progress: Progress | None = None, model_name: str = "",
                           base_fingerprint: dict | None = None) -> PlanResult:
-    """Sensitivity (cached on disk) -> MILP allocation with the content/quality coupling sweep -> report. The
-    runner's denoiser is swapped only temporarily (every swap is undone)."""
+    """Sensitivity (cached on disk) -> MILP allocation with the content/quality coupling sweep -> report (with the
+    predicted quantized size; Quantize measures it). The runner's denoiser is swapped only temporarily."""
     cfg.check()
-    progress = progress or Progress()
-    model = runner.denoiser
     t_start = time.time()
-    layers = discover_layers(model)
-    if not layers:
-        raise MixQuantError("this model has no Linear/Conv2d layers MixQuant can quantize.")
-    base_fingerprint = base_fingerprint or fingerprint(model)
-    w_menu, a_menu, layers_s = engine.menus(cfg, layers)
-    sens = measure_sensitivity(runner, calib, layers_s, w_menu, a_menu, base_fingerprint["id"], cfg.sens_calls,
-                               cfg.sens_prompts, engine.use_bos(cfg), cfg.cache_dir, progress, mode=cfg.sens_mode,
-                               search=engine.measure_search(cfg))
-    n_eval = min(cfg.sens_prompts, len(calib.prompts))
-    ref = calib.fp_images[:n_eval] if calib.fp_images is not None and len(calib.fp_images) >= n_eval else None
-    alloc = engine.allocate(runner, calib, sens, cfg, layers, progress, ref=ref)
-    plan = alloc.plan
-    progress.check()
-    report = engine.build_report(model_name, cfg, layers, plan, model, model, calib, sens, alloc.problem,
-                                 alloc.candidates, alloc.content_weight, alloc.curve,
-                                 {"sensitivity": sens.seconds if not sens.cached else 0.0,
-                                  "allocate": alloc.seconds, "total": time.time() - t_start}, alloc.search)
-    st = engine.plan_stats(layers, plan, calib.act_elements)
-    report["bytes_quantized"] = int(alloc.problem.fixed_bytes + st["weight_bytes"])  # predicted; Quantize measures it
-    report["bytes_quantized_predicted"] = True
-    bounds = calib.group_bounds() if calib.n_groups > 1 else []
-    bos = calib.bos() if engine.use_bos(cfg) else {}
-    return PlanResult(plan, calib.ranges(),
-                      {k: v for k, v in bos.items() if not plan.get(k, LayerFormat(16, 16)).is_float},
-                      bounds, base_fingerprint, report,
+    base_fingerprint = base_fingerprint or fingerprint(runner.denoiser)
+    prepared = engine.prepare(runner, calib.prompts, cfg, calib.seeds, progress, calibration=calib,
+                              fingerprint_id=base_fingerprint["id"])
+    alloc = engine.plan(runner, prepared, cfg, progress)
+    (progress or Progress()).check()
+    report = engine.report(prepared, alloc, cfg, runner.denoiser, model_name=model_name,
+                           timings={"sensitivity": prepared.timings["sensitivity"], "allocate": alloc.seconds,
+                                    "total": time.time() - t_start})
+    return PlanResult(alloc.plan, alloc.ranges, alloc.bos, alloc.group_bounds, base_fingerprint, report,
                       {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}, alloc.search)

@@ -5,31 +5,10 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from dataclasses import asdict, dataclass
-
 import torch
 
 from ..quant.errors import MixQuantError
-from ..quant.runner import DenoiserRunner
-
-
-@dataclass
-class SamplerSettings:
-    steps: int = 8
-    cfg: float = 7.0
-    sampler_name: str = "euler"
-    scheduler: str = "normal"
-    width: int = 512
-    height: int = 512
-    negative: str = ""
-
-    def check(self):
-        if self.steps < 1:
-            raise MixQuantError("steps must be at least 1")
-        if self.cfg < 0:
-            raise MixQuantError("cfg must be >= 0")
-        if self.width < 8 or self.height < 8 or self.width % 8 or self.height % 8:
-            raise MixQuantError("width and height must be multiples of 8 (at least 8)")
+from ..quant.runner import DenoiserRunner, SamplerSettings
 
 
 def _module_id(m: torch.nn.Module) -> str:
@@ -58,6 +37,8 @@ class ComfyRunner(DenoiserRunner):
 
     def __init__(self, model, clip, settings: SamplerSettings, vae=None):
         settings.check()
+        if settings.width is None or settings.height is None or not settings.sampler_name:
+            raise MixQuantError("give the sampler name, width and height of the ComfyUI sampler.")
         if clip is None:
             raise MixQuantError("connect a CLIP (from the checkpoint loader): calibration encodes your prompts.")
         self.model, self.clip, self.vae, self.s = model, clip, vae, settings
@@ -68,7 +49,7 @@ class ComfyRunner(DenoiserRunner):
 
     # --- what quant/ asks -------------------------------------------------------------------------------------------
     def settings(self) -> dict:
-        d = asdict(self.s)
+        d = self.s.trajectory()
         d["clip"] = self.clip_id()
         d["vae"] = type(self.vae).__name__ if self.vae is not None else "latent-rgb"
         patches = getattr(self.model, "patches", {})
@@ -147,7 +128,7 @@ class ComfyRunner(DenoiserRunner):
         import comfy.sample
 
         out = []
-        neg = self._encode(self.s.negative)
+        neg = self._encode(self.s.negative_prompt)
         channels = getattr(model.model.latent_format, "latent_channels", 4)
         for prompt, seed in zip(prompts, seeds):
             mm.throw_exception_if_processing_interrupted()
@@ -160,7 +141,7 @@ class ComfyRunner(DenoiserRunner):
                 if _cb is not None:
                     _cb(step, total)
 
-            samples = comfy.sample.sample(model, noise, self.s.steps, self.s.cfg, self.s.sampler_name,
+            samples = comfy.sample.sample(model, noise, self.s.steps, self.s.guidance, self.s.sampler_name,
                                           self.s.scheduler, self._encode(prompt), neg, latent, denoise=1.0,
                                           callback=cb, disable_pbar=True, seed=int(seed))
             out.append(samples)

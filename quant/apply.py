@@ -9,8 +9,9 @@ import torch.nn as nn
 
 from .errors import MixQuantError
 from .formats import LayerFormat, as_format
-from .layers import QuantConv2d, QuantLayer, QuantLinear
+from .layers import QuantConv2d, QuantLayer, QuantLinear, attach_act_group_switch
 from .roles import quantizable
+from .sizes import model_bytes, tensor_bytes  # noqa: F401  (tensor_bytes: the counters' public face here too)
 
 
 @dataclass
@@ -31,27 +32,24 @@ class QuantStats:
     model_bytes: int = 0  # the whole returned model
 
 
-def tensor_bytes(tensors) -> int:
-    """Real bytes of the distinct storages behind `tensors` (shared storage counted once)."""
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None:
-            continue
-        st = t.untyped_storage()
-        key = (st.data_ptr(), st.device.type) if st.data_ptr() else id(st)
-        if key not in seen:
-            seen.add(key)
-            total += st.nbytes()
-    return total
-
-
-def model_bytes(model: nn.Module) -> int:
-    return tensor_bytes(model.state_dict(keep_vars=True).values())
-
-
-def _get_parent(model: nn.Module, name: str):
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` inside `model` (the one place a layer is swapped)."""
     parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def quantized_layer(src: nn.Module, fmt: LayerFormat, *, mode: str = "packed", search: str = "auto",
+                    act_range: ActRange | None = None, bos: torch.Tensor | None = None) -> QuantLayer:
+    """The quantized version of one Linear/Conv2d (the one place a quantized layer is built from a float one): its
+    static activation range when the format has one, and for a Linear the BOS embedding whose output is then
+    computed in full precision."""
+    q = (QuantLinear if isinstance(src, nn.Linear) else QuantConv2d).from_float(src, fmt, mode=mode, search=search)
+    if act_range is not None and fmt.a_bits < 16 and fmt.a_mode == "static":
+        q.set_act_range(act_range.lo, act_range.hi, act_range.split)
+    if bos is not None and isinstance(q, QuantLinear):
+        q.set_bos(bos, src.weight.detach())
+    return q
 
 
 def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None, inplace: bool = False,
@@ -82,21 +80,12 @@ def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None,
     stats = QuantStats()
     new = {}
     for name, fmt in formats.items():
-        if fmt.is_float:
-            continue
-        src = tmods[name]
-        cls = QuantLinear if isinstance(src, nn.Linear) else QuantConv2d
-        q = cls.from_float(src, fmt, mode=mode, search=search)
-        if name in act_ranges and fmt.a_bits < 16 and fmt.a_mode == "static":
-            r = act_ranges[name]
-            q.set_act_range(r.lo, r.hi, r.split)
-        if name in bos and isinstance(q, QuantLinear):
-            q.set_bos(bos[name], src.weight.detach())
-        new[name] = q
+        if not fmt.is_float:
+            new[name] = quantized_layer(tmods[name], fmt, mode=mode, search=search, act_range=act_ranges.get(name),
+                                        bos=bos.get(name))
     for name, q in new.items():  # all built: now swap (nothing above touched `target`)
-        before = tensor_bytes(tmods[name].state_dict(keep_vars=True).values())
-        parent, attr = _get_parent(target, name)
-        setattr(parent, attr, q)
+        before = model_bytes(tmods[name])
+        set_submodule(target, name, q)
         stats.layers[name] = {"format": q.fmt.name, "bytes": q.storage_bytes(), "bytes_before": before,
                               "params": q.n * q.k}
         stats.bytes_before += before
@@ -110,3 +99,16 @@ def uniform_plan(layers, fmt, skip_protected: bool = True, kinds=("linear", "con
     fmt = as_format(fmt)
     return {li.name: (LayerFormat(16, 16) if (li.protected and skip_protected) else fmt)
             for li in layers if li.kind in kinds}
+
+
+def quantize_(model: nn.Module, plan: dict, calibration=None, *, bos: bool = True, search: str = "auto") -> QuantStats:
+    """torchao-style, in place: swap `model`'s layers for the quantized ones of `plan` (layer name -> format) with
+    the static activation ranges and BOS embeddings `calibration` (a quant.calibration.Calibration) observed, and
+    the per-timestep switch of activation ranges when it has several timestep groups. Everything is checked before
+    any layer is swapped."""
+    ranges = calibration.ranges() if calibration is not None else {}
+    bos_map = calibration.bos() if calibration is not None and bos else {}
+    _, stats = quantize_model(model, plan, ranges, inplace=True, search=search, bos=bos_map)
+    if calibration is not None and calibration.n_groups > 1:
+        attach_act_group_switch(model, calibration.group_bounds(), calibration.timestep_fn)
+    return stats

@@ -138,6 +138,7 @@ class Calibration:
     fp_images: torch.Tensor | None = None
     range_method: str = "minmax"
     act_elements: dict = field(default_factory=dict)  # layer -> input elements per sampling run
+    timestep_fn: Callable | None = None  # reads a denoiser call's timestep (the runner's timestep_of)
 
     def ranges(self, split: bool = True) -> dict[str, ActRange]:
         return {n: o.result(self.range_method, split) for n, o in self.observers.items() if o.calls}
@@ -173,8 +174,7 @@ def calibrate(runner: DenoiserRunner, prompts: list[str], seeds: list[int] | Non
         raise MixQuantError(f"unknown range method {range_method!r}: use minmax or percentile")
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     progress = progress or Progress()
-    expected = getattr(runner, "expected_calls", lambda n: 0)(len(prompts))
-    progress.start(expected or 1, "calibrating")  # may raise InterruptedRun: before any hook is registered
+    progress.start(runner.expected_calls(len(prompts)) or 1, "calibrating")  # may raise InterruptedRun: before any hook is registered
     state = {"group": 0}
     observers: dict[str, RangeObserver] = {}
     handles = []
@@ -188,7 +188,7 @@ def calibrate(runner: DenoiserRunner, prompts: list[str], seeds: list[int] | Non
                                               track_bos=bool(_BOS_LAYER.search(name)))
         handles.append(m.register_forward_pre_hook(lambda mod, args, o=obs: o.update(args[0], state["group"])))
     # the runner knows its schedule up front, so each call lands in its timestep group as it happens
-    schedule = getattr(runner, "timesteps", lambda: None)()
+    schedule = runner.timesteps()
     gmap = timestep_groups([DenoiserCall((), {}, float(t), 0) for t in schedule], n_groups) if schedule else None
 
     def on_call(c: DenoiserCall):
@@ -196,14 +196,14 @@ def calibrate(runner: DenoiserRunner, prompts: list[str], seeds: list[int] | Non
         state["group"] = gmap.get(c.timestep, 0) if gmap else 0
 
     try:
-        calls = capture_calls(runner, prompts, seeds, on_call=on_call)
+        calls, fp_images = capture_calls(runner, prompts, seeds, on_call=on_call)
     finally:
         for h in handles:
             h.remove()
     groups = gmap or timestep_groups(calls, 1)
     act_elements = {n: o.elements for n, o in observers.items()}
     return Calibration(calls, observers, groups, max(groups.values()) + 1, prompts, seeds, runner.settings(),
-                       getattr(runner, "_last_fp_images", None), range_method, act_elements)
+                       fp_images, range_method, act_elements, runner.timestep_of)
 
 
 def collect_act_ranges(model: nn.Module, run: Callable[[], None], names=None) -> dict[str, ActRange]:

@@ -1,11 +1,19 @@
-"""The whole method in one call: calibrate on the prompts -> measure sensitivity (cached) -> allocate bits by
-integer programming under the budget (with MixDQ's content/quality coupling sweep) -> quantize -> report.
+"""quant/'s one entry point: every host (the CLI and Python API, the ComfyUI nodes, the Gradio app) calls these and
+none re-assembles the steps.
+
+    prepared = prepare(runner, prompts, cfg)          # calibrate on the prompts + measure sensitivity (cached on disk)
+    prepared.what_if(cfg) / prepared.curve(cfg)       # a budget's predicted size and quality, no sampling (UI)
+    alloc = plan(runner, prepared, cfg)               # bits per layer by integer programming under cfg's budget
+    qmodel, stats = quantize(runner.denoiser, alloc, prepared.calib)   # a quantized copy
+    rep = report(prepared, alloc, cfg, runner.denoiser, qmodel)        # the report JSON of architecture.md
+    qmodel, rep, calib = run(runner, prompts, cfg)     # all of the above
 
 Configs are data (QuantizeConfig); the sampler comes in through a DenoiserRunner; nothing here knows diffusers or
 ComfyUI. The runner's denoiser is never modified: the result is a quantized copy.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,19 +22,19 @@ import torch
 import torch.nn as nn
 
 from .allocate import Option, solve
-from .apply import quantize_model
+from .apply import QuantStats, quantize_, quantized_layer, set_submodule
 from .calibration import Calibration, calibrate
 from .errors import MixQuantError
 from .fileformat import fingerprint
 from .formats import LayerFormat
-from .layers import QuantConv2d, QuantLinear, attach_act_group_switch, set_act_group
+from .layers import attach_act_group_switch
 from .roles import LayerInfo, discover_layers
 from .runner import DenoiserRunner, Progress
 from .sensitivity import Sensitivity, content_ssim, measure_sensitivity
+from .sizes import deploy_bytes, fp16_bytes
 
 TARGETS = ("mixquant", "comfyui-native")
 WEIGHT_SEARCHES = ("best", "mse", "minmax")
-_RANGE_BUFFERS = ("input_scale", "input_zero", "bos_in", "bos_out")
 
 
 @dataclass
@@ -118,23 +126,6 @@ def joint_loss(sens: Sensitivity, name: str, f: LayerFormat) -> float:
     return loss
 
 
-def _fp16_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * 2 if t.is_floating_point() else t.numel() * t.element_size()
-               for t in model.state_dict().values())
-
-
-def deploy_bytes(model: nn.Module) -> int:
-    """Real bytes of the model's tensors as deployed: packed blobs as stored, float weights/biases in fp16,
-    activation ranges and BOS vectors in fp32."""
-    total = 0
-    for k, t in model.state_dict().items():
-        if t.is_floating_point() and not k.endswith(_RANGE_BUFFERS):
-            total += t.numel() * 2
-        else:
-            total += t.numel() * t.element_size()
-    return total
-
-
 @dataclass
 class Problem:
     layers: list[LayerInfo]
@@ -179,7 +170,7 @@ def problem(layers, cfg: QuantizeConfig, calib: Calibration, sens: Sensitivity, 
     options = [menu(li, cfg) for li in layers]
     params_total = sum(li.params for li in layers)
     use_bytes = cfg.budget_mb is not None
-    fixed = _fp16_bytes(model) - sum(2 * li.params for li in layers)
+    fixed = fp16_bytes(model) - sum(2 * li.params for li in layers)
     budget = (cfg.budget_mb * 1e6 - fixed) if use_bytes else cfg.avg_w_bits * params_total
     norms = {}
     for role in ("content", "quality"):
@@ -208,28 +199,18 @@ class _Swap:
                 if f.is_float:
                     continue
                 src = mods[name]
-                cls = QuantLinear if isinstance(src, nn.Linear) else QuantConv2d
-                q = cls.from_float(src, f, mode="simulate", search=self.search)
-                r = self.ranges.get(name)
-                if r is not None and f.a_bits < 16 and f.a_mode == "static":
-                    q.set_act_range(r.lo, r.hi, r.split)
-                if name in self.bos and isinstance(q, QuantLinear):
-                    q.set_bos(self.bos[name], src.weight.detach())
-                self._set(name, q)
+                q = quantized_layer(src, f, mode="simulate", search=self.search, act_range=self.ranges.get(name),
+                                    bos=self.bos.get(name))
+                set_submodule(self.model, name, q)
                 self.saved[name] = src
         except BaseException:
             self.__exit__()
             raise
         return self
 
-    def _set(self, name, m):
-        parent_name, _, attr = name.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        setattr(parent, attr, m)
-
     def __exit__(self, *exc):
         for name, src in self.saved.items():
-            self._set(name, src)
+            set_submodule(self.model, name, src)
         self.saved = {}
 
 
@@ -299,6 +280,46 @@ def menus(cfg: QuantizeConfig, layers: list[LayerInfo]):
 
 
 @dataclass
+class ModelSizes:
+    """A denoiser's sizes before anything is measured: what a budget slider needs (bits <-> MB, the feasible
+    range). Sizes are bytes with the float part in fp16; a bits budget counts the weights of the quantizable
+    layers only."""
+    layers: list
+    params_total: int  # weight elements of the quantizable layers
+    bytes_fp16: int  # the whole denoiser with floats in fp16
+    fixed_bytes: int  # the part that is not a quantizable weight
+    min_bits: float  # smallest feasible average weight bits (protected layers stay 16-bit)
+    min_mb: float  # smallest feasible size
+
+    def mb_of_bits(self, bits: float) -> float:
+        """The size at an average of `bits` weight bits (scales and zero points not counted: a lower bound)."""
+        return (self.fixed_bytes + bits / 8 * self.params_total) / 1e6
+
+    def bits_of_mb(self, mb: float) -> float:
+        return (mb * 1e6 - self.fixed_bytes) * 8 / self.params_total
+
+
+def model_sizes(model: nn.Module, cfg: QuantizeConfig | None = None) -> ModelSizes:
+    """The sizes of `model` and the smallest budget the menus of `cfg` (default: the default config) can meet."""
+    layers = discover_layers(model)
+    if not layers:
+        raise MixQuantError("this model has no Linear/Conv2d layers MixQuant can quantize.")
+    cfg = cfg or QuantizeConfig(avg_w_bits=4)
+    params_total = sum(li.params for li in layers)
+    total = fp16_bytes(model)
+    fixed = total - sum(2 * li.params for li in layers)
+    menus_ = [menu(li, cfg) for li in layers]
+    min_bits = sum(min(f.w_bits for f in m) * li.params for li, m in zip(layers, menus_)) / params_total
+    min_bytes = sum(min(f.weight_bytes(li.out_features, li.in_features) for f in m) for li, m in zip(layers, menus_))
+    return ModelSizes(layers, params_total, total, fixed, min_bits, (min_bytes + fixed) / 1e6)
+
+
+def middle_coupling(cfg: QuantizeConfig) -> float:
+    """The content/quality coupling used for predictions before `plan` has chosen one."""
+    return sorted(cfg.coupling)[len(cfg.coupling) // 2]
+
+
+@dataclass
 class Prepared:
     """What calibration and sensitivity measurement produced: reusable for any budget with the same prompts,
     sampler settings and menus (e.g. moving a budget slider)."""
@@ -308,9 +329,31 @@ class Prepared:
     fingerprint_id: str
     key: dict
     timings: dict
+    model: nn.Module | None = None  # the FP denoiser it was measured on
+    fp_images: torch.Tensor | None = None  # FP images of the first prompts when at hand (plan compares with them)
 
     def matches(self, prompts, seeds, settings: dict, cfg: QuantizeConfig) -> bool:
         return self.key == _prepared_key(prompts, seeds, settings, cfg)
+
+    def problem(self, cfg: QuantizeConfig) -> Problem:
+        return problem(self.layers, cfg, self.calib, self.sens, self.model)
+
+    def what_if(self, cfg: QuantizeConfig, content_weight: float | None = None) -> dict:
+        """The plan the integer program picks at cfg's budget (no sampling): its size in MB, average bits and
+        predicted quality. Raises MixQuantError when the budget cannot be met."""
+        prob = self.problem(cfg)
+        check_budget(prob, cfg, self.layers)
+        plan_ = prob.solve(self.sens, middle_coupling(cfg) if content_weight is None else content_weight)
+        st = plan_stats(self.layers, plan_, self.calib.act_elements)
+        pred = predicted(prob, self.sens, plan_)
+        return {"mb": (st["weight_bytes"] + prob.fixed_bytes) / 1e6, "avg_w_bits": st["avg_w_bits"],
+                "avg_a_bits": st["avg_a_bits"], "predicted_ssim": pred["ssim"], "predicted_sqnr_db": pred["sqnr_db"],
+                "plan": plan_}
+
+    def curve(self, cfg: QuantizeConfig, content_weight: float | None = None) -> list[dict]:
+        """The predicted quality/size curve over a sweep of budgets (one MILP each, no sampling)."""
+        lam = middle_coupling(cfg) if content_weight is None else content_weight
+        return quality_size_curve(self.problem(cfg), self.sens, lam, self.layers, self.calib.act_elements)
 
 
 def _prepared_key(prompts, seeds, settings, cfg: QuantizeConfig) -> dict:
@@ -321,28 +364,39 @@ def _prepared_key(prompts, seeds, settings, cfg: QuantizeConfig) -> dict:
 
 
 def prepare(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: list[int] | None = None,
-            progress: Progress | None = None) -> Prepared:
-    """Calibrate on the prompts and measure (or load from the cache) every layer's sensitivity."""
+            progress: Progress | None = None, *, calibration: Calibration | None = None,
+            fingerprint_id: str | None = None) -> Prepared:
+    """Calibrate on the prompts and measure (or load from the cache) every layer's sensitivity. `calibration`: one
+    already made on the same runner (ComfyUI's Calibrate node), whose prompts, seeds and FP images are then used;
+    `fingerprint_id`: the FP model's fingerprint when already known (sensitivity cache key)."""
     progress = progress or Progress()
     model = runner.denoiser
     layers = discover_layers(model)
     if not layers:
         raise MixQuantError("this model has no Linear/Conv2d layers MixQuant can quantize.")
-    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
-    fp_id = fingerprint(model)["id"]
+    fp_id = fingerprint_id or fingerprint(model)["id"]
     t0 = time.time()
-    calib = calibrate(runner, prompts, seeds, cfg.act_groups, cfg.range_method, progress=progress)
-    t_cal = time.time() - t0
+    fp_images = None
+    if calibration is None:
+        seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+        calib = calibrate(runner, prompts, seeds, cfg.act_groups, cfg.range_method, progress=progress)
+    else:
+        calib, prompts, seeds = calibration, calibration.prompts, calibration.seeds
+        n_eval = min(cfg.sens_prompts, len(calib.prompts))
+        if calib.fp_images is not None and len(calib.fp_images) >= n_eval:
+            fp_images = calib.fp_images[:n_eval]
+    t_cal = time.time() - t0 if calibration is None else 0.0
     w_menu, a_menu, layers_s = menus(cfg, layers)
     sens = measure_sensitivity(runner, calib, layers_s, w_menu, a_menu, fp_id, cfg.sens_calls, cfg.sens_prompts,
                                use_bos(cfg), cfg.cache_dir, progress, mode=cfg.sens_mode,
                                search=measure_search(cfg))
     return Prepared(layers, calib, sens, fp_id, _prepared_key(prompts, seeds, runner.settings(), cfg),
-                    {"calibrate": t_cal, "sensitivity": 0.0 if sens.cached else sens.seconds})
+                    {"calibrate": t_cal, "sensitivity": 0.0 if sens.cached else sens.seconds}, model, fp_images)
 
 
 @dataclass
 class Allocation:
+    """A plan: the format of every layer and what quantizing with it needs besides the weights."""
     plan: dict  # layer name -> LayerFormat
     content_weight: float  # the coupling chosen
     search: str  # the weight range search to quantize with (quantize_weight's: "auto" or "minmax")
@@ -350,6 +404,12 @@ class Allocation:
     curve: list  # the predicted quality/size curve at the chosen coupling
     problem: Problem
     seconds: float
+    ranges: dict = field(default_factory=dict)  # layer -> ActRange: static activation ranges (calibrated)
+    bos: dict = field(default_factory=dict)  # quantized to_k/to_v -> BOS embedding computed in full precision
+    group_bounds: list = field(default_factory=list)  # lowest timestep of each activation group; [] = one group
+
+    def quantized_names(self) -> list[str]:
+        return [n for n, f in self.plan.items() if not f.is_float]
 
 
 def _best(candidates: list) -> dict:
@@ -359,13 +419,15 @@ def _best(candidates: list) -> dict:
                                           -c["content_weight"], c["weight_search"] == "mse"))
 
 
-def allocate(runner: DenoiserRunner, calib: Calibration, sens: Sensitivity, cfg: QuantizeConfig, layers: list,
-             progress: Progress | None = None, ref: torch.Tensor | None = None) -> Allocation:
+def plan(runner: DenoiserRunner, prepared: Prepared, cfg: QuantizeConfig,
+         progress: Progress | None = None) -> Allocation:
     """Bits per layer (MixDQ §5): the MILP under the budget at each content/quality coupling of `cfg.coupling`, each
     plan's images compared with FP on the first prompts, the closest kept; with weight_search="best" that plan is
-    tried once more with min-max weight ranges. `ref`: the FP images of those prompts when already at hand. The
-    runner's denoiser is only swapped temporarily (every swap is undone)."""
+    tried once more with min-max weight ranges. The runner's denoiser is only swapped temporarily (every swap is
+    undone)."""
+    cfg.check()
     progress = progress or Progress()
+    layers, calib, sens = prepared.layers, prepared.calib, prepared.sens
     model = runner.denoiser
     t0 = time.time()
     prob = problem(layers, cfg, calib, sens, model)
@@ -379,29 +441,29 @@ def allocate(runner: DenoiserRunner, calib: Calibration, sens: Sensitivity, cfg:
     single = len(cfg.coupling) == 1 and not retry  # nothing to choose between: no sampling
     progress.start(len(cfg.coupling) + 1 + retry, "allocating bits")
     candidates, seen = [], {}
+    ref = prepared.fp_images
     with torch.no_grad():
         if ref is None and not single:
             ref = runner.sample(ev_prompts, ev_seeds)
         progress.tick()
-        switch = model.register_forward_pre_hook(
-            lambda mod, args, kwargs: set_act_group(mod, calib.group_of(float(runner.timestep_of(args, kwargs)))),
-            with_kwargs=True) if calib.n_groups > 1 else None
+        switch = attach_act_group_switch(model, calib.group_bounds(), runner.timestep_of, remember=False) \
+            if calib.n_groups > 1 else None
         try:
-            def trial(plan, how):
-                key = (how, tuple(sorted((k, v.name) for k, v in plan.items())))
+            def trial(plan_, how):
+                key = (how, tuple(sorted((k, v.name) for k, v in plan_.items())))
                 if key not in seen:  # the same plan from two ratios is evaluated once
                     if single:
                         seen[key] = float("nan")
                     else:
-                        with _Swap(model, plan, ranges, bos, how):
+                        with _Swap(model, plan_, ranges, bos, how):
                             seen[key] = content_ssim(ref, runner.sample(ev_prompts, ev_seeds))
                 return seen[key]
 
             for lam in cfg.coupling:
-                plan = prob.solve(sens, lam)
+                plan_ = prob.solve(sens, lam)
                 candidates.append({"content_weight": lam, "weight_search": _search_name(search),
-                                   "ssim_vs_fp": trial(plan, search), "plan": plan,
-                                   **plan_stats(layers, plan, calib.act_elements)})
+                                   "ssim_vs_fp": trial(plan_, search), "plan": plan_,
+                                   **plan_stats(layers, plan_, calib.act_elements)})
                 progress.tick()
             if retry:
                 best = _best(candidates)
@@ -413,8 +475,21 @@ def allocate(runner: DenoiserRunner, calib: Calibration, sens: Sensitivity, cfg:
                 switch.remove()
     best = _best(candidates)
     curve = quality_size_curve(prob, sens, best["content_weight"], layers, calib.act_elements)
-    return Allocation(best["plan"], best["content_weight"], "minmax" if best["weight_search"] == "minmax" else "auto",
-                      candidates, curve, prob, time.time() - t0)
+    chosen = best["plan"]
+    quantized = {n for n, f in chosen.items() if not f.is_float}
+    return Allocation(chosen, best["content_weight"], "minmax" if best["weight_search"] == "minmax" else "auto",
+                      candidates, curve, prob, time.time() - t0,
+                      {n: r for n, r in ranges.items() if n in quantized},
+                      {n: v for n, v in bos.items() if n in quantized},
+                      calib.group_bounds() if calib.n_groups > 1 else [])
+
+
+def quantize(model: nn.Module, alloc: Allocation, calib: Calibration) -> tuple[nn.Module, QuantStats]:
+    """A quantized copy of `model` with the plan's packed layers, its activation ranges and BOS embeddings, and the
+    per-timestep switch of activation ranges. `model` is left as it was."""
+    qmodel = copy.deepcopy(model)
+    stats = quantize_(qmodel, alloc.plan, calib, bos=bool(alloc.bos), search=alloc.search)
+    return qmodel, stats
 
 
 def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: list[int] | None = None,
@@ -430,55 +505,55 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
     reused = prepared is not None and prepared.matches(prompts, seeds, runner.settings(), cfg)
     if not reused:
         prepared = prepare(runner, prompts, cfg, seeds, progress)
-    layers, calib, sens = prepared.layers, prepared.calib, prepared.sens
     # a reused preparation cost nothing in this run
     phase_times = {"calibrate": 0.0, "sensitivity": 0.0} if reused else dict(prepared.timings)
-    alloc = allocate(runner, calib, sens, cfg, layers, progress)
-    plan, lam = alloc.plan, alloc.content_weight
-    ranges = calib.ranges()
-    bos = calib.bos() if use_bos(cfg) else {}
+    alloc = plan(runner, prepared, cfg, progress)
     progress.check()
-
-    qmodel, stats = quantize_model(model, plan, ranges, bos=bos, search=alloc.search)
-    if calib.n_groups > 1:
-        attach_act_group_switch(qmodel, calib.group_bounds(), runner.timestep_of)
-    report = build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, alloc.problem,
-                          alloc.candidates, lam, alloc.curve,
-                          {**phase_times, "allocate": alloc.seconds, "total": time.time() - t_start}, alloc.search)
-    report["sensitivity_cached"] = sens.cached or reused
-    return qmodel, report, calib
+    qmodel, _ = quantize(model, alloc, prepared.calib)
+    rep = report(prepared, alloc, cfg, model, qmodel, model_name,
+                 {**phase_times, "allocate": alloc.seconds, "total": time.time() - t_start})
+    rep["sensitivity_cached"] = prepared.sens.cached or reused
+    return qmodel, rep, prepared.calib
 
 
-def build_report(model_name, cfg, layers, plan, model, qmodel, calib, sens, prob, candidates, lam, curve,
-                 timings, search: str = "auto") -> dict:
-    st = plan_stats(layers, plan, calib.act_elements)
-    ranges = calib.ranges()
+def report(prepared: Prepared, alloc: Allocation, cfg: QuantizeConfig, model: nn.Module,
+           qmodel: nn.Module | None = None, model_name: str = "", timings: dict | None = None) -> dict:
+    """The report JSON (architecture.md) of a plan: per-layer formats, bytes and sensitivities, averages, sizes,
+    predicted quality, the coupling candidates and the curve. Without `qmodel` (planned, not yet quantized) the
+    quantized size is the plan's predicted one (`bytes_quantized_predicted`)."""
+    layers, calib, sens, plan_ = prepared.layers, prepared.calib, prepared.sens, alloc.plan
+    st = plan_stats(layers, plan_, calib.act_elements)
     out_layers = []
     for li in layers:
-        f = plan[li.name]
+        f = plan_[li.name]
         out_layers.append({"name": li.name, "role": li.role, "kind": li.kind, "w_bits": f.w_bits, "a_bits": f.a_bits,
                            "format": f.name, "params": li.params, "protected": li.protected,
                            "bytes": f.weight_bytes(li.out_features, li.in_features),
                            **({"sensitivity": {k: sens.metric(li.name, k) for k in sens.loss.get(li.name, {})}}
                               if li.name in sens.loss else {})})
-    pred = predicted(prob, sens, plan)
-    return {
+    pred = predicted(alloc.problem, sens, plan_)
+    out = {
         "model": model_name, "method": "mixdq-milp", "target": cfg.target,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "layers": out_layers,
         "avg_w_bits": st["avg_w_bits"], "avg_a_bits": st["avg_a_bits"],
-        "bytes_fp16": _fp16_bytes(model), "bytes_quantized": deploy_bytes(qmodel),
+        "bytes_fp16": fp16_bytes(model),
+        "bytes_quantized": (deploy_bytes(qmodel) if qmodel is not None
+                            else int(alloc.problem.fixed_bytes + st["weight_bytes"])),
         "quality": {"predicted_sqnr_db": pred["sqnr_db"], "predicted_ssim": pred["ssim"]},
-        "timings_s": timings,
+        "timings_s": dict(timings or {}),
         "sensitivity_cached": sens.cached,
         "sensitivity_mode": cfg.sens_mode,
-        "weight_search": _search_name(search),
-        "coupling": {"chosen_content_weight": lam,
-                     "candidates": [{k: v for k, v in c.items() if k != "plan"} for c in candidates]},
-        "curve": curve,
+        "weight_search": _search_name(alloc.search),
+        "coupling": {"chosen_content_weight": alloc.content_weight,
+                     "candidates": [{k: v for k, v in c.items() if k != "plan"} for c in alloc.candidates]},
+        "curve": alloc.curve,
         "bos_layers": sorted(calib.bos()) if use_bos(cfg) else [],
-        "split_layers": sorted(n for n, r in ranges.items() if r.split is not None
-                               and plan.get(n, LayerFormat(16, 16)).a_bits < 16),
+        "split_layers": sorted(n for n, r in calib.ranges().items() if r.split is not None
+                               and plan_.get(n, LayerFormat(16, 16)).a_bits < 16),
         "act_groups": calib.n_groups,
         "prompts": len(calib.prompts),
     }
+    if qmodel is None:
+        out["bytes_quantized_predicted"] = True
+    return out

@@ -401,15 +401,22 @@ def set_act_group(model: nn.Module, group: int) -> None:
             m.act_group = group
 
 
-def attach_act_group_switch(model: nn.Module, bounds: list[float], timestep_fn):
-    """Timestep-aware activation ranges at run time: before each denoiser call, pick the group whose range of
-    timesteps holds this call's timestep. `bounds[g]` is the lowest timestep of group g (noisiest group first);
-    `timestep_fn(args, kwargs)` reads the timestep from the call. Returns the hook handle."""
+def act_group_at(bounds: list[float], t: float) -> int:
+    """The timestep group of timestep `t`: `bounds[g]` is the lowest timestep of group g (noisiest group first)."""
+    return next((i for i, b in enumerate(bounds) if t >= b), len(bounds) - 1)
+
+
+def attach_act_group_switch(model: nn.Module, bounds: list[float], timestep_fn, remember: bool = True):
+    """Timestep-aware activation ranges at run time (the one switch: quantized models, trial swaps and probes): before
+    each denoiser call, every quantized layer inside `model` takes the group whose range of timesteps holds this
+    call's timestep. `bounds[g]` is the lowest timestep of group g (noisiest group first); `timestep_fn(args, kwargs)`
+    reads the timestep from the call. `remember`: note the bounds on the model (a saved file keeps them). Returns the
+    hook handle."""
+    bounds = list(bounds)
 
     def pre(mod, args, kwargs):
-        t = float(timestep_fn(args, kwargs))
-        g = next((i for i, b in enumerate(bounds) if t >= b), len(bounds) - 1)
-        set_act_group(mod, g)
+        set_act_group(mod, act_group_at(bounds, float(timestep_fn(args, kwargs))))
 
-    model._mixquant_act_groups = list(bounds)
+    if remember:
+        model._mixquant_act_groups = bounds
     return model.register_forward_pre_hook(pre, with_kwargs=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -17,10 +17,49 @@ import torch.nn as nn
 from .errors import InterruptedRun, MixQuantError
 
 
+@dataclass
+class SamplerSettings:
+    """The user's sampler settings, as every runner takes them (each reads the fields its sampler has)."""
+    steps: int = 8
+    guidance: float = 4.0  # classifier-free guidance scale (ComfyUI's cfg)
+    # diffusers: the scheduler class, which is the sampler (ddim | dpm | euler); ComfyUI: its scheduler (normal,
+    # karras, ...), with the sampler in `sampler_name` (euler, dpmpp_2m, ...)
+    scheduler: str = "dpm"
+    sampler_name: str = ""
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    negative_prompt: str = ""
+    batch_size: int = 64  # diffusers: the most prompts in one pipeline call
+
+    def check(self):
+        if self.steps < 1:
+            raise MixQuantError("steps must be at least 1")
+        if self.guidance < 0:
+            raise MixQuantError("guidance must be >= 0")
+        for v in (self.width, self.height):
+            if v is not None and (v < 8 or v % 8):
+                raise MixQuantError("width and height must be multiples of 8 (at least 8)")
+        if self.batch_size < 1:
+            raise MixQuantError("the batch size must be at least 1")
+
+    def trajectory(self) -> dict:
+        """The settings that change the sampler's trajectory (part of cache keys): all but the batch size, and the
+        sampler name where the scheduler is the sampler."""
+        d = asdict(self)
+        d.pop("batch_size")
+        if not d["sampler_name"]:
+            d.pop("sampler_name")
+        return d
+
+
 class DenoiserRunner:
-    """Subclass and implement `sample`, `timestep_of` and `output_of` (and set `denoiser`)."""
+    """Subclass and implement `sample` and `timestep_of` (and set `denoiser`); the other methods have defaults that
+    are right for a sampler that tells nothing more."""
 
     denoiser: nn.Module
+    # The most prompts `sample` puts through the denoiser in one batch (it never splits a list of this many). quant/
+    # batches several probes of one layer into one sampling run only when they fit; 1 = one prompt at a time.
+    max_batch: int = 1
 
     def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """Run the user's sampler (steps, guidance, size, negative prompt...) with `self.denoiser` as it is now, one
@@ -42,6 +81,18 @@ class DenoiserRunner:
     def context_of(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The text conditioning [B, N, D] of a call, when the denoiser has one (BOS analysis)."""
         return None
+
+    def timesteps(self) -> list[float] | None:
+        """The timesteps of the schedule (noisiest first) as `timestep_of` reports them, when known before sampling
+        (calibration then sorts each call into its timestep group as it happens); None: learnt from the calls."""
+        return None
+
+    def expected_calls(self, n_prompts: int) -> int:
+        """How many denoiser calls sampling `n_prompts` prompts makes (progress bars); 0 = unknown."""
+        return 0
+
+    def load(self) -> None:
+        """Make `denoiser` the module sampling runs, where it runs (ComfyUI loads the MODEL to its device first)."""
 
 
 @dataclass
@@ -90,9 +141,11 @@ class Progress:
 
 
 def capture_calls(runner: DenoiserRunner, prompts: list[str], seeds: list[int],
-                  on_call: Callable[[DenoiserCall], None] | None = None, keep: bool = True) -> list[DenoiserCall]:
+                  on_call: Callable[[DenoiserCall], None] | None = None,
+                  keep: bool = True) -> tuple[list[DenoiserCall], torch.Tensor]:
     """Run the FP sampler once and record every denoiser call's inputs, timestep and output. `on_call` runs inside
-    the call's forward (before the layers run), e.g. to set the timestep group of activation observers."""
+    the call's forward (before the layers run), e.g. to set the timestep group of activation observers. Returns
+    (calls, the FP images)."""
     if not prompts:
         raise MixQuantError("the prompt list is empty: give at least one prompt to calibrate on.")
     calls: list[DenoiserCall] = []
@@ -124,8 +177,7 @@ def capture_calls(runner: DenoiserRunner, prompts: list[str], seeds: list[int],
         h2.remove()
     if not calls:
         raise MixQuantError("the sampler never called the denoiser: nothing to calibrate on.")
-    runner._last_fp_images = images
-    return calls
+    return calls, images
 
 
 def timestep_groups(calls: list[DenoiserCall], n_groups: int) -> dict[float, int]:

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .apply import ActRange
+from .apply import quantized_layer, set_submodule
 from .calibration import Calibration
 from .formats import LayerFormat
-from .layers import QuantConv2d, QuantLayer, QuantLinear, set_act_group
+from .layers import QuantLayer, attach_act_group_switch
 from .metrics import ssim
 from .roles import LayerInfo
 from .runner import DenoiserRunner, Progress, stable_hash
@@ -60,10 +60,6 @@ def content_ssim(ref: torch.Tensor, test: torch.Tensor) -> float:
     h, w = ref.shape[-2:]
     win = max(3, (min(h, w) * 7) // 8) | 1  # MixDQ: a window nearly as large as the image
     return ssim(ref, test, window_size=min(win, min(h, w)))
-
-
-def act_format_name(fmt: LayerFormat) -> str:
-    return fmt.name  # e.g. W16A8 (static) or W16A8d
 
 
 def _select(obj, batch: int, ix: torch.Tensor):
@@ -147,16 +143,6 @@ class MultiProbe(nn.Module):
         return torch.cat(ys, dim=1).reshape(x.shape[0], *ys[0].shape[3:])
 
 
-def _probe_layer(src: nn.Module, fmt: LayerFormat, act: ActRange | None, bos_vec, search: str = "auto") -> QuantLayer:
-    cls = QuantLinear if isinstance(src, nn.Linear) else QuantConv2d
-    q = cls.from_float(src, fmt, mode="simulate", search=search)
-    if act is not None and fmt.a_bits < 16 and fmt.a_mode == "static":
-        q.set_act_range(act.lo, act.hi, act.split)
-    if bos_vec is not None and isinstance(q, QuantLinear):
-        q.set_bos(bos_vec, src.weight.detach())
-    return q
-
-
 def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list[LayerInfo],
                         w_menu: dict[str, list[LayerFormat]], a_menu: list[LayerFormat], fingerprint_id: str,
                         n_calls: int = 4, n_prompts: int = 8, use_bos: bool = True, cache_dir: str | None = None,
@@ -211,12 +197,16 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
     progress.start(len(jobs) + (1 if n_content else 0), "measuring sensitivity")
     fp_images = None
     inputs = _record_inputs(model, probe_calls, [li.name for li in todo], calib.group_of) if mode == "local" else {}
-    switch = model.register_forward_pre_hook(
-        lambda mod, args, kwargs: set_act_group(mod, calib.group_of(float(runner.timestep_of(args, kwargs)))),
-        with_kwargs=True) if calib.n_groups > 1 else None
+    switch = attach_act_group_switch(model, calib.group_bounds(), runner.timestep_of, remember=False) \
+        if calib.n_groups > 1 else None
     out = Sensitivity(role={li.name: li.role for li in todo}, key=key)
-    max_batch = max(1, int(getattr(runner, "max_batch", 1 << 30)))
+    max_batch = max(1, int(runner.max_batch))
     by_layer: dict[str, list] = {}
+
+    def probe(name, fmt):  # a simulate-mode quantized version of the layer, with its calibrated range and BOS
+        return quantized_layer(modules[name], fmt, mode="simulate", search=search, act_range=ranges.get(name),
+                               bos=bos.get(name))
+
     for li, fmt in jobs:
         by_layer.setdefault(li.name, [li, []])[1].append(fmt)
     try:
@@ -228,21 +218,20 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                 src = modules[name]
                 if mode == "local":
                     for fmt in fmts:
-                        loss = _local_loss(src, _probe_layer(src, fmt, ranges.get(name), bos.get(name), search),
-                                           inputs[name])
+                        loss = _local_loss(src, probe(name, fmt), inputs[name])
                         out.loss.setdefault(name, {})[fmt.name] = loss if math.isfinite(loss) else 1e6
                         progress.tick()
                     continue
-                parent_name, _, attr = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                # all formats of this layer in one batched run: sample chunk k goes through format k
+                # all formats of this layer in one batched run where the sampler takes them in one batch: sample
+                # chunk k goes through format k; a sampler that runs fewer prompts at once gets one format per run
                 per_run = max(1, max_batch // len(prompts)) if li.role == "content" else len(fmts)
                 for start in range(0, len(fmts), per_run):
                     group = fmts[start:start + per_run]
-                    probes = [_probe_layer(src, f, ranges.get(name), bos.get(name), search) for f in group]
+                    probes = [probe(name, f) for f in group]
                     try:
                         if li.role == "content":
-                            setattr(parent, attr, MultiProbe(probes, len(prompts)))
+                            set_submodule(model, name, MultiProbe(probes, len(prompts)) if len(group) > 1
+                                          else probes[0])
                             imgs = runner.sample(prompts * len(group), seeds * len(group))
                             losses = [1.0 - content_ssim(fp_images, imgs[k * len(prompts):(k + 1) * len(prompts)])
                                       for k in range(len(group))]
@@ -250,14 +239,14 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                             noise = [0.0] * len(group)
                             for c in probe_calls:  # (the timestep-group switch hook picks each call's ranges)
                                 b = c.output.shape[0]
-                                setattr(parent, attr, MultiProbe(probes, b))
+                                set_submodule(model, name, MultiProbe(probes, b))
                                 y = runner.output_of(model(*_repeat(c.args, b, len(group)),
                                                            **_repeat(c.kwargs, b, len(group)))).float()
                                 for k in range(len(group)):
                                     noise[k] += float(((y[k * b:(k + 1) * b] - c.output.float()) ** 2).sum())
                             losses = [n / max(signal, 1e-30) for n in noise]
                     finally:
-                        setattr(parent, attr, src)  # always restore the FP layer
+                        set_submodule(model, name, src)  # always restore the FP layer
                     for f, loss in zip(group, losses):
                         out.loss.setdefault(name, {})[f.name] = max(0.0, float(loss)) if math.isfinite(loss) else 1e6
                         progress.tick(1)

@@ -264,15 +264,27 @@ def _latent_after(server, graph, prefix):
     return load_file(os.path.join(folder, name))["latent_tensor"].float()
 
 
-def _quant_nodes(budget=6.0):
+def _quant_nodes(budget=6.0, sensitivity=None, prompts="a red car"):
+    """Calibrate -> Plan -> Quantize Model; `sensitivity` None leaves Plan's input at its default (full)."""
+    plan = {"calibration": ["5", 0], "budget_kind": "average weight bits", "budget": budget, "activation_bits": "8",
+            "target": "mixquant", **({"sensitivity": sensitivity} if sensitivity else {})}
     return {
-        "5": {"class_type": "MixQuantCalibrate", "inputs": {"model": ["1", 0], "clip": ["1", 1], "prompts": "a red car",
+        "5": {"class_type": "MixQuantCalibrate", "inputs": {"model": ["1", 0], "clip": ["1", 1], "prompts": prompts,
               "negative": "", "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "width": 64,
               "height": 64, "seed": 0, "timestep_groups": 1}},
-        "6": {"class_type": "MixQuantPlan", "inputs": {"calibration": ["5", 0], "budget_kind": "average weight bits",
-              "budget": budget, "activation_bits": "8", "target": "mixquant", "sensitivity": "local"}},
+        "6": {"class_type": "MixQuantPlan", "inputs": plan},
         "7": {"class_type": "MixQuantQuantizeModel", "inputs": {"model": ["1", 0], "plan": ["6", 0]}},
     }
+
+
+@pytest.mark.parametrize("sensitivity", ["full", "local"])
+def test_plan_runs_in_every_sensitivity_mode(server, sensitivity):
+    """ComfyUI samples one prompt at a time (batch 2 with guidance): Plan must not assume all probes in one batch."""
+    graph = _sampler_graph(["7", 0], {**_quant_nodes(sensitivity=sensitivity, prompts="a red car\na blue house"),
+                                      "11": {"class_type": "MixQuantReport", "inputs": {"plan": ["6", 0]}}})
+    h = server.run(graph)
+    report = next(out for out in h["outputs"].values() if "mixquant_report" in out)["mixquant_report"][0]
+    assert report["summary"]["bytes_quantized"] < report["summary"]["bytes_fp16"] and report["layers"]
 
 
 def test_stock_lora_loader_on_the_quantized_model(server):

@@ -85,7 +85,7 @@ class Patcher:
         self.object_patches_backup.clear()
 
 
-class ToyRunner(DenoiserRunner):
+class ToyRunner(DenoiserRunner):  # samples one prompt at a time, as ComfyRunner does (max_batch 1)
     """Three Euler-like steps of the UNet on seeded noise; prompts become seeded contexts."""
 
     def __init__(self, unet):
@@ -168,8 +168,8 @@ def _fast_config(**kw):
     return QuantizeConfig(**{"coupling": (0.5,), "sens_calls": 2, **kw})
 
 
-def _plan(cal, target="mixquant", bits=6.0):
-    return N.MixQuantPlan().plan(cal, "average weight bits", bits, "8", target, "local")[0]
+def _plan(cal, target="mixquant", bits=6.0, sensitivity="local"):
+    return N.MixQuantPlan().plan(cal, "average weight bits", bits, "8", target, sensitivity)[0]
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +414,64 @@ def test_interruption_is_cooperative_and_leaves_the_model(unet):
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
     with pytest.raises(InterruptedRun):  # outside ComfyUI the node helper re-raises our own error
         N._interruptible(lambda: (_ for _ in ()).throw(InterruptedRun("stopped")))
+
+
+class BatchedToyRunner(ToyRunner):
+    """ToyRunner's sampling with every prompt in one batch (each prompt's noise and context as ToyRunner draws them)."""
+    max_batch = 64
+
+    def sample(self, prompts, seeds):
+        xs, ctxs = [], []
+        for p, s in zip(prompts, seeds):
+            g = torch.Generator().manual_seed(int(s) * 7919 + sum(map(ord, p)))
+            xs.append(torch.randn(1, 4, 8, 8, generator=g))
+            ctxs.append(torch.randn(1, 6, 32, generator=g))
+        x, ctx = torch.cat(xs), torch.cat(ctxs)
+        for t in self.timesteps():
+            x = x - 0.3 * self.denoiser(x, torch.tensor([t] * len(prompts)), encoder_hidden_states=ctx).sample
+        return torch.sigmoid(x[:, :3])
+
+
+def test_full_sensitivity_does_not_depend_on_how_the_sampler_batches(unet, tmp_path):
+    """The content probes batch several formats of a layer into one sampling run only when the sampler takes them in one
+    batch; a sampler that runs one prompt at a time (ComfyUI's) gets one format per run and the same losses."""
+    from mixquant.quant import engine
+    from mixquant.quant.roles import discover_layers
+    from mixquant.quant.sensitivity import measure_sensitivity
+
+    cfg = _fast_config(avg_w_bits=4.0)
+    layers = discover_layers(unet)
+    w_menu, a_menu, layers_s = engine.menus(cfg, layers)
+    content = [li for li in layers_s if li.role == "content" and not li.protected][:3]
+    quality = [li for li in layers_s if li.role == "quality" and not li.protected][:2]
+    prompts, seeds = ["a cat", "a dog", "a fish"], [0, 1, 2]
+    out = {}
+    for cls in (ToyRunner, BatchedToyRunner):
+        runner = cls(unet)
+        calib = calibrate(runner, prompts, seeds)
+        out[cls] = measure_sensitivity(runner, calib, content + quality, w_menu, a_menu, "toy", n_calls=2,
+                                       cache_dir=str(tmp_path / cls.__name__), mode="full")
+    one, batched = out[ToyRunner], out[BatchedToyRunner]
+    assert set(one.loss) == set(batched.loss) == {li.name for li in content + quality}
+    for li in content:  # (quality layers are scored on recorded calls, which the two samplers batch differently)
+        table = batched.loss[li.name]
+        assert set(one.loss[li.name]) == set(table) and len(table) >= 3
+        for fmt, loss in table.items():
+            assert one.loss[li.name][fmt] == pytest.approx(loss, rel=1e-3, abs=1e-7), (li.name, fmt)
+    # and the probes measured something: 2-bit weights cost a content layer more than 8-bit ones
+    assert all(one.loss[li.name]["W2g64A16"] > one.loss[li.name]["W8A16"] for li in content)
+
+
+@pytest.mark.parametrize("sensitivity", ["full", "local"])
+def test_plan_node_runs_in_every_sensitivity_mode(unet, monkeypatch, tmp_path, sensitivity):
+    """ComfyUI's runner samples one prompt at a time: Plan's default (full) mode must work with it, on 3 prompts."""
+    monkeypatch.setattr(N, "QuantizeConfig", lambda **kw: _fast_config(cache_dir=str(tmp_path), **kw))
+    runner = ToyRunner(unet)
+    cal = N.CalibrationResult(runner, calibrate(runner, ["a cat", "a dog", "a fish"], [0, 1, 2]), fingerprint(unet),
+                              "toy")
+    assert N.MixQuantPlan.INPUT_TYPES()["optional"]["sensitivity"][0][0] == "full"  # the default
+    plan = _plan(cal, bits=4.0, sensitivity=sensitivity)
+    assert plan.report["sensitivity_mode"] == sensitivity
+    assert plan.quantized_names() and 3.5 <= plan.report["avg_w_bits"] <= 4.0 + 1e-6
+    scored = [li for li in plan.report["layers"] if "sensitivity" in li]
+    assert {li["role"] for li in scored} == {"content", "quality"}
