@@ -76,6 +76,19 @@ def test_conv_routes_match_reference(route, bits, group, a_mode, split, stride):
     assert _rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_reduced_precision_float_route_is_close_to_the_reference(dtype, tol):
+    """What the CPU plan may pick as the float dtype where it is the fastest: the float route in it stays within
+    that dtype's rounding of the reference (and is not bit-equal: the dtype is really used)."""
+    for op in ("linear", "conv2d"):
+        call = random_call(21, 99, bits=4, group_size=32, a_mode="static", seed=3)
+        x, geo = (torch.randn(5, 99), {}) if op == "linear" else (torch.randn(2, 11, 6, 5), conv_geometry(3, 1, 1))
+        fn = cpu_routes.linear if op == "linear" else cpu_routes.conv2d
+        out = fn(x, route="float", cache={}, dtype=dtype, **call, **geo)
+        ref = _ref(op, x, call, geo or None)
+        assert out.dtype == x.dtype and 0 < _rel(out, ref) < tol, (op, _rel(out, ref))
+
+
 def test_float_route_is_the_reference_bit_for_bit():
     for op in ("linear", "conv2d"):
         call = random_call(21, 99, bits=4, group_size=32, a_mode="static")
