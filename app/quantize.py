@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 
-from ..quant.util import json_safe
+from ..quant.util import json_safe, write_atomic
 
 
 def add_arguments(p):
@@ -53,16 +52,11 @@ def read_prompts(args) -> list[str]:
 
 
 def write_json_atomic(obj, path: str):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".mixquant-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write(tmp):
+        with open(tmp, "w") as f:
             json.dump(json_safe(obj), f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    write_atomic(path, write)
 
 
 def save_outputs(fp_unet, qunet, report: dict, out: str, report_path: str | None, model: str) -> int:

@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import MixQuantError
 from .layers import QuantLayer, QuantLinear
+from .util import write_atomic
 
 AWQ_GROUP = 64
 MARKER = "comfy_quant"
@@ -152,20 +151,8 @@ def save_native(exp: NativeExport, path: str, metadata: dict | None = None) -> i
     the per-layer markers, not the header)."""
     from safetensors.torch import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise MixQuantError(f"cannot write {path}: folder {folder} does not exist")
     meta = {"mixquant_export": json.dumps({**exp.summary(), **(metadata or {})})}
-    fd, tmp = tempfile.mkstemp(prefix=".mixquant-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(exp.tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return os.path.getsize(path)
+    return write_atomic(path, lambda tmp: save_file(exp.tensors, tmp, metadata=meta))
 
 
 # --- diffusers UNet2DConditionModel names -> LDM (ComfyUI / A1111 checkpoint) names ---------------------------------

@@ -1,7 +1,10 @@
-"""Small things every host shares: prompt lists from text, and JSON-safe values."""
+"""Small things every host shares: prompt lists from text, JSON-safe values, atomic file writes."""
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from typing import Callable
 
 from .errors import MixQuantError
 
@@ -28,3 +31,21 @@ def json_safe(x):
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> int:
+    """`write(tmp)` writes the whole file to a temporary path in the same folder, which then replaces `path` in one
+    step: an interrupted or failed write leaves no partial file (and any old file as it was). Returns the size."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MixQuantError(f"cannot write {path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".mixquant-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return os.path.getsize(path)
