@@ -165,3 +165,22 @@ def test_failed_save_keeps_old_file(saved, tmp_path, monkeypatch, small_unet):
     with pytest.raises(OSError):
         save_denoiser(q, str(dst), fingerprint(small_unet))
     assert dst.read_bytes() == b"old"
+
+
+def test_file_only_skeleton_has_no_fp_weights_of_quantized_layers(saved):
+    """The ComfyUI file-only loader's float skeleton: the file's own tensors, and meta placeholders (no memory) in
+    the float shape of each quantized layer's weight; a diffusers file is refused with what to do instead."""
+    from mixquant.nodes.loader import check_architecture, skeleton_state_dict
+    from mixquant.quant.fileformat import read_layout, read_tensors
+
+    q, path = saved
+    layout = read_layout(path)
+    sd = skeleton_state_dict(layout, read_tensors(path, layout))
+    fp = {k: v for k, v in q.state_dict().items() if not any(k.startswith(n + ".") for n in layout.layers)}
+    for name, e in layout.layers.items():
+        w = sd[f"{name}.weight"]
+        assert w.is_meta and tuple(w.shape) == tuple(q.get_submodule(name)._from_2d(
+            torch.empty(e["out"], q.get_submodule(name).k, device="meta")).shape)
+    assert all(not v.is_meta and torch.equal(v, fp[k]) for k, v in sd.items() if k in fp)
+    with pytest.raises(MixQuantError, match="export --to comfyui"):
+        check_architecture(layout)
