@@ -648,6 +648,7 @@ class MixQuantReport:
         return {"ui": {"mixquant_report": [view], "text": [text]}, "result": (full,)}
 
 
+from .loader import MixQuantLoadQuantizedFileOnly  # noqa: E402  (nodes/loader.py imports this module lazily)
 
 NODE_CLASS_MAPPINGS = {
     "MixQuantCalibrate": MixQuantCalibrate,
@@ -658,6 +659,7 @@ NODE_CLASS_MAPPINGS = {
     "MixQuantSaveNative": MixQuantSaveNative,
     "MixQuantKSampler": MixQuantKSampler,
     "MixQuantReport": MixQuantReport,
+    "MixQuantLoadQuantizedFileOnly": MixQuantLoadQuantizedFileOnly,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -669,4 +671,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MixQuantSaveNative": "MixQuant Save for stock ComfyUI",
     "MixQuantKSampler": "KSampler (MixQuant)",
     "MixQuantReport": "MixQuant Report",
+    "MixQuantLoadQuantizedFileOnly": "MixQuant Load Quantized Model (file only)",
 }
