@@ -399,3 +399,94 @@ def test_screenshot_of_the_graph(server):
     assert os.path.getsize(png) > 10000 and report is not None
     assert {n["type"] for n in workflow["nodes"]} >= {"MixQuantCalibrate", "MixQuantPlan", "MixQuantQuantizeModel",
                                                      "MixQuantReport", "KSampler", "CheckpointLoaderSimple"}
+
+
+# --- MixQuant Load Quantized Model (file only) --------------------------------------------------------------------------
+
+def _write_clip(server) -> str:
+    """The checkpoint's CLIP-L as a text-encoder file for the stock CLIPLoader, so the file-only graph has no
+    checkpoint loader at all. It goes into the ComfyUI checkout's models/text_encoders (the server's model paths are
+    fixed at start) under a unique name; the caller removes it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prefix = "cond_stage_model.transformer."
+    with safe_open(os.path.join(server.base, "checkpoints", CKPT), "pt") as f:
+        sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    # CLIP-L's own layout (as stock clip_l files): text_model.* (a newer transformers saves it without the prefix,
+    # which ComfyUI's checkpoint loader adds for SD1.x)
+    sd = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()}
+    folder = os.path.join(COMFYUI, "models", "text_encoders")
+    os.makedirs(folder, exist_ok=True)
+    name = f"mq_test_clip_{os.getpid()}_{server.port}.safetensors"
+    save_file(sd, os.path.join(folder, name))
+    return name
+
+
+def _fileonly_graph(model_nodes: dict, model_ref, clip_name: str, lora: bool = False) -> dict:
+    g = {
+        "41": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip_name, "type": "stable_diffusion"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red car", "clip": ["41", 0]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["41", 0]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {"model": ["42", 0] if lora else model_ref, "seed": 11, "steps": 3,
+              "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "positive": ["2", 0],
+              "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+    }
+    if lora:
+        g["42"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model_ref, "lora_name": LORA,
+                                                                   "strength_model": 1.0}}
+    g.update(model_nodes)
+    return g
+
+
+def test_file_only_loader_samples_the_same_image(server):
+    """A file written by Save Quantized loads with MixQuant Load Quantized Model (file only), in a graph without any
+    checkpoint loader, and samples exactly what the quantized MODEL it was saved from samples (also under a stock
+    LoRA loader)."""
+    import torch
+
+    assert "MixQuantLoadQuantizedFileOnly" in server.get("/object_info/MixQuantLoadQuantizedFileOnly")
+    clip = _write_clip(server)
+    try:
+        quant = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+            "35": {"class_type": "MixQuantCalibrate", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                   "prompts": "a red car", "negative": "", "steps": 3, "cfg": 5.0, "sampler_name": "euler",
+                   "scheduler": "normal", "width": 64, "height": 64, "seed": 0, "timestep_groups": 2}},
+            "36": {"class_type": "MixQuantPlan", "inputs": {"calibration": ["35", 0], "budget_kind":
+                   "average weight bits", "budget": 5.0, "activation_bits": "8", "target": "mixquant",
+                   "sensitivity": "local"}},
+            "37": {"class_type": "MixQuantQuantizeModel", "inputs": {"model": ["1", 0], "plan": ["36", 0]}},
+            "38": {"class_type": "MixQuantSaveQuantized", "inputs": {"model": ["37", 0], "filename": "mq_fileonly"}},
+        }
+        q = _latent_after(server, _fileonly_graph(quant, ["37", 0], clip), "fo_q_")
+        q_lora = _latent_after(server, _fileonly_graph(quant, ["37", 0], clip, lora=True), "fo_qlora_")
+        files = sorted(f for f in os.listdir(os.path.join(server.base, "mixquant")) if f.startswith("mq_fileonly"))
+        assert files, os.listdir(os.path.join(server.base, "mixquant"))
+        loader = {"40": {"class_type": "MixQuantLoadQuantizedFileOnly", "inputs": {"quantized_file": files[-1]}}}
+        graph = _fileonly_graph(loader, ["40", 0], clip)
+        assert not any("Checkpoint" in n["class_type"] or n["class_type"] in ("UNETLoader", "MixQuantLoadQuantized")
+                       for n in graph.values())
+        f = _latent_after(server, graph, "fo_file_")
+        f_lora = _latent_after(server, _fileonly_graph(loader, ["40", 0], clip, lora=True), "fo_filelora_")
+        assert bool(torch.isfinite(q).all()) and q.abs().max() > 0
+        assert torch.equal(f, q), float((f - q).abs().max())
+        assert torch.equal(f_lora, q_lora), float((f_lora - q_lora).abs().max())
+        assert not torch.equal(q_lora, q)  # the LoRA did something
+        # a damaged file: one clear message at validation, nothing run
+        with open(os.path.join(server.base, "mixquant", files[-1]), "rb") as src:
+            data = bytearray(src.read())
+        data[len(data) // 2] ^= 0xFF  # one byte of tensor data: the digest catches it at load
+        with open(os.path.join(server.base, "mixquant", "mq_damaged.safetensors"), "wb") as dst:
+            dst.write(data)
+        bad = _fileonly_graph({"40": {"class_type": "MixQuantLoadQuantizedFileOnly",
+                                      "inputs": {"quantized_file": "mq_damaged.safetensors"}}}, ["40", 0], clip)
+        bad["99"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "latents/bad"}}
+        h = server.wait(server.submit(bad))
+        assert h["status"]["status_str"] == "error", h["status"]
+        err = next(m[1] for m in h["status"]["messages"] if m[0] == "execution_error")
+        assert "mq_damaged.safetensors" in err["exception_message"] and "digest" in err["exception_message"], err
+        assert "\n" not in err["exception_message"].strip()
+    finally:
+        os.remove(os.path.join(COMFYUI, "models", "text_encoders", clip))
