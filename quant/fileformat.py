@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -30,6 +29,7 @@ from ..kernels.packing import join_rows, packed_len
 from .errors import MixQuantError
 from .formats import A_BITS, A_MODES, W_BITS, LayerFormat
 from .layers import QuantConv2d, QuantLayer, QuantLinear
+from .util import write_atomic
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no digest (files written before it existed)
@@ -149,19 +149,7 @@ def save_quantized(model: nn.Module, path: str, *, architecture: dict, base_fing
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = sign({"format_version": FORMAT_VERSION, "base_model": base_fingerprint, "architecture": architecture,
                  "layers": layers, "extra": extra or {}}, tensor_digests(tensors))
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise MixQuantError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".mixquant-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return os.path.getsize(path)
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)}))
 
 
 # --- read and validate ---------------------------------------------------------------------------------------------
