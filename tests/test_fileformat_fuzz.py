@@ -162,7 +162,7 @@ def _meta_cases(meta, rng, n, resign):
     leaves = list(_leaves(meta))
     names = list(meta["layers"])
     conv = next(k for k, e in meta["layers"].items() if e["kind"] == "conv2d")
-    split = next(k for k, e in meta["layers"].items() if e.get("a_split") is not None)
+    split = next((k for k, e in meta["layers"].items() if e.get("a_split") is not None), names[-1])
     focus = [p for p, _ in leaves if p[:1] == ("architecture",) or (p[:2] in (("layers", names[0]),
                                                                                ("layers", conv), ("layers", split)))]
     cases = []
