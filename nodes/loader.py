@@ -18,7 +18,6 @@ ComfyUI is imported inside functions only: this module imports without it.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -26,6 +25,8 @@ import torch.nn as nn
 
 from ..quant.errors import MixQuantError
 from ..quant.fileformat import Layout, load_quantized, read_layout, read_tensors
+from ..quant.util import json_safe
+from .nodes import FOLDER, QuantizedFileNode, _full_path, _meta_skeleton, patched_clone_checked
 
 _RECREATE = " The file is corrupt or was edited; save it again with MixQuant Save Quantized."
 
@@ -103,19 +104,6 @@ def meta_operations(base):
     return type("MixQuantMetaOps", (base,), {"Linear": linear, "Conv2d": conv})
 
 
-def _json_safe(x):
-    """As Save Quantized writes a unet_config: JSON values, anything else as its str()."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
-
-
 def build_patcher(layout: Layout, tensors: dict):
     """The ModelPatcher ComfyUI builds for the file's float skeleton (quantized positions left on meta)."""
     import comfy.model_detection
@@ -133,7 +121,7 @@ def build_patcher(layout: Layout, tensors: dict):
         raise _bad(path, "ComfyUI does not recognise the model its tensors describe.")
     saved = arch.get("unet_config")
     if saved is not None:
-        got, saved = _json_safe(model_config.unet_config), _json_safe(saved)
+        got, saved = json_safe(model_config.unet_config), json_safe(saved)
         keys = (set(saved) | set(got)) - {"dtype"}
         diff = sorted(k for k in keys if saved.get(k) != got.get(k))
         if diff:
@@ -165,7 +153,6 @@ def build_patcher(layout: Layout, tensors: dict):
 def load_file_only(path: str):
     """A quantized MODEL from a MixQuant file alone (no checkpoint): see the module docstring."""
     from . import patching
-    from .nodes import _meta_skeleton, patched_clone_checked
 
     layout = read_layout(path)
     check_architecture(layout)
@@ -186,39 +173,19 @@ def load_file_only(path: str):
     return patched_clone_checked(patcher, layers, info, info["group_bounds"])
 
 
-class MixQuantLoadQuantizedFileOnly:
+class MixQuantLoadQuantizedFileOnly(QuantizedFileNode):
     DESCRIPTION = ("Loads a MixQuant file as a MODEL on its own: no checkpoint loader needed, and the full-precision "
                    "weights of the quantized layers are never loaded. The file is checked first (structure and "
                    "digests): a wrong or damaged file gives one message saying what to do. Works with the stock "
                    "KSampler and LoRA loaders like Load Quantized.")
-    CATEGORY = "MixQuant"
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "summary")
-    FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
-        from .nodes import quantized_files
+        return {"required": {"quantized_file": cls.file_input()}}
 
-        files = quantized_files()
-        return {"required": {"quantized_file": (files or ["(none in models/mixquant)"],)}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, quantized_file=None):
-        if quantized_file is None:
-            return True
-        try:
-            from .nodes import FOLDER, _full_path
-
-            check_architecture(read_layout(_full_path(FOLDER, quantized_file)))
-        except MixQuantError as e:
-            return str(e)
-        except ImportError:
-            return True
-        return True
+    @staticmethod
+    def check(path: str) -> None:
+        check_architecture(read_layout(path))
 
     def load(self, quantized_file):
-        from .nodes import FOLDER, _full_path, _size_summary
-
-        out = load_file_only(_full_path(FOLDER, quantized_file))
-        return (out, _size_summary(out))
+        return self.output(load_file_only(_full_path(FOLDER, quantized_file)))

@@ -302,12 +302,45 @@ def patched_clone_checked(model, layers, info, bounds):
     return patching.patched_clone(model, layers, json_safe(info), bounds)
 
 
-class MixQuantQuantizeModel:
-    DESCRIPTION = ("Returns a clone of the MODEL with the plan's quantized layers swapped in (the input is "
-                   "untouched). Works with the stock KSampler, LoRA loaders and other model patches.")
+class QuantizedModelNode:
+    """A node that returns a quantized MODEL and its size summary."""
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "summary")
+
+    @staticmethod
+    def output(model) -> tuple:
+        return (model, _size_summary(model))
+
+
+class QuantizedFileNode(QuantizedModelNode):
+    """A node that loads a MixQuant file from models/mixquant, checked (`check(path)`) when the graph is validated."""
+    FUNCTION = "load"
+
+    @staticmethod
+    def file_input() -> tuple:
+        return (quantized_files() or ["(none in models/mixquant)"],)
+
+    @staticmethod
+    def check(path: str) -> None:
+        read_header(path)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, quantized_file=None):
+        if quantized_file is None:
+            return True
+        try:
+            cls.check(_full_path(FOLDER, quantized_file))
+        except MixQuantError as e:
+            return str(e)
+        except ImportError:
+            return True
+        return True
+
+
+class MixQuantQuantizeModel(QuantizedModelNode):
+    DESCRIPTION = ("Returns a clone of the MODEL with the plan's quantized layers swapped in (the input is "
+                   "untouched). Works with the stock KSampler, LoRA loaders and other model patches.")
     FUNCTION = "quantize"
 
     @classmethod
@@ -315,8 +348,7 @@ class MixQuantQuantizeModel:
         return {"required": {"model": ("MODEL",), "plan": ("MIXQUANT_PLAN",)}}
 
     def quantize(self, model, plan):
-        out = quantize_from_plan(model, plan)
-        return (out, _size_summary(out))
+        return self.output(quantize_from_plan(model, plan))
 
 
 def _size_summary(model) -> str:
@@ -416,34 +448,16 @@ def load_quantized_model(model, path: str):
     return patched_clone_checked(model, layers, info, info["group_bounds"])
 
 
-class MixQuantLoadQuantized:
+class MixQuantLoadQuantized(QuantizedFileNode):
     DESCRIPTION = ("Loads a MixQuant file onto the full-precision MODEL it was made from (no recalibration). The "
                    "file is checked first: a wrong or damaged file gives one message saying what to do.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "summary")
-    FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = quantized_files()
-        return {"required": {"model": ("MODEL",), "quantized_file": (files or ["(none in models/mixquant)"],)}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, quantized_file=None):
-        if quantized_file is None:
-            return True
-        try:
-            read_header(_full_path(FOLDER, quantized_file))
-        except MixQuantError as e:
-            return str(e)
-        except ImportError:
-            return True
-        return True
+        return {"required": {"model": ("MODEL",), "quantized_file": cls.file_input()}}
 
     def load(self, model, quantized_file):
-        out = load_quantized_model(model, _full_path(FOLDER, quantized_file))
-        return (out, _size_summary(out))
+        return self.output(load_quantized_model(model, _full_path(FOLDER, quantized_file)))
 
 
 class MixQuantSaveNative:
@@ -648,7 +662,7 @@ class MixQuantReport:
         return {"ui": {"mixquant_report": [view], "text": [text]}, "result": (full,)}
 
 
-from .loader import MixQuantLoadQuantizedFileOnly  # noqa: E402  (nodes/loader.py imports this module lazily)
+from .loader import MixQuantLoadQuantizedFileOnly  # noqa: E402  (nodes/loader.py builds on the classes above)
 
 NODE_CLASS_MAPPINGS = {
     "MixQuantCalibrate": MixQuantCalibrate,

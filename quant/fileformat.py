@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.packing import join_rows, packed_len
+from .apply import set_submodule
 from .errors import MixQuantError
 from .formats import A_BITS, A_MODES, W_BITS, LayerFormat
 from .layers import QuantConv2d, QuantLayer, QuantLinear
@@ -535,9 +536,7 @@ def load_quantized(path: str, skeleton: nn.Module, base_fingerprint: dict | None
     for k, v in rest.items():
         _check(not v.is_floating_point() or bool(torch.isfinite(v).all()), path, f"tensor {k} holds NaN/inf.")
     for name, layer in layers.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
-        setattr(parent, attr, layer)
+        set_submodule(skeleton, name, layer)
     skeleton.load_state_dict(rest, strict=False, assign=True)
     return skeleton
 
