@@ -43,6 +43,14 @@ def _samplers():
         return list(_FALLBACK_SAMPLERS), list(_FALLBACK_SCHEDULERS)
 
 
+def sampler_inputs(steps: int, cfg: float, max_steps: int) -> dict:
+    """The sampler widgets of a node, as the stock KSampler has them: steps, cfg, sampler and scheduler."""
+    samplers, schedulers = _samplers()
+    return {"steps": ("INT", {"default": steps, "min": 1, "max": max_steps}),
+            "cfg": ("FLOAT", {"default": cfg, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (samplers,), "scheduler": (schedulers,)}
+
+
 def register_folder() -> None:
     """models/mixquant as a model folder (dropdowns list it; refreshed by ComfyUI)."""
     try:
@@ -152,17 +160,19 @@ def _model_name(model) -> str:
 
 # --- nodes -------------------------------------------------------------------------------------------------------------
 
-class MixQuantCalibrate:
+class MixQuantNode:
+    """Every MixQuant node: listed under the MixQuant category."""
+    CATEGORY = CATEGORY
+
+
+class MixQuantCalibrate(MixQuantNode):
     DESCRIPTION = ("Runs your sampler on your prompts with the full-precision model and records what every layer "
                    "sees (per group of timesteps). The model is not changed. Interruptible.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MIXQUANT_CALIBRATION",)
-    RETURN_NAMES = ("calibration",)
+    RETURN_TYPES, RETURN_NAMES = ("MIXQUANT_CALIBRATION",), ("calibration",)
     FUNCTION = "calibrate"
 
     @classmethod
     def INPUT_TYPES(cls):
-        samplers, schedulers = _samplers()
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The full-precision model to quantize."}),
@@ -170,10 +180,7 @@ class MixQuantCalibrate:
                 "prompts": ("STRING", {"multiline": True, "default": "a photo of a cat\na watercolor landscape",
                                        "tooltip": "One prompt per line: the kind of images you will make."}),
                 "negative": ("STRING", {"multiline": True, "default": ""}),
-                "steps": ("INT", {"default": 8, "min": 1, "max": 200}),
-                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "sampler_name": (samplers,),
-                "scheduler": (schedulers,),
+                **sampler_inputs(steps=8, cfg=7.0, max_steps=200),
                 "width": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8}),
                 "height": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
@@ -216,32 +223,22 @@ class MixQuantCalibrate:
         return _interruptible(go)
 
 
-class MixQuantPlan:
+class MixQuantPlan(MixQuantNode):
     DESCRIPTION = ("Measures each layer's sensitivity (cached on disk: re-planning at another budget takes seconds) "
                    "and allocates bits per layer under the budget. target comfyui-native: only the formats stock "
                    "ComfyUI runs (W8A8 int8_tensorwise, W4A16 awq), for 'Save for stock ComfyUI'.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MIXQUANT_PLAN",)
-    RETURN_NAMES = ("plan",)
+    RETURN_TYPES, RETURN_NAMES = ("MIXQUANT_PLAN",), ("plan",)
     FUNCTION = "plan"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "calibration": ("MIXQUANT_CALIBRATION",),
-                "budget_kind": (BUDGET_KINDS,),
-                "budget": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 1e6, "step": 0.1,
-                                     "tooltip": "Average weight bits (1-16), or the denoiser's size in MB."}),
-                "activation_bits": (["8", "16", "4"],),
-                "target": (TARGETS,),
-            },
-            "optional": {
-                "sensitivity": (["full", "local"], {"tooltip": "full: image-level metrics (MixDQ); local: "
-                                                               "layer-output noise (fast, approximate)"}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        budget = ("FLOAT", {"default": 4.0, "min": 1.0, "max": 1e6, "step": 0.1,
+                            "tooltip": "Average weight bits (1-16), or the denoiser's size in MB."})
+        sensitivity = (["full", "local"], {"tooltip": "full: image-level metrics (MixDQ, the default); local: "
+                                                      "layer-output noise (fast, approximate)"})
+        return {"required": {"calibration": ("MIXQUANT_CALIBRATION",), "budget_kind": (BUDGET_KINDS,),
+                             "budget": budget, "activation_bits": (["8", "16", "4"],), "target": (TARGETS,)},
+                "optional": {"sensitivity": sensitivity}, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, budget_kind=None, budget=None):
@@ -302,9 +299,8 @@ def patched_clone_checked(model, layers, info, bounds):
     return patching.patched_clone(model, layers, json_safe(info), bounds)
 
 
-class QuantizedModelNode:
+class QuantizedModelNode(MixQuantNode):
     """A node that returns a quantized MODEL and its size summary."""
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "summary")
 
@@ -384,22 +380,31 @@ def architecture_of(model) -> dict:
     return arch
 
 
-class MixQuantSaveQuantized:
-    DESCRIPTION = "Saves the quantized model (MixQuant file) under models/mixquant for Load Quantized."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ()
+class QuantizedSaveNode(MixQuantNode):
+    """A node that writes a quantized MODEL to a file (`filename` under a model folder)."""
     FUNCTION = "save"
     OUTPUT_NODE = True
+    DEFAULT_NAME = "mixquant_model"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "filename": ("STRING", {"default": "mixquant_model"})}}
+        return {"required": {"model": ("MODEL",), "filename": ("STRING", {"default": cls.DEFAULT_NAME})}}
+
+    @staticmethod
+    def quantized(model):
+        """(quantized layers, the MODEL's MixQuant facts, the diffusion model with the layers in place)."""
+        layers, info = _quantized_info(model)
+        return layers, info, _quantized_view(model, layers)
+
+
+class MixQuantSaveQuantized(QuantizedSaveNode):
+    DESCRIPTION = "Saves the quantized model (MixQuant file) under models/mixquant for Load Quantized."
+    RETURN_TYPES = ()
 
     def save(self, model, filename):
-        layers, info = _quantized_info(model)
+        layers, info, view = self.quantized(model)
         register_folder()
         path = _save_path(FOLDER, filename)
-        view = _quantized_view(model, layers)
         extra = {"act_group_bounds": info.get("group_bounds") or None, "summary": info.get("report", {}),
                  "model": _model_name(model)}
         size = save_quantized(view, path, architecture=architecture_of(model),
@@ -460,24 +465,17 @@ class MixQuantLoadQuantized(QuantizedFileNode):
         return self.output(load_quantized_model(model, _full_path(FOLDER, quantized_file)))
 
 
-class MixQuantSaveNative:
+class MixQuantSaveNative(QuantizedSaveNode):
     DESCRIPTION = ("Saves the quantized diffusion model in ComfyUI's own quantized format (per-layer "
                    ".comfy_quant markers) under models/diffusion_models: the stock Load Diffusion Model node loads "
                    "it (ComfyUI >= v0.27 with comfy-kitchen), no MixQuant needed. Linear W8A8 -> int8_tensorwise, "
                    "W4A16 -> awq_w4a16; everything else (convs, static activation ranges, 2-bit) stays float.")
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("summary",)
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "filename": ("STRING", {"default": "mixquant_native"})}}
+    DEFAULT_NAME = "mixquant_native"
 
     def save(self, model, filename):
-        layers, info = _quantized_info(model)
-        view = _quantized_view(model, layers)
+        layers, info, view = self.quantized(model)
         exp = export_native(*split_model(view), naming="LDM names (ComfyUI's diffusion model)")
         path = _save_path(NATIVE_FOLDER, filename)
         size = save_native(exp, path, {"base_model": (info.get("base_fingerprint") or {}).get("id", "")})
@@ -490,37 +488,24 @@ class MixQuantSaveNative:
         return {"ui": {"text": [text], "mixquant_native": [s]}, "result": (text,)}
 
 
-class MixQuantKSampler:
+class MixQuantKSampler(MixQuantNode):
     DESCRIPTION = ("KSampler with the quantized layers swapped in for this run (from a plan or a MixQuant file), "
                    "activation ranges switched per group of timesteps. Also returns memory and time vs full "
                    "precision (compare_fp also times the FP run).")
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT", "STRING")
     RETURN_NAMES = ("latent", "stats")
     FUNCTION = "sample"
 
     @classmethod
     def INPUT_TYPES(cls):
-        samplers, schedulers = _samplers()
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The full-precision model (or an already quantized one)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "sampler_name": (samplers,),
-                "scheduler": (schedulers,),
-                "positive": ("CONDITIONING",),
-                "negative": ("CONDITIONING",),
-                "latent_image": ("LATENT",),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            },
-            "optional": {
-                "plan": ("MIXQUANT_PLAN",),
-                "quantized_file": (["none"] + quantized_files(),),
-                "compare_fp": ("BOOLEAN", {"default": False}),
-            },
-        }
+        model = ("MODEL", {"tooltip": "The full-precision model (or an already quantized one)."})
+        seed = ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True})
+        required = {"model": model, "seed": seed, **sampler_inputs(steps=20, cfg=8.0, max_steps=10000),
+                    "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "latent_image": ("LATENT",),
+                    "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})}
+        return {"required": required, "optional": {"plan": ("MIXQUANT_PLAN",),
+                                                   "quantized_file": (["none"] + quantized_files(),),
+                                                   "compare_fp": ("BOOLEAN", {"default": False})}}
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                plan=None, quantized_file="none", compare_fp=False):
@@ -641,9 +626,8 @@ def report_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-class MixQuantReport:
+class MixQuantReport(MixQuantNode):
     DESCRIPTION = "Per-layer bits, bytes and quality of a plan; draws the bit allocation per block on the node."
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report_json",)
     FUNCTION = "report"
