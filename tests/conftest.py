@@ -10,6 +10,7 @@ os.environ["MIXQUANT_CACHE"] = tempfile.mkdtemp(prefix="mixquant-test-cache-")  
 # reduced-precision float route is tested with its own tolerance, tests/test_kernels_cpu.py).
 os.environ.setdefault("MIXQUANT_CPU_DTYPE", "float32")
 
+import mixquant  # noqa: E402,F401  (first: its path hook keeps the checkout's kernels/ from shadowing HF's `kernels`)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
