@@ -4,9 +4,10 @@ Flow: model + prompts + sampler settings -> 1. calibrate (FP sampling run + per-
 -> 2. pick a budget (average weight bits or MB) with the predicted size and quality/size curve -> 3. quantize and
 compare FP vs quantized images for the same seeds, per-layer bits, quality numbers, memory and time -> 4. save.
 
-The app is thin: everything numeric comes from quant/ through app/api.py (quantize_pipeline), app/harness.py
-(compare_pipelines) and the calibration / sensitivity / allocation functions of quant/. `DemoBackend` holds the
-logic without any Gradio types (so it can be tested directly); `build_app` wires it to Gradio components.
+The app is thin: everything numeric comes from quant/ through app/diffusers_host/api.py (quantize_pipeline),
+app/diffusers_host/harness.py (compare_pipelines) and the calibration / sensitivity / allocation functions of quant/.
+`DemoBackend` holds the logic without any Gradio types (so it can be tested directly); `build_app` wires it to
+Gradio components. It imports the diffusers host and the digits model, never the CLI (app/cli/demo.py launches it).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class Settings:
         return [self.seed + i for i in range(len(self.prompts))]
 
     def sampler(self):
-        from .pipeline_runner import SamplerSettings
+        from .diffusers_host.runner import SamplerSettings
 
         return SamplerSettings(steps=self.steps, guidance=self.guidance, scheduler=self.scheduler,
                                negative_prompt=self.negative_prompt)
@@ -170,7 +171,7 @@ class DemoBackend:
     # models -------------------------------------------------------------------------------------------------
     def pipeline(self, model: str):
         """(pipe, ModelInfo) for a MODEL string; loaded once, the last `max_models` kept."""
-        from .models import load_pipeline, resolve_model
+        from .diffusers_host.models import load_pipeline, resolve_model
 
         name = (model or "digits").strip() or "digits"
         _, path = resolve_model(name)
@@ -188,7 +189,7 @@ class DemoBackend:
     @staticmethod
     def _model_info(pipe, name: str, path: str) -> ModelInfo:
         from ..quant import engine
-        from .models import DIGITS_DIR
+        from .digits import DIGITS_DIR
 
         unet = pipe.unet
         try:
@@ -243,7 +244,7 @@ class DemoBackend:
         settings quantize_pipeline uses, so that quantizing later finds them in the on-disk cache; then the
         predicted quality/size curve from those sensitivities (no sampling)."""
         from ..quant import engine
-        from .pipeline_runner import PipelineRunner
+        from .diffusers_host.runner import PipelineRunner
 
         pipe, info = self.pipeline(s.model)
         cfg = self._config(s)
@@ -273,9 +274,9 @@ class DemoBackend:
 
     # quantize and compare -----------------------------------------------------------------------------------
     def quantize(self, s: Settings, unit: str, value: float, progress=None, cal: CalibResult | None = None) -> QuantResult:
-        from .api import quantize_pipeline
-        from .harness import compare_pipelines
-        from .pipeline_runner import PipelineRunner
+        from .diffusers_host.api import quantize_pipeline
+        from .diffusers_host.harness import compare_pipelines
+        from .diffusers_host.runner import PipelineRunner
 
         pipe, info = self.pipeline(s.model)
         budget = {"budget_mb": float(value)} if unit == UNIT_MB else {"avg_w_bits": float(value)}
@@ -362,7 +363,7 @@ class DemoBackend:
     def save(self, result: QuantResult, name: str) -> tuple[str, str, int]:
         """Write the quantized denoiser (atomically) and its report under the output folder; returns
         (file, report file, bytes on disk)."""
-        from .quantize import save_outputs
+        from .diffusers_host.files import save_outputs
 
         name = (name or "").strip() or self.default_file_name(result)
         if os.path.basename(name) != name or name.startswith(".") or not re.fullmatch(r"[A-Za-z0-9_.\- ]+", name):
@@ -575,7 +576,7 @@ def to_gallery(images, prompts) -> list:
     """(image upscaled with nearest-neighbour for viewing, prompt) pairs; PNG via the gallery's format."""
     from PIL import Image
 
-    from .generate import upscale_for_viewing
+    from .diffusers_host.images import upscale_for_viewing
 
     out = []
     for img, p in zip(images, prompts):

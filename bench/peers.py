@@ -26,8 +26,9 @@ How things are measured:
   them in fp32): the same rule for every row, MixQuant included ("x FP16" = these bytes / the FP16 denoiser).
   Bytes at the dtype actually run are in the JSON (`bytes_as_run`). The FP32 row is counted at 4 bytes.
 - digits quality: the embedded `digits` pipeline in fp32, held-out prompts (bench/pipeline.py eval_set), the same
-  seeds for all, DPM-Solver++ 8 steps, guidance 4 (`--guidance`); app/harness.compare_pipelines gives denoiser SQNR
-  (teacher-forced on the FP trajectory), image PSNR / SSIM vs FP and content accuracy (the shipped digit classifier).
+  seeds for all, DPM-Solver++ 8 steps, guidance 4 (`--guidance`); app/diffusers_host/harness.compare_pipelines gives
+  denoiser SQNR (teacher-forced on the FP trajectory), image PSNR / SSIM vs FP and content accuracy (the shipped digit
+  classifier).
   `--content-seeds N` takes content accuracy / confidence from N seeds per prompt instead (each config's own images
   only: cheaper per image, so enough images to separate configs a few images apart). Content is also compared image
   by image: a MixQuant row against the peer whose size it matches, and each budget's best against each tool's best,
@@ -543,10 +544,10 @@ def _reason(e: BaseException) -> str:
 # --- digits -------------------------------------------------------------------------------------------------------
 
 def digits_section(args, peers, dtype16, log):
-    from mixquant.app.api import pipeline_with_denoiser
-    from mixquant.app.harness import compare_pipelines
-    from mixquant.app.models import load_pipeline
-    from mixquant.app.pipeline_runner import PipelineRunner, SamplerSettings
+    from mixquant.app.diffusers_host.api import pipeline_with_denoiser
+    from mixquant.app.diffusers_host.harness import compare_pipelines
+    from mixquant.app.diffusers_host.models import load_pipeline
+    from mixquant.app.diffusers_host.runner import PipelineRunner, SamplerSettings
 
     pipe = load_pipeline("digits")
     fp_unet = pipe.unet
@@ -645,7 +646,7 @@ def content_pass(pipe, prompts, seeds, sampler, batch: int = 64) -> dict:
     """The digit classifier on the pipeline's own images for every prompt x seed (prompt-major, as
     compare_pipelines orders them): accuracy, confidence and the per-image hits string."""
     from mixquant.app.digits import content_confidence, content_hits, digits_classifier, hit_rate
-    from mixquant.app.models import set_scheduler
+    from mixquant.app.diffusers_host.models import set_scheduler
 
     set_scheduler(pipe, sampler.scheduler)
     clf = digits_classifier()
@@ -737,7 +738,7 @@ def _engine_deploy_bytes(model) -> int | None:
 
 def mixquant_digits(pipe, sampler, prompts, fp16, wanted, cache_dir, log) -> dict:
     """Every MixQuant config of the digits section, on one calibration + cached sensitivities."""
-    from mixquant.app.pipeline_runner import PipelineRunner
+    from mixquant.app.diffusers_host.runner import PipelineRunner
     from mixquant.quant import engine
     from mixquant.quant.apply import quantize_model, uniform_plan
     from mixquant.quant.errors import MixQuantError
@@ -1101,7 +1102,7 @@ def _cov(r):
 
 
 def _jsonable(o):
-    from mixquant.app.quantize import json_safe
+    from mixquant.quant.util import json_safe
 
     return json_safe(o)
 

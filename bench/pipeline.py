@@ -19,11 +19,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import cpu_name, sd15_unet  # noqa: E402
 
-from mixquant.app.api import pipeline_with_denoiser, quantize_pipeline  # noqa: E402
+from mixquant.app.diffusers_host.api import pipeline_with_denoiser, quantize_pipeline  # noqa: E402
 from mixquant.app.digits import heldout_prompts  # noqa: E402
-from mixquant.app.harness import compare_pipelines  # noqa: E402
-from mixquant.app.models import load_pipeline  # noqa: E402
-from mixquant.app.pipeline_runner import SamplerSettings  # noqa: E402
+from mixquant.app.diffusers_host.harness import compare_pipelines  # noqa: E402
+from mixquant.app.diffusers_host.models import load_pipeline  # noqa: E402
+from mixquant.app.diffusers_host.runner import SamplerSettings  # noqa: E402
 from mixquant.quant import engine  # noqa: E402
 from mixquant.quant.apply import quantize_model, uniform_plan  # noqa: E402
 from mixquant.quant.formats import LayerFormat  # noqa: E402
@@ -81,7 +81,7 @@ def digits_rows(sampler: SamplerSettings, cache: str, n_eval: int):
                     "psnr_db": float("inf"), "ssim": 1.0, "ssim_large": 1.0, "acc": None, "acc_fp": None,
                     "note": ""})
     # uniform plans on the same calibration
-    from mixquant.app.pipeline_runner import PipelineRunner
+    from mixquant.app.diffusers_host.runner import PipelineRunner
     from mixquant.quant.calibration import calibrate
 
     runner = PipelineRunner(pipe, sampler)

@@ -1,4 +1,5 @@
-"""Quality bench: the harness (app/harness.py) on the digits model, FP vs damaged / quantized variants.
+"""Quality bench: the harness (app/diffusers_host/harness.py) on the digits model, FP vs damaged / quantized
+variants.
 
     python -m mixquant.bench.quality                 # writes bench/results/quality_digits.{md,json} + grids
     python -m mixquant.bench.quality --steps 4 --seeds 0 1 2
@@ -62,7 +63,7 @@ def evaluate_variants(fp_pipe, variants: dict, prompts: list[str], seeds: list[i
                       grid_columns: int = 10) -> list[dict]:
     """Run the harness for each {name: pipeline}; one row per variant (metrics as in compare_pipelines, images
     dropped). With grid_dir, writes <grid_dir>/grid_<name>.png (row FP above row variant, first seed only)."""
-    from ..app.harness import compare_pipelines, save_grid
+    from ..app.diffusers_host.harness import compare_pipelines, save_grid
 
     rows = []
     for name, pipe in variants.items():
@@ -84,7 +85,7 @@ def accuracy_table(pipe, schedulers=("ddim", "dpm", "euler"), steps_list=(4, 20)
     """FP content accuracy on held-out phrasings: {scheduler: {steps: accuracy}}; per_digit images per digit
     (phrasings cycled), seeds first_seed.. (the model card's table)."""
     from ..app.digits import HELDOUT_PHRASINGS, content_accuracy, digits_classifier, phrase
-    from ..app.models import set_scheduler
+    from ..app.diffusers_host.models import set_scheduler
 
     n = len(HELDOUT_PHRASINGS)
     prompts = [phrase(HELDOUT_PHRASINGS[(d + k) % n], d) for d in range(10) for k in range(per_digit)]
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ..app.harness import pipeline_with_unet
-    from ..app.models import load_pipeline
+    from ..app.diffusers_host.harness import pipeline_with_unet
+    from ..app.diffusers_host.models import load_pipeline
 
     t0 = time.time()
     fp = load_pipeline(args.model)

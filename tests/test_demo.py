@@ -20,7 +20,7 @@ MODEL = os.environ.get("MIXQUANT_DEMO_TEST_MODEL", "digits")
 
 
 def _model_or_skip():
-    from mixquant.app.models import resolve_model
+    from mixquant.app.diffusers_host.models import resolve_model
     from mixquant.quant.errors import MixQuantError
 
     try:
@@ -32,7 +32,7 @@ def _model_or_skip():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     _model_or_skip()
-    from mixquant.app.demo import launch, offline_env
+    from mixquant.app.cli.demo import launch, offline_env
     from mixquant.app.gradio_app import DemoBackend, build_app
 
     offline_env()
@@ -118,7 +118,7 @@ def test_calibrate_quantize_compare_save(served, client):
     path = os.path.join(be.out_dir, name)
     assert os.path.isfile(path) and os.path.isfile(path.replace(".safetensors", ".report.json"))
     assert [os.path.basename(f) for f in files] == [name, name.replace(".safetensors", ".report.json")]
-    from mixquant.app.diffusers_adapter import load_denoiser
+    from mixquant.app.diffusers_host.files import load_denoiser
 
     pipe, _ = be.pipeline(MODEL)
     qunet = load_denoiser(path, base=pipe.unet)  # fingerprint checked against the FP model
@@ -172,7 +172,7 @@ def test_stop_interrupts_a_running_job(served, client):
 
 def test_cli_arguments():
     from mixquant.app.cli import build_parser
-    from mixquant.app.demo import free_port
+    from mixquant.app.cli.demo import free_port
 
     args = build_parser().parse_args(["demo"])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 7860, "digits")

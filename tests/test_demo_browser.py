@@ -36,7 +36,7 @@ def _chromium():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from mixquant.app.models import resolve_model
+    from mixquant.app.diffusers_host.models import resolve_model
     from mixquant.quant.errors import MixQuantError
 
     if _chromium() is None:
@@ -45,7 +45,7 @@ def served(tmp_path_factory):
         resolve_model(MODEL)
     except MixQuantError as e:
         pytest.skip(f"demo model not available: {e}")
-    from mixquant.app.demo import launch, offline_env
+    from mixquant.app.cli.demo import launch, offline_env
     from mixquant.app.gradio_app import DemoBackend, build_app
 
     offline_env()

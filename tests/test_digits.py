@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mixquant.app import digits as D
-from mixquant.app.models import DIGITS_DIR, digits_classifier, load_pipeline, parse_digit, set_scheduler
+from mixquant.app.diffusers_host.models import load_pipeline, set_scheduler
+from mixquant.app.digits import DIGITS_DIR, digits_classifier, parse_digit
 from mixquant.quant.errors import MixQuantError
 
 

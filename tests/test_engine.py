@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from mixquant.app.api import pipeline_with_denoiser, quantize_pipeline
+from mixquant.app.diffusers_host.api import pipeline_with_denoiser, quantize_pipeline
 from mixquant.app.cli import main as cli
-from mixquant.app.harness import compare_pipelines
-from mixquant.app.models import load_pipeline
-from mixquant.app.pipeline_runner import PipelineRunner, SamplerSettings
+from mixquant.app.diffusers_host.harness import compare_pipelines
+from mixquant.app.diffusers_host.models import load_pipeline
+from mixquant.app.diffusers_host.runner import PipelineRunner, SamplerSettings
 from mixquant.quant import engine
 from mixquant.quant.apply import quantize_model, uniform_plan
 from mixquant.quant.calibration import calibrate

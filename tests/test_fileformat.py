@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixquant.app.diffusers_adapter import load_denoiser, save_denoiser
+from mixquant.app.diffusers_host.files import load_denoiser, save_denoiser
 from mixquant.quant.apply import quantize_model
 from mixquant.quant.calibration import collect_act_ranges
 from mixquant.quant.errors import MixQuantError

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mixquant.app.harness import compare_pipelines, pipeline_with_unet, save_grid
-from mixquant.app.models import load_pipeline
+from mixquant.app.diffusers_host.harness import compare_pipelines, pipeline_with_unet, save_grid
+from mixquant.app.diffusers_host.models import load_pipeline
 from mixquant.bench.quality import damaged_unet, default_prompts, markdown_table
 
 

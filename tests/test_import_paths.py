@@ -183,7 +183,7 @@ def test_readme_python_and_load_pipeline(cwd, tmp_path):
     imports = _readme_python_imports()
     assert len(imports) >= 6, imports
     code = "\n".join(imports + [
-        "from mixquant.app.models import load_pipeline",
+        "from mixquant.app.diffusers_host.models import load_pipeline",
         "pipe = load_pipeline('digits')",
         "import sys, kernels",  # the Hugging Face package, never our folder
         "assert 'site-packages' in kernels.__file__, kernels.__file__",

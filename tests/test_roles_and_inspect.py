@@ -77,7 +77,7 @@ def test_dit_from_local_config():
 
 
 def test_inspect_prints_layers_and_bad_file_is_one_line(tmp_path, capsys, small_unet, unet_inputs):
-    from mixquant.app.diffusers_adapter import save_denoiser
+    from mixquant.app.diffusers_host.files import save_denoiser
     from mixquant.quant.apply import quantize_model, uniform_plan
     from mixquant.quant.fileformat import fingerprint
 

@@ -1,6 +1,6 @@
 """One call for diffusers users: quantize a pipeline's denoiser on your prompts under your budget.
 
-    from mixquant.app.api import quantize_pipeline
+    from mixquant.app.diffusers_host.api import quantize_pipeline
     qpipe, report = quantize_pipeline(pipe, prompts, avg_w_bits=4, a_bits=8)
 
 The input pipeline is not modified: the result shares its text encoder, VAE and scheduler and has a quantized copy
@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from ..quant import engine
-from ..quant.errors import MixQuantError
-from ..quant.runner import Progress
-from .pipeline_runner import PipelineRunner, SamplerSettings
+from ...quant import engine
+from ...quant.errors import MixQuantError
+from ...quant.runner import Progress
+from .runner import PipelineRunner, SamplerSettings
 
 
 def pipeline_with_denoiser(pipe, denoiser):

@@ -1,5 +1,6 @@
 """diffusers side of the MixQuant file: describe a denoiser's architecture, rebuild an empty one from that
-description, and load/save quantized denoisers of diffusers pipelines."""
+description, load/save quantized denoisers of diffusers pipelines, and write a quantize run's outputs (the file and
+its report JSON)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +11,10 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..quant.errors import MixQuantError
-from ..quant.fileformat import build_guard, fingerprint, load_quantized, read_layout, save_quantized
-from ..quant.layers import QuantLayer, attach_act_group_switch
+from ...quant.errors import MixQuantError
+from ...quant.fileformat import build_guard, fingerprint, load_quantized, read_layout, save_quantized
+from ...quant.layers import QuantLayer, attach_act_group_switch
+from ...quant.util import json_safe, write_atomic
 
 _CLASSES = ("UNet2DConditionModel", "Transformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
             "FluxTransformer2DModel")
@@ -217,3 +219,24 @@ def load_denoiser(path: str, base: nn.Module | None = None, dtype=None) -> nn.Mo
 def diffusers_timestep(args, kwargs) -> float:
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     return float(torch.as_tensor(t).reshape(-1)[0])
+
+
+def write_json_atomic(obj, path: str):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(json_safe(obj), f, indent=1)
+
+    write_atomic(path, write)
+
+
+def save_outputs(fp_unet, qunet, report: dict, out: str, report_path: str | None, model: str) -> int:
+    """Write the quantized file (atomically, with what it was made from) and the report JSON; returns the file
+    size. Shared by the CLI and the Gradio app."""
+    extra = {"model": model, "target": report.get("target", "mixquant"), "sampler": report.get("sampler"),
+             "act_group_bounds": getattr(qunet, "_mixquant_act_groups", None),
+             "summary": {k: report[k] for k in ("avg_w_bits", "avg_a_bits", "bytes_fp16", "bytes_quantized")}}
+    size = save_denoiser(qunet, out, fingerprint(fp_unet), extra=json_safe(extra))
+    report["file"] = {"path": out, "bytes_on_disk": size}
+    if report_path:
+        write_json_atomic(json_safe(report), report_path)
+    return size

@@ -13,8 +13,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..quant.errors import MixQuantError
-    from ..quant.native import export_file
+    from ...quant.errors import MixQuantError
+    from ...quant.native import export_file
 
     if os.path.abspath(args.out) == os.path.abspath(args.file):
         raise MixQuantError("--out must be a different file than the input")

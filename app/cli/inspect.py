@@ -15,7 +15,7 @@ def add_arguments(p):
 
 
 def _layer_bytes(e: dict) -> tuple[int, int]:
-    from ..quant.formats import LayerFormat
+    from ...quant.formats import LayerFormat
 
     fmt = LayerFormat.from_dict(e["format"])
     k = e["in"] * (e["kernel_size"][0] * e["kernel_size"][1] if e["kind"] == "conv2d" else 1)
@@ -23,12 +23,12 @@ def _layer_bytes(e: dict) -> tuple[int, int]:
 
 
 def run(args) -> int:
-    from ..quant.errors import MixQuantError
-    from ..quant.fileformat import read_header
-    from ..quant.formats import LayerFormat
+    from ...quant.errors import MixQuantError
+    from ...quant.fileformat import read_header
+    from ...quant.formats import LayerFormat
 
     if args.kernels:
-        from ..kernels import dispatch
+        from ...kernels import dispatch
 
         print(dispatch.describe())  # backends, this CPU's measured plan, the path each kind of layer takes
         if not args.file:

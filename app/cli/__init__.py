@@ -1,5 +1,7 @@
-"""`mixquant` command line. Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
-``run(args) -> int``; a MixQuantError becomes one line on stderr and exit code 2."""
+"""`mixquant` command line. Each subcommand lives in its own module of this package exposing
+``add_arguments(parser)`` and ``run(args) -> int``; a MixQuantError becomes one line on stderr and exit code 2.
+The commands import the hosts (app.diffusers_host, app.digits, app.gradio_app); nothing imports this package except
+the `mixquant` entry point."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +13,7 @@ import sys
 COMMANDS = {
     "quantize": ("quantize", "calibrate on prompts, allocate bits under a budget, write the quantized file"),
     "generate": ("generate", "generate an image with an FP or quantized model"),
-    "inspect": ("inspect_cmd", "show what a quantized file holds"),
+    "inspect": ("inspect", "show what a quantized file holds"),
     "export": ("export", "export a quantized file in another format (ComfyUI native)"),
     "demo": ("demo", "launch the Gradio app"),
 }
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
-    from ..quant.errors import MixQuantError
+    from ...quant.errors import MixQuantError
 
     args = build_parser().parse_args(argv)
     try:

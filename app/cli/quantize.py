@@ -2,11 +2,8 @@
 report (architecture.md)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
-
-from ..quant.util import json_safe, write_atomic
 
 
 def add_arguments(p):
@@ -39,8 +36,8 @@ def add_arguments(p):
 
 
 def read_prompts(args) -> list[str]:
-    from ..quant.errors import MixQuantError
-    from ..quant.util import parse_prompts
+    from ...quant.errors import MixQuantError
+    from ...quant.util import parse_prompts
 
     if args.prompts_file:
         try:
@@ -51,36 +48,13 @@ def read_prompts(args) -> list[str]:
     return parse_prompts(args.prompt or [], hint="--prompt or --prompts-file")
 
 
-def write_json_atomic(obj, path: str):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(json_safe(obj), f, indent=1)
-
-    write_atomic(path, write)
-
-
-def save_outputs(fp_unet, qunet, report: dict, out: str, report_path: str | None, model: str) -> int:
-    """Write the quantized file (atomically, with what it was made from) and the report JSON; returns the file
-    size. Shared by the CLI and the demo."""
-    from ..quant.fileformat import fingerprint
-    from .diffusers_adapter import save_denoiser
-
-    extra = {"model": model, "target": report.get("target", "mixquant"), "sampler": report.get("sampler"),
-             "act_group_bounds": getattr(qunet, "_mixquant_act_groups", None),
-             "summary": {k: report[k] for k in ("avg_w_bits", "avg_a_bits", "bytes_fp16", "bytes_quantized")}}
-    size = save_denoiser(qunet, out, fingerprint(fp_unet), extra=json_safe(extra))
-    report["file"] = {"path": out, "bytes_on_disk": size}
-    if report_path:
-        write_json_atomic(json_safe(report), report_path)
-    return size
-
-
 def run(args) -> int:
-    from ..quant.errors import MixQuantError
-    from .api import quantize_pipeline
-    from .generate import parse_size
-    from .models import load_pipeline
-    from .pipeline_runner import SamplerSettings
+    from ...quant.errors import MixQuantError
+    from ..diffusers_host.api import quantize_pipeline
+    from ..diffusers_host.files import save_outputs
+    from ..diffusers_host.images import parse_size
+    from ..diffusers_host.models import load_pipeline
+    from ..diffusers_host.runner import SamplerSettings
 
     prompts = read_prompts(args)
     for path in (args.out, args.report):

@@ -2,7 +2,7 @@
 parser used for content accuracy, and the small digit classifier that judges generated images.
 
 Torch only (no diffusers, no sklearn): this module is imported at run time by the harness, the CLI and the tests.
-The training script (``app/train_digits.py``) imports the same definitions, so what is trained and what is
+The training script (``app/digits/train.py``) imports the same definitions, so what is trained and what is
 evaluated cannot drift apart.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DIGITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "digits")
+DIGITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "models",
+                          "digits")
 CLASSIFIER_DIR = os.path.join(DIGITS_DIR, "classifier")
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -209,12 +210,12 @@ def save_classifier(model: DigitClassifier, folder: str, info: dict | None = Non
 def load_classifier(folder: str = CLASSIFIER_DIR) -> DigitClassifier:
     from safetensors.torch import load_file
 
-    from ..quant.errors import MixQuantError
+    from ...quant.errors import MixQuantError
 
     path = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(path):
         raise MixQuantError(f"digit classifier not found at {path}; reinstall mixquant or run "
-                            "`python -m mixquant.app.train_digits` to rebuild models/digits")
+                            "`python -m mixquant.app.digits.train` to rebuild models/digits")
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
     model = DigitClassifier(width=int(cfg.get("width", 32)))

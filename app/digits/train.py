@@ -1,9 +1,9 @@
 """Train the embedded `digits` text-to-image model from scratch, seeded, on a CPU (1 thread by default).
 
-    python -m mixquant.app.train_digits                      # writes <package>/models/digits (27.6 min measured on
+    python -m mixquant.app.digits.train                      # writes <package>/models/digits (27.6 min measured on
                                                              # a shared 2-core CPU, ~21 min undisturbed)
-    python -m mixquant.app.train_digits --out /tmp/digits    # somewhere else
-    python -m mixquant.app.train_digits --quick --out /tmp/d # smoke test: a few steps of each stage
+    python -m mixquant.app.digits.train --out /tmp/digits    # somewhere else
+    python -m mixquant.app.digits.train --quick --out /tmp/d # smoke test: a few steps of each stage
 
 Data: scikit-learn's handwritten digits (1,797 images, 8x8, 17 levels), bilinearly upsampled to 16x16, white on
 black, gray copied to 3 channels, scaled to [-1, 1]. Stages, each with a fixed number of steps (no time budget,
@@ -14,7 +14,7 @@ so the run is reproducible):
   3. UNet2DConditionModel (CrossAttnDownBlock2D / CrossAttnUpBlock2D) and the CLIPTextModel trained *jointly*
      (a frozen text encoder memorises the training phrasings and fails new ones), epsilon prediction on the SD 1.x
      noise schedule, min-SNR-5 weighting, 10% empty prompts (for classifier-free guidance), EMA weights saved.
-Prompts come from the grammar in app/digits.py; the held-out phrasings there never occur in training.
+Prompts come from the grammar in app/digits/__init__.py; the held-out phrasings there never occur in training.
 
 Needs scikit-learn (only to load the data set): pip install scikit-learn.
 """
@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import digits as D
+from .. import digits as D
 
 SEED = 0
 
@@ -276,7 +276,7 @@ def quick_eval(folder: str, steps: int = 20, guidance: float = 4.0) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mixquant.app.train_digits", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mixquant.app.digits.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=D.DIGITS_DIR, help="output folder (default: the package's models/digits)")
     ap.add_argument("--vae-steps", type=int, default=400)
     ap.add_argument("--classifier-steps", type=int, default=600)
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_seconds_total": round(total, 1), "heldout_accuracy_dpm20_g4": acc,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__},
-            "command": "python -m mixquant.app.train_digits" + ("" if args.out == D.DIGITS_DIR else f" --out {args.out}")}
+            "command": "python -m mixquant.app.digits.train" + ("" if args.out == D.DIGITS_DIR else f" --out {args.out}")}
     with open(os.path.join(tmp, "training.json"), "w") as f:
         json.dump(info, f, indent=2)
         f.write("\n")

@@ -1,6 +1,6 @@
 """Quality harness: score a quantized pipeline against its FP original (the numbers of the report's `quality`).
 
-    from mixquant.app.harness import compare_pipelines, save_grid
+    from mixquant.app.diffusers_host.harness import compare_pipelines, save_grid
     q = compare_pipelines(fp_pipe, q_pipe, prompts, seeds=[0, 1], steps=20, guidance=4.0, scheduler="dpm")
     q["sqnr_db"], q["psnr_db"], q["ssim"], q["content_accuracy"]
 
@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from ..quant import metrics as M
-from ..quant.errors import MixQuantError
+from ...quant import metrics as M
+from ...quant.errors import MixQuantError
 
 
 def pipeline_with_unet(pipe, unet):
@@ -74,7 +74,7 @@ class _Recorder:
 
 
 def _is_digits(pipe) -> bool:
-    from .digits import DIGITS_DIR
+    from ..digits import DIGITS_DIR
 
     p = getattr(pipe.config, "_name_or_path", None) or ""
     try:
@@ -165,11 +165,11 @@ def compare_pipelines(fp_pipe, q_pipe, prompts: list[str], seeds: list[int], ste
     if classifier == "auto":
         classifier = None
         if _is_digits(fp_pipe):
-            from .digits import digits_classifier
+            from ..digits import digits_classifier
 
             classifier = digits_classifier()
     if classifier is not None:
-        from .digits import content_confidence, content_hits, hit_rate
+        from ..digits import content_confidence, content_hits, hit_rate
 
         all_prompts = [p for p, _ in items]
         for key, images in (("_fp", fp_images), ("", q_images)):
@@ -204,7 +204,7 @@ def save_grid(fp_images, q_images, path: str, columns: int = 10, tile: int = 96,
     upscaled with nearest-neighbour by an integer factor to about `tile` px. Written atomically; returns path."""
     from PIL import Image
 
-    from .generate import save_png_atomic
+    from .images import save_png_atomic
 
     a, b = _to_tensor(fp_images), _to_tensor(q_images)
     if a.shape != b.shape:

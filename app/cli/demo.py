@@ -58,7 +58,7 @@ def offline_env() -> None:
 def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True, open_browser: bool = False,
            quiet: bool = False) -> str:
     """Queue (one job at a time) and serve `app`; returns the local URL (with block=False, at once)."""
-    from .gradio_app import CSS, theme
+    from ..gradio_app import CSS, theme
 
     be = getattr(app, "mixquant_backend", None)
     if port == 0:
@@ -72,14 +72,14 @@ def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True, o
 
 
 def run(args) -> int:
-    from ..quant.errors import MixQuantError
+    from ...quant.errors import MixQuantError
 
     offline_env()
     try:
         import gradio  # noqa: F401
     except ModuleNotFoundError:
         raise MixQuantError("the demo needs Gradio: pip install 'mixquant[demo]' (or pip install gradio)") from None
-    from .gradio_app import DemoBackend, build_app
+    from ..gradio_app import DemoBackend, build_app
 
     if args.port < 0 or args.port > 65535:
         raise MixQuantError(f"--port {args.port} is not a port number (0..65535; 0 picks a free one)")
@@ -93,7 +93,7 @@ def run(args) -> int:
     if not _is_loopback(args.host):
         print(f"mixquant: warning: listening on {args.host}: other machines on your network can use this app.",
               file=sys.stderr)
-    from .gradio_app import have_matplotlib
+    from ..gradio_app import have_matplotlib
 
     if not have_matplotlib():
         print("mixquant: warning: matplotlib is not installed: the bit chart and the quality/size curve are off "

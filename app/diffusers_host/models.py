@@ -4,7 +4,8 @@
     pipe = load_pipeline("digits")                  # the shipped tiny text-to-image model
     pipe = load_pipeline("/path/to/diffusers/folder")
     set_scheduler(pipe, "dpm")                      # ddim | dpm | euler
-    clf = digits_classifier(); parse_digit("the number seven") -> 7
+
+The digits model's vocabulary, prompt parser and classifier are in app/digits (``mixquant.app.digits``).
 """
 from __future__ import annotations
 
@@ -15,26 +16,10 @@ import warnings
 
 import torch
 
-from ..quant.errors import MixQuantError
-from .digits import (  # noqa: F401  (re-exported: the public face of the digits model)
-    DIGIT_WORDS,
-    DIGITS_DIR,
-    HELDOUT_PHRASINGS,
-    SEED_PHRASINGS,
-    DigitClassifier,
-    content_accuracy,
-    digits_classifier,
-    heldout_prompts,
-    parse_digit,
-    sample_training_prompt,
-)
+from ...quant.errors import MixQuantError
+from ..digits import DIGITS_DIR
 
-__all__ = ["load_pipeline", "resolve_model", "set_scheduler", "SCHEDULERS", "digits_classifier", "parse_digit",
-           "content_accuracy", "heldout_prompts", "DIGIT_WORDS", "DIGITS_DIR", "HELDOUT_PHRASINGS",
-           "SEED_PHRASINGS", "TRAINING_PHRASINGS", "DigitClassifier"]
-
-# Training phrasings: the seed templates below plus the grammar in app/digits.py (sample_training_prompt).
-TRAINING_PHRASINGS = SEED_PHRASINGS
+__all__ = ["load_pipeline", "resolve_model", "set_scheduler", "SCHEDULERS"]
 
 SCHEDULERS = ("ddim", "dpm", "euler")
 
@@ -47,7 +32,7 @@ def resolve_model(model: str) -> tuple[str, str]:
     if model.strip().lower() == "digits":
         if not os.path.isfile(os.path.join(DIGITS_DIR, "model_index.json")):
             raise MixQuantError(f"the embedded digits model is missing from {DIGITS_DIR}; reinstall mixquant, or "
-                                "rebuild it with `python -m mixquant.app.train_digits`")
+                                "rebuild it with `python -m mixquant.app.digits.train`")
         return "diffusers", DIGITS_DIR
     path = os.path.abspath(os.path.expanduser(model))
     if os.path.isdir(path):

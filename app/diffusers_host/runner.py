@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import torch
 
-from ..quant.runner import DenoiserRunner, SamplerSettings
-from .diffusers_adapter import diffusers_timestep
+from ...quant.runner import DenoiserRunner, SamplerSettings
+from .files import diffusers_timestep
 
 
 class PipelineRunner(DenoiserRunner):

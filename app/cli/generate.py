@@ -8,13 +8,10 @@ The PNG is written atomically (temporary file in the same folder, then rename).
 """
 from __future__ import annotations
 
-import math
 import os
-import tempfile
 
-from ..quant.errors import MixQuantError
-
-VIEW_SIZE = 128
+from ...quant.errors import MixQuantError
+from ..diffusers_host.images import VIEW_SIZE, parse_size, save_png_atomic, upscale_for_viewing
 
 
 def add_arguments(p) -> None:
@@ -41,49 +38,6 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="IMAGE.png", help="where to write the PNG")
 
 
-def parse_size(text: str | None) -> tuple[int | None, int | None]:
-    """"WxH" -> (width, height); None -> (None, None). Both must be positive multiples of 8."""
-    if not text:
-        return None, None
-    try:
-        w, h = (int(v) for v in text.lower().replace("×", "x").split("x"))
-    except ValueError:
-        raise MixQuantError(f"--size {text!r} is not WxH (e.g. 512x512)") from None
-    if w <= 0 or h <= 0 or w % 8 or h % 8:
-        raise MixQuantError(f"--size {text}: width and height must be positive multiples of 8")
-    return w, h
-
-
-def upscale_for_viewing(image, target: int = VIEW_SIZE):
-    """Nearest-neighbour upscale by the smallest integer factor that brings the longer side to >= target;
-    images already that large are returned unchanged."""
-    from PIL import Image
-
-    w, h = image.size
-    if max(w, h) >= target:
-        return image
-    k = math.ceil(target / max(w, h))
-    return image.resize((w * k, h * k), resample=Image.NEAREST)
-
-
-def save_png_atomic(image, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise MixQuantError(f"output folder {folder} does not exist; create it or choose another --out")
-    fd, tmp = tempfile.mkstemp(prefix=".mixquant-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _resolve_device(name: str) -> str:
     import torch
 
@@ -95,7 +49,7 @@ def _resolve_device(name: str) -> str:
 def apply_quantized(pipe, path: str):
     """Swap the pipeline's denoiser for the quantized one stored in `path`, rebuilt from the file alone and
     checked against the pipeline's FP denoiser (it must be the model the file was made from)."""
-    from .diffusers_adapter import load_denoiser
+    from ..diffusers_host.files import load_denoiser
 
     if not os.path.isfile(path):
         raise MixQuantError(f"quantized file {path} not found; make one with `mixquant quantize`")
@@ -118,7 +72,7 @@ def generate_image(pipe, prompt: str, *, negative_prompt: str | None = None, see
 
 
 def run(args) -> int:
-    from .models import load_pipeline, set_scheduler
+    from ..diffusers_host.models import load_pipeline, set_scheduler
 
     if not args.out.lower().endswith(".png"):
         raise MixQuantError(f"--out {args.out}: give a .png path")
