@@ -136,14 +136,6 @@ class Session:
 # ------------------------------------------------------------------------------------------------------------------
 # the backend: no Gradio types in here
 # ------------------------------------------------------------------------------------------------------------------
-def _resolve_device(name: str) -> str:
-    if name in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MixQuantError("CUDA was asked for but is not available; start the demo with --device cpu")
-    return name
-
-
 def _sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -154,7 +146,9 @@ class DemoBackend:
 
     def __init__(self, model: str = "digits", out_dir: str = "mixquant_out", cache_dir: str | None = None,
                  device: str = "auto", max_models: int = 2):
-        self.device = _resolve_device(device)
+        from .diffusers_host.models import resolve_device
+
+        self.device = resolve_device(device)
         self.out_dir = os.path.abspath(out_dir)
         self.cache_dir = cache_dir
         self.default_model = model

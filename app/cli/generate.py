@@ -29,6 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--quantized", default=None, metavar="FILE.safetensors",
                    help="a quantized denoiser made by `mixquant quantize` from the same model")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="the model's float type (default auto: fp16 on a GPU, fp32 on a CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: 1 for the tiny digits model, where a second thread gains "
                         "little and a busy machine makes multi-threading many times slower; torch's default otherwise)")
@@ -36,14 +38,6 @@ def add_arguments(p) -> None:
                    help=f"save at the generated size (by default images under {VIEW_SIZE} px are upscaled "
                         "with nearest-neighbour for viewing)")
     p.add_argument("--out", required=True, metavar="IMAGE.png", help="where to write the PNG")
-
-
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def apply_quantized(pipe, path: str):
@@ -82,7 +76,7 @@ def run(args) -> int:
     threads = args.threads or (1 if args.model.strip().lower() == "digits" else None)
     if threads:
         torch.set_num_threads(threads)
-    pipe = load_pipeline(args.model, device=_resolve_device(args.device))
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     set_scheduler(pipe, args.scheduler)
     if args.quantized:
         apply_quantized(pipe, args.quantized)

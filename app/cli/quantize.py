@@ -30,7 +30,12 @@ def add_arguments(p):
                         "come closer to FP on the calibration prompts (default)")
     p.add_argument("--cache-dir", help="where sensitivity results are cached (default ~/.cache/mixquant)")
     p.add_argument("--no-eval", action="store_true", help="skip the FP-vs-quantized quality evaluation")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="the model's float type (default auto: fp16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--sens-mode", default="full", choices=("full", "local"),
+                   help="sensitivity: full = MixDQ's metrics (content layers judged on final images, quality layers "
+                        "on the denoiser output; default), local = each layer's own output noise (fast, approximate)")
     p.add_argument("--out", required=True, help="the quantized .safetensors file to write")
     p.add_argument("--report", help="where to write the report JSON")
 
@@ -61,7 +66,7 @@ def run(args) -> int:
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise MixQuantError(f"the folder of {path} does not exist")
     width, height = parse_size(args.size)
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     sampler = SamplerSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, width=width,
                               height=height, negative_prompt=args.negative_prompt)
     bar = _progress_bar()
@@ -70,7 +75,8 @@ def run(args) -> int:
             pipe, prompts, avg_w_bits=args.avg_w_bits, budget_mb=args.budget_mb, a_bits=args.a_bits,
             target=args.target, sampler=sampler, seeds=[args.seed + i for i in range(len(prompts))],
             evaluate=not args.no_eval, model_name=args.model, progress=bar, act_groups=args.act_groups,
-            bos=not args.no_bos, cache_dir=args.cache_dir, weight_search=args.weight_search)
+            bos=not args.no_bos, cache_dir=args.cache_dir, weight_search=args.weight_search,
+            sens_mode=args.sens_mode)
     finally:
         bar.close()
     size = save_outputs(pipe.unet, qpipe.unet, report, args.out, args.report, args.model)

@@ -91,18 +91,43 @@ def _quiet_loading():
             tlog.enable_progress_bar()
 
 
-def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str | torch.device | None) -> str:
+    """"auto" (or nothing): CUDA when available, else the CPU; a CUDA device that is not there is a MixQuantError."""
+    name = str(name) if name is not None else "auto"
+    if name in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MixQuantError("CUDA was asked for but is not available; use --device cpu (or auto)")
+    return name
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
+    """"auto" (or nothing): fp16 on a GPU, fp32 on a CPU (where half-precision matmuls are slow or inexact)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "", "auto"):
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise MixQuantError(f"unknown dtype {name!r}: use auto, fp32, fp16 or bf16")
+    return DTYPES[name]
+
+
+def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
     """Load a text-to-image pipeline offline. `model`: "digits" (the embedded model), a diffusers folder, or a
-    single-file .safetensors checkpoint (not supported yet: raises MixQuantError). Progress bars are disabled."""
+    single-file .safetensors checkpoint (not supported yet: raises MixQuantError). `device` "auto": CUDA when
+    available; `dtype` (None / "auto": fp16 on a GPU, fp32 on a CPU). Progress bars are disabled."""
     kind, path = resolve_model(model)
     if kind == "single_file":
         arch = _single_file_arch(path)
         raise MixQuantError(f"single-file checkpoints ({arch}) are not supported yet: {path}. Convert it to a "
                             "diffusers folder (diffusers' convert_original_stable_diffusion_to_diffusers.py) "
                             "and pass that folder")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MixQuantError("CUDA was asked for but is not available; use --device cpu")
+    dev = torch.device(resolve_device(device))
+    dtype = resolve_dtype(dtype, dev.type)
     with open(os.path.join(path, "model_index.json")) as f:
         index = json.load(f)
     extra = {}
@@ -122,6 +147,11 @@ def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dty
         except (OSError, ValueError, EnvironmentError) as e:
             raise MixQuantError(f"could not load the diffusers pipeline in {path}: {str(e).splitlines()[0]}; "
                                 "check that the folder is complete") from None
+    if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        denoiser = type(getattr(pipe, "transformer", None)).__name__ if hasattr(pipe, "transformer") else "none"
+        raise MixQuantError(f"{model} is a {type(pipe).__name__} (denoiser: {denoiser}); MixQuant quantizes UNet "
+                            "text-to-image pipelines (SD1.x, SD2.x, SDXL) today. Diffusion transformers (Flux, SD3) "
+                            "are not supported yet.")
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     return pipe
