@@ -134,6 +134,13 @@ class Progress:
         if self.callback:
             self.callback(self.done, self.total, self._phase)
 
+    def rename(self, phase: str):
+        """Say more about the running phase (e.g. its estimated time) without restarting its count."""
+        if phase != self._phase:
+            self._phase = phase
+            if self.callback:
+                self.callback(self.done, self.total, self._phase)
+
     def check(self):
         if self.should_stop and self.should_stop():
             raise InterruptedRun(f"{self._phase or 'run'} was interrupted; the model is unchanged. Start it again "

@@ -143,6 +143,32 @@ class MultiProbe(nn.Module):
         return torch.cat(ys, dim=1).reshape(x.shape[0], *ys[0].shape[3:])
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else (f"{seconds / 60:.0f} min" if seconds < 5400
+                                                    else f"{seconds / 3600:.1f} h")
+
+
+class _Estimate:
+    """The time left of a measurement, from the probes timed so far (content probes sample whole images, quality
+    probes run recorded calls: each kind has its own time per probe). It is said in the progress phase once both
+    kinds still to come have been timed, and again when it has changed by more than a quarter."""
+
+    def __init__(self, progress: Progress, todo: dict, phase: str):
+        self.progress, self.left, self.phase = progress, dict(todo), phase
+        self.seconds, self.count, self.said = {}, {}, None
+
+    def done(self, role: str, n: int, seconds: float):
+        self.seconds[role] = self.seconds.get(role, 0.0) + seconds
+        self.count[role] = self.count.get(role, 0) + n
+        self.left[role] = self.left.get(role, 0) - n
+        if sum(self.left.values()) <= 0 or any(k > 0 and r not in self.count for r, k in self.left.items()):
+            return  # nothing left, or a kind still to come not timed yet
+        eta = sum(k * self.seconds[r] / self.count[r] for r, k in self.left.items() if k > 0)
+        if self.said is None or abs(eta - self.said) > 0.25 * max(self.said, 1.0):
+            self.said = eta
+            self.progress.rename(f"{self.phase} (about {_duration(eta)} left)")
+
+
 def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list[LayerInfo],
                         w_menu: dict[str, list[LayerFormat]], a_menu: list[LayerFormat], fingerprint_id: str,
                         n_calls: int = 4, n_prompts: int = 8, use_bos: bool = True, cache_dir: str | None = None,
@@ -195,6 +221,7 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
         raise ValueError(f"mode must be 'full' or 'local', got {mode!r}")
     n_content = sum(1 for li, _ in jobs if li.role == "content") if mode == "full" else 0
     progress.start(len(jobs) + (1 if n_content else 0), "measuring sensitivity")
+    eta = _Estimate(progress, {"content": n_content, "quality": len(jobs) - n_content}, "measuring sensitivity")
     fp_images = None
     inputs = _record_inputs(model, probe_calls, [li.name for li in todo], calib.group_of) if mode == "local" else {}
     switch = attach_act_group_switch(model, calib.group_bounds(), runner.timestep_of, remember=False) \
@@ -218,8 +245,10 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                 src = modules[name]
                 if mode == "local":
                     for fmt in fmts:
+                        t_probe = time.time()
                         loss = _local_loss(src, probe(name, fmt), inputs[name])
                         out.loss.setdefault(name, {})[fmt.name] = loss if math.isfinite(loss) else 1e6
+                        eta.done("quality", 1, time.time() - t_probe)
                         progress.tick()
                     continue
                 # all formats of this layer in one batched run where the sampler takes them in one batch: sample
@@ -227,6 +256,7 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                 per_run = max(1, max_batch // len(prompts)) if li.role == "content" else len(fmts)
                 for start in range(0, len(fmts), per_run):
                     group = fmts[start:start + per_run]
+                    t_probe = time.time()
                     probes = [probe(name, f) for f in group]
                     try:
                         if li.role == "content":
@@ -247,6 +277,7 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                             losses = [n / max(signal, 1e-30) for n in noise]
                     finally:
                         set_submodule(model, name, src)  # always restore the FP layer
+                    eta.done(li.role, len(group), time.time() - t_probe)
                     for f, loss in zip(group, losses):
                         out.loss.setdefault(name, {})[f.name] = max(0.0, float(loss)) if math.isfinite(loss) else 1e6
                         progress.tick(1)

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -445,12 +446,15 @@ def test_full_sensitivity_does_not_depend_on_how_the_sampler_batches(unet, tmp_p
     content = [li for li in layers_s if li.role == "content" and not li.protected][:3]
     quality = [li for li in layers_s if li.role == "quality" and not li.protected][:2]
     prompts, seeds = ["a cat", "a dog", "a fish"], [0, 1, 2]
-    out = {}
+    out, phases = {}, []
     for cls in (ToyRunner, BatchedToyRunner):
         runner = cls(unet)
         calib = calibrate(runner, prompts, seeds)
         out[cls] = measure_sensitivity(runner, calib, content + quality, w_menu, a_menu, "toy", n_calls=2,
-                                       cache_dir=str(tmp_path / cls.__name__), mode="full")
+                                       cache_dir=str(tmp_path / cls.__name__), mode="full",
+                                       progress=Progress(callback=lambda d, t, phase: phases.append(phase)))
+    # the time left is said once both kinds of probe were timed (before the last probes)
+    assert any(re.fullmatch(r"measuring sensitivity \(about \d+ s left\)", p) for p in phases), set(phases)
     one, batched = out[ToyRunner], out[BatchedToyRunner]
     assert set(one.loss) == set(batched.loss) == {li.name for li in content + quality}
     for li in content:  # (quality layers are scored on recorded calls, which the two samplers batch differently)

@@ -97,7 +97,7 @@ def run(args) -> int:
 
 
 class _progress_bar:
-    """tqdm on stderr, one bar per phase."""
+    """tqdm on stderr, one bar per phase (one line per phase when stderr is not a terminal)."""
 
     def __init__(self):
         self.bar, self.phase = None, None
@@ -107,8 +107,10 @@ class _progress_bar:
 
         if phase != self.phase:
             self.close()
-            self.bar, self.phase = tqdm(total=total, desc=phase, file=sys.stderr, leave=False,
-                                        disable=not sys.stderr.isatty()), phase
+            tty = sys.stderr.isatty()
+            if not tty:  # no bar to show it: each phase (and its time estimate) as a line
+                print(f"{phase} ...", file=sys.stderr, flush=True)
+            self.bar, self.phase = tqdm(total=total, desc=phase, file=sys.stderr, leave=False, disable=not tty), phase
         self.bar.n = done
         self.bar.refresh()
 
