@@ -102,6 +102,54 @@ def _record_inputs(model: nn.Module, calls, names, group_of) -> dict[str, list]:
     return rec
 
 
+def _input_bytes(model: nn.Module, call, names) -> dict[str, int]:
+    """Bytes of each layer's input on one call (one forward; nothing is kept)."""
+    size: dict[str, int] = {}
+    mods = dict(model.named_modules())
+    handles = [mods[n].register_forward_pre_hook(
+        lambda m, args, n=n: size.__setitem__(n, size.get(n, 0) + args[0].numel() * args[0].element_size()))
+        for n in names]
+    try:
+        with torch.no_grad():
+            model(*call.args, **call.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return size
+
+
+class StreamedInputs:
+    """Each layer's FP inputs on the probe calls, recorded a chunk of layers at a time, in the order the layers are
+    asked for, so that at most `budget` bytes of recorded inputs are held at once (one pass over the probe calls per
+    chunk; a layer whose inputs alone exceed the budget is a chunk of its own). Holding every layer's inputs at once
+    would take tens of GB for an SDXL-size UNet at 1024 px."""
+
+    def __init__(self, model: nn.Module, calls, names: list[str], group_of, budget: int):
+        self.model, self.calls, self.group_of = model, calls, group_of
+        per_call = _input_bytes(model, calls[0], names) if calls and names else {}
+        chunks, current, held = [], [], 0
+        for n in names:
+            need = per_call.get(n, 0) * len(calls)
+            if current and held + need > budget:
+                chunks.append(current)
+                current, held = [], 0
+            current.append(n)
+            held += need
+        if current:
+            chunks.append(current)
+        self.chunks = chunks
+        self.chunk_of = {n: i for i, c in enumerate(chunks) for n in c}
+        self.current, self.data, self.passes = None, {}, 0
+
+    def __getitem__(self, name: str):
+        i = self.chunk_of[name]
+        if i != self.current:
+            self.data = {}  # the previous chunk is freed before the next one is recorded
+            self.data = _record_inputs(self.model, self.calls, self.chunks[i], self.group_of)
+            self.current, self.passes = i, self.passes + 1
+        return self.data[name]
+
+
 def _local_loss(src: nn.Module, probe: QuantLayer, inputs) -> float:
     noise = signal = 0.0
     with torch.no_grad():
@@ -173,12 +221,13 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                         w_menu: dict[str, list[LayerFormat]], a_menu: list[LayerFormat], fingerprint_id: str,
                         n_calls: int = 4, n_prompts: int = 8, use_bos: bool = True, cache_dir: str | None = None,
                         progress: Progress | None = None, call_batch: int = 8, mode: str = "full",
-                        search: str = "auto") -> Sensitivity:
+                        search: str = "auto", inputs_budget: int = 1 << 30) -> Sensitivity:
     """w_menu: role -> weight formats to score (their a_bits must be 16); a_menu: activation formats (w_bits 16).
     mode="full": MixDQ's decoupled metrics (denoiser-output SQNR for quality layers, image SSIM for content layers).
     mode="local": every layer scored by the relative noise of its own output, computed from its recorded FP input
     (one layer forward per probe instead of a whole network or sampler run: the fast approximation for big
-    models on slow hardware; it does not see how errors propagate).
+    models on slow hardware; it does not see how errors propagate); the recorded inputs are held at most
+    `inputs_budget` bytes at a time (StreamedInputs).
     Quality layers are scored on `n_calls` recorded calls spread over the timesteps, `call_batch` samples of each
     (conditional and unconditional halves alike when guidance batches them). `search`: the probes' weight range search
     (quantize_weight's; "auto" = MSE-clipped below 8 bits)."""
@@ -223,7 +272,6 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
     progress.start(len(jobs) + (1 if n_content else 0), "measuring sensitivity")
     eta = _Estimate(progress, {"content": n_content, "quality": len(jobs) - n_content}, "measuring sensitivity")
     fp_images = None
-    inputs = _record_inputs(model, probe_calls, [li.name for li in todo], calib.group_of) if mode == "local" else {}
     switch = attach_act_group_switch(model, calib.group_bounds(), runner.timestep_of, remember=False) \
         if calib.n_groups > 1 else None
     out = Sensitivity(role={li.name: li.role for li in todo}, key=key)
@@ -236,6 +284,8 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
 
     for li, fmt in jobs:
         by_layer.setdefault(li.name, [li, []])[1].append(fmt)
+    inputs = StreamedInputs(model, probe_calls, list(by_layer), calib.group_of, inputs_budget) \
+        if mode == "local" else {}
     try:
         with torch.no_grad():
             if n_content:

@@ -479,3 +479,32 @@ def test_plan_node_runs_in_every_sensitivity_mode(unet, monkeypatch, tmp_path, s
     assert plan.quantized_names() and 3.5 <= plan.report["avg_w_bits"] <= 4.0 + 1e-6
     scored = [li for li in plan.report["layers"] if "sensitivity" in li]
     assert {li["role"] for li in scored} == {"content", "quality"}
+
+
+def test_local_sensitivity_holds_recorded_inputs_within_a_budget(unet, tmp_path):
+    """Local mode records layer inputs a chunk of layers at a time: the same losses with a budget that takes every
+    layer in one chunk and with one so small that each layer is its own chunk, and never more than the budget held
+    (except a single layer larger than it)."""
+    from mixquant.quant import engine
+    from mixquant.quant.roles import discover_layers
+    from mixquant.quant.sensitivity import StreamedInputs, measure_sensitivity, subsample_call
+
+    cfg = _fast_config(avg_w_bits=4.0)
+    w_menu, a_menu, layers_s = engine.menus(cfg, discover_layers(unet))
+    runner = ToyRunner(unet)
+    calib = calibrate(runner, ["a cat", "a dog"], [0, 1])
+    losses = {budget: measure_sensitivity(runner, calib, layers_s, w_menu, a_menu, "toy", n_calls=2, mode="local",
+                                          cache_dir=None, inputs_budget=budget).loss for budget in (1 << 40, 1)}
+    assert losses[1] == losses[1 << 40] and len(losses[1]) > 10
+
+    calls = [subsample_call(c, 8) for c in calib.calls[:2]]
+    names = [li.name for li in layers_s if not li.protected]
+    whole = StreamedInputs(unet, calls, names, calib.group_of, 1 << 40)
+    budget = 3 * max(t.numel() * t.element_size() for n in names[:3] for t, _ in whole[n])
+    streamed = StreamedInputs(unet, calls, names, calib.group_of, budget)
+    assert len(whole.chunks) == 1 and len(streamed.chunks) > 3
+    for n in names:
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(streamed[n], whole[n]))
+        held = sum(t.numel() * t.element_size() for m in streamed.data for t, _ in streamed.data[m])
+        assert held <= budget or len(streamed.data) == 1
+    assert streamed.passes == len(streamed.chunks)  # each chunk recorded once, in order
