@@ -41,6 +41,11 @@ class ComfyRunner(DenoiserRunner):
             raise MixQuantError("give the sampler name, width and height of the ComfyUI sampler.")
         if clip is None:
             raise MixQuantError("connect a CLIP (from the checkpoint loader): calibration encodes your prompts.")
+        dims = getattr(getattr(model.model, "latent_format", None), "latent_dimensions", 2)
+        if dims != 2:
+            kind = {1: "an audio", 3: "a video"}.get(dims, f"a {dims}-D latent")
+            raise MixQuantError(f"this is {kind} model ({type(model.model).__name__}); MixQuant quantizes text-to-image "
+                                "models (2-D image latents) today. Use it with an SD1.x, SD2.x or SDXL checkpoint.")
         self.model, self.clip, self.vae, self.s = model, clip, vae, settings
         self.denoiser = model.model.diffusion_model
         self._conds: dict[str, object] = {}

@@ -508,3 +508,12 @@ def test_local_sensitivity_holds_recorded_inputs_within_a_budget(unet, tmp_path)
         held = sum(t.numel() * t.element_size() for m in streamed.data for t, _ in streamed.data[m])
         assert held <= budget or len(streamed.data) == 1
     assert streamed.passes == len(streamed.chunks)  # each chunk recorded once, in order
+
+
+@pytest.mark.parametrize("dims,kind", [(3, "video"), (1, "audio")])
+def test_calibrate_refuses_a_model_without_image_latents(unet, dims, kind):
+    """A video or audio MODEL gets one clear message before anything runs (not a shape error deep in sampling)."""
+    model = Patcher(unet)
+    model.model.latent_format = types.SimpleNamespace(latent_dimensions=dims, latent_channels=16)
+    with pytest.raises(MixQuantError, match=f"{kind} model.*text-to-image"):
+        N.MixQuantCalibrate().calibrate(model, object(), "a cat", "", 2, 5.0, "euler", "normal", 64, 64, 0)
