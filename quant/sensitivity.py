@@ -26,6 +26,7 @@ from .formats import LayerFormat
 from .layers import QuantLayer, attach_act_group_switch
 from .metrics import ssim
 from .roles import LayerInfo
+from . import distributed
 from .runner import DenoiserRunner, Progress, stable_hash
 
 CACHE_VERSION = 2
@@ -44,6 +45,7 @@ class Sensitivity:
     seconds: float = 0.0
     cached: bool = False
     key: str = ""
+    measured: int = 0  # probes this process ran (its share of them when several processes measure)
 
     def metric(self, layer: str, fmt_name: str) -> float:
         """SQNR (dB) for quality layers, SSIM for content layers, from the stored loss."""
@@ -199,7 +201,7 @@ def _duration(seconds: float) -> str:
 class _Estimate:
     """The time left of a measurement, from the probes timed so far (content probes sample whole images, quality
     probes run recorded calls: each kind has its own time per probe). It is said in the progress phase once both
-    kinds still to come have been timed, and again when it has changed by more than a quarter."""
+    kinds still to come have been timed, and again when it has changed by more than a quarter (and 10 s)."""
 
     def __init__(self, progress: Progress, todo: dict, phase: str):
         self.progress, self.left, self.phase = progress, dict(todo), phase
@@ -212,7 +214,7 @@ class _Estimate:
         if sum(self.left.values()) <= 0 or any(k > 0 and r not in self.count for r, k in self.left.items()):
             return  # nothing left, or a kind still to come not timed yet
         eta = sum(k * self.seconds[r] / self.count[r] for r, k in self.left.items() if k > 0)
-        if self.said is None or abs(eta - self.said) > 0.25 * max(self.said, 1.0):
+        if self.said is None or abs(eta - self.said) > max(0.25 * self.said, 10.0):
             self.said = eta
             self.progress.rename(f"{self.phase} (about {_duration(eta)} left)")
 
@@ -266,6 +268,8 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
         for f in a_menu:
             if li.name in ranges or f.a_mode == "dynamic":
                 jobs.append((li, f))
+    mine = set(distributed.share(list(dict.fromkeys(li.name for li, _ in jobs))))
+    jobs = [(li, f) for li, f in jobs if li.name in mine]  # this process's share (all of them without torchrun)
     if mode not in ("full", "local"):
         raise ValueError(f"mode must be 'full' or 'local', got {mode!r}")
     n_content = sum(1 for li, _ in jobs if li.role == "content") if mode == "full" else 0
@@ -334,8 +338,10 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
     finally:
         if switch is not None:
             switch.remove()
+    out.measured = len(jobs)
+    out.loss = distributed.gather(out.loss)  # every process's share: the whole table, in every process
     out.seconds = time.time() - t0
-    if path:
+    if path and distributed.is_main():
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + f".{os.getpid()}.tmp"
         with open(tmp, "w") as f:

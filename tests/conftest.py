@@ -22,6 +22,11 @@ SMALL_UNET = dict(
 
 
 @pytest.fixture(scope="session")
+def small_unet_config():
+    return dict(SMALL_UNET)
+
+
+@pytest.fixture(scope="session")
 def small_unet():
     from diffusers import UNet2DConditionModel
 

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        from ...quant.distributed import init_from_env
+
+        init_from_env()  # under torchrun: one process per GPU shares the sensitivity measurement
         return int(args._run(args) or 0)
     except MixQuantError as e:
         print(f"mixquant: error: {e}", file=sys.stderr)

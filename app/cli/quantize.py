@@ -54,6 +54,7 @@ def read_prompts(args) -> list[str]:
 
 
 def run(args) -> int:
+    from ...quant import distributed
     from ...quant.errors import MixQuantError
     from ..diffusers_host.api import quantize_pipeline
     from ..diffusers_host.files import save_outputs
@@ -79,6 +80,8 @@ def run(args) -> int:
             sens_mode=args.sens_mode)
     finally:
         bar.close()
+    if not distributed.is_main():  # under torchrun every process measured its share; the first one writes
+        return 0
     size = save_outputs(pipe.unet, qpipe.unet, report, args.out, args.report, args.model)
     q = report["quality"]
     print(f"wrote {args.out} ({size / 1e6:.2f} MB): avg {report['avg_w_bits']:.2f} weight bits "
@@ -105,10 +108,12 @@ class _progress_bar:
     def __call__(self, done, total, phase):
         from tqdm import tqdm
 
+        from ...quant import distributed
+
         if phase != self.phase:
             self.close()
             tty = sys.stderr.isatty()
-            if not tty:  # no bar to show it: each phase (and its time estimate) as a line
+            if not tty and distributed.is_main():  # no bar: each phase (and its time estimate) as a line
                 print(f"{phase} ...", file=sys.stderr, flush=True)
             self.bar, self.phase = tqdm(total=total, desc=phase, file=sys.stderr, leave=False, disable=not tty), phase
         self.bar.n = done

@@ -96,10 +96,11 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 
 def resolve_device(name: str | torch.device | None) -> str:
-    """"auto" (or nothing): CUDA when available, else the CPU; a CUDA device that is not there is a MixQuantError."""
+    """"auto" (or nothing): CUDA when available (the LOCAL_RANK-th GPU under torchrun), else the CPU; a CUDA device that
+    is not there is a MixQuantError."""
     name = str(name) if name is not None else "auto"
-    if name in ("", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name in ("", "auto"):  # (under torchrun, each process its own GPU)
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MixQuantError("CUDA was asked for but is not available; use --device cpu (or auto)")
     return name
