@@ -145,7 +145,7 @@ class Problem:
             for f in fmts:
                 loss = 0.0 if li.protected else joint_loss(sens, li.name, f)
                 w = lam / self.content_norm if li.role == "content" else (1 - lam) / self.quality_norm
-                cost = f.weight_bytes(li.out_features, li.in_features) if self.use_bytes else f.w_bits * li.params
+                cost = _cost(li, f, self.use_bytes)
                 a16 = float(self.act_elems.get(li.name, 0)) if (f.a_bits == 16 and not li.protected) else 0.0
                 opts.append(Option(f, loss * w, float(cost), (a16,) if self.a16_limit is not None else ()))
             out.append(opts)
@@ -158,20 +158,30 @@ class Problem:
         return {li.name: opts[i][j].fmt for i, (li, j) in enumerate(zip(self.layers, choice))}
 
     def min_feasible(self) -> float:
-        fmts_cost = 0.0
-        for li, fmts in zip(self.layers, self.options):
-            fmts_cost += min(f.weight_bytes(li.out_features, li.in_features) if self.use_bytes
-                             else f.w_bits * li.params for f in fmts)
-        return fmts_cost
+        return min_cost(self.layers, self.options, self.use_bytes)
+
+
+def _cost(li: LayerInfo, f: LayerFormat, use_bytes: bool) -> float:
+    return f.weight_bytes(li.out_features, li.in_features) if use_bytes else f.w_bits * li.params
+
+
+def min_cost(layers, options, use_bytes: bool) -> float:
+    """The cheapest the menus allow (bytes of the quantizable weights, or bits times elements)."""
+    return sum(min(_cost(li, f, use_bytes) for f in fmts) for li, fmts in zip(layers, options))
+
+
+def _budget(layers, cfg: QuantizeConfig, model: nn.Module) -> tuple[bool, int, float]:
+    """(budget in bytes?, the bytes that are not a quantizable weight, the budget in the menus' cost unit)."""
+    use_bytes = cfg.budget_mb is not None
+    fixed = fp16_bytes(model) - sum(2 * li.params for li in layers)
+    budget = (cfg.budget_mb * 1e6 - fixed) if use_bytes else cfg.avg_w_bits * sum(li.params for li in layers)
+    return use_bytes, fixed, budget
 
 
 def problem(layers, cfg: QuantizeConfig, calib: Calibration, sens: Sensitivity, model: nn.Module) -> Problem:
     """The allocation problem for this config's budget and target (menus, exact costs, normalised losses)."""
     options = [menu(li, cfg) for li in layers]
-    params_total = sum(li.params for li in layers)
-    use_bytes = cfg.budget_mb is not None
-    fixed = fp16_bytes(model) - sum(2 * li.params for li in layers)
-    budget = (cfg.budget_mb * 1e6 - fixed) if use_bytes else cfg.avg_w_bits * params_total
+    use_bytes, fixed, budget = _budget(layers, cfg, model)
     norms = {}
     for role in ("content", "quality"):
         worst = [max(joint_loss(sens, li.name, f) for f in fmts)
@@ -236,16 +246,19 @@ def plan_stats(layers: list[LayerInfo], plan: dict, act_elems: dict) -> dict:
     return {"avg_w_bits": wbits, "avg_a_bits": abits, "weight_bytes": wbytes}
 
 
-def check_budget(prob: Problem, cfg: QuantizeConfig, layers) -> None:
-    """Raise one clear error naming the smallest feasible budget when the configured one cannot be met."""
-    min_cost = prob.min_feasible()
-    if min_cost <= prob.budget_cost:
+def check_budget(model: nn.Module, cfg: QuantizeConfig, layers=None) -> None:
+    """Raise one clear error naming the smallest feasible budget when the configured one cannot be met by the
+    menus of `cfg`. Needs no measurement, so it runs before calibrating."""
+    layers = discover_layers(model) if layers is None else layers
+    use_bytes, fixed, budget = _budget(layers, cfg, model)
+    cheapest = min_cost(layers, [menu(li, cfg) for li in layers], use_bytes)
+    if cheapest <= budget:
         return
-    if prob.use_bytes:
-        smallest = (min_cost + prob.fixed_bytes) / 1e6
+    if use_bytes:
+        smallest = (cheapest + fixed) / 1e6
         raise MixQuantError(f"a budget of {cfg.budget_mb:g} MB cannot be met: the smallest feasible budget for "
                             f"this model and target is {math.ceil(smallest * 100) / 100:.2f} MB.")
-    smallest = min_cost / sum(li.params for li in layers)
+    smallest = cheapest / sum(li.params for li in layers)
     raise MixQuantError(f"an average of {cfg.avg_w_bits:g} weight bits cannot be met: the smallest feasible "
                         f"average for this model and target is {math.ceil(smallest * 100) / 100:.2f} bits "
                         "(protected and unquantizable layers stay 16-bit).")
@@ -309,8 +322,8 @@ def model_sizes(model: nn.Module, cfg: QuantizeConfig | None = None) -> ModelSiz
     total = fp16_bytes(model)
     fixed = total - sum(2 * li.params for li in layers)
     menus_ = [menu(li, cfg) for li in layers]
-    min_bits = sum(min(f.w_bits for f in m) * li.params for li, m in zip(layers, menus_)) / params_total
-    min_bytes = sum(min(f.weight_bytes(li.out_features, li.in_features) for f in m) for li, m in zip(layers, menus_))
+    min_bits = min_cost(layers, menus_, False) / params_total
+    min_bytes = min_cost(layers, menus_, True)
     return ModelSizes(layers, params_total, total, fixed, min_bits, (min_bytes + fixed) / 1e6)
 
 
@@ -341,8 +354,8 @@ class Prepared:
     def what_if(self, cfg: QuantizeConfig, content_weight: float | None = None) -> dict:
         """The plan the integer program picks at cfg's budget (no sampling): its size in MB, average bits and
         predicted quality. Raises MixQuantError when the budget cannot be met."""
+        check_budget(self.model, cfg, self.layers)
         prob = self.problem(cfg)
-        check_budget(prob, cfg, self.layers)
         plan_ = prob.solve(self.sens, middle_coupling(cfg) if content_weight is None else content_weight)
         st = plan_stats(self.layers, plan_, self.calib.act_elements)
         pred = predicted(prob, self.sens, plan_)
@@ -430,8 +443,8 @@ def plan(runner: DenoiserRunner, prepared: Prepared, cfg: QuantizeConfig,
     layers, calib, sens = prepared.layers, prepared.calib, prepared.sens
     model = runner.denoiser
     t0 = time.time()
+    check_budget(model, cfg, layers)
     prob = problem(layers, cfg, calib, sens, model)
-    check_budget(prob, cfg, layers)
     ranges = calib.ranges()
     bos = calib.bos() if use_bos(cfg) else {}
     n_eval = min(cfg.sens_prompts, len(calib.prompts))
@@ -504,6 +517,7 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     reused = prepared is not None and prepared.matches(prompts, seeds, runner.settings(), cfg)
     if not reused:
+        check_budget(model, cfg)  # before minutes of calibration, not after
         prepared = prepare(runner, prompts, cfg, seeds, progress)
     # a reused preparation cost nothing in this run
     phase_times = {"calibrate": 0.0, "sensitivity": 0.0} if reused else dict(prepared.timings)
