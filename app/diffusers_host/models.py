@@ -1,5 +1,5 @@
 """Model loading for the app layer (diffusers adapter): the embedded `digits` model, diffusers folders, and
-(later) single-file checkpoints. Everything loads offline; nothing here downloads.
+single-file checkpoints (single_file.py). Everything loads offline; nothing here downloads.
 
     pipe = load_pipeline("digits")                  # the shipped tiny text-to-image model
     pipe = load_pipeline("/path/to/diffusers/folder")
@@ -18,6 +18,7 @@ import torch
 
 from ...quant.errors import MixQuantError
 from ..digits import DIGITS_DIR
+from .single_file import load_single_file
 
 __all__ = ["load_pipeline", "resolve_model", "set_scheduler", "SCHEDULERS"]
 
@@ -47,21 +48,6 @@ def resolve_model(model: str) -> tuple[str, str]:
                             "(never pickle: .ckpt/.bin/.pt). Convert it to .safetensors or a diffusers folder")
     raise MixQuantError(f"model {model!r} not found; use `digits` (the embedded model), a diffusers folder, or a "
                         ".safetensors checkpoint path")
-
-
-def _single_file_arch(path: str) -> str:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as e:  # noqa: BLE001
-        raise MixQuantError(f"{path} is not a readable safetensors file ({e}); check the download") from None
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        return "SDXL"
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        return "SD1.x/SD2.x"
-    return "unknown"
 
 
 @contextlib.contextmanager
@@ -119,16 +105,28 @@ def resolve_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
 
 def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
     """Load a text-to-image pipeline offline. `model`: "digits" (the embedded model), a diffusers folder, or a
-    single-file .safetensors checkpoint (not supported yet: raises MixQuantError). `device` "auto": CUDA when
+    single-file .safetensors checkpoint of SD1.x, SD2.x or SDXL (single_file.py). `device` "auto": CUDA when
     available; `dtype` (None / "auto": fp16 on a GPU, fp32 on a CPU). Progress bars are disabled."""
     kind, path = resolve_model(model)
-    if kind == "single_file":
-        arch = _single_file_arch(path)
-        raise MixQuantError(f"single-file checkpoints ({arch}) are not supported yet: {path}. Convert it to a "
-                            "diffusers folder (diffusers' convert_original_stable_diffusion_to_diffusers.py) "
-                            "and pass that folder")
     dev = torch.device(resolve_device(device))
     dtype = resolve_dtype(dtype, dev.type)
+    if kind == "single_file":
+        with _quiet_loading(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe = load_single_file(path, dtype)
+    else:
+        pipe = _load_folder(path, dtype)
+    if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        denoiser = type(getattr(pipe, "transformer", None)).__name__ if hasattr(pipe, "transformer") else "none"
+        raise MixQuantError(f"{model} is a {type(pipe).__name__} (denoiser: {denoiser}); MixQuant quantizes UNet "
+                            "text-to-image pipelines (SD1.x, SD2.x, SDXL) today. Diffusion transformers (Flux, SD3) "
+                            "are not supported yet.")
+    pipe = pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_folder(path: str, dtype: torch.dtype):
     with open(os.path.join(path, "model_index.json")) as f:
         index = json.load(f)
     extra = {}
@@ -144,18 +142,10 @@ def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dty
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **extra)
+                return DiffusionPipeline.from_pretrained(path, local_files_only=True, **extra)
         except (OSError, ValueError, EnvironmentError) as e:
             raise MixQuantError(f"could not load the diffusers pipeline in {path}: {str(e).splitlines()[0]}; "
                                 "check that the folder is complete") from None
-    if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
-        denoiser = type(getattr(pipe, "transformer", None)).__name__ if hasattr(pipe, "transformer") else "none"
-        raise MixQuantError(f"{model} is a {type(pipe).__name__} (denoiser: {denoiser}); MixQuant quantizes UNet "
-                            "text-to-image pipelines (SD1.x, SD2.x, SDXL) today. Diffusion transformers (Flux, SD3) "
-                            "are not supported yet.")
-    pipe = pipe.to(dev)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def set_scheduler(pipe, name: str):
