@@ -93,18 +93,37 @@ def calc_qparams(x: torch.Tensor, bits: int, granularity: str = "channel", group
     lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)
     scale, zero = _params_from_range(lo, hi, bits, symmetric, scale_dtype)
     if search == "mse":
-        best_err = ((_dequant_grouped(_quant_grouped(xg, scale, zero, bits), scale, zero) - xg) ** 2).sum(-1)
-        for alpha in torch.linspace(1.0, min_ratio, grid)[1:].tolist():
-            s, z = _params_from_range(lo * alpha, hi * alpha, bits, symmetric, scale_dtype)
-            err = ((_dequant_grouped(_quant_grouped(xg, s, z, bits), s, z) - xg) ** 2).sum(-1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            scale = torch.where(better, s, scale)
+        # a block of rows at a time: the dozen round trips per block stay in the cache instead of streaming the whole
+        # tensor through memory a dozen times (several times faster on a big layer)
+        rows = max(1, _MSE_BLOCK // max(1, xg[0].numel()))
+        alphas = torch.linspace(1.0, min_ratio, grid)[1:].tolist()
+        for r0 in range(0, xg.shape[0], rows):
+            r = slice(r0, r0 + rows)
+            sc, zc = _mse_clip(xg[r], lo[r], hi[r], scale[r], None if zero is None else zero[r], bits, symmetric,
+                               scale_dtype, alphas)
+            scale[r] = sc
             if zero is not None:
-                zero = torch.where(better, z, zero)
+                zero[r] = zc
     elif search != "minmax":
         raise ValueError(f"search must be 'minmax' or 'mse', got {search!r}")
     return QParams(scale, zero, bits, granularity, group_size)
+
+
+_MSE_BLOCK = 1 << 18  # elements per block of the MSE search (1 MB of fp32: measured fastest on a 2-core EPYC)
+
+
+def _mse_clip(xg, lo, hi, scale, zero, bits, symmetric, scale_dtype, alphas):
+    """Per row/group, the clipping alpha * [lo, hi] (alpha = 1 first) with the least squared round-trip error."""
+    best_err = ((_dequant_grouped(_quant_grouped(xg, scale, zero, bits), scale, zero) - xg) ** 2).sum(-1)
+    for alpha in alphas:
+        s, z = _params_from_range(lo * alpha, hi * alpha, bits, symmetric, scale_dtype)
+        err = ((_dequant_grouped(_quant_grouped(xg, s, z, bits), s, z) - xg) ** 2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        scale = torch.where(better, s, scale)
+        if zero is not None:
+            zero = torch.where(better, z, zero)
+    return scale, zero
 
 
 def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:

@@ -94,3 +94,18 @@ def test_packed_weight_is_real_and_accurate(bits, group):
     assert rel < {8: 1e-4, 4: 0.02, 2: 0.2}[bits]
     c = unpacked_codes(pw)
     assert c.shape == (96, 300)
+
+
+@pytest.mark.parametrize("gran,group,sym", [("group", 64, False), ("channel", None, True), ("group", 32, True)])
+def test_the_mse_search_in_blocks_of_rows_equals_the_whole_tensor_search(monkeypatch, gran, group, sym):
+    import mixquant.quant.quantizer as qz
+
+    w = torch.randn(37, 200) * torch.rand(37, 1) * 3
+    monkeypatch.setattr(qz, "_MSE_BLOCK", 1 << 40)
+    whole = qz.calc_qparams(w, 4, gran, group, sym, "mse")
+    monkeypatch.setattr(qz, "_MSE_BLOCK", 300)  # a row or two per block, and a ragged last block
+    blocks = qz.calc_qparams(w, 4, gran, group, sym, "mse")
+    assert torch.equal(whole.scale, blocks.scale)
+    assert (whole.zero is None and blocks.zero is None) or torch.equal(whole.zero, blocks.zero)
+    minmax = qz.calc_qparams(w, 4, gran, group, sym, "minmax")
+    assert not torch.equal(whole.scale, minmax.scale)  # the search did clip somewhere
