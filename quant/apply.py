@@ -75,17 +75,19 @@ def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None,
         raise MixQuantError("cannot apply the plan: " + "; ".join(problems[:5])
                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
                             + ". Calibrate the model first or fix the plan.")
-    target = model if inplace else copy.deepcopy(model)
-    tmods = dict(target.named_modules())
     stats = QuantStats()
     new = {}
-    for name, fmt in formats.items():
+    for name, fmt in formats.items():  # built from the source layers (which are only read)
         if not fmt.is_float:
-            new[name] = quantized_layer(tmods[name], fmt, mode=mode, search=search, act_range=act_ranges.get(name),
+            new[name] = quantized_layer(modules[name], fmt, mode=mode, search=search, act_range=act_ranges.get(name),
                                         bos=bos.get(name))
-    for name, q in new.items():  # all built: now swap (nothing above touched `target`)
-        before = model_bytes(tmods[name])
-        set_submodule(target, name, q)
+    # a copy takes the quantized layers in place of the float ones as it is made (deepcopy's memo), so the float
+    # weights of the swapped layers are never copied: the copy costs the model's unquantized part only
+    target = model if inplace else copy.deepcopy(model, {id(modules[n]): q for n, q in new.items()})
+    for name, q in new.items():  # all built: now swap (nothing above touched `model`)
+        before = model_bytes(modules[name])
+        if inplace:
+            set_submodule(target, name, q)
         stats.layers[name] = {"format": q.fmt.name, "bytes": q.storage_bytes(), "bytes_before": before,
                               "params": q.n * q.k}
         stats.bytes_before += before
@@ -101,14 +103,16 @@ def uniform_plan(layers, fmt, skip_protected: bool = True, kinds=("linear", "con
             for li in layers if li.kind in kinds}
 
 
-def quantize_(model: nn.Module, plan: dict, calibration=None, *, bos: bool = True, search: str = "auto") -> QuantStats:
+def quantize_(model: nn.Module, plan: dict, calibration=None, *, bos: bool = True, search: str = "auto",
+              inplace: bool = True) -> QuantStats | tuple[nn.Module, QuantStats]:
     """torchao-style, in place: swap `model`'s layers for the quantized ones of `plan` (layer name -> format) with
     the static activation ranges and BOS embeddings `calibration` (a quant.calibration.Calibration) observed, and
     the per-timestep switch of activation ranges when it has several timestep groups. Everything is checked before
-    any layer is swapped."""
+    any layer is swapped. inplace=False leaves `model` as it is and returns (quantized copy, stats); the copy never
+    holds a second float copy of a quantized layer."""
     ranges = calibration.ranges() if calibration is not None else {}
     bos_map = calibration.bos() if calibration is not None and bos else {}
-    _, stats = quantize_model(model, plan, ranges, inplace=True, search=search, bos=bos_map)
+    target, stats = quantize_model(model, plan, ranges, inplace=inplace, search=search, bos=bos_map)
     if calibration is not None and calibration.n_groups > 1:
-        attach_act_group_switch(model, calibration.group_bounds(), calibration.timestep_fn)
-    return stats
+        attach_act_group_switch(target, calibration.group_bounds(), calibration.timestep_fn)
+    return stats if inplace else (target, stats)

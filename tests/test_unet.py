@@ -51,6 +51,33 @@ def test_input_is_untouched_unless_inplace(small_unet, unet_inputs):
     assert model_bytes(q) < 0.45 * model_bytes(small_unet)  # fp32 -> mostly 4-bit
 
 
+def test_a_quantized_copy_never_copies_the_float_weights_it_replaces(small_unet, monkeypatch):
+    """The copy is made with the quantized layers already in place: the float weights of the swapped layers are
+    never deep-copied (the bytes copied are the unquantized part's), and the copy shares no tensor with the input."""
+    import copy as copy_mod
+
+    plan = uniform_plan(discover_layers(small_unet), "W4A16")
+    copied = []
+    real = copy_mod.deepcopy
+
+    def spy(obj, memo=None, *a):
+        if isinstance(obj, torch.nn.Parameter):
+            copied.append(obj.numel())
+        return real(obj, memo, *a)
+
+    monkeypatch.setattr(copy_mod, "deepcopy", spy)
+    q, _ = quantize_model(small_unet, plan)
+    monkeypatch.setattr(copy_mod, "deepcopy", real)
+    quantized = {n for n, f in plan.items() if not str(f).startswith("W16")}
+    mods = dict(small_unet.named_modules())
+    float_kept = sum(p.numel() for n, m in small_unet.named_modules() if n not in quantized
+                     for p in m.parameters(recurse=False))
+    swapped = sum(mods[n].weight.numel() for n in quantized if n in mods)
+    assert swapped > 0 and sum(copied) <= float_kept < swapped  # (Parameters deep-copied: only the kept ones)
+    src = {t.data_ptr() for t in small_unet.state_dict().values()}
+    assert not any(t.data_ptr() in src for t in q.state_dict().values() if t.numel())
+
+
 def test_bad_plan_changes_nothing(small_unet):
     import copy
 
