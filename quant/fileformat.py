@@ -339,8 +339,10 @@ def _header_table(path: str) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        head = f.read(9)
+    # a safetensors header is a little-endian length and then JSON: its first byte is any value (0x80 too, when
+    # the length is 128 mod 256), its ninth a "{"
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise _fail(path, "this is a pickle / PyTorch zip file, not safetensors. MixQuant never unpickles files "
                           "(they can run code); re-create it with `mixquant quantize`.")
     try:

@@ -184,3 +184,27 @@ def test_file_only_skeleton_has_no_fp_weights_of_quantized_layers(saved):
     assert all(not v.is_meta and torch.equal(v, fp[k]) for k, v in sd.items() if k in fp)
     with pytest.raises(MixQuantError, match="export --to comfyui"):
         check_architecture(layout)
+
+
+@pytest.mark.parametrize("low_byte", [0x80, ord("P")])
+def test_a_header_length_that_looks_like_a_pickle_opcode_still_loads(saved, small_unet, unet_inputs, tmp_path,
+                                                                     low_byte):
+    """A safetensors file starts with its header's length: 128 mod 256 makes the first byte 0x80 (pickle's PROTO
+    opcode). The ninth byte ("{") tells the two apart; such a file (the header padded with spaces, as safetensors
+    allows) loads, and a real pickle is still refused."""
+    q, path = saved
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    pad = (low_byte - n) % 256
+    pad += 256 if pad % 8 else 0  # keep the data 8-byte aligned
+    while (n + pad) % 256 != low_byte or (n + pad) % 8:
+        pad += 8
+    new = tmp_path / "padded.safetensors"
+    new.write_bytes((n + pad).to_bytes(8, "little") + raw[8:8 + n] + b" " * pad + raw[8 + n:])
+    assert new.read_bytes()[0] == low_byte
+    loaded = load_denoiser(str(new), base=small_unet)
+    assert torch.equal(_run(loaded, unet_inputs), _run(q, unet_inputs))
+    bad = tmp_path / "pickle.safetensors"
+    bad.write_bytes(pickle.dumps({"x": 1}, protocol=4))
+    with pytest.raises(MixQuantError, match="pickle"):
+        load_denoiser(str(bad), base=small_unet)
