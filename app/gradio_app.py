@@ -36,7 +36,9 @@ DIGITS_PROMPTS = [f"a handwritten digit {w}" for w in
 GENERIC_PROMPTS = ["a photo of a cat sitting on a windowsill", "a watercolor painting of a lighthouse at dusk",
                    "a bowl of fruit on a wooden table, studio lighting", "a portrait of an old sailor, oil painting"]
 UNIT_BITS, UNIT_MB = "average weight bits", "MB (whole denoiser)"
-SENS_MODES = {"full": "full (MixDQ metrics, slower)", "local": "local (layer-output noise, fast)"}
+SENS_MODES = {"fast": "fast (gain-weighted layer noise, minutes at SDXL size)",
+              "full": "full (MixDQ's exhaustive metrics, slow: the reference)",
+              "local": "local (each layer's own output noise, approximate)"}
 SENS_LABEL_TO_MODE = {v: k for k, v in SENS_MODES.items()}
 
 
@@ -79,7 +81,7 @@ def read_settings(model, prompts_text, steps, guidance, scheduler, seed, negativ
         raise MixQuantError("steps must be at least 1.")
     mode = SENS_LABEL_TO_MODE.get(sens_mode, sens_mode)
     if mode not in SENS_MODES:
-        raise MixQuantError(f"unknown sensitivity mode {sens_mode!r}: use full or local.")
+        raise MixQuantError(f"unknown sensitivity mode {sens_mode!r}: use {', '.join(SENS_MODES)}.")
     return Settings((model or "digits").strip() or "digits", tuple(prompts), steps, guidance, scheduler, seed,
                     (negative_prompt or "").strip(), a_bits, mode)
 
@@ -159,8 +161,8 @@ class DemoBackend:
 
     @property
     def default_sens_mode(self) -> str:
-        """On a GPU the full MixDQ metrics take a minute or two; on a CPU the fast local metric is the default."""
-        return "full" if self.device.startswith("cuda") else "local"
+        """The fast metric everywhere (its ranks agree with the exhaustive one's: bench/results/scale_*.md)."""
+        return "fast"
 
     # models -------------------------------------------------------------------------------------------------
     def pipeline(self, model: str):
@@ -406,7 +408,7 @@ def _figure_to_image(fig):
 
 def curve_image(curve: list, info: ModelInfo, marker: dict | None = None, title: str = "", proxy: bool = False):
     """Predicted quality vs size: predicted SSIM (content layers) and SQNR (quality layers) from the sensitivities.
-    proxy: the sensitivities are the fast local ones (layer-output noise), so the two numbers only rank budgets.
+    proxy: the sensitivities are estimates (fast or local mode), so the two numbers only rank budgets.
     None without matplotlib."""
     if not have_matplotlib():
         return None
@@ -416,7 +418,7 @@ def curve_image(curve: list, info: ModelInfo, marker: dict | None = None, title:
     fig = Figure(figsize=(5.0, 3.4))
     ax = fig.add_subplot(111)
     ax2 = ax.twinx()
-    ax.set_title(title or ("predicted quality / size" + (" (local sensitivity: a proxy)" if proxy else "")),
+    ax.set_title(title or ("predicted quality / size" + (" (estimated sensitivity: a proxy)" if proxy else "")),
                  fontsize=9)
     if pts:
         x = [c["bytes"] / 1e6 for c in pts]
@@ -538,9 +540,9 @@ def prediction_markdown(p: dict, info: ModelInfo, cal: CalibResult | None, stale
             f"average {p['avg_w_bits']:.2f} weight bits")
     if p.get("exact"):
         size += f", {p['avg_a_bits']:.2f} activation bits  \n"
-        if cal is not None and cal.settings.sens_mode == "local":
-            return size + (f"**Predicted (fast local sensitivity, a proxy for ranking budgets):** content score "
-                           f"{p['predicted_ssim']:.3f}, quality-layer SNR {_num(p['predicted_sqnr_db'], '{:.1f}')} "
+        if cal is not None and cal.settings.sens_mode != "full":
+            return size + (f"**Predicted ({cal.settings.sens_mode} sensitivity, a proxy for ranking budgets):** "
+                           f"content score {p['predicted_ssim']:.3f}, quality-layer SNR {_num(p['predicted_sqnr_db'], '{:.1f}')} "
                            "dB. The real SSIM / SQNR come after quantizing.")
         return size + (f"**Predicted quality:** SSIM {p['predicted_ssim']:.4f}, SQNR "
                        f"{_num(p['predicted_sqnr_db'], '{:.1f}')} dB (from the measured sensitivities; the real "
@@ -683,7 +685,7 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
         st.calib = cal
         p = be.predict(info, cal, unit, budget(unit, bits, mb))
         return (st, calib_markdown(cal, info), prediction_markdown(p, info, cal, False),
-                curve_image(cal.curve, info, p, proxy=s.sens_mode == "local"))
+                curve_image(cal.curve, info, p, proxy=s.sens_mode != "full"))
 
     @_user_errors
     def preview(state, model, prompts_text, steps, guidance, scheduler, seed, neg, a_bits, sens, unit, bits, mb):
@@ -694,7 +696,7 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
         cal = st.calib if (st.calib is not None and st.calib.settings.model == s.model) else None
         fresh = cal is not None and cal.settings == s
         p = be.predict(info, cal if fresh else None, unit, budget(unit, bits, mb))
-        img = (curve_image(cal.curve, info, p if fresh else None, proxy=cal.settings.sens_mode == "local")
+        img = (curve_image(cal.curve, info, p if fresh else None, proxy=cal.settings.sens_mode != "full")
                if cal is not None else None)
         return prediction_markdown(p, info, cal, not fresh), img
 
@@ -732,7 +734,7 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
         head = f"### FP vs quantized ({label}): same prompts, same seed ({s.seed})"
         return (st, head, to_gallery(fp_images, shown), to_gallery(q_images, shown),
                 numbers_markdown(numbers), bit_chart_image(res.report["layers"]), json_safe(numbers),
-                curve_image(curve, info, _as_quantized(res.report), proxy=s.sens_mode == "local"),
+                curve_image(curve, info, _as_quantized(res.report), proxy=s.sens_mode != "full"),
                 be.default_file_name(res))
 
     @_user_errors

@@ -234,8 +234,10 @@ class MixQuantPlan(MixQuantNode):
     def INPUT_TYPES(cls):
         budget = ("FLOAT", {"default": 4.0, "min": 1.0, "max": 1e6, "step": 0.1,
                             "tooltip": "Average weight bits (1-16), or the denoiser's size in MB."})
-        sensitivity = (["full", "local"], {"tooltip": "full: image-level metrics (MixDQ, the default); local: "
-                                                      "layer-output noise (fast, approximate)"})
+        sensitivity = (["fast", "full", "local"], {
+            "tooltip": "fast (default): each layer's noise weighted by its measured effect on the denoiser output "
+                       "(minutes for SDXL); full: MixDQ's exhaustive image-level metrics (the reference, slow); "
+                       "local: each layer's own output noise"})
         return {"required": {"calibration": ("MIXQUANT_CALIBRATION",), "budget_kind": (BUDGET_KINDS,),
                              "budget": budget, "activation_bits": (["8", "16", "4"],), "target": (TARGETS,)},
                 "optional": {"sensitivity": sensitivity}, "hidden": {"unique_id": "UNIQUE_ID"}}
@@ -248,7 +250,7 @@ class MixQuantPlan(MixQuantNode):
             return "the budget must be positive"
         return True
 
-    def plan(self, calibration, budget_kind, budget, activation_bits, target, sensitivity="full", unique_id=None):
+    def plan(self, calibration, budget_kind, budget, activation_bits, target, sensitivity="fast", unique_id=None):
         if not isinstance(calibration, CalibrationResult):
             raise MixQuantError("connect the output of MixQuant Calibrate.")
         bits = budget_kind == BUDGET_KINDS[0]

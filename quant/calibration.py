@@ -4,6 +4,7 @@ text conditioning's token 0 is an outlier (MixDQ's BOS-aware to_k/to_v)."""
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -139,6 +140,7 @@ class Calibration:
     range_method: str = "minmax"
     act_elements: dict = field(default_factory=dict)  # layer -> input elements per sampling run
     timestep_fn: Callable | None = None  # reads a denoiser call's timestep (the runner's timestep_of)
+    seconds: float = 0.0  # how long the recorded FP sampling run took (what a sampling run costs here)
 
     def ranges(self, split: bool = True) -> dict[str, ActRange]:
         return {n: o.result(self.range_method, split) for n, o in self.observers.items() if o.calls}
@@ -195,15 +197,17 @@ def calibrate(runner: DenoiserRunner, prompts: list[str], seeds: list[int] | Non
         progress.tick()
         state["group"] = gmap.get(c.timestep, 0) if gmap else 0
 
+    t0 = time.time()
     try:
         calls, fp_images = capture_calls(runner, prompts, seeds, on_call=on_call)
     finally:
         for h in handles:
             h.remove()
+    seconds = time.time() - t0
     groups = gmap or timestep_groups(calls, 1)
     act_elements = {n: o.elements for n, o in observers.items()}
     return Calibration(calls, observers, groups, max(groups.values()) + 1, prompts, seeds, runner.settings(),
-                       fp_images, range_method, act_elements, runner.timestep_of)
+                       fp_images, range_method, act_elements, runner.timestep_of, seconds)
 
 
 def collect_act_ranges(model: nn.Module, run: Callable[[], None], names=None) -> dict[str, ActRange]:

@@ -13,7 +13,6 @@ ComfyUI. The runner's denoiser is never modified: the result is a quantized copy
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from .formats import LayerFormat
 from .layers import attach_act_group_switch
 from .roles import LayerInfo, discover_layers
 from .runner import DenoiserRunner, Progress
-from .sensitivity import Sensitivity, content_ssim, measure_sensitivity
+from .sensitivity import MODES as SENS_MODES, Sensitivity, content_ssim, measure_sensitivity
 from .sizes import deploy_bytes, fp16_bytes
 
 TARGETS = ("mixquant", "comfyui-native")
@@ -52,13 +51,20 @@ class QuantizeConfig:
     bos: bool = True
     sens_calls: int = 4
     sens_prompts: int = 8
-    sens_mode: str = "full"  # "full": MixDQ's decoupled metrics; "local": layer-output noise (fast, approximate)
+    # "fast": each layer's output noise weighted by its measured gain to the denoiser output (white probes for quality
+    # layers, large-scale ones for content layers; minutes for SDXL); "full": MixDQ's exhaustive decoupled metrics
+    # (the reference: one sampler or denoiser run per layer and format); "local": each layer's own output noise
+    sens_mode: str = "fast"
     coupling: tuple = (0.2, 0.35, 0.5, 0.65, 0.8)  # share of the loss weight given to content layers
     # weights below 8 bits: "mse" clips each group's range to the least squared weight error, "minmax" keeps the full
     # range, "best" measures with "mse" and then tries the chosen plan with min-max ranges too, keeping whichever
     # images come closer to FP (clipping shrinks the largest weights, a bias that can cost content more than the
     # rounding error it saves)
     weight_search: str = "best"
+    # seconds the coupling sweep may spend sampling candidate plans (None: max(60 s, one calibration run)); the
+    # couplings are tried from the middle out, each costing about a sampling run of the compared prompts; with time
+    # for fewer than two, the middle coupling is taken without sampling. math.inf: the whole sweep
+    sweep_seconds: float | None = None
     cache_dir: str | None = None
 
     def check(self):
@@ -71,10 +77,14 @@ class QuantizeConfig:
                                 f"{', '.join(WEIGHT_SEARCHES)}.")
         if self.a_bits not in (4, 8, 16):
             raise MixQuantError("activation bits must be 4, 8 or 16.")
+        if self.sens_mode not in SENS_MODES:
+            raise MixQuantError(f"unknown sensitivity mode {self.sens_mode!r}: use one of {', '.join(SENS_MODES)}.")
         if self.avg_w_bits is not None and not (1 <= self.avg_w_bits <= 16):
             raise MixQuantError("the average weight bits must be between 1 and 16.")
         if self.budget_mb is not None and self.budget_mb <= 0:
             raise MixQuantError("the budget in MB must be positive.")
+        if self.sweep_seconds is not None and not self.sweep_seconds >= 0:
+            raise MixQuantError("the sweep's seconds must be 0 or more (inf: the whole sweep).")
 
 
 def measure_search(cfg: QuantizeConfig) -> str:
@@ -395,9 +405,9 @@ def prepare(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, see
         calib = calibrate(runner, prompts, seeds, cfg.act_groups, cfg.range_method, progress=progress)
     else:
         calib, prompts, seeds = calibration, calibration.prompts, calibration.seeds
-        n_eval = min(cfg.sens_prompts, len(calib.prompts))
-        if calib.fp_images is not None and len(calib.fp_images) >= n_eval:
-            fp_images = calib.fp_images[:n_eval]
+    n_eval = min(cfg.sens_prompts, len(calib.prompts))
+    if calib.fp_images is not None and len(calib.fp_images) >= n_eval:  # plan compares with these: no FP re-run
+        fp_images = calib.fp_images[:n_eval]
     t_cal = time.time() - t0 if calibration is None else 0.0
     w_menu, a_menu, layers_s = menus(cfg, layers)
     sens = measure_sensitivity(runner, calib, layers_s, w_menu, a_menu, fp_id, cfg.sens_calls, cfg.sens_prompts,
@@ -425,6 +435,22 @@ class Allocation:
         return [n for n, f in self.plan.items() if not f.is_float]
 
 
+def sweep(cfg: QuantizeConfig, calib: Calibration, n_eval: int, need_reference: bool = False) -> tuple[list, bool]:
+    """(the couplings the sweep compares, middle first; whether the chosen plan is retried with min-max ranges) within
+    cfg.sweep_seconds, each candidate costing about the calibration's sampling time for n_eval of its prompts."""
+    mid = middle_coupling(cfg)
+    order = sorted(cfg.coupling, key=lambda c: (abs(c - mid), c))
+    retry = cfg.weight_search == "best"
+    budget = cfg.sweep_seconds if cfg.sweep_seconds is not None else max(60.0, calib.seconds)
+    per_run = calib.seconds * n_eval / max(1, len(calib.prompts))
+    wanted = len(order) + retry
+    runs = wanted if per_run <= 0 or not math.isfinite(budget) else int(budget / per_run) - need_reference
+    if runs < 2 or (len(order) == 1 and not retry):
+        return order[:1], False  # nothing affordable to compare: the middle coupling, no sampling
+    retry = retry and runs > 1
+    return order[:min(len(order), runs - retry)], retry
+
+
 def _best(candidates: list) -> dict:
     # the closest images to FP; ties: the lower content weight, then MSE-searched weights (a single untried
     # candidate has nan)
@@ -450,11 +476,11 @@ def plan(runner: DenoiserRunner, prepared: Prepared, cfg: QuantizeConfig,
     n_eval = min(cfg.sens_prompts, len(calib.prompts))
     ev_prompts, ev_seeds = calib.prompts[:n_eval], calib.seeds[:n_eval]
     search = measure_search(cfg)
-    retry = cfg.weight_search == "best"
-    single = len(cfg.coupling) == 1 and not retry  # nothing to choose between: no sampling
-    progress.start(len(cfg.coupling) + 1 + retry, "allocating bits")
-    candidates, seen = [], {}
     ref = prepared.fp_images
+    couplings, retry = sweep(cfg, calib, n_eval, need_reference=ref is None)
+    single = len(couplings) == 1 and not retry  # nothing to choose between: no sampling
+    progress.start(len(couplings) + 1 + retry, "allocating bits")
+    candidates, seen = [], {}
     with torch.no_grad():
         if ref is None and not single:
             ref = runner.sample(ev_prompts, ev_seeds)
@@ -472,7 +498,7 @@ def plan(runner: DenoiserRunner, prepared: Prepared, cfg: QuantizeConfig,
                             seen[key] = content_ssim(ref, runner.sample(ev_prompts, ev_seeds))
                 return seen[key]
 
-            for lam in cfg.coupling:
+            for lam in couplings:
                 plan_ = prob.solve(sens, lam)
                 candidates.append({"content_weight": lam, "weight_search": _search_name(search),
                                    "ssim_vs_fp": trial(plan_, search), "plan": plan_,
@@ -500,9 +526,7 @@ def plan(runner: DenoiserRunner, prepared: Prepared, cfg: QuantizeConfig,
 def quantize(model: nn.Module, alloc: Allocation, calib: Calibration) -> tuple[nn.Module, QuantStats]:
     """A quantized copy of `model` with the plan's packed layers, its activation ranges and BOS embeddings, and the
     per-timestep switch of activation ranges. `model` is left as it was."""
-    qmodel = copy.deepcopy(model)
-    stats = quantize_(qmodel, alloc.plan, calib, bos=bool(alloc.bos), search=alloc.search)
-    return qmodel, stats
+    return quantize_(model, alloc.plan, calib, bos=bool(alloc.bos), search=alloc.search, inplace=False)
 
 
 def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: list[int] | None = None,

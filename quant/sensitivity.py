@@ -30,6 +30,7 @@ from . import distributed
 from .runner import DenoiserRunner, Progress, stable_hash
 
 CACHE_VERSION = 2
+MODES = ("fast", "full", "local")
 
 
 def default_cache_dir() -> str:
@@ -163,6 +164,108 @@ def _local_loss(src: nn.Module, probe: QuantLayer, inputs) -> float:
     return noise / max(signal, 1e-30)
 
 
+def _channel_dim(y: torch.Tensor, module: nn.Module) -> int:
+    """The channel dimension of a layer's output: 1 for a convolution (B, C, H, W), the last one for a Linear."""
+    return 1 if isinstance(module, nn.Conv2d) and y.dim() == 4 else y.dim() - 1
+
+
+def _per_channel(t: torch.Tensor, dim: int, reduce: str = "sum") -> torch.Tensor:
+    t = t.movedim(dim, -1).reshape(-1, t.shape[dim])
+    return t.sum(0) if reduce == "sum" else t.mean(0)
+
+
+def _lowpass_probe(out: torch.Tensor, gen: torch.Generator, factor: int = 8) -> torch.Tensor:
+    """A random output-space direction with only large-scale structure: white noise on a grid `factor` times coarser,
+    upsampled bilinearly (for a spatial output; white noise otherwise)."""
+    if out.dim() != 4 or min(out.shape[-2:]) < 2:
+        return torch.randn(out.shape, generator=gen).to(out)
+    h, w = max(1, out.shape[-2] // factor), max(1, out.shape[-1] // factor)
+    coarse = torch.randn((*out.shape[:2], h, w), generator=gen).to(out)
+    r = torch.nn.functional.interpolate(coarse, size=out.shape[-2:], mode="bilinear", align_corners=False)
+    return r * (out.numel() / max(float((r ** 2).sum()), 1e-30)) ** 0.5  # the power of a white probe
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n), first and last included (fewer when n < k)."""
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(min(k, n))})
+
+
+def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[str], kinds=("quality", "content"),
+                 seed: int = 0, call_kinds: list | None = None) -> dict:
+    """How much of each layer's output noise reaches the denoiser output, per output channel, from one backward pass
+    per call and kind (every layer at once; Hutchinson's estimator of the Gauss-Newton diagonal):
+    gains[kind][layer][i][c] = the mean over the channel's elements of E_r (d(r . out) / dy)^2 on call i, so that the
+    output noise power caused by a layer-output error e is about sum_c gain_c * sum (e_c)^2 (the diagonal
+    first-order estimate). kind "quality": r is white (the whole output, as SQNR sees it); "content": r has only
+    large-scale structure (what a nearly image-sized SSIM window sees: MixDQ's content metric). call_kinds[i]: the
+    kinds measured on call i (default all); the others get None there."""
+    mods = dict(model.named_modules())
+    gains = {k: {n: [] for n in names} for k in kinds}
+    gen = torch.Generator().manual_seed(seed)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    outs = {}
+
+    def keep(m, args, y, n):
+        if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+            return None
+        if not y.requires_grad:  # fed only by inputs without gradient (time embedding, text context)
+            y = y.detach().requires_grad_(True)
+        outs[n] = y
+        return y
+
+    try:
+        for i_call, c in enumerate(calls):
+            outs.clear()
+            handles = [mods[n].register_forward_hook(lambda m, a, y, n=n: keep(m, a, y, n)) for n in names]
+            try:
+                with torch.inference_mode(False), torch.enable_grad():  # (hosts may sample in inference mode)
+                    args = [a.detach().clone().requires_grad_(True)
+                            if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in c.args]
+                    out = runner.output_of(model(*args, **c.kwargs))
+            finally:
+                for h in handles:
+                    h.remove()
+            order = list(outs)
+            wanted = [k for k in kinds if call_kinds is None or k in call_kinds[i_call]]
+            for i, kind in enumerate(wanted):
+                r = torch.randn(out.shape, generator=gen).to(out) if kind == "quality" else _lowpass_probe(out, gen)
+                with torch.inference_mode(False):
+                    grads = torch.autograd.grad(out, [outs[n] for n in order], grad_outputs=r,
+                                                retain_graph=i < len(wanted) - 1, allow_unused=True)
+                for n, g in zip(order, grads):
+                    if g is None:
+                        g = torch.zeros_like(outs[n])
+                    gains[kind][n].append(_per_channel(g.detach().float() ** 2, _channel_dim(g, mods[n]), "mean"))
+            outs.clear()
+            del out
+            for kind in kinds:  # a layer the call never ran (none in a UNet) gets no weight
+                for n in names:
+                    if len(gains[kind][n]) <= i_call:
+                        gains[kind][n].append(None)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return gains
+
+
+def _channel_noise(src: nn.Module, probe: QuantLayer, inputs) -> list:
+    """Per recorded call, the sum over each output channel of the squared error of the quantized layer."""
+    out = []
+    with torch.no_grad():
+        for x, group in inputs:
+            probe.act_group = group
+            y = src(x).float()
+            e = (probe(x).float() - y) ** 2
+            out.append(_per_channel(e, _channel_dim(e, src)))
+    return out
+
+
+def _weighted(noise: list, gains: list) -> float:
+    return sum(float((g * e).sum()) for e, g in zip(noise, gains) if g is not None)
+
+
 def _repeat(obj, batch: int, k: int):
     """Every tensor whose first dimension is the call's batch, repeated k times along it."""
     if isinstance(obj, torch.Tensor):
@@ -206,13 +309,16 @@ class _Estimate:
     def __init__(self, progress: Progress, todo: dict, phase: str):
         self.progress, self.left, self.phase = progress, dict(todo), phase
         self.seconds, self.count, self.said = {}, {}, None
+        # a first probe may also pay for recording a chunk of layer inputs: estimate from a few of each kind
+        self.enough = {r: min(k, max(3, math.ceil(0.02 * k))) for r, k in todo.items()}
 
     def done(self, role: str, n: int, seconds: float):
         self.seconds[role] = self.seconds.get(role, 0.0) + seconds
         self.count[role] = self.count.get(role, 0) + n
         self.left[role] = self.left.get(role, 0) - n
-        if sum(self.left.values()) <= 0 or any(k > 0 and r not in self.count for r, k in self.left.items()):
-            return  # nothing left, or a kind still to come not timed yet
+        if sum(self.left.values()) <= 0 or any(k > 0 and self.count.get(r, 0) < self.enough[r]
+                                               for r, k in self.left.items()):
+            return  # nothing left, or a kind still to come not timed enough yet
         eta = sum(k * self.seconds[r] / self.count[r] for r, k in self.left.items() if k > 0)
         if self.said is None or abs(eta - self.said) > max(0.25 * self.said, 10.0):
             self.said = eta
@@ -222,24 +328,31 @@ class _Estimate:
 def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list[LayerInfo],
                         w_menu: dict[str, list[LayerFormat]], a_menu: list[LayerFormat], fingerprint_id: str,
                         n_calls: int = 4, n_prompts: int = 8, use_bos: bool = True, cache_dir: str | None = None,
-                        progress: Progress | None = None, call_batch: int = 8, mode: str = "full",
-                        search: str = "auto", inputs_budget: int = 1 << 30) -> Sensitivity:
+                        progress: Progress | None = None, call_batch: int | None = None, mode: str = "fast",
+                        search: str = "auto", inputs_budget: int = 1 << 30, gain_batch: int = 2) -> Sensitivity:
     """w_menu: role -> weight formats to score (their a_bits must be 16); a_menu: activation formats (w_bits 16).
-    mode="full": MixDQ's decoupled metrics (denoiser-output SQNR for quality layers, image SSIM for content layers).
-    mode="local": every layer scored by the relative noise of its own output, computed from its recorded FP input
-    (one layer forward per probe instead of a whole network or sampler run: the fast approximation for big
-    models on slow hardware; it does not see how errors propagate); the recorded inputs are held at most
-    `inputs_budget` bytes at a time (StreamedInputs).
+    mode="fast" (the default; what scales to SDXL): each probe's noise on the layer's own output, computed from its
+    recorded FP inputs, per output channel, weighted by how much of it reaches the denoiser output (output_gains: one
+    backward pass per probe call and role, for every layer at once): quality layers by the white-probe gains
+    (denoiser-output noise, SQNR's scale) on the probe calls, content layers by the large-scale-probe gains (output
+    structure, as SSIM's large window sees it) on calls from the first steps.
+    mode="full": MixDQ's decoupled metrics (denoiser-output SQNR for quality layers, image SSIM for content layers),
+    one denoiser or sampler run per layer and format: the reference.
+    mode="local": every layer scored by the relative noise of its own output (it does not see how errors propagate).
+    fast and local hold the recorded inputs at most `inputs_budget` bytes at a time (StreamedInputs).
     Quality layers are scored on `n_calls` recorded calls spread over the timesteps, `call_batch` samples of each
-    (conditional and unconditional halves alike when guidance batches them). `search`: the probes' weight range search
-    (quantize_weight's; "auto" = MSE-clipped below 8 bits)."""
+    (conditional and unconditional halves alike when guidance batches them; default 2 in fast mode, else 8).
+    `search`: the probes' weight range search (quantize_weight's; "auto" = MSE-clipped below 8 bits)."""
     progress = progress or Progress()
+    if call_batch is None:  # the fast mode's ranks hold with 2 samples per call (bench/scale.py): 4x fewer inputs
+        call_batch = 2 if mode == "fast" else 8
     todo = [li for li in layers if not li.protected]
     key = stable_hash({"v": CACHE_VERSION, "model": fingerprint_id, "prompts": calib.prompts, "seeds": calib.seeds,
                        "settings": calib.settings, "groups": calib.n_groups, "range": calib.range_method,
                        "w": {r: [f.name for f in fs] for r, fs in w_menu.items()}, "a": [f.name for f in a_menu],
                        "layers": [li.name for li in todo], "calls": n_calls, "prompts_n": n_prompts, "bos": use_bos,
-                       "call_batch": call_batch, "mode": mode, **({"search": search} if search != "auto" else {})})
+                       "call_batch": call_batch, "mode": mode, **({"search": search} if search != "auto" else {}),
+                       **({"gain_batch": gain_batch, "content_calls": "first tenth"} if mode == "fast" else {})})
     cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
     path = os.path.join(cache_dir, f"{key}.json") if cache_dir else None
     if path and os.path.isfile(path):
@@ -255,9 +368,23 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
     bos = calib.bos() if use_bos else {}
     # quality: a subsample of recorded calls spread over the timesteps
     calls = calib.calls
-    idx = sorted({round(i * (len(calls) - 1) / max(1, n_calls - 1)) for i in range(min(n_calls, len(calls)))})
-    probe_calls = [subsample_call(calls[i], call_batch) for i in idx]
-    signal = sum(float((c.output.float() ** 2).sum()) for c in probe_calls)
+    idx = _spread(len(calls), n_calls)
+    kinds_of = {i: {"quality", "content"} for i in idx}
+    if mode == "fast":
+        # content layers: the image's structure is decided in the noisiest steps (MixDQ), so their noise is weighed
+        # on calls from the first tenth of the steps, the first step at least (different prompts where there are
+        # several); measured on digits, wider windows (a quarter, all steps) gave plans with lower SSIM
+        last = max(c.step for c in calls)
+        early = [i for i, c in enumerate(calls) if c.step <= last / 10]
+        kinds_of = {i: {"quality"} for i in idx}
+        for j in _spread(len(early), max(1, n_calls // 2)):
+            kinds_of.setdefault(early[j], set()).add("content")
+    order = sorted(kinds_of)
+    probe_calls = [subsample_call(calls[i], call_batch) for i in order]
+    call_kinds = [kinds_of[i] for i in order]
+    power = [float((c.output.float() ** 2).sum()) for c in probe_calls]
+    signal = sum(power)
+    role_signal = {r: sum(p for p, k in zip(power, call_kinds) if r in k) for r in ("quality", "content")}
     prompts = calib.prompts[:n_prompts]
     seeds = calib.seeds[:n_prompts]
     modules = dict(model.named_modules())
@@ -270,10 +397,11 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                 jobs.append((li, f))
     mine = set(distributed.share(list(dict.fromkeys(li.name for li, _ in jobs))))
     jobs = [(li, f) for li, f in jobs if li.name in mine]  # this process's share (all of them without torchrun)
-    if mode not in ("full", "local"):
-        raise ValueError(f"mode must be 'full' or 'local', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     n_content = sum(1 for li, _ in jobs if li.role == "content") if mode == "full" else 0
-    progress.start(len(jobs) + (1 if n_content else 0), "measuring sensitivity")
+    progress.start(len(jobs) + (1 if n_content else 0) + (1 if mode == "fast" and jobs else 0),
+                   "measuring sensitivity")
     eta = _Estimate(progress, {"content": n_content, "quality": len(jobs) - n_content}, "measuring sensitivity")
     fp_images = None
     switch = attach_act_group_switch(model, calib.group_bounds(), runner.timestep_of, remember=False) \
@@ -288,19 +416,31 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
 
     for li, fmt in jobs:
         by_layer.setdefault(li.name, [li, []])[1].append(fmt)
-    inputs = StreamedInputs(model, probe_calls, list(by_layer), calib.group_of, inputs_budget) \
-        if mode == "local" else {}
+    streamed = mode in ("local", "fast")
+    inputs = StreamedInputs(model, probe_calls, list(by_layer), calib.group_of, inputs_budget) if streamed else {}
+    gains = None
     try:
         with torch.no_grad():
             if n_content:
                 fp_images = runner.sample(prompts, seeds)
                 progress.tick()
+            if mode == "fast" and by_layer:
+                gain_calls = [subsample_call(c, gain_batch) for c in probe_calls]
+                gains = output_gains(model, runner, gain_calls, list(by_layer),
+                                     kinds=tuple(sorted({li.role for li, _ in by_layer.values()})),
+                                     call_kinds=call_kinds)
+                progress.tick()
             for name, (li, fmts) in by_layer.items():
                 src = modules[name]
-                if mode == "local":
+                if streamed:
                     for fmt in fmts:
                         t_probe = time.time()
-                        loss = _local_loss(src, probe(name, fmt), inputs[name])
+                        if mode == "local":
+                            loss = _local_loss(src, probe(name, fmt), inputs[name])
+                        else:
+                            # (gains are per element: computed on fewer samples, they weigh every sample's noise)
+                            loss = _weighted(_channel_noise(src, probe(name, fmt), inputs[name]),
+                                             gains[li.role][name]) / max(role_signal[li.role], 1e-30)
                         out.loss.setdefault(name, {})[fmt.name] = loss if math.isfinite(loss) else 1e6
                         eta.done("quality", 1, time.time() - t_probe)
                         progress.tick()

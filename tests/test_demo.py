@@ -1,6 +1,6 @@
 """The Gradio demo (`mixquant demo`) driven through its API with gradio_client, against the app served in-process on
 a free 127.0.0.1 port: calibrate -> preview a budget -> quantize -> compare returns images and numbers -> save.
-Errors reach the caller as gr.Error messages. Small settings (2 prompts, 2 steps, local sensitivity) keep it short.
+Errors reach the caller as gr.Error messages. Small settings (2 prompts, 2 steps, the default fast sensitivity) keep it short.
 MIXQUANT_DEMO_TEST_MODEL overrides the model (default: the embedded `digits`)."""
 import os
 
@@ -14,6 +14,8 @@ import pytest  # noqa: E402
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
+
+from mixquant.app.gradio_app import SENS_MODES  # noqa: E402
 
 PROMPTS = ["a handwritten digit three", "the number seven"]
 MODEL = os.environ.get("MIXQUANT_DEMO_TEST_MODEL", "digits")
@@ -38,7 +40,7 @@ def served(tmp_path_factory):
     offline_env()
     root = tmp_path_factory.mktemp("demo")
     be = DemoBackend(MODEL, out_dir=str(root / "out"), cache_dir=str(root / "cache"), device="cpu")
-    app = build_app(be, prompts=PROMPTS, steps=2, sens_mode="local")
+    app = build_app(be, prompts=PROMPTS, steps=2, sens_mode="fast")
     url = launch(app, "127.0.0.1", 0, block=False, quiet=True)
     try:
         yield app, be, url
@@ -53,7 +55,7 @@ def client(served):
 
 def _settings(prompts=PROMPTS, steps=2):
     # model, prompts, steps, guidance, scheduler, seed, negative prompt, activation bits, sensitivity mode
-    return [MODEL, "\n".join(prompts), steps, 4.0, "dpm", 0, "", 8, "local (layer-output noise, fast)"]
+    return [MODEL, "\n".join(prompts), steps, 4.0, "dpm", 0, "", 8, SENS_MODES["fast"]]
 
 
 def BITS(bits, mb=1.0):
@@ -157,7 +159,7 @@ def test_stop_interrupts_a_running_job(served, client):
 
     # full sensitivity at other settings: long enough to be stopped in the middle
     settings = _settings(steps=3)
-    settings[-1] = "full (MixDQ metrics, slower)"
+    settings[-1] = SENS_MODES["full"]
     job = client.submit(*settings, *BITS(4.0), api_name="/calibrate")
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until the job reports progress (the stop flag is reset when a job starts)

@@ -51,7 +51,7 @@ def served(tmp_path_factory):
     offline_env()
     root = tmp_path_factory.mktemp("demo_browser")
     be = DemoBackend(MODEL, out_dir=str(root / "out"), cache_dir=str(root / "cache"), device="cpu")
-    app = build_app(be) if FULL else build_app(be, prompts=PROMPTS, steps=2, sens_mode="local")
+    app = build_app(be) if FULL else build_app(be, prompts=PROMPTS, steps=2, sens_mode="fast")
     url = launch(app, "127.0.0.1", 0, block=False, quiet=True)
     try:
         yield be, url, root

@@ -1,5 +1,6 @@
 """The method end to end on the embedded `digits` model: CLI contract, mixed vs uniform, cache, bad input."""
 import json
+import math
 import os
 
 import pytest
@@ -154,6 +155,24 @@ def test_interrupt_leaves_the_model_untouched(digits, tmp_path):
     assert not any(isinstance(m, QuantLayer) for m in digits.unet.modules())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in digits.unet.modules())
     assert all(torch.equal(v, digits.unet.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("seconds,per_run,want", [
+    (None, 0.5, ([0.5, 0.35, 0.65, 0.2, 0.8], True)),  # cheap sampling: the whole sweep in the default 60 s
+    (None, 30.0, ([0.5], True)),  # 2 runs: the middle coupling and its min-max retry
+    (None, 90.0, ([0.5], False)),  # one calibration run of 90 s buys one candidate: nothing to compare
+    (200.0, 60.0, ([0.5, 0.35], True)),
+    (0.0, 0.1, ([0.5], False)),
+    (math.inf, 1e4, ([0.5, 0.35, 0.65, 0.2, 0.8], True)),
+])
+def test_the_sweep_compares_what_its_time_allows(seconds, per_run, want):
+    from types import SimpleNamespace
+
+    calib = SimpleNamespace(seconds=per_run, prompts=["a", "b"])  # a sampling run of both prompts (both compared)
+    assert engine.sweep(engine.QuantizeConfig(avg_w_bits=4, sweep_seconds=seconds), calib, 2) == want
+    # without the calibration's FP images the reference run is paid from the same time
+    if seconds is None and per_run == 30.0:
+        assert engine.sweep(engine.QuantizeConfig(avg_w_bits=4), calib, 2, need_reference=True) == ([0.5], False)
 
 
 def test_engine_config_checks():

@@ -28,14 +28,20 @@ def add_arguments(p):
     p.add_argument("--weight-search", default="best", choices=("best", "mse", "minmax"),
                    help="ranges of weights below 8 bits: MSE-clipped, full min-max, or best = the one whose images "
                         "come closer to FP on the calibration prompts (default)")
+    p.add_argument("--sweep-seconds", type=float, default=None, metavar="S",
+                   help="time the coupling sweep may spend sampling candidate plans (default: the larger of 60 s and "
+                        "one calibration run; inf: the whole sweep; 0: the middle coupling, no sampling)")
     p.add_argument("--cache-dir", help="where sensitivity results are cached (default ~/.cache/mixquant)")
     p.add_argument("--no-eval", action="store_true", help="skip the FP-vs-quantized quality evaluation")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="the model's float type (default auto: fp16 on a GPU, fp32 on a CPU)")
-    p.add_argument("--sens-mode", default="full", choices=("full", "local"),
-                   help="sensitivity: full = MixDQ's metrics (content layers judged on final images, quality layers "
-                        "on the denoiser output; default), local = each layer's own output noise (fast, approximate)")
+    p.add_argument("--sens-mode", default="fast", choices=("fast", "full", "local"),
+                   help="sensitivity: fast = each layer's output noise weighted by its measured gain to the denoiser "
+                        "output (content layers by large-scale structure, quality layers by all of it; default), "
+                        "full = MixDQ's exhaustive metrics (content layers judged on final images, quality layers on "
+                        "the denoiser output; one run per layer and format: the reference, hours at SDXL size), "
+                        "local = each layer's own output noise")
     p.add_argument("--out", required=True, help="the quantized .safetensors file to write")
     p.add_argument("--report", help="where to write the report JSON")
 
@@ -77,7 +83,7 @@ def run(args) -> int:
             target=args.target, sampler=sampler, seeds=[args.seed + i for i in range(len(prompts))],
             evaluate=not args.no_eval, model_name=args.model, progress=bar, act_groups=args.act_groups,
             bos=not args.no_bos, cache_dir=args.cache_dir, weight_search=args.weight_search,
-            sens_mode=args.sens_mode)
+            sens_mode=args.sens_mode, sweep_seconds=args.sweep_seconds)
     finally:
         bar.close()
     if not distributed.is_main():  # under torchrun every process measured its share; the first one writes

@@ -19,9 +19,12 @@ from .runner import PipelineRunner, SamplerSettings
 
 def pipeline_with_denoiser(pipe, denoiser):
     """A new pipeline object with the same components but another UNet (the input pipeline is left as it was)."""
+    from .models import _quiet_loading
+
     comps = dict(pipe.components)
     comps["unet"] = denoiser
-    new = type(pipe)(**comps)
+    with _quiet_loading():  # (diffusers warns about the absent safety checker on every construction)
+        new = type(pipe)(**comps)
     new.set_progress_bar_config(disable=True)
     return new
 

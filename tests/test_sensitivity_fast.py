@@ -1,0 +1,105 @@
+"""The fast sensitivity (quant/sensitivity.py, mode "fast"): per-channel output gains from backward passes against
+the exact Jacobian, and its per-layer losses against the exhaustive MixDQ measurement ("full") on digits."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mixquant.quant.sensitivity import output_gains
+
+
+class _Runner:
+    def output_of(self, out):
+        return out
+
+
+def test_gains_are_the_jacobians_column_norms():
+    """White probes: gain of a layer's channel j = E_r (J^T r)_j^2 = sum_k J[k, j]^2 (J: the layer output -> the
+    model output). Here J is W2 for the first layer and the identity for the last; averaged over many calls."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
+    x = torch.randn(2, 4)
+    calls = [SimpleNamespace(args=(x,), kwargs={})] * 600
+    gains = output_gains(model, _Runner(), calls, ["0", "1"], kinds=("quality",))["quality"]
+    g0 = torch.stack(gains["0"]).mean(0)
+    g1 = torch.stack(gains["1"]).mean(0)
+    want0 = (model[1].weight.detach() ** 2).sum(0)
+    assert torch.allclose(g0, want0, rtol=0.15), (g0, want0)
+    assert torch.allclose(g1, torch.ones(3), rtol=0.15), g1
+    assert all(p.requires_grad for p in model.parameters())  # put back as they were
+
+
+def test_gains_reach_layers_fed_only_by_inputs_without_gradient():
+    """A layer fed by a float input that is not the first argument (text context, time embedding) still gets its
+    gain; a conv's channels are dimension 1."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 1)
+            self.ctx = nn.Linear(5, 3)
+
+        def forward(self, x, context=None):
+            return self.conv(x) * 2 + self.ctx(context).mean(1)[:, :, None, None]
+
+    torch.manual_seed(0)
+    net = Net()
+    call = SimpleNamespace(args=(torch.randn(1, 2, 4, 4),), kwargs={"context": torch.randn(1, 7, 5)})
+    gains = output_gains(net, _Runner(), [call] * 300, ["conv", "ctx"], kinds=("quality",))["quality"]
+    conv = torch.stack(gains["conv"]).mean(0)
+    ctx = torch.stack(gains["ctx"]).mean(0)
+    assert conv.shape == (3,) and torch.allclose(conv, torch.full((3,), 4.0), rtol=0.15)  # d out / d conv = 2
+    # d out / d ctx[b, t, c] = 1/7 on each of the 16 pixels: E (sum_p r_p / 7)^2 = 16 / 49
+    assert ctx.shape == (3,) and torch.allclose(ctx, torch.full((3,), 16 / 49), rtol=0.2)
+
+
+@pytest.fixture(scope="module")
+def digits_tables(tmp_path_factory):
+    from mixquant.app.diffusers_host.models import load_pipeline
+    from mixquant.app.diffusers_host.runner import PipelineRunner, SamplerSettings
+    from mixquant.quant import engine
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline("digits")
+    runner = PipelineRunner(pipe, SamplerSettings(steps=4, guidance=4.0, scheduler="dpm"))
+    prompts = ["a handwritten digit zero", "the number 1", "digit two, bold", "a picture of the number three"]
+    cache = str(tmp_path_factory.mktemp("sens"))
+    out = {}
+    for mode in ("full", "fast", "local"):
+        cfg = engine.QuantizeConfig(avg_w_bits=4, a_bits=8, sens_mode=mode, cache_dir=cache, sens_calls=2)
+        out[mode] = engine.prepare(runner, prompts, cfg).sens
+    return out
+
+
+def _pairs(ref, other, role):
+    xs, ys = [], []
+    for layer, table in ref.loss.items():
+        if ref.role[layer] == role:
+            for f, v in table.items():
+                xs.append(v)
+                ys.append(other.loss[layer][f])
+    return xs, ys
+
+
+def test_fast_ranks_layers_as_the_exhaustive_measurement_does(digits_tables):
+    from scipy.stats import spearmanr
+
+    full, fast, local = digits_tables["full"], digits_tables["fast"], digits_tables["local"]
+    assert set(fast.loss) == set(full.loss)
+    rho = {m: {r: spearmanr(*_pairs(full, t, r)).statistic for r in ("content", "quality")}
+           for m, t in (("fast", fast), ("local", local))}
+    assert rho["fast"]["quality"] > 0.9 and rho["fast"]["content"] > 0.75, rho
+    # the gains are what the local measurement lacks: how much of a layer's noise reaches the output
+    assert rho["fast"]["quality"] > rho["local"]["quality"] + 0.1, rho
+
+
+def test_fast_quality_losses_are_denoiser_output_noise(digits_tables):
+    """For quality layers both modes estimate the same quantity (the denoiser output's relative noise power): the
+    fast one to first order, so on the same scale (typical ratio near 1, not off by a batch or element count)."""
+    xs, ys = _pairs(digits_tables["full"], digits_tables["fast"], "quality")
+    ratios = sorted(y / x for x, y in zip(xs, ys) if x > 0 and y > 0)
+    median = ratios[len(ratios) // 2]
+    assert 1 / 3 < median < 3, median
+    assert all(math.isfinite(v) for v in ys)
