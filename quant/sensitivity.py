@@ -190,6 +190,21 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(min(k, n))})
 
 
+def _ordinary_tensors(model: nn.Module) -> None:
+    """A host that builds its models in inference mode (ComfyUI runs every node under torch.inference_mode) gives
+    tensors autograd can neither save nor version: each such parameter and buffer is replaced, one at a time, by an
+    ordinary copy with the same values (memory-neutral; the model computes exactly as before, in any mode)."""
+    with torch.inference_mode(False):
+        for m in model.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and (p.is_inference() or p.data.is_inference()):
+                    # (a new Parameter: an inference Parameter keeps no version counter whatever its data)
+                    m._parameters[name] = nn.Parameter(p.data.clone(), requires_grad=p.requires_grad)
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+
+
 def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[str], kinds=("quality", "content"),
                  seed: int = 0, call_kinds: list | None = None) -> dict:
     """How much of each layer's output noise reaches the denoiser output, per output channel, from one backward pass
@@ -202,6 +217,7 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
     mods = dict(model.named_modules())
     gains = {k: {n: [] for n in names} for k in kinds}
     gen = torch.Generator().manual_seed(seed)
+    _ordinary_tensors(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)

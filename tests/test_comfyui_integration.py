@@ -265,7 +265,7 @@ def _latent_after(server, graph, prefix):
 
 
 def _quant_nodes(budget=6.0, sensitivity=None, prompts="a red car"):
-    """Calibrate -> Plan -> Quantize Model; `sensitivity` None leaves Plan's input at its default (full)."""
+    """Calibrate -> Plan -> Quantize Model; `sensitivity` None leaves Plan's input at its default (fast)."""
     plan = {"calibration": ["5", 0], "budget_kind": "average weight bits", "budget": budget, "activation_bits": "8",
             "target": "mixquant", **({"sensitivity": sensitivity} if sensitivity else {})}
     return {
@@ -277,7 +277,7 @@ def _quant_nodes(budget=6.0, sensitivity=None, prompts="a red car"):
     }
 
 
-@pytest.mark.parametrize("sensitivity", ["full", "local"])
+@pytest.mark.parametrize("sensitivity", ["fast", "full", "local"])
 def test_plan_runs_in_every_sensitivity_mode(server, sensitivity):
     """ComfyUI samples one prompt at a time (batch 2 with guidance): Plan must not assume all probes in one batch."""
     graph = _sampler_graph(["7", 0], {**_quant_nodes(sensitivity=sensitivity, prompts="a red car\na blue house"),

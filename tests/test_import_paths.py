@@ -52,6 +52,10 @@ DOCUMENTED = {
                                                           ["--calls", "3", "--out", "{out}/overhead.md"]),
     "python bench/pool_content.py run1/peers_partial.json run2/peers_partial.json > pooled.md": (
         "bench/pool_content.py", ["{runs}", "--out", "{out}/pooled.md"]),
+    "python bench/scale.py": ("bench/scale.py", []),
+    "python bench/scale.py --agreement": ("bench/scale.py", ["--agreement"]),
+    "python bench/scale.py --models sdxl --real --size 1024 --prompts 8 --steps 20": (
+        "bench/scale.py", ["--models", "sdxl", "--real", "--size", "1024", "--prompts", "8", "--steps", "20"]),
     "python -m mixquant.bench.quality": ("-m mixquant.bench.quality", []),
     "python -m mixquant.bench.quality --steps 4 --seeds 0 1 2": ("-m mixquant.bench.quality",
                                                                  ["--steps", "4", "--seeds", "0", "1", "2"]),

@@ -70,4 +70,4 @@ def test_cli_passes_dtype_and_sensitivity_mode(monkeypatch, tmp_path):
     assert cmd.run(args) == 0
     assert seen["dtype"] == "fp16" and seen["device"] == "auto" and seen["sens_mode"] == "local"
     defaults = build_parser().parse_args(["quantize", "--prompt", "a", "--avg-w-bits", "4", "--out", "q"])
-    assert (defaults.sens_mode, defaults.dtype, defaults.device) == ("full", "auto", "auto")
+    assert (defaults.sens_mode, defaults.dtype, defaults.device) == ("fast", "auto", "auto")

@@ -466,14 +466,15 @@ def test_full_sensitivity_does_not_depend_on_how_the_sampler_batches(unet, tmp_p
     assert all(one.loss[li.name]["W2g64A16"] > one.loss[li.name]["W8A16"] for li in content)
 
 
-@pytest.mark.parametrize("sensitivity", ["full", "local"])
+@pytest.mark.parametrize("sensitivity", ["fast", "full", "local"])
 def test_plan_node_runs_in_every_sensitivity_mode(unet, monkeypatch, tmp_path, sensitivity):
-    """ComfyUI's runner samples one prompt at a time: Plan's default (full) mode must work with it, on 3 prompts."""
+    """ComfyUI's runner samples one prompt at a time: every mode must work with it (full: the content probes one
+    format per sampling run), on 3 prompts; fast is the default."""
     monkeypatch.setattr(N, "QuantizeConfig", lambda **kw: _fast_config(cache_dir=str(tmp_path), **kw))
     runner = ToyRunner(unet)
     cal = N.CalibrationResult(runner, calibrate(runner, ["a cat", "a dog", "a fish"], [0, 1, 2]), fingerprint(unet),
                               "toy")
-    assert N.MixQuantPlan.INPUT_TYPES()["optional"]["sensitivity"][0][0] == "full"  # the default
+    assert N.MixQuantPlan.INPUT_TYPES()["optional"]["sensitivity"][0][0] == "fast"  # the default
     plan = _plan(cal, bits=4.0, sensitivity=sensitivity)
     assert plan.report["sensitivity_mode"] == sensitivity
     assert plan.quantized_names() and 3.5 <= plan.report["avg_w_bits"] <= 4.0 + 1e-6

@@ -103,3 +103,22 @@ def test_fast_quality_losses_are_denoiser_output_noise(digits_tables):
     median = ratios[len(ratios) // 2]
     assert 1 / 3 < median < 3, median
     assert all(math.isfinite(v) for v in ys)
+
+
+def test_gains_of_a_model_built_in_inference_mode():
+    """ComfyUI builds and runs its models under torch.inference_mode: the gains still come out (the same as for the
+    model built normally) and the model computes the same afterwards, in inference mode too."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+        model.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 4)
+        before = model(x)
+    call = SimpleNamespace(args=(x,), kwargs={})
+    want = output_gains(ref, _Runner(), [call], ["0", "2"], kinds=("quality",), seed=3)["quality"]
+    got = output_gains(model, _Runner(), [call], ["0", "2"], kinds=("quality",), seed=3)["quality"]
+    for n in ("0", "2"):
+        assert torch.allclose(got[n][0], want[n][0]), n
+    with torch.inference_mode():
+        assert torch.equal(model(x), before)
