@@ -95,3 +95,25 @@ def test_ssim_matches_skimage_if_installed():
     ref = skm.structural_similarity(x[0, 0].numpy(), y[0, 0].numpy(), gaussian_weights=True, sigma=1.5,
                                     use_sample_covariance=False, data_range=1.0)
     assert ssim(x, y) == pytest.approx(ref, abs=1e-6)
+
+
+@pytest.mark.parametrize("win", [3, 11, 40, 48])
+def test_ssim_with_the_separable_window_equals_the_2d_window(win):
+    """ssim filters with the Gaussian's 1-D factor twice; the 2-D window (its outer product) gives the same."""
+    import torch.nn.functional as F
+
+    from mixquant.quant.metrics import gaussian_window
+
+    g = torch.Generator().manual_seed(win)
+    a = torch.rand(2, 3, 48, 52, generator=g)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    k = gaussian_window(win, 1.5 * win / 11)[None, None].expand(3, 1, win, win).contiguous()
+
+    def f(x):
+        return F.conv2d(x.double(), k, groups=3)
+
+    mx, my = f(a), f(b)
+    sxx, syy, sxy = f(a * a) - mx * mx, f(b * b) - my * my, f(a * b) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    want = float((((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))).mean())
+    assert ssim(a, b, window_size=win) == pytest.approx(want, abs=1e-7)  # (float rounding of the two orders)
