@@ -16,12 +16,14 @@ Agreement: each layer's loss per format from the fast (and local) sensitivity ag
 measurement ("full"): Spearman rank correlation per role; and on digits the plans each one gives at average W4 A8,
 quantized and scored against FP on held-out prompts (denoiser SQNR, image SSIM).
 
-Writes bench/results/scale_<cpu|gpu>.md (and scale_agreement.md).
+Writes bench/results/scale_<cpu|gpu>.md with its rows in scale_<cpu|gpu>.json (a model not run keeps its row from an
+earlier run; each row's ratios are measured within one process), and scale_agreement.md.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -78,13 +80,14 @@ def random_pipeline(family: str, small: bool, device: str, dtype: torch.dtype, s
         if te2 is not None:
             sf._tokenizer(os.path.join(d, "t2"), "!")
             tok2 = CLIPTokenizer.from_pretrained(os.path.join(d, "t2"))
-    sched = {k: v for k, v in sf._SCHEDULE.items()}
+    sched = dict(sf._SCHEDULE)
     if te2 is not None:
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
-                                         tokenizer_2=tok2, unet=unet, scheduler=EulerDiscreteScheduler(**sched))
+                                         tokenizer_2=tok2, unet=unet,
+                                         scheduler=EulerDiscreteScheduler.from_config(sched))
     else:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                       scheduler=DDIMScheduler(**sched), safety_checker=None,
+                                       scheduler=DDIMScheduler.from_config(sched), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -198,8 +201,7 @@ def agreement(name: str, pipe, prompts, settings, modes=("fast", "local"), evalu
             alloc = engine.plan(runner, prepared[mode], cfg)
             qunet, _ = engine.quantize(pipe.unet, alloc, prepared[mode].calib)
             row.update(evaluate(qunet))
-            row["avg_w_bits"] = engine.plan_stats(prepared[mode].layers, alloc.plan,
-                                                  prepared[mode].calib.act_elements)["avg_w_bits"]
+            row["avg_w_bits"] = engine.report(prepared[mode], alloc, cfg, pipe.unet, qunet)["avg_w_bits"]
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -249,7 +251,8 @@ def main(argv=None) -> int:
             st = SamplerSettings(steps=steps, guidance=4.0, scheduler="dpm", width=size, height=size)
             prompts = (GENERIC * 2)[:n_prompts]
             name = f"{name} ({'reduced widths' if small else 'real widths'})"
-        rows.append(phases(name, pipe, prompts, st, device, engine.QuantizeConfig(avg_w_bits=4, a_bits=8)))
+        cfg = engine.QuantizeConfig(avg_w_bits=4, a_bits=8, cache_dir=tempfile.mkdtemp(prefix="mq-scale-"))
+        rows.append(phases(name, pipe, prompts, st, device, cfg))  # (an empty cache: the sensitivity is measured)
         del pipe
         if gpu:
             torch.cuda.empty_cache()
@@ -257,8 +260,15 @@ def main(argv=None) -> int:
               f"{torch.get_num_threads()} threads. Default settings (fast sensitivity, W4 A8 average, guidance 4, "
               "DPM-Solver++), random weights. Peak memory: " + ("CUDA allocator peak." if gpu else
                                                                "process resident high-water mark."))
-    text = phase_table(rows, header)
     out = args.out or os.path.join(RESULTS, f"scale_{'gpu' if gpu else 'cpu'}.md")
+    # the rows of models not run this time are kept from the last run (each row's ratios are within its own process)
+    store = os.path.splitext(out)[0] + ".json"
+    kept = [r for r in (json.load(open(store)) if os.path.isfile(store) else [])
+            if r["model"] not in {x["model"] for x in rows}]
+    rows = kept + rows
+    with open(store, "w") as f:
+        json.dump(rows, f, indent=1)
+    text = phase_table(rows, header)
     with open(out, "w") as f:
         f.write(text)
     print(text)

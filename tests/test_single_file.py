@@ -142,10 +142,10 @@ def test_cli_quantizes_a_single_file_and_generates_with_it(files, tmp_path, caps
     out, rep, png = tmp_path / "q.safetensors", tmp_path / "r.json", tmp_path / "x.png"
     common = ["--steps", "2", "--size", "64x64"]
     rc = cli(["quantize", "--model", files[family], "--prompt", "a red fox", "--prompt", "a blue car", *common,
-              "--avg-w-bits", "4", "--a-bits", "8", "--sens-mode", "local", "--out", str(out), "--report", str(rep),
-              "--no-eval"])
+              "--avg-w-bits", "4", "--a-bits", "8", "--out", str(out), "--report", str(rep), "--no-eval"])
     assert rc == 0, capsys.readouterr().err
     report = json.loads(rep.read_text())
+    assert report["sensitivity_mode"] == "fast"  # the default
     assert abs(report["avg_w_bits"] - 4) < 0.05 and report["bytes_quantized"] < 0.4 * report["bytes_fp16"]
     rc = cli(["generate", "--model", files[family], "--quantized", str(out), "--prompt", "a red fox", *common,
               "--out", str(png)])

@@ -31,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cache-dir", default=None, help="where sensitivity results are cached (default "
                                                      "~/.cache/mixquant or $MIXQUANT_CACHE)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="the model's float type (default auto: fp16 on a GPU, fp32 on a CPU)")
     p.add_argument("--steps", type=int, default=8, help="sampling steps preset in the form (default 8)")
     p.add_argument("--open", action="store_true", help="open the page in your browser")
 
@@ -98,7 +100,8 @@ def run(args) -> int:
     if not have_matplotlib():
         print("mixquant: warning: matplotlib is not installed: the bit chart and the quality/size curve are off "
               "(pip install matplotlib).", file=sys.stderr)
-    backend = DemoBackend(model=args.model, out_dir=args.out_dir, cache_dir=args.cache_dir, device=args.device)
+    backend = DemoBackend(model=args.model, out_dir=args.out_dir, cache_dir=args.cache_dir, device=args.device,
+                          dtype=args.dtype)
     print(f"mixquant demo: loading {args.model} on {backend.device}…", file=sys.stderr)
     app = build_app(backend, steps=args.steps)
     try:
