@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ..app.diffusers_host.harness import pipeline_with_unet
+    from ..app.diffusers_host.api import pipeline_with_denoiser
     from ..app.diffusers_host.models import load_pipeline
 
     t0 = time.time()
@@ -144,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     variants = {
         "fp-identical": fp,
-        "fp16-weights": pipeline_with_unet(fp, damaged_unet(fp.unet, "fp16")),
-        "w8-per-tensor": pipeline_with_unet(fp, damaged_unet(fp.unet, "int", 8)),
-        "w4-per-tensor": pipeline_with_unet(fp, damaged_unet(fp.unet, "int", 4)),
-        "noise-5pct": pipeline_with_unet(fp, damaged_unet(fp.unet, "noise", 0.05)),
+        "fp16-weights": pipeline_with_denoiser(fp, damaged_unet(fp.unet, "fp16")),
+        "w8-per-tensor": pipeline_with_denoiser(fp, damaged_unet(fp.unet, "int", 8)),
+        "w4-per-tensor": pipeline_with_denoiser(fp, damaged_unet(fp.unet, "int", 4)),
+        "noise-5pct": pipeline_with_denoiser(fp, damaged_unet(fp.unet, "noise", 0.05)),
     }
     os.makedirs(args.out_dir, exist_ok=True)
     prompts = default_prompts()

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from mixquant.app.diffusers_host.harness import compare_pipelines, pipeline_with_unet, save_grid
+from mixquant.app.diffusers_host.api import pipeline_with_denoiser
+from mixquant.app.diffusers_host.harness import compare_pipelines, save_grid
 from mixquant.app.diffusers_host.models import load_pipeline
 from mixquant.bench.quality import damaged_unet, default_prompts, markdown_table
 
@@ -66,7 +67,7 @@ def test_identical_pipelines_score_perfect(fp):
 
 def test_black_box_unet_gets_the_fp_trajectory(fp):
     spy = Spy(fp.unet)
-    q = pipeline_with_unet(fp, spy)
+    q = pipeline_with_denoiser(fp, spy)
     rec = []
     h = fp.unet.register_forward_hook(lambda m, a, kw, o: rec.append(a[0].clone()), with_kwargs=True)
     try:
@@ -83,8 +84,8 @@ def test_black_box_unet_gets_the_fp_trajectory(fp):
 
 
 def test_damage_scores_worse_and_monotonic(fp):
-    mild = pipeline_with_unet(fp, damaged_unet(fp.unet, "noise", 0.02))
-    hard = pipeline_with_unet(fp, damaged_unet(fp.unet, "noise", 0.6))  # destroys content
+    mild = pipeline_with_denoiser(fp, damaged_unet(fp.unet, "noise", 0.02))
+    hard = pipeline_with_denoiser(fp, damaged_unet(fp.unet, "noise", 0.6))  # destroys content
     rm = compare_pipelines(fp, mild, PROMPTS, SEEDS, steps=4, scheduler="dpm")
     rh = compare_pipelines(fp, hard, PROMPTS, SEEDS, steps=4, scheduler="dpm")
     assert math.isfinite(rm["sqnr_db"]) and rm["sqnr_db"] > rh["sqnr_db"]
@@ -101,7 +102,7 @@ def test_damage_scores_worse_and_monotonic(fp):
     # the classifier's confidence in the prompted digit falls with the damage: finer than accuracy
     assert rh["content_confidence"] < rm["content_confidence"] <= rm["content_confidence_fp"] + 0.02
     # fp16 rounding is nearly harmless: far above the mild noise
-    f16 = compare_pipelines(fp, pipeline_with_unet(fp, damaged_unet(fp.unet, "fp16")), PROMPTS, SEEDS, steps=4)
+    f16 = compare_pipelines(fp, pipeline_with_denoiser(fp, damaged_unet(fp.unet, "fp16")), PROMPTS, SEEDS, steps=4)
     assert f16["sqnr_db"] > rm["sqnr_db"] + 10
 
 
@@ -114,7 +115,7 @@ def test_teacher_forcing_isolates_the_denoiser(fp):
             out = self.inner(sample, timestep, *args, **kwargs)
             return (out[0] * 1.01,) if isinstance(out, tuple) else out * 1.01
 
-    r = compare_pipelines(fp, pipeline_with_unet(fp, Scaled(fp.unet)), PROMPTS, SEEDS, steps=4)
+    r = compare_pipelines(fp, pipeline_with_denoiser(fp, Scaled(fp.unet)), PROMPTS, SEEDS, steps=4)
     assert r["sqnr_db"] == pytest.approx(40.0, abs=1e-3)
 
 

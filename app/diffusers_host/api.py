@@ -19,12 +19,13 @@ from .runner import PipelineRunner, SamplerSettings
 
 def pipeline_with_denoiser(pipe, denoiser):
     """A new pipeline object with the same components but another UNet (the input pipeline is left as it was)."""
-    from .models import _quiet_loading
+    import inspect
 
     comps = dict(pipe.components)
     comps["unet"] = denoiser
-    with _quiet_loading():  # (diffusers warns about the absent safety checker on every construction)
-        new = type(pipe)(**comps)
+    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
+        comps["requires_safety_checker"] = False  # (none is loaded; diffusers would warn on every construction)
+    new = type(pipe)(**comps)
     new.set_progress_bar_config(disable=True)
     return new
 

@@ -32,19 +32,6 @@ from ...quant import metrics as M
 from ...quant.errors import MixQuantError
 
 
-def pipeline_with_unet(pipe, unet):
-    """A new pipeline of the same class sharing every component of `pipe` except the unet."""
-    comps = dict(pipe.components)
-    comps["unet"] = unet
-    import inspect
-
-    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
-        comps["requires_safety_checker"] = False
-    new = type(pipe)(**comps)
-    new.set_progress_bar_config(disable=True)
-    return new
-
-
 def _detach(x):
     if torch.is_tensor(x):
         return x.detach().clone()
