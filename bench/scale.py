@@ -74,20 +74,19 @@ def random_pipeline(family: str, small: bool, device: str, dtype: torch.dtype, s
         te2 = (CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])).to(dtype).eval()
                if "text_encoder_2" in cfg else None)
     with tempfile.TemporaryDirectory() as d:
-        sf._tokenizer(os.path.join(d, "t"), "<|endoftext|>")
+        sf.write_tokenizer(os.path.join(d, "t"), "<|endoftext|>")
         tok = CLIPTokenizer.from_pretrained(os.path.join(d, "t"))
         tok2 = None
         if te2 is not None:
-            sf._tokenizer(os.path.join(d, "t2"), "!")
+            sf.write_tokenizer(os.path.join(d, "t2"), "!")
             tok2 = CLIPTokenizer.from_pretrained(os.path.join(d, "t2"))
-    sched = dict(sf._SCHEDULE)
     if te2 is not None:
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
                                          tokenizer_2=tok2, unet=unet,
-                                         scheduler=EulerDiscreteScheduler.from_config(sched))
+                                         scheduler=EulerDiscreteScheduler.from_config(sf.SCHEDULE))
     else:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                       scheduler=DDIMScheduler.from_config(sched), safety_checker=None,
+                                       scheduler=DDIMScheduler.from_config(sf.SCHEDULE), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

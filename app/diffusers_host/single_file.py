@@ -30,9 +30,10 @@ TEXT = {  # family -> [(component, prefix, layout)]
              ("text_encoder_2", "conditioner.embedders.1.model.", "open_clip")],
 }
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-# The original training schedule of all three families (scaled-linear betas, 1000 steps).
-_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-             "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "timestep_spacing": "leading"}
+# The original training schedule of all three families (scaled-linear betas, 1000 steps), with DDIM's and Euler's
+# config keys (from_config reads each class's own)
+SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+            "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "timestep_spacing": "leading"}
 
 
 @dataclass
@@ -258,7 +259,8 @@ def inspect_checkpoint(path: str) -> SingleFile:
     return SingleFile(path, family, pred, configs)
 
 
-def _tokenizer(folder: str, pad: str) -> None:
+def write_tokenizer(folder: str, pad: str) -> None:
+    """A CLIP tokenizer folder: the shipped vocabulary, 77 tokens, `pad` as the padding token."""
     os.makedirs(folder)
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(os.path.join(TOKENIZER_DIR, name), os.path.join(folder, name))
@@ -285,7 +287,7 @@ def write_config_folder(sf: SingleFile, folder: str) -> str:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     files = {"model_index.json": index,
              "scheduler/scheduler_config.json": {
-                 "_class_name": index["scheduler"][1], **_SCHEDULE, "prediction_type": sf.prediction_type}}
+                 "_class_name": index["scheduler"][1], **SCHEDULE, "prediction_type": sf.prediction_type}}
     for component, cfg in sf.configs.items():
         files[f"{component}/config.json"] = cfg
     for rel, obj in files.items():
@@ -293,9 +295,9 @@ def write_config_folder(sf: SingleFile, folder: str) -> str:
         with open(os.path.join(folder, rel), "w") as f:
             json.dump(obj, f, indent=1)
     # SD1's CLIP-L pads with the end token; OpenCLIP's tokenizers (SD2, SDXL's second) with "!"
-    _tokenizer(os.path.join(folder, "tokenizer"), "!" if sf.family == "sd2" else "<|endoftext|>")
+    write_tokenizer(os.path.join(folder, "tokenizer"), "!" if sf.family == "sd2" else "<|endoftext|>")
     if xl:
-        _tokenizer(os.path.join(folder, "tokenizer_2"), "!")
+        write_tokenizer(os.path.join(folder, "tokenizer_2"), "!")
     return folder
 
 
