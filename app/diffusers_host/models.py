@@ -110,12 +110,9 @@ def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dty
     kind, path = resolve_model(model)
     dev = torch.device(resolve_device(device))
     dtype = resolve_dtype(dtype, dev.type)
-    if kind == "single_file":
-        with _quiet_loading(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pipe = load_single_file(path, dtype)
-    else:
-        pipe = _load_folder(path, dtype)
+    with _quiet_loading(), warnings.catch_warnings():  # (the loaders' deprecation and info chatter)
+        warnings.simplefilter("ignore")
+        pipe = load_single_file(path, dtype) if kind == "single_file" else _load_folder(path, dtype)
     if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
         denoiser = type(getattr(pipe, "transformer", None)).__name__ if hasattr(pipe, "transformer") else "none"
         raise MixQuantError(f"{model} is a {type(pipe).__name__} (denoiser: {denoiser}); MixQuant quantizes UNet "
@@ -134,18 +131,15 @@ def _load_folder(path: str, dtype: torch.dtype):
         extra.update(safety_checker=None, requires_safety_checker=False)
     if "feature_extractor" in index:
         extra.update(feature_extractor=None)
-    with _quiet_loading():
-        from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-        if dtype != torch.float32:
-            extra["torch_dtype"] = dtype  # (named `dtype` in newer diffusers; the old name still works)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                return DiffusionPipeline.from_pretrained(path, local_files_only=True, **extra)
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise MixQuantError(f"could not load the diffusers pipeline in {path}: {str(e).splitlines()[0]}; "
-                                "check that the folder is complete") from None
+    if dtype != torch.float32:
+        extra["torch_dtype"] = dtype  # (named `dtype` in newer diffusers; the old name still works)
+    try:
+        return DiffusionPipeline.from_pretrained(path, local_files_only=True, **extra)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise MixQuantError(f"could not load the diffusers pipeline in {path}: {str(e).splitlines()[0]}; "
+                            "check that the folder is complete") from None
 
 
 def set_scheduler(pipe, name: str):
