@@ -447,7 +447,6 @@ def sweep(cfg: QuantizeConfig, calib: Calibration, n_eval: int, need_reference: 
     runs = wanted if per_run <= 0 or not math.isfinite(budget) else int(budget / per_run) - need_reference
     if runs < 2 or (len(order) == 1 and not retry):
         return order[:1], False  # nothing affordable to compare: the middle coupling, no sampling
-    retry = retry and runs > 1
     return order[:min(len(order), runs - retry)], retry
 
 

@@ -235,25 +235,26 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
         for i_call, c in enumerate(calls):
             outs.clear()
             handles = [mods[n].register_forward_hook(lambda m, a, y, n=n: keep(m, a, y, n)) for n in names]
-            try:
-                with torch.inference_mode(False), torch.enable_grad():  # (hosts may sample in inference mode)
+            # (hosts may sample in inference mode: the whole pass runs outside it, with gradients)
+            with torch.inference_mode(False), torch.enable_grad():
+                try:
                     args = [a.detach().clone().requires_grad_(True)
                             if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in c.args]
                     out = runner.output_of(model(*args, **c.kwargs))
-            finally:
-                for h in handles:
-                    h.remove()
-            order = list(outs)
-            wanted = [k for k in kinds if call_kinds is None or k in call_kinds[i_call]]
-            for i, kind in enumerate(wanted):
-                r = torch.randn(out.shape, generator=gen).to(out) if kind == "quality" else _lowpass_probe(out, gen)
-                with torch.inference_mode(False):
+                finally:
+                    for h in handles:
+                        h.remove()
+                order = list(outs)
+                wanted = [k for k in kinds if call_kinds is None or k in call_kinds[i_call]]
+                for i, kind in enumerate(wanted):  # (each kind's gradients reduced before the next are made)
+                    r = torch.randn(out.shape, generator=gen).to(out) if kind == "quality" \
+                        else _lowpass_probe(out, gen)
                     grads = torch.autograd.grad(out, [outs[n] for n in order], grad_outputs=r,
                                                 retain_graph=i < len(wanted) - 1, allow_unused=True)
-                for n, g in zip(order, grads):
-                    if g is None:
-                        g = torch.zeros_like(outs[n])
-                    gains[kind][n].append(_per_channel(g.detach().float() ** 2, _channel_dim(g, mods[n]), "mean"))
+                    for n, g in zip(order, grads):
+                        g = torch.zeros_like(outs[n]) if g is None else g.detach()
+                        gains[kind][n].append(_per_channel(g.float() ** 2, _channel_dim(g, mods[n]), "mean"))
+                    del grads
             outs.clear()
             del out
             for kind in kinds:  # a layer the call never ran (none in a UNet) gets no weight
@@ -399,7 +400,6 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
     probe_calls = [subsample_call(calls[i], call_batch) for i in order]
     call_kinds = [kinds_of[i] for i in order]
     power = [float((c.output.float() ** 2).sum()) for c in probe_calls]
-    signal = sum(power)
     role_signal = {r: sum(p for p, k in zip(power, call_kinds) if r in k) for r in ("quality", "content")}
     prompts = calib.prompts[:n_prompts]
     seeds = calib.seeds[:n_prompts]
@@ -484,7 +484,7 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
                                                            **_repeat(c.kwargs, b, len(group)))).float()
                                 for k in range(len(group)):
                                     noise[k] += float(((y[k * b:(k + 1) * b] - c.output.float()) ** 2).sum())
-                            losses = [n / max(signal, 1e-30) for n in noise]
+                            losses = [n / max(role_signal["quality"], 1e-30) for n in noise]
                     finally:
                         set_submodule(model, name, src)  # always restore the FP layer
                     eta.done(li.role, len(group), time.time() - t_probe)
