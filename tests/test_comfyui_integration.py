@@ -287,6 +287,42 @@ def test_plan_runs_in_every_sensitivity_mode(server, sensitivity):
     assert report["summary"]["bytes_quantized"] < report["summary"]["bytes_fp16"] and report["layers"]
 
 
+def _at_defaults(server, cls: str, links: dict) -> dict:
+    """Every input of a node at the default its INPUT_TYPES declares (a list's first entry), links where given."""
+    spec = server.get(f"/object_info/{cls}")[cls]["input"]
+    out = {}
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            if name in links:
+                out[name] = links[name]
+                continue
+            kind, opts = entry[0], (entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {})
+            if "default" in opts:
+                out[name] = opts["default"]
+            elif isinstance(kind, list) and kind:
+                out[name] = kind[0]
+            elif kind == "COMBO" and opts.get("options"):
+                out[name] = opts["options"][0]
+    return out
+
+
+def test_every_node_at_its_defaults(server):
+    """What a user meets first: Calibrate, Plan and Quantize Model with nothing changed from their defaults (only
+    the links), then a stock KSampler on the quantized MODEL."""
+    nodes = {
+        "5": {"class_type": "MixQuantCalibrate",
+              "inputs": _at_defaults(server, "MixQuantCalibrate", {"model": ["1", 0], "clip": ["1", 1]})},
+        "6": {"class_type": "MixQuantPlan", "inputs": _at_defaults(server, "MixQuantPlan", {"calibration": ["5", 0]})},
+        "7": {"class_type": "MixQuantQuantizeModel",
+              "inputs": _at_defaults(server, "MixQuantQuantizeModel", {"model": ["1", 0], "plan": ["6", 0]})},
+        "11": {"class_type": "MixQuantReport", "inputs": {"plan": ["6", 0]}},
+    }
+    assert nodes["6"]["inputs"].get("sensitivity", "fast") == "fast"
+    h = server.run(_sampler_graph(["7", 0], nodes))
+    report = next(out for out in h["outputs"].values() if "mixquant_report" in out)["mixquant_report"][0]
+    assert report["summary"]["bytes_quantized"] < report["summary"]["bytes_fp16"] and report["layers"]
+
+
 def test_stock_lora_loader_on_the_quantized_model(server):
     import torch
 
