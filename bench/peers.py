@@ -65,10 +65,10 @@ sys.path.insert(0, HERE)
 from common import cpu_name, sd15_unet  # noqa: E402
 from pipeline import CALIB_PROMPTS, LatentRunner, eval_set  # noqa: E402
 
-BUDGETS = (0.5, 0.3, 0.25)  # x FP16 bytes: the equal-bytes rows
+BUDGETS = (0.5, 0.4, 0.3, 0.25, 0.2)  # x FP16 bytes: the equal-bytes rows, down to the smallest any tool reaches
 BUDGET_TOL = 0.05  # a config "reaches" a budget when its bytes are at most budget * (1 + tol)
 TOOLS = ("torch", "ComfyUI", "MixQuant", "MixQuant (comfyui-native target)", "torchao", "optimum-quanto",
-         "bitsandbytes")
+         "bitsandbytes", "GGUF", "SDNQ", "Model Optimizer")
 
 
 # --- bytes --------------------------------------------------------------------------------------------------------
@@ -150,6 +150,7 @@ class Env:
     kind: str  # "digits" | "sd15"
     fp_model: nn.Module
     calibrate: Callable[[nn.Module], None]  # drive a model over the calibration inputs (quanto's Calibration)
+    calib_steps: int = 1  # denoiser calls per calibration run, in timestep order (Model Optimizer's per-step ranges)
     device: str = "cpu"
     dtype16: torch.dtype = torch.bfloat16
     mixquant: dict = field(default_factory=dict)  # key -> (model, note) built by the section (engine runs)
@@ -386,6 +387,63 @@ def build_scaled_mm_fp8(env):
     return m
 
 
+def build_gguf(env, ftype: str):
+    from gguf_peer import gguf_quantize_model
+
+    return gguf_quantize_model(_copy(env), ftype)
+
+
+# ComfyUI-GGUF's file types, from its largest down to Q3_K (Q2_K: "not recommended" there too); the _M mixes keep
+# the attention values and the feed-forward outputs of a few blocks at a higher type (lcpp.patch)
+GGUF_TYPES = {"Q8_0": "sd15", "Q6_K": "sd15", "Q5_K_M": "sd15-full", "Q5_K_S": "sd15", "Q4_K_M": "sd15",
+              "Q4_K_S": "sd15", "Q3_K_M": "sd15-full", "Q3_K_S": "sd15"}
+
+
+def build_sdnq(env, dtype: str, conv: bool, svd: bool = False, threshold: float | None = None):
+    """SDNQ's documented post-load entry point, its defaults otherwise (group size auto, svd_rank 32, scales kept in
+    fp32 by dequantize_fp32=True; counted at 2 B like every float part here). Eager dequantization
+    (SDNQ_USE_TORCH_COMPILE=0, set before sdnq is imported): on a CPU its default torch.compile of the dequantizer
+    compiles once per layer shape, which costs minutes here and does not change a single value."""
+    os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
+    from sdnq import sdnq_post_load_quant
+
+    kw = dict(weights_dtype=dtype, quant_conv=conv, use_svd=svd)
+    if threshold is not None:
+        kw.update(use_dynamic_quantization=True, dynamic_loss_threshold=threshold)
+    with torch.no_grad():
+        return sdnq_post_load_quant(_copy(env), **kw)
+
+
+def _sdnq_settings(dtype: str, conv: bool, svd: bool = False, threshold: float | None = None) -> str:
+    dyn = f", use_dynamic_quantization=True, dynamic_loss_threshold={threshold:g}" if threshold is not None else ""
+    return f"sdnq_post_load_quant(m, weights_dtype='{dtype}', quant_conv={conv}, use_svd={svd}{dyn})"
+
+
+# (key, label, build kwargs, sections): SDNQ uniform int8 / int4 / uint4, Linear only (its default) and with convs,
+# SVD low-rank correction at 4 bits, and its dynamic per-layer mode (the smallest dtype from the floor up whose
+# weight loss mse / var is under the threshold; 1e-2 is its automatic threshold for a 4-bit floor)
+SDNQ_CONFIGS = [
+    ("int8", "int8", dict(dtype="int8", conv=False), ("digits", "sd15")),
+    ("int8-conv", "int8 + convs", dict(dtype="int8", conv=True), ("digits", "sd15")),
+    ("int4", "int4", dict(dtype="int4", conv=False), ("digits", "sd15-full")),
+    ("int4-conv", "int4 + convs", dict(dtype="int4", conv=True), ("digits", "sd15")),
+    ("uint4", "uint4", dict(dtype="uint4", conv=False), ("digits", "sd15")),
+    ("uint4-conv", "uint4 + convs", dict(dtype="uint4", conv=True), ("digits", "sd15")),
+    ("int4-conv-svd", "int4 + convs + SVD", dict(dtype="int4", conv=True, svd=True), ("digits", "sd15-full")),
+    ("uint4-conv-svd", "uint4 + convs + SVD", dict(dtype="uint4", conv=True, svd=True), ("digits", "sd15")),
+    *[(f"dyn{t:g}", f"dynamic (uint4 floor, convs) at {t:g}", dict(dtype="uint4", conv=True, threshold=t),
+       ("digits", "sd15")) for t in (1e-2, 4e-3, 1e-3)],
+]
+
+
+def build_modelopt(env, recipe: str):
+    from modelopt_peer import modelopt_quantize
+
+    m = _copy(env)
+    with torch.no_grad():
+        return modelopt_quantize(m, recipe, env.calibrate, env.calib_steps)
+
+
 def build_mixquant(env, key):
     if key not in env.mixquant:
         raise RuntimeError(f"MixQuant config {key} was not built")
@@ -417,10 +475,9 @@ PEERS = [
         ("digits", "sd15-full")),
     _mq("avgw4", "mixed avg W4 A8", "MILP at an average of 4 weight bits, A8 (5% of activations may stay 16-bit)",
         ("digits", "sd15-full")),
-    *[_mq(f"b{b}", f"mixed A8 at {b}x FP16", f"MILP at budget_mb = {b} x FP16 bytes, A8", ("digits",))
-      for b in BUDGETS],
+    *[_mq(f"b{b}", f"mixed A8 at {b}x FP16", f"MILP at budget_mb = {b} x FP16 bytes, A8") for b in BUDGETS],
     *[_mq(f"wb{b}", f"mixed W-only at {b}x FP16", f"MILP at budget_mb = {b} x FP16 bytes, a_bits=16 "
-          "(weight-only, like the weight-only peers)", ("digits",)) for b in BUDGETS],
+          "(weight-only, like the weight-only peers)") for b in BUDGETS],
     _mq("native", "comfyui-native target", "Linear-only menu: W8A8-dynamic (int8_tensorwise) / W4g64A16 "
         "(awq_w4a16) / float; convs 16-bit", ("digits", "sd15-full"), tool="MixQuant (comfyui-native target)"),
     _mq("native-min", "comfyui-native target, smallest", "the same at the smallest feasible budget",
@@ -444,6 +501,20 @@ PEERS = [
          "Linear", lambda env: build_bnb(env, "int8")),
     Peer("bnb-nf4", "bitsandbytes", "NF4", "Linear4bit(quant_type='nf4', compute_dtype=model dtype) on every Linear "
          "(blocksize 64, double quant: the library defaults)", lambda env: build_bnb(env, "nf4")),
+    *[Peer(f"gguf-{t}", "GGUF", t, f"ComfyUI-GGUF's files: tools/convert.py (F16 file; 1-D and <= 1024-element tensors "
+           f"F32; shapes whose last dim is not a multiple of 256 laid out as rows of 256) then llama-quantize {t} with "
+           "its lcpp.patch rules for sd1/sdxl (time embedding, conv_in/out kept F16; K-quant rows % 256 -> F16); "
+           "weights dequantized on every forward (numpy, gguf package) as its GGMLOps do",
+           lambda env, t=t: build_gguf(env, t), ("digits", sec)) for t, sec in GGUF_TYPES.items()],
+    *[Peer(f"sdnq-{k}", "SDNQ", label, _sdnq_settings(**kw), lambda env, kw=kw: build_sdnq(env, **kw), secs)
+      for k, label, kw, secs in SDNQ_CONFIGS],
+    Peer("modelopt-int8", "Model Optimizer", "INT8 SmoothQuant", "its diffusers example's INT8 recipe: "
+         "INT8_SMOOTHQUANT_CFG (alpha 0.8; W int8 per channel, A int8 per tensor, static), per-step percentile "
+         "ranges on conv inputs (min-mean, percentile 1.0), time embeddings / conv_in / conv_out / conv_shortcut "
+         "kept; calibrated on the calibration prompts; mtq.compress", lambda env: build_modelopt(env, "int8")),
+    Peer("modelopt-fp8", "Model Optimizer", "FP8", "its diffusers example's FP8 recipe: the diffusers fp8 preset "
+         "(E4M3 per-tensor W and A, max calibration) with attention bmm quantizers where head size % 16 == 0, the "
+         "same layers kept; mtq.compress", lambda env: build_modelopt(env, "fp8")),
     Peer("scaled-mm-fp8", "torch", "fp8 _scaled_mm (GPU)", "fp8 e4m3 weights + dynamic per-tensor fp8 activations, "
          "torch._scaled_mm on every Linear", build_scaled_mm_fp8, note="needs a GPU with SM >= 8.9"),
 ]
@@ -452,7 +523,8 @@ PEERS = [
 def peer_versions() -> dict:
     out = {"torch": torch.__version__}
     for mod, name in (("torchao", "torchao"), ("optimum.quanto", "optimum-quanto"), ("bitsandbytes", "bitsandbytes"),
-                      ("comfy_kitchen", "comfy-kitchen"), ("diffusers", "diffusers")):
+                      ("comfy_kitchen", "comfy-kitchen"), ("gguf", "gguf"), ("sdnq", "sdnq"),
+                      ("modelopt.torch.quantization", "nvidia-modelopt"), ("diffusers", "diffusers")):
         try:
             from importlib.metadata import version
 
@@ -561,7 +633,7 @@ def digits_section(args, peers, dtype16, log):
         q = pipeline_with_denoiser(pipe, model)
         PipelineRunner(q, sampler).sample(calib_prompts, list(range(len(calib_prompts))))
 
-    env = Env("digits", fp_unet, calibrate_run, dtype16=dtype16)
+    env = Env("digits", fp_unet, calibrate_run, calib_steps=sampler.steps, dtype16=dtype16)
     wanted = {p.key for p in peers}
     t0 = time.time()
     if any(k.startswith("mixquant-") for k in wanted) or not args.no_match:  # (the match rows are MixQuant's too)
@@ -605,19 +677,17 @@ def digits_section(args, peers, dtype16, log):
     for p in peers:
         if "digits" in p.sections:
             run_row(p)
-    # equal bytes exactly: MixQuant's mixed plans at the size of each peer below 0.45x, and of each peer below 0.6x
-    # that no MixQuant row matches within 1%
+    # equal bytes exactly: MixQuant's mixed plans at the size of each peer below 0.45x (one per 2% of size; the
+    # budget rows cover the larger sizes)
     match = env.mixquant.get("_match")
     if match is not None and not args.no_match:
-        mq_sizes = [r["x_fp16"] for r in rows if r["tool"] == "MixQuant" and r.get("status") == "ok"]
-        done = set()
+        done = []
         for r in list(rows):
             size = r.get("x_fp16")
             if r.get("status") != "ok" or r["tool"].startswith("MixQuant") or r["tool"] == "torch" or size is None \
-                    or size >= 0.6 or (size >= 0.45 and any(abs(m - size) <= 0.01 * size for m in mq_sizes)) \
-                    or round(size, 3) in done:
+                    or size >= 0.45 or any(abs(d - size) <= 0.02 * size for d in done):
                 continue
-            done.add(round(size, 3))
+            done.append(size)
             for a_bits, what in ((8, "A8"), (16, "W-only")):
                 run_row(Peer(f"mixquant-match-{r['key']}-a{a_bits}", "MixQuant",
                              f"mixed {what} at {r['label']}'s size", f"MILP at budget_mb = the {r['tool']} "
@@ -872,7 +942,7 @@ def sd15_section(args, peers, dtype16, log):
         for xi, ti, ci in calib_in:
             model(xi, ti, encoder_hidden_states=ci)
 
-    env = Env("sd15", unet, calibrate_run, device=device, dtype16=dtype16)
+    env = Env("sd15", unet, calibrate_run, calib_steps=len(calib_in), device=device, dtype16=dtype16)
     peers = [p for p in peers if "sd15" in p.sections or (args.full and "sd15-full" in p.sections)]
     wanted = {p.key for p in peers}
     tm = time.time()
@@ -948,26 +1018,52 @@ class LazyMixQuantSD15(dict):
     def _cfg(self, **kw):
         from mixquant.quant import engine
 
-        return engine.QuantizeConfig(a_bits=8, sens_mode="local", sens_calls=1, sens_prompts=1, coupling=(0.5,),
-                                     cache_dir=self.args.cache_dir, **kw)
+        return engine.QuantizeConfig(**{"a_bits": 8, "coupling": (0.5,), "cache_dir": self.args.cache_dir, **kw})
 
-    def _prepared(self, target):
+    def _prepared(self, target="mixquant", a_bits=8, w2=False):
         from mixquant.quant import engine
 
-        if target not in self.prep:
+        key = f"{target} a{a_bits}" + (" w2" if w2 else "")
+        if key not in self.prep:
             t = time.time()
-            with torch.no_grad():
-                self.prep[target] = engine.prepare(self.runner, self.prompts,
-                                                   self._cfg(avg_w_bits=4, target=target), self.seeds)
-            self.seconds[f"prepare {target}"] = time.time() - t
-            self.log(f"  MixQuant SD1.5: calibration + local sensitivity ({target}) {time.time() - t:.0f} s")
-        return self.prep[target]
+            kw = {"w_bits_quality": (2, 4, 8)} if w2 else {}
+            self.prep[key] = engine.prepare(self.runner, self.prompts,
+                                            self._cfg(avg_w_bits=4, target=target, a_bits=a_bits, **kw), self.seeds)
+            self.seconds[f"prepare {key}"] = time.time() - t
+            self.log(f"  MixQuant SD1.5: calibration + sensitivity ({key}) {time.time() - t:.0f} s")
+        return self.prep[key]
+
+    def _at_budget(self, frac, a_bits):
+        """The mixed plan at `frac` x FP16 bytes (measured), re-solved lower by any overshoot of the measured bytes;
+        quality layers may take 2 bits where MixDQ's {4, 8} menu cannot reach the size."""
+        from mixquant.quant import engine
+        from mixquant.quant.errors import MixQuantError
+
+        fp16 = fp16_bytes(self.unet)
+        mb, w2 = frac * fp16 / 1e6, False
+        for _ in range(4):
+            kw = {"w_bits_quality": (2, 4, 8)} if w2 else {}
+            try:
+                q, rep, _ = engine.run(self.runner, self.prompts, self._cfg(budget_mb=mb, a_bits=a_bits, **kw),
+                                       self.seeds, prepared=self._prepared(a_bits=a_bits, w2=w2))
+            except MixQuantError:
+                if w2:
+                    raise
+                w2 = True
+                continue
+            over = measured_bytes(q) - frac * fp16
+            if over <= 0:
+                break
+            mb -= (over + 64) / 1e6
+        q._peers_note = f"avg W {rep['avg_w_bits']:.2f}, A {rep['avg_a_bits']:.2f} bits" + (
+            "; quality layers may take 2 bits (MixDQ's {4, 8} menu cannot reach this size)" if w2 else "")
+        return q
 
     def _calibration(self):
         from mixquant.quant.calibration import calibrate
 
-        if "mixquant" in self.prep:
-            return self.prep["mixquant"].calib
+        if "mixquant a8" in self.prep:
+            return self.prep["mixquant a8"].calib
         if self.calib is None:
             t = time.time()
             with torch.no_grad():
@@ -997,9 +1093,10 @@ class LazyMixQuantSD15(dict):
                     q._peers_note = ""
                 elif key == "avgw4":
                     q, rep, _ = engine.run(self.runner, self.prompts, self._cfg(avg_w_bits=4), self.seeds,
-                                           prepared=self._prepared("mixquant"))
-                    q._peers_note = (f"avg W {rep['avg_w_bits']:.2f}, A {rep['avg_a_bits']:.2f} bits; `local` "
-                                     "sensitivity on random weights")
+                                           prepared=self._prepared())
+                    q._peers_note = f"avg W {rep['avg_w_bits']:.2f}, A {rep['avg_a_bits']:.2f} bits"
+                elif key.startswith(("b", "wb")):
+                    q = self._at_budget(float(key.lstrip("wb")), 16 if key.startswith("wb") else 8)
                 elif key == "native":
                     prep, fp16 = self._prepared("comfyui-native"), fp16_bytes(self.unet)
                     frac = 0.75
@@ -1040,30 +1137,105 @@ def _row_line(r) -> str:
     return " ".join(parts)
 
 
-def best_at_budgets(rows, budgets=BUDGETS, tol=BUDGET_TOL):
-    """{budget: {tool: best row at <= budget*(1+tol) x FP16, or None}}; best = content accuracy, then content
-    confidence, then SSIM."""
+def _rank_content(r):
+    """digits: content accuracy, then content confidence, then SSIM."""
+    return (r.get("content_accuracy") or 0.0, round(r.get("content_confidence") or 0.0, 3), r["ssim"])
+
+
+def _rank_sqnr(r):
+    """SD1.5 (one forward, random weights): denoiser-output SQNR."""
+    return r["sqnr_db"]
+
+
+def _has(r, metric):
+    v = r.get(metric)
+    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+
+
+def best_at_budgets(rows, budgets=BUDGETS, tol=BUDGET_TOL, section="digits"):
+    """{budget: {tool: best row at <= budget*(1+tol) x FP16, or None}}; best on digits = content accuracy, then
+    content confidence, then SSIM; on SD1.5 = SQNR."""
+    need, rank = ("ssim", _rank_content) if section == "digits" else ("sqnr_db", _rank_sqnr)
     out = {}
     for b in budgets:
         out[b] = {}
         for tool in TOOLS:
             cands = [r for r in rows if r["tool"] == tool and r.get("status") == "ok" and r.get("x_fp16") is not None
-                     and r["x_fp16"] <= b * (1 + tol) and r.get("ssim") is not None]
-            out[b][tool] = max(cands, key=lambda r: (r.get("content_accuracy") or 0.0,
-                                                     round(r.get("content_confidence") or 0.0, 3), r["ssim"])) \
-                if cands else None
+                     and r["x_fp16"] <= b * (1 + tol) and _has(r, need)]
+            out[b][tool] = max(cands, key=rank) if cands else None
     return out
 
 
-def budget_table(rows) -> list[str]:
+def _ours(tool: str) -> bool:
+    return tool.startswith("MixQuant")
+
+
+def standing(rows, budgets=BUDGETS, tol=BUDGET_TOL, metrics=("ssim", "sqnr_db")) -> list[dict]:
+    """At each budget, for each peer tool with a config within it: MixQuant's best value of each metric over its
+    configs within the budget (either target) against the peer's best, and whether MixQuant is at least the peer on
+    every metric. Rows are compared only where both sides have the metric."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("x_fp16") is not None and r["tool"] != "torch"]
+    out = []
+    for b in budgets:
+        within = [r for r in ok if r["x_fp16"] <= b * (1 + tol)]
+        ours = [r for r in within if _ours(r["tool"])]
+        for tool in TOOLS:
+            if tool == "torch" or _ours(tool):
+                continue
+            theirs = [r for r in within if r["tool"] == tool]
+            if not theirs or not ours:
+                continue
+            entry = {"budget": b, "tool": tool, "metrics": {}}
+            for m in metrics:
+                a = [r for r in ours if _has(r, m)]
+                p = [r for r in theirs if _has(r, m)]
+                if a and p:
+                    ra, rp = max(a, key=lambda r: r[m]), max(p, key=lambda r: r[m])
+                    entry["metrics"][m] = (ra, rp)
+            if entry["metrics"]:
+                entry["at_least"] = all(ra[m] >= rp[m] for m, (ra, rp) in entry["metrics"].items())
+                out.append(entry)
+    return out
+
+
+_METRIC = {"ssim": ("SSIM", 3), "sqnr_db": ("SQNR dB", 1)}
+
+
+def standing_table(rows, metrics=("ssim", "sqnr_db")) -> list[str]:
+    """Markdown lines of `standing`: per budget and peer, MixQuant's best vs the peer's best of each metric."""
+    st = standing(rows, metrics=metrics)
+    if not st:
+        return []
+    head = " | ".join(f"{_METRIC[m][0]}: MixQuant / peer" for m in metrics)
+    L = ["| budget (x FP16) | peer | " + head + " | MixQuant at least the peer |",
+         "|---|---|" + "---|" * len(metrics) + "---|"]
+    for e in st:
+        cells = []
+        for m in metrics:
+            if m not in e["metrics"]:
+                cells.append("—")
+                continue
+            ra, rp = e["metrics"][m]
+            d = _METRIC[m][1]
+            cells.append(f"{ra[m]:.{d}f} ({ra['label']}, {ra['x_fp16']:.2f}x) / {rp[m]:.{d}f} ({rp['label']}, "
+                         f"{rp['x_fp16']:.2f}x)")
+        L.append(f"| {e['budget']} | {e['tool']} | " + " | ".join(cells) + " | "
+                 + ("yes" if e["at_least"] else "**no**") + " |")
+    return L
+
+
+def budget_table(rows, section="digits") -> list[str]:
     """Markdown lines: the best config of each tool at each budget of BUDGETS (best_at_budgets), with its content
-    accuracy, confidence and SSIM."""
-    L = [f"Best config of each tool whose bytes are at most the budget (+{int(BUDGET_TOL * 100)}%), ranked by "
-         "content accuracy, then content confidence (the digit classifier's mean probability of the prompted "
-         "digit: finer than accuracy, which saturates at 1.00 on this model), then SSIM. `—`: the tool has no "
-         "config that small (its smallest is given).", "",
-         "| budget (x FP16) | " + " | ".join(TOOLS[1:]) + " |", "|---|" + "---|" * (len(TOOLS) - 1)]
-    best = best_at_budgets(rows)
+    accuracy, confidence and SSIM (digits) or its SQNR (SD1.5)."""
+    if section == "digits":
+        intro = ("Best config of each tool whose bytes are at most the budget (+{tol}%), ranked by content accuracy, "
+                 "then content confidence (the digit classifier's mean probability of the prompted digit: finer than "
+                 "accuracy, which saturates near FP's on this model), then SSIM.")
+    else:
+        intro = "Best config of each tool whose bytes are at most the budget (+{tol}%), by denoiser-output SQNR."
+    L = [intro.format(tol=int(BUDGET_TOL * 100)) + " `—`: the tool has no config that small (its smallest is given).",
+         "", "| budget (x FP16) | " + " | ".join(TOOLS[1:]) + " |", "|---|" + "---|" * (len(TOOLS) - 1)]
+    best = best_at_budgets(rows, section=section)
     for b in BUDGETS:
         cells = []
         for tool in TOOLS[1:]:
@@ -1071,10 +1243,12 @@ def budget_table(rows) -> list[str]:
             if r is None:
                 s = smallest(rows, tool)
                 cells.append("—" + (f" (smallest {s:.2f}x)" if s else " (no run)"))
-            else:
+            elif section == "digits":
                 conf = f", conf {_f(r['content_confidence'])}" if r.get("content_confidence") is not None else ""
                 cells.append(f"{r['label']} ({r['x_fp16']:.2f}x): acc {_f(r['content_accuracy'], 4)}{conf}, "
                              f"SSIM {_f(r['ssim'])}")
+            else:
+                cells.append(f"{r['label']} ({r['x_fp16']:.2f}x): {_f(r['sqnr_db'], 1)} dB")
         L.append(f"| {b} | " + " | ".join(cells) + " |")
     return L
 
@@ -1122,6 +1296,11 @@ def markdown(result, plot_name: str = "peers_quality_vs_bytes.png") -> str:
     if d:
         m = d["meta"]
         L += ["## Quality at equal bytes (digits)", ""] + budget_table(d["rows"])
+        st = standing_table(d["rows"])
+        if st:
+            L += ["", "### MixQuant against each peer at each budget", "",
+                  "MixQuant's best SSIM and best denoiser SQNR over its configs within the budget (either target) "
+                  "against the peer's best within the same budget (each metric's best config may differ).", ""] + st
         pairs = paired_rows(d["rows"])
         if pairs:
             n_c = m.get("content_images", m["n_images"])
@@ -1156,6 +1335,10 @@ def markdown(result, plot_name: str = "peers_quality_vs_bytes.png") -> str:
               "| quantize s (wall) | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["rows"]:
             L.append(_md_row(r, digits=False))
+        L += ["", "### Quality at equal bytes (SD1.5-architecture UNet)", ""] + budget_table(s["rows"], "sd15")
+        st = standing_table(s["rows"], metrics=("sqnr_db",))
+        if st:
+            L += ["", "MixQuant's best SQNR within each budget against each peer's best:", ""] + st
         L.append("")
     return "\n".join(L) + "\n"
 
@@ -1189,7 +1372,8 @@ def _md_row(r, digits):
 
 STYLE = {"torch": ("k", "*"), "ComfyUI": ("tab:orange", "s"), "MixQuant": ("tab:blue", "o"),
          "MixQuant (comfyui-native target)": ("tab:cyan", "D"), "torchao": ("tab:red", "^"),
-         "optimum-quanto": ("tab:green", "v"), "bitsandbytes": ("tab:purple", "P")}
+         "optimum-quanto": ("tab:green", "v"), "bitsandbytes": ("tab:purple", "P"), "GGUF": ("tab:brown", "X"),
+         "SDNQ": ("tab:olive", "h"), "Model Optimizer": ("tab:gray", "<")}
 
 
 def frontier(points):

@@ -1,5 +1,6 @@
 """Smoke tests of bench/peers.py's helpers (bytes, the ComfyUI-format builders, equal-bytes selection, report)."""
 import copy
+import json
 import importlib.util
 import math
 import os
@@ -274,3 +275,142 @@ def test_pool_content_adds_the_blocks_image_by_image(peers, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert pool.main([paths[0], str(bad)]) == 2
+
+
+# --- GGUF, SDNQ, Model Optimizer --------------------------------------------------------------------------------
+
+def _gguf_peer():
+    pytest.importorskip("gguf")
+    sys.path.insert(0, os.path.dirname(PEERS_PY))
+    try:
+        import gguf_peer
+    finally:
+        sys.path.pop(0)
+    return gguf_peer
+
+
+def _sqnr_np(ref, y):
+    import numpy as np
+
+    return 10 * np.log10((ref ** 2).sum() / ((ref - y) ** 2).sum())
+
+
+@pytest.mark.parametrize("kq,floor,legacy", [("Q6_K", 34.0, "Q8_0"), ("Q5_K", 28.0, "Q5_0"), ("Q4_K", 22.3, "Q4_0"),
+                                            ("Q3_K", 15.8, None), ("Q2_K", 10.0, None)])
+def test_gguf_kquants_decode_with_gguf_to_what_they_encode(kq, floor, legacy):
+    """The numpy port of llama.cpp's K-quant quantizers (the gguf package only decodes them): its bytes, decoded by
+    the gguf package's own dequantizer, give each type's known accuracy on Gaussian weights, and a K-quant beats
+    the block-32 type of the same bits (its point: finer scales from a second-level quantization)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as QT
+    from gguf.quants import dequantize, quantize
+
+    gp = _gguf_peer()
+    w = (np.random.default_rng(0).standard_normal((96, 512)) * 0.02).astype(np.float32)
+    raw = gp.quantize_np(w, QT[kq])
+    assert raw.dtype == np.uint8 and raw.shape == (96, 512 // 256 * __import__("gguf").GGML_QUANT_SIZES[QT[kq]][1])
+    s = _sqnr_np(w, dequantize(raw, QT[kq]))
+    assert floor <= s <= floor + 3
+    if legacy and legacy != "Q8_0":
+        assert s > _sqnr_np(w, dequantize(quantize(w, QT[legacy]), QT[legacy]))
+    zero = np.zeros((2, 256), np.float32)  # an all-zero block stays zero (no division by a zero scale)
+    assert np.all(dequantize(gp.quantize_np(zero, QT[kq]), QT[kq]) == 0)
+
+
+def test_gguf_plan_follows_comfyui_gguf_on_the_sd15_unet():
+    """Which SD1.5 weights a ComfyUI-GGUF file quantizes and to what: every Linear / Conv2d weight except conv_in,
+    conv_out and the time embedding (kept F16); Q4_K_S bumps the first 4 attention values and every feed-forward
+    output to Q5_K; Q8_0 is one type throughout."""
+    from diffusers import UNet2DConditionModel
+
+    gp = _gguf_peer()
+    cfg = json.load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "sd15_unet.json")))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    for ftype, want in (("Q8_0", {"Q8_0": 278, "F16": 4}), ("Q4_K_S", {"Q4_K": 258, "Q5_K": 20, "F16": 4}),
+                        ("Q4_K_M", {"Q4_K": 230, "Q6_K": 48, "F16": 4})):
+        plans = gp.plan_model(unet, ftype)
+        counts = {}
+        for p in plans:
+            counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
+        assert counts == want, (ftype, counts)
+        kept = sorted(p.name for p in plans if p.qtype.name == "F16")
+        assert kept == ["conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weight",
+                        "time_embedding.linear_2.weight"]
+    conv = next(p for p in gp.plan_model(unet, "Q4_K_S") if p.name == "down_blocks.0.resnets.0.conv1.weight")
+    assert conv.file_shape == (320 * 320 * 9 // 256, 256)  # a 3x3 conv laid out as rows of 256 (convert.py)
+
+
+def test_gguf_builder_stores_blocks_and_computes_with_their_values(peers, small_unet, unet_inputs):
+    gp = _gguf_peer()
+    env = peers.Env("digits", small_unet, lambda m: None)
+    q = peers.build_gguf(env, "Q8_0")
+    x, t, ctx = unet_inputs
+    with torch.no_grad():
+        y, y_fp = q(x, t, encoder_hidden_states=ctx).sample, small_unet(x, t, encoder_hidden_states=ctx).sample
+    assert peers._sqnr(y_fp, y) > 30
+    layers = [m for m in q.modules() if isinstance(m, (gp.GGUFLinear, gp.GGUFConv2d))]
+    assert layers and all(m.weight.dtype in (torch.uint8, torch.float16) for m in layers)
+    cov = peers.coverage(small_unet, q)
+    assert cov["linear"][0] > 0 and cov["conv2d"][0] > 0
+    assert peers.measured_bytes(q) < 0.7 * peers.fp16_bytes(small_unet)
+    lin = next(m for m in layers if isinstance(m, gp.GGUFLinear) and m.qweight.qtype.name == "Q8_0")
+    w = next(mod for name, mod in small_unet.named_modules() if mod.__class__ is nn.Linear
+             and tuple(mod.weight.shape) == lin.qweight.orig_shape)
+    assert w is not None and lin.qweight.dequant(torch.float32, "cpu").shape == w.weight.shape
+
+
+def test_sdnq_builder_uniform_and_dynamic(peers, small_unet, unet_inputs):
+    pytest.importorskip("sdnq")
+    env = peers.Env("digits", small_unet, lambda m: None)
+    x, t, ctx = unet_inputs
+    fp16 = peers.fp16_bytes(small_unet)
+    with torch.no_grad():
+        y_fp = small_unet(x, t, encoder_hidden_states=ctx).sample
+        out = {}
+        for name, kw in (("int8", dict(dtype="int8", conv=True)), ("uint4", dict(dtype="uint4", conv=True)),
+                         ("dyn", dict(dtype="uint4", conv=True, threshold=1e-4))):
+            q = peers.build_sdnq(env, **kw)
+            out[name] = (peers._sqnr(y_fp, q(x, t, encoder_hidden_states=ctx).sample), peers.measured_bytes(q),
+                         peers.coverage(small_unet, q))
+    assert out["int8"][0] > 30 and out["int8"][1] < fp16 and out["int8"][2]["conv2d"][0] > 0
+    assert out["uint4"][1] < out["int8"][1] and out["uint4"][0] < out["int8"][0]
+    # the dynamic mode raises the layers whose 4-bit loss is over the threshold: more bytes, less error than uint4
+    assert out["dyn"][1] > out["uint4"][1] and out["dyn"][0] > out["uint4"][0]
+
+
+def test_modelopt_builder_calibrates_and_stores_8_bit_weights(peers, small_unet, unet_inputs):
+    pytest.importorskip("modelopt.torch.quantization")
+    x, t, ctx = unet_inputs
+
+    def calibrate(m):  # two runs of 3 steps, in timestep order
+        for _ in range(2):
+            for ts in (900.0, 500.0, 100.0):
+                m(x, torch.tensor(ts), encoder_hidden_states=ctx)
+
+    env = peers.Env("digits", small_unet, calibrate, calib_steps=3)
+    with torch.no_grad():
+        y_fp = small_unet(x, t, encoder_hidden_states=ctx).sample
+        for recipe in ("int8", "fp8"):
+            q = peers.build_modelopt(env, recipe)
+            y = q(x, t, encoder_hidden_states=ctx).sample
+            assert torch.isfinite(y).all() and peers._sqnr(y_fp, y) > 10
+            cov = peers.coverage(small_unet, q)
+            assert cov["linear"][0] > 0 and cov["conv2d"][0] > 0
+            assert peers.measured_bytes(q) < 0.75 * peers.fp16_bytes(small_unet)
+            # conv_in / conv_out and the time embedding stay high precision, as in the example
+            assert not q.conv_in.weight_quantizer.is_enabled and not q.conv_out.weight_quantizer.is_enabled
+
+
+def test_percentile_calibrator_takes_the_smallest_step_mean():
+    """The example's per-step ranges: each step's mean amax over the runs (x its 0.8 factor), the minimum over steps."""
+    pytest.importorskip("modelopt.torch.quantization")
+    sys.path.insert(0, os.path.dirname(PEERS_PY))
+    try:
+        import modelopt_peer
+    finally:
+        sys.path.pop(0)
+    cal = modelopt_peer._percentile_calibrator(n_steps=2)(num_bits=8, axis=None)
+    for amax in (4.0, 1.0, 2.0, 3.0):  # run 1: steps 0, 1; run 2: steps 0, 1
+        cal.collect(torch.tensor([amax, -amax / 2]))
+    assert abs(float(cal.compute_amax()) - 0.8 * min((4 + 2) / 2, (1 + 3) / 2)) < 1e-6
