@@ -1,6 +1,7 @@
 """Side by side: MixQuant against what a user could pick instead, on the same models, prompts and seeds, in one run.
 
-    pip install -e ".[bench]"                # the peers: torchao, optimum-quanto, bitsandbytes, comfy-kitchen
+    pip install -e ".[bench]"                # the peers: torchao, optimum-quanto, bitsandbytes, comfy-kitchen, gguf,
+                                             # sdnq, nvidia-modelopt
     python bench/peers.py                    # digits quality + SD1.5-architecture UNet speed / memory / SQNR
     python bench/peers.py --skip-sd15        # digits only (a few minutes)
     python bench/peers.py --only torchao,quanto --skip-digits
@@ -15,7 +16,14 @@ What is compared (each peer with its documented default / recommended settings; 
 - MixQuant: uniform W8A8, uniform W4A16, mixed (A8) at byte budgets and at average W4, the comfyui-native target;
 - torchao: int8 dynamic activation + int8 weight, int8 weight-only, int4 weight-only (and its CPU int4 path);
 - optimum-quanto: qint8 weights + qint8 activations (with its Calibration), qint8 weights, qint4 weights;
-- bitsandbytes: LLM.int8() (Linear8bitLt) and NF4 (Linear4bit).
+- bitsandbytes: LLM.int8() (Linear8bitLt) and NF4 (Linear4bit);
+- GGUF (ComfyUI-GGUF): its file types Q8_0, Q6_K, Q5_K_M/S, Q4_K_M/S, Q3_K_M/S, made by its own rules (bench/gguf_peer.py:
+  convert.py's F16/F32 choices and row-of-256 layout, llama-quantize's lcpp.patch per-tensor types), dequantized on
+  every forward as its GGMLOps do;
+- SDNQ: uniform int8 / int4 / uint4 on Linear layers (its default) and with convs, with SVD low-rank correction, and
+  its dynamic per-layer dtype mode at three loss thresholds;
+- NVIDIA Model Optimizer: the INT8 (SmoothQuant, per-step percentile conv ranges) and FP8 recipes of its diffusers
+  example (bench/modelopt_peer.py), weights compressed to real int8 / float8 storage.
 A peer that cannot import or run here gets a row with the exception text, never a crash.
 
 How things are measured:
@@ -65,7 +73,9 @@ sys.path.insert(0, HERE)
 from common import cpu_name, sd15_unet  # noqa: E402
 from pipeline import CALIB_PROMPTS, LatentRunner, eval_set  # noqa: E402
 
-BUDGETS = (0.5, 0.4, 0.3, 0.25, 0.2)  # x FP16 bytes: the equal-bytes rows, down to the smallest any tool reaches
+# x FP16 bytes: the equal-bytes rows, from the 8-bit recipes that keep a few layers float (0.6) down to the smallest
+# any tool reaches; MixQuant's mixed plans are made at each
+BUDGETS = PLAN_BUDGETS = (0.6, 0.5, 0.4, 0.3, 0.25, 0.2)
 BUDGET_TOL = 0.05  # a config "reaches" a budget when its bytes are at most budget * (1 + tol)
 TOOLS = ("torch", "ComfyUI", "MixQuant", "MixQuant (comfyui-native target)", "torchao", "optimum-quanto",
          "bitsandbytes", "GGUF", "SDNQ", "Model Optimizer")
@@ -165,6 +175,7 @@ class Peer:
     build: Callable[[Env], nn.Module]
     sections: tuple = ("digits", "sd15")
     note: str = ""
+    capped: bool = True  # the SD1.5 forward may be stopped at --cap x FP32 (False: its SQNR is wanted whatever it costs)
 
 
 def _copy(env: Env) -> nn.Module:
@@ -432,7 +443,7 @@ SDNQ_CONFIGS = [
     ("int4-conv-svd", "int4 + convs + SVD", dict(dtype="int4", conv=True, svd=True), ("digits", "sd15-full")),
     ("uint4-conv-svd", "uint4 + convs + SVD", dict(dtype="uint4", conv=True, svd=True), ("digits", "sd15")),
     *[(f"dyn{t:g}", f"dynamic (uint4 floor, convs) at {t:g}", dict(dtype="uint4", conv=True, threshold=t),
-       ("digits", "sd15")) for t in (1e-2, 4e-3, 1e-3)],
+       ("digits", "sd15" if t > 1e-3 else "sd15-full")) for t in (1e-2, 4e-3, 1e-3)],  # 1e-3: 20+ min on SD1.5
 ]
 
 
@@ -475,9 +486,16 @@ PEERS = [
         ("digits", "sd15-full")),
     _mq("avgw4", "mixed avg W4 A8", "MILP at an average of 4 weight bits, A8 (5% of activations may stay 16-bit)",
         ("digits", "sd15-full")),
-    *[_mq(f"b{b}", f"mixed A8 at {b}x FP16", f"MILP at budget_mb = {b} x FP16 bytes, A8") for b in BUDGETS],
+    *[_mq(f"b{b}", f"mixed A8 at {b}x FP16", f"MILP at budget_mb = {b} x FP16 bytes, A8",
+          ("digits", "sd15" if b == 0.3 else "sd15-full")) for b in PLAN_BUDGETS],
     *[_mq(f"wb{b}", f"mixed W-only at {b}x FP16", f"MILP at budget_mb = {b} x FP16 bytes, a_bits=16 "
-          "(weight-only, like the weight-only peers)") for b in BUDGETS],
+          "(weight-only, like the weight-only peers)") for b in PLAN_BUDGETS],
+    _mq("g32-b0.3", "mixed A8 at 0.3x FP16, groups of 32", "as mixed A8 at 0.3x with group_size=32 (4-bit layers "
+        "5 bits/weight: GGUF's K-quant groups of 32, without its 6-bit second-level scales)", ("digits",)),
+    _mq("g32-wb0.3", "mixed W-only at 0.3x FP16, groups of 32", "as mixed W-only at 0.3x with group_size=32",
+        ("digits",)),
+    _mq("f16-wb0.6", "mixed W-only at 0.6x FP16, float layers allowed", "as mixed W-only at 0.6x with 16 (float) "
+        "in both weight menus: w_bits_content=(2, 4, 8, 16), w_bits_quality=(4, 8, 16)", ("digits",)),
     _mq("native", "comfyui-native target", "Linear-only menu: W8A8-dynamic (int8_tensorwise) / W4g64A16 "
         "(awq_w4a16) / float; convs 16-bit", ("digits", "sd15-full"), tool="MixQuant (comfyui-native target)"),
     _mq("native-min", "comfyui-native target, smallest", "the same at the smallest feasible budget",
@@ -505,7 +523,9 @@ PEERS = [
            f"F32; shapes whose last dim is not a multiple of 256 laid out as rows of 256) then llama-quantize {t} with "
            "its lcpp.patch rules for sd1/sdxl (time embedding, conv_in/out kept F16; K-quant rows % 256 -> F16); "
            "weights dequantized on every forward (numpy, gguf package) as its GGMLOps do",
-           lambda env, t=t: build_gguf(env, t), ("digits", sec)) for t, sec in GGUF_TYPES.items()],
+           lambda env, t=t: build_gguf(env, t), ("digits", sec),
+           note="latency: the gguf package's numpy decoder (ComfyUI-GGUF decodes in torch), not its speed",
+           capped=False) for t, sec in GGUF_TYPES.items()],
     *[Peer(f"sdnq-{k}", "SDNQ", label, _sdnq_settings(**kw), lambda env, kw=kw: build_sdnq(env, **kw), secs)
       for k, label, kw, secs in SDNQ_CONFIGS],
     Peer("modelopt-int8", "Model Optimizer", "INT8 SmoothQuant", "its diffusers example's INT8 recipe: "
@@ -850,19 +870,27 @@ def mixquant_digits(pipe, sampler, prompts, fp16, wanted, cache_dir, log) -> dic
             out[key] = tag(q, "")
     wide, base16, prep16 = {}, dict(a_bits=16, cache_dir=cache_dir), None
     jobs = [("avgw4", dict(avg_w_bits=4), base, prep)] + \
-        [(f"b{b}", dict(budget_mb=b * fp16 / 1e6), base, prep) for b in BUDGETS]
-    if any(f"mixquant-wb{b}" in wanted for b in BUDGETS):
+        [(f"b{b}", dict(budget_mb=b * fp16 / 1e6), base, prep) for b in PLAN_BUDGETS]
+    if any(f"mixquant-wb{b}" in wanted for b in PLAN_BUDGETS):
         t = time.time()
         prep16 = engine.prepare(runner, prompts, engine.QuantizeConfig(avg_w_bits=4, **base16), seeds)
         log(f"  MixQuant digits: weight-only sensitivity {time.time() - t:.0f} s")
-        jobs += [(f"wb{b}", dict(budget_mb=b * fp16 / 1e6), base16, prep16) for b in BUDGETS]
-    for key, budget, kw, prepared in jobs:
-        if f"mixquant-{key}" not in wanted:
-            continue
+        jobs += [(f"wb{b}", dict(budget_mb=b * fp16 / 1e6), base16, prep16) for b in PLAN_BUDGETS]
+    if "mixquant-f16-wb0.6" in wanted:  # the menu with float layers too: where 8-bit everywhere is under the budget
+        kw = dict(a_bits=16, cache_dir=cache_dir, w_bits_content=(2, 4, 8, 16), w_bits_quality=(4, 8, 16))
+        jobs.append(("f16-wb0.6", dict(budget_mb=0.6 * fp16 / 1e6), kw,
+                     engine.prepare(runner, prompts, engine.QuantizeConfig(avg_w_bits=4, **kw), seeds)))
+    for a_bits, key in ((8, "g32-b0.3"), (16, "g32-wb0.3")):  # K-quant's finer groups, at MixQuant's 16-bit scales
+        if f"mixquant-{key}" in wanted:
+            kw = dict(a_bits=a_bits, cache_dir=cache_dir, group_size=32)
+            jobs.append((key, dict(budget_mb=0.3 * fp16 / 1e6), kw,
+                         engine.prepare(runner, prompts, engine.QuantizeConfig(avg_w_bits=4, **kw), seeds)))
+    def fit(budget, kw, prepared):
+        """The mixed plan at `budget`, tagged; below the MixDQ menu's reach quality layers may take 2 bits too."""
         try:
             q, rep = run_within({**budget, **kw}, prepared)
             note = ""
-        except MixQuantError as e:  # below the MixDQ menu's reach: let quality layers take 2 bits too
+        except MixQuantError as e:
             try:
                 cfg = dict(**budget, **kw, w_bits_quality=(2, 4, 8))
                 if kw["a_bits"] not in wide:
@@ -872,11 +900,16 @@ def mixquant_digits(pipe, sampler, prompts, fp16, wanted, cache_dir, log) -> dic
                 q, rep = run_within(cfg, wide[kw["a_bits"]])
                 note = "quality layers may take 2 bits (MixDQ's {4, 8} menu cannot reach this size)"
             except MixQuantError as e2:
-                out[key] = MixQuantError(f"{e} / with 2-bit quality layers: {e2}")
-                continue
-        out[key] = tag(q, f"avg W {rep['avg_w_bits']:.2f} bits, avg A {rep['avg_a_bits']:.2f} bits, "
-                       f"{rep.get('weight_search', 'mse')} weight ranges"
-                       + (f"; {note}" if note else ""))
+                raise MixQuantError(f"{e} / with 2-bit quality layers: {e2}") from None
+        return tag(q, f"avg W {rep['avg_w_bits']:.2f} bits, avg A {rep['avg_a_bits']:.2f} bits, "
+                      f"{rep.get('weight_search', 'mse')} weight ranges" + (f"; {note}" if note else ""))
+
+    for key, budget, kw, prepared in jobs:
+        if f"mixquant-{key}" in wanted:
+            try:
+                out[key] = fit(budget, kw, prepared)
+            except MixQuantError as e:
+                out[key] = e
     if {"mixquant-native", "mixquant-native-min"} & wanted:
         cfg_n = dict(a_bits=8, cache_dir=cache_dir, target="comfyui-native")
         t = time.time()
@@ -905,9 +938,7 @@ def mixquant_digits(pipe, sampler, prompts, fp16, wanted, cache_dir, log) -> dic
         if prepared_by_bits[a_bits] is None:
             prepared_by_bits[a_bits] = engine.prepare(runner, prompts, engine.QuantizeConfig(avg_w_bits=4, **kw),
                                                       seeds)
-        q, rep = run_within(dict(budget_mb=frac * fp16 / 1e6, **kw), prepared_by_bits[a_bits])
-        return tag(q, f"avg W {rep['avg_w_bits']:.2f} bits, avg A {rep['avg_a_bits']:.2f} bits, "
-                       f"{rep.get('weight_search', 'mse')} weight ranges")
+        return fit(dict(budget_mb=frac * fp16 / 1e6), kw, prepared_by_bits[a_bits])
 
     out["_match"] = match
     return out
@@ -966,7 +997,8 @@ def sd15_section(args, peers, dtype16, log):
                 row["warmup_s"], _, _ = timed_call(q, call, device)
             else:
                 timed_call(q, tiny, device)
-            cap = (None if args.full_16bit else args.cap_16bit * t_fp) if p.key == "fp16" else args.cap * t_fp
+            cap = (None if args.full_16bit else args.cap_16bit * t_fp) if p.key == "fp16" else \
+                args.cap * t_fp if p.capped else None
             tq, y, ran = timed_call(q, call, device, cap)
             tf, _, _ = timed_call(unet, call, device)
             fp_times.append(tf)

@@ -1,6 +1,7 @@
 """Smoke tests of bench/peers.py's helpers (bytes, the ComfyUI-format builders, equal-bytes selection, report)."""
 import copy
 import json
+import importlib
 import importlib.util
 import math
 import os
@@ -279,14 +280,18 @@ def test_pool_content_adds_the_blocks_image_by_image(peers, tmp_path):
 
 # --- GGUF, SDNQ, Model Optimizer --------------------------------------------------------------------------------
 
-def _gguf_peer():
-    pytest.importorskip("gguf")
+def _bench_module(name: str, needs: str):
+    """bench/<name>.py, skipping the test where the package it wraps (`needs`) is not installed."""
+    pytest.importorskip(needs)
     sys.path.insert(0, os.path.dirname(PEERS_PY))
     try:
-        import gguf_peer
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return gguf_peer
+
+
+def _gguf_peer():
+    return _bench_module("gguf_peer", "gguf")
 
 
 def _sqnr_np(ref, y):
@@ -404,12 +409,7 @@ def test_modelopt_builder_calibrates_and_stores_8_bit_weights(peers, small_unet,
 
 def test_percentile_calibrator_takes_the_smallest_step_mean():
     """The example's per-step ranges: each step's mean amax over the runs (x its 0.8 factor), the minimum over steps."""
-    pytest.importorskip("modelopt.torch.quantization")
-    sys.path.insert(0, os.path.dirname(PEERS_PY))
-    try:
-        import modelopt_peer
-    finally:
-        sys.path.pop(0)
+    modelopt_peer = _bench_module("modelopt_peer", "modelopt.torch.quantization")
     cal = modelopt_peer._percentile_calibrator(n_steps=2)(num_bits=8, axis=None)
     for amax in (4.0, 1.0, 2.0, 3.0):  # run 1: steps 0, 1; run 2: steps 0, 1
         cal.collect(torch.tensor([amax, -amax / 2]))
