@@ -43,7 +43,7 @@ Small sizes (`small=True`) and the diffusers configs they correspond to (`diffus
   VAE   all: ch 32 (real 128), ch_mult (1, 2, 4, 4) as the real one, 2 res blocks per level (decoder 3), z 4 ->
           AutoencoderKL(block_out_channels (32, 64, 128, 128), layers_per_block 2, latent_channels 4): the same
           248 keys as the real VAE, x8 downsampling
-  Text  every encoder: hidden 64, 2 layers, 1 head (head dim 64 as in every real CLIP-L / ViT-H / bigG, so a
+  Text  every encoder: hidden 64 (SDXL's second: 128, 2 heads), 2 layers, 1 head (head dim 64 as in every real CLIP-L / ViT-H / bigG, so a
           loader that derives heads as hidden // 64 gets it right), intermediate 128, vocab 49408, 77 positions;
           open_clip ones with text_projection (64, 64) and logit_scale. -> CLIPTextConfig(hidden_size 64, ...);
           SD2's diffusers text encoder has one layer fewer than the file (1 of 2; real 23 of 24): SD2 conditions
@@ -120,8 +120,11 @@ def ldm_spec(family: str, small: bool = True) -> dict:
     elif base == "sd2":
         texts = [("text_encoder", "cond_stage_model.model.", "open_clip", text(_VIT_H))]
     elif base == "sdxl":
+        # the two encoders differ in width as in the real files (768 / 1280): diffusers tells them apart by it, and
+        # with equal widths it would read the CLIP-L weights into the second encoder
+        big_g = {**text(_BIG_G), **(dict(hidden=128, heads=2, inter=256) if small else {})}
         texts = [("text_encoder", "conditioner.embedders.0.transformer.text_model.", "hf", text(_CLIP_L)),
-                 ("text_encoder_2", "conditioner.embedders.1.model.", "open_clip", text(_BIG_G))]
+                 ("text_encoder_2", "conditioner.embedders.1.model.", "open_clip", big_g)]
     else:
         texts = [("text_encoder_2", "conditioner.embedders.0.model.", "open_clip", text(_BIG_G))]
     for _, _, layout, t in texts:
