@@ -464,6 +464,24 @@ def build_mixquant(env, key):
     return made
 
 
+# MixQuant with another menu at one budget (key: (budget x FP16, QuantizeConfig fields, label, settings)): what a
+# peer's idea is worth in our method, measured
+EXPERIMENTS = {
+    "g32-b0.3": (0.3, dict(a_bits=8, group_size=32), "mixed A8 at 0.3x FP16, groups of 32",
+                 "as mixed A8 at 0.3x with group_size=32 (4-bit layers 4.75 bits/weight: GGUF's K-quant groups of 32, "
+                 "without its 6-bit second-level scales)"),
+    "g32-wb0.3": (0.3, dict(a_bits=16, group_size=32), "mixed W-only at 0.3x FP16, groups of 32",
+                  "as mixed W-only at 0.3x with group_size=32"),
+    "w48-b0.3": (0.3, dict(a_bits=8, w_bits_content=(4, 8)), "mixed A8 at 0.3x FP16, no 2-bit layers",
+                 "as mixed A8 at 0.3x with w_bits_content=(4, 8) (GGUF has no 2-bit tensor in these files)"),
+    "w48-wb0.3": (0.3, dict(a_bits=16, w_bits_content=(4, 8)), "mixed W-only at 0.3x FP16, no 2-bit layers",
+                  "as mixed W-only at 0.3x with w_bits_content=(4, 8)"),
+    "f16-wb0.6": (0.6, dict(a_bits=16, w_bits_content=(2, 4, 8, 16), w_bits_quality=(4, 8, 16)),  # (SD1.5 too)
+                  "mixed W-only at 0.6x FP16, float layers allowed", "as mixed W-only at 0.6x with 16 (float) in both "
+                  "weight menus: w_bits_content=(2, 4, 8, 16), w_bits_quality=(4, 8, 16)"),
+}
+
+
 def _mq(key, label, settings, sections=("digits", "sd15"), note="", tool="MixQuant"):
     return Peer(f"mixquant-{key}", tool, label, settings, lambda env, k=key: build_mixquant(env, k), sections, note)
 
@@ -490,12 +508,8 @@ PEERS = [
           ("digits", "sd15" if b == 0.3 else "sd15-full")) for b in PLAN_BUDGETS],
     *[_mq(f"wb{b}", f"mixed W-only at {b}x FP16", f"MILP at budget_mb = {b} x FP16 bytes, a_bits=16 "
           "(weight-only, like the weight-only peers)") for b in PLAN_BUDGETS],
-    _mq("g32-b0.3", "mixed A8 at 0.3x FP16, groups of 32", "as mixed A8 at 0.3x with group_size=32 (4-bit layers "
-        "5 bits/weight: GGUF's K-quant groups of 32, without its 6-bit second-level scales)", ("digits",)),
-    _mq("g32-wb0.3", "mixed W-only at 0.3x FP16, groups of 32", "as mixed W-only at 0.3x with group_size=32",
-        ("digits",)),
-    _mq("f16-wb0.6", "mixed W-only at 0.6x FP16, float layers allowed", "as mixed W-only at 0.6x with 16 (float) "
-        "in both weight menus: w_bits_content=(2, 4, 8, 16), w_bits_quality=(4, 8, 16)", ("digits",)),
+    *[_mq(key, label, settings, ("digits", "sd15") if key == "f16-wb0.6" else ("digits",))
+      for key, (_f, _kw, label, settings) in EXPERIMENTS.items()],
     _mq("native", "comfyui-native target", "Linear-only menu: W8A8-dynamic (int8_tensorwise) / W4g64A16 "
         "(awq_w4a16) / float; convs 16-bit", ("digits", "sd15-full"), tool="MixQuant (comfyui-native target)"),
     _mq("native-min", "comfyui-native target, smallest", "the same at the smallest feasible budget",
@@ -876,14 +890,10 @@ def mixquant_digits(pipe, sampler, prompts, fp16, wanted, cache_dir, log) -> dic
         prep16 = engine.prepare(runner, prompts, engine.QuantizeConfig(avg_w_bits=4, **base16), seeds)
         log(f"  MixQuant digits: weight-only sensitivity {time.time() - t:.0f} s")
         jobs += [(f"wb{b}", dict(budget_mb=b * fp16 / 1e6), base16, prep16) for b in PLAN_BUDGETS]
-    if "mixquant-f16-wb0.6" in wanted:  # the menu with float layers too: where 8-bit everywhere is under the budget
-        kw = dict(a_bits=16, cache_dir=cache_dir, w_bits_content=(2, 4, 8, 16), w_bits_quality=(4, 8, 16))
-        jobs.append(("f16-wb0.6", dict(budget_mb=0.6 * fp16 / 1e6), kw,
-                     engine.prepare(runner, prompts, engine.QuantizeConfig(avg_w_bits=4, **kw), seeds)))
-    for a_bits, key in ((8, "g32-b0.3"), (16, "g32-wb0.3")):  # K-quant's finer groups, at MixQuant's 16-bit scales
+    for key, (frac, extra, _label, _settings) in EXPERIMENTS.items():  # other menus at one budget
         if f"mixquant-{key}" in wanted:
-            kw = dict(a_bits=a_bits, cache_dir=cache_dir, group_size=32)
-            jobs.append((key, dict(budget_mb=0.3 * fp16 / 1e6), kw,
+            kw = dict(cache_dir=cache_dir, **extra)
+            jobs.append((key, dict(budget_mb=frac * fp16 / 1e6), kw,
                          engine.prepare(runner, prompts, engine.QuantizeConfig(avg_w_bits=4, **kw), seeds)))
     def fit(budget, kw, prepared):
         """The mixed plan at `budget`, tagged; below the MixDQ menu's reach quality layers may take 2 bits too."""
@@ -1052,20 +1062,20 @@ class LazyMixQuantSD15(dict):
 
         return engine.QuantizeConfig(**{"a_bits": 8, "coupling": (0.5,), "cache_dir": self.args.cache_dir, **kw})
 
-    def _prepared(self, target="mixquant", a_bits=8, w2=False):
+    def _prepared(self, target="mixquant", a_bits=8, w2=False, **extra):
         from mixquant.quant import engine
 
-        key = f"{target} a{a_bits}" + (" w2" if w2 else "")
+        key = f"{target} a{a_bits}" + (" w2" if w2 else "") + "".join(f" {k}={v}" for k, v in sorted(extra.items()))
         if key not in self.prep:
             t = time.time()
-            kw = {"w_bits_quality": (2, 4, 8)} if w2 else {}
+            kw = {**extra, **({"w_bits_quality": (2, 4, 8)} if w2 else {})}
             self.prep[key] = engine.prepare(self.runner, self.prompts,
                                             self._cfg(avg_w_bits=4, target=target, a_bits=a_bits, **kw), self.seeds)
             self.seconds[f"prepare {key}"] = time.time() - t
             self.log(f"  MixQuant SD1.5: calibration + sensitivity ({key}) {time.time() - t:.0f} s")
         return self.prep[key]
 
-    def _at_budget(self, frac, a_bits):
+    def _at_budget(self, frac, a_bits, **extra):
         """The mixed plan at `frac` x FP16 bytes (measured), re-solved lower by any overshoot of the measured bytes;
         quality layers may take 2 bits where MixDQ's {4, 8} menu cannot reach the size."""
         from mixquant.quant import engine
@@ -1074,10 +1084,10 @@ class LazyMixQuantSD15(dict):
         fp16 = fp16_bytes(self.unet)
         mb, w2 = frac * fp16 / 1e6, False
         for _ in range(4):
-            kw = {"w_bits_quality": (2, 4, 8)} if w2 else {}
+            kw = {**extra, **({"w_bits_quality": (2, 4, 8)} if w2 else {})}
             try:
                 q, rep, _ = engine.run(self.runner, self.prompts, self._cfg(budget_mb=mb, a_bits=a_bits, **kw),
-                                       self.seeds, prepared=self._prepared(a_bits=a_bits, w2=w2))
+                                       self.seeds, prepared=self._prepared(a_bits=a_bits, w2=w2, **extra))
             except MixQuantError:
                 if w2:
                     raise
@@ -1127,6 +1137,10 @@ class LazyMixQuantSD15(dict):
                     q, rep, _ = engine.run(self.runner, self.prompts, self._cfg(avg_w_bits=4), self.seeds,
                                            prepared=self._prepared())
                     q._peers_note = f"avg W {rep['avg_w_bits']:.2f}, A {rep['avg_a_bits']:.2f} bits"
+                elif key in EXPERIMENTS:
+                    frac, extra = EXPERIMENTS[key][:2]
+                    extra = dict(extra)
+                    q = self._at_budget(frac, extra.pop("a_bits"), **extra)
                 elif key.startswith(("b", "wb")):
                     q = self._at_budget(float(key.lstrip("wb")), 16 if key.startswith("wb") else 8)
                 elif key == "native":
