@@ -87,8 +87,10 @@ def test_mixed_beats_uniform_w4a8_at_equal_bytes(digits, cli_run):
     _, r, d = cli_run
     sampler = SamplerSettings()
     prompts = [p.strip() for p in open(PROMPTS) if p.strip()]
+    # the whole coupling sweep: the default one is time-budgeted, so how many couplings it tries (and the plan, whose
+    # SSIM lead over uniform W4A8 is small here) would depend on how busy the machine is
     mixed, rep = quantize_pipeline(digits, prompts, avg_w_bits=4, a_bits=8, sampler=sampler, evaluate=False,
-                                   cache_dir=str(d / "cache"))
+                                   cache_dir=str(d / "cache"), sweep_seconds=math.inf)
     assert rep["sensitivity_cached"]  # same model, prompts, settings as the CLI run
     calib = calibrate(PipelineRunner(digits, sampler), prompts, list(range(len(prompts))))
     uni, _ = quantize_model(digits.unet, uniform_plan(discover_layers(digits.unet), LayerFormat(4, 8, 64)),

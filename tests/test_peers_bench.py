@@ -1,8 +1,8 @@
 """Smoke tests of bench/peers.py's helpers (bytes, the ComfyUI-format builders, equal-bytes selection, report)."""
 import copy
-import json
 import importlib
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -141,7 +141,7 @@ def test_paired_content_counts_the_images_only_one_side_gets_right():
     b = [True] * 90 + [False] * 8 + [True] * 2 + [True] * 5  # the 5 with no digit named do not count
     pc = paired_content(a, b)
     assert (pc["images"], pc["only_a"], pc["only_b"]) == (100, 8, 2)
-    assert abs(pc["p_value"] - 2 * sum(math.comb(10, k) for k in range(0, 3)) / 2 ** 10) < 1e-12  # exact binomial
+    assert abs(pc["p_value"] - 2 * sum(math.comb(10, k) for k in range(3)) / 2 ** 10) < 1e-12  # exact binomial
     assert paired_content([True, False], [True, False])["p_value"] == 1.0  # no discordant image: no evidence
     with pytest.raises(ValueError, match="same images"):
         paired_content([True], [True, False])
@@ -195,6 +195,7 @@ def test_pool_content_adds_the_blocks_image_by_image(peers, tmp_path):
     the other MixQuant), p is the exact binomial of the pooled split, gains/losses vs FP add up; runs that overlap in
     seeds or differ in settings are refused with a message, not pooled."""
     import json
+
     from scipy.stats import binomtest
 
     pool = _pool_module()
