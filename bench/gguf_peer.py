@@ -23,9 +23,9 @@ Follows ComfyUI-GGUF's pipeline as closely as found in its sources:
 Quantization of the blocks:
   * Q8_0/Q5_0/Q5_1/Q4_0/Q4_1: gguf.quants.quantize (gguf-py numpy reference).
   * Q2_K..Q6_K: gguf-py (0.19.0) cannot quantize these (NotImplementedError), so this file
-    contains a vectorised numpy port of ggml's quantize_row_qN_K_ref (the path llama-quantize
-    takes without an imatrix). It is bit-exact w.r.t. the C ref built without FMA contraction
-    (see check_kquants_vs_c.py).
+    contains a vectorised numpy port of ggml's quantize_row_qN_K_ref (ggml-quants.c, MIT License, (c) the ggml
+    authors): the path llama-quantize takes without an imatrix. When it was written it gave the same bytes as that C
+    code compiled without FMA contraction; tests/test_peers_bench.py checks it against gguf's own decoder.
   * dequantization: gguf.quants.dequantize (numpy, float32) on every forward. (ComfyUI's torch
     dequant with its default dequant_dtype=None does the block arithmetic in fp16 and then casts
     to the compute dtype -> at most ~1 fp16 ulp different; irrelevant next to the quant error.)
