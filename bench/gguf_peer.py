@@ -268,14 +268,17 @@ def _quant_q5_K(x):
     return np.concatenate([d.view(np.uint8).reshape(nb, 2), dmin.view(np.uint8).reshape(nb, 2), sc, qh, qs], axis=1)
 
 
-def _quant_q6_K(x):
+def _signed_sub_blocks(x, make, nmax):
+    """Q6_K / Q3_K: each block's 16 sub-blocks of 16 quantized by `make`, and the scale of largest magnitude (signed)."""
     nb = x.shape[0]
-    xs = x.reshape(nb * 16, 16)
-    scales, L = _make_qx_quants_rmse1(xs, 32)
+    scales, L = make(x.reshape(nb * 16, 16), nmax)
     scales = scales.reshape(nb, 16)
-    L = L.reshape(nb, 16, 16)
     idx = np.argmax(np.abs(scales), axis=1)
-    max_scale = np.take_along_axis(scales, idx[:, None], axis=1)[:, 0]
+    return nb, scales, L.reshape(nb, 16, 16), np.take_along_axis(scales, idx[:, None], axis=1)[:, 0]
+
+
+def _quant_q6_K(x):
+    nb, scales, L, max_scale = _signed_sub_blocks(x, _make_qx_quants_rmse1, 32)
     zero = np.abs(max_scale) < GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = f32(-128) / max_scale
@@ -295,13 +298,7 @@ def _quant_q6_K(x):
 
 
 def _quant_q3_K(x):
-    nb = x.shape[0]
-    xs = x.reshape(nb * 16, 16)
-    scales, L = _make_q3_quants_rmse(xs, 4)
-    scales = scales.reshape(nb, 16)
-    L = L.reshape(nb, 16, 16)
-    idx = np.argmax(np.abs(scales), axis=1)
-    max_scale = np.take_along_axis(scales, idx[:, None], axis=1)[:, 0]
+    nb, scales, L, max_scale = _signed_sub_blocks(x, _make_q3_quants_rmse, 4)
     nz = max_scale != 0
     sc = np.zeros((nb, 12), np.uint8)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
