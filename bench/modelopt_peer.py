@@ -55,8 +55,7 @@ def _percentile_calibrator(n_steps: int, percentile: float = 1.0):
             means = [t / r * MIN_MEAN_FACTOR for s, (t, r) in sorted(self.per_step.items()) if s < upto]
             if not means:
                 return None
-            self._calib_amax = torch.stack([torch.as_tensor(m).reshape(-1) for m in means]).amin(0).reshape(
-                torch.as_tensor(means[0]).shape)
+            self._calib_amax = torch.stack(means).amin(0)
             return self._calib_amax
 
         def reset(self):
