@@ -840,6 +840,37 @@ def _engine_deploy_bytes(model) -> int | None:
         return None
 
 
+TWO_BIT_NOTE = "quality layers may take 2 bits (MixDQ's {4, 8} menu cannot reach this size)"
+
+
+def plan_within(run, budget: dict, kw: dict, prepared):
+    """MixQuant's mixed plan at `budget` ({"budget_mb": MB} or {"avg_w_bits": bits}) -> (model, report, note).
+    `run(cfg_kw, prepared)` is the section's engine.run -> (model, report); a byte budget is re-solved lower by any
+    overshoot of the measured bytes (the deployed layers also hold activation ranges / BOS vectors the allocation
+    does not count); below the reach of MixDQ's {4, 8} menu quality layers may take 2 bits too. `prepared(w2)`: the
+    calibration + sensitivity for the menu without / with 2-bit quality layers."""
+    from mixquant.quant.errors import MixQuantError
+
+    def solve(cfg_kw, prep):
+        q, rep = run(cfg_kw, prep)
+        target = budget.get("budget_mb")
+        for _ in range(2):
+            over = measured_bytes(q) - target * 1e6 if target is not None else 0
+            if over <= 0:
+                break
+            cfg_kw = {**cfg_kw, "budget_mb": cfg_kw["budget_mb"] - (over + 64) / 1e6}
+            q, rep = run(cfg_kw, prep)
+        return q, rep
+
+    try:
+        return (*solve({**budget, **kw}, prepared(False)), "")
+    except MixQuantError as e:
+        try:
+            return (*solve({**budget, **kw, "w_bits_quality": (2, 4, 8)}, prepared(True)), TWO_BIT_NOTE)
+        except MixQuantError as e2:
+            raise MixQuantError(f"{e} / with 2-bit quality layers: {e2}") from None
+
+
 def mixquant_digits(pipe, sampler, prompts, fp16, wanted, cache_dir, log) -> dict:
     """Every MixQuant config of the digits section, on one calibration + cached sensitivities."""
     from mixquant.app.diffusers_host.runner import PipelineRunner
@@ -857,19 +888,8 @@ def mixquant_digits(pipe, sampler, prompts, fp16, wanted, cache_dir, log) -> dic
         model._peers_note = note
         return model
 
-    def run_within(cfg_kw, prepared):
-        """engine.run at a byte budget, re-solved with the budget lowered by any overshoot of the measured bytes
-        (the deployed layers also hold activation ranges / BOS vectors the allocation does not count)."""
-        target = cfg_kw.get("budget_mb")
+    def run(cfg_kw, prepared):
         q, rep, _ = engine.run(runner, prompts, engine.QuantizeConfig(**cfg_kw), seeds, prepared=prepared)
-        for _ in range(2):
-            if target is None:
-                break
-            over = measured_bytes(q) - target * 1e6
-            if over <= 0:
-                break
-            cfg_kw = {**cfg_kw, "budget_mb": cfg_kw["budget_mb"] - (over + 64) / 1e6}
-            q, rep, _ = engine.run(runner, prompts, engine.QuantizeConfig(**cfg_kw), seeds, prepared=prepared)
         return q, rep
 
     base = dict(a_bits=8, cache_dir=cache_dir)
@@ -895,22 +915,19 @@ def mixquant_digits(pipe, sampler, prompts, fp16, wanted, cache_dir, log) -> dic
             kw = dict(cache_dir=cache_dir, **extra)
             jobs.append((key, dict(budget_mb=frac * fp16 / 1e6), kw,
                          engine.prepare(runner, prompts, engine.QuantizeConfig(avg_w_bits=4, **kw), seeds)))
+
     def fit(budget, kw, prepared):
-        """The mixed plan at `budget`, tagged; below the MixDQ menu's reach quality layers may take 2 bits too."""
-        try:
-            q, rep = run_within({**budget, **kw}, prepared)
-            note = ""
-        except MixQuantError as e:
-            try:
-                cfg = dict(**budget, **kw, w_bits_quality=(2, 4, 8))
-                if kw["a_bits"] not in wide:
-                    t = time.time()
-                    wide[kw["a_bits"]] = engine.prepare(runner, prompts, engine.QuantizeConfig(**cfg), seeds)
-                    log(f"  MixQuant digits: sensitivity with 2-bit quality layers {time.time() - t:.0f} s")
-                q, rep = run_within(cfg, wide[kw["a_bits"]])
-                note = "quality layers may take 2 bits (MixDQ's {4, 8} menu cannot reach this size)"
-            except MixQuantError as e2:
-                raise MixQuantError(f"{e} / with 2-bit quality layers: {e2}") from None
+        """The mixed plan at `budget`, tagged (plan_within; the 2-bit menu's sensitivity made once per settings)."""
+        def prepared_for(w2):
+            key = tuple(sorted(kw.items()))
+            if w2 and key not in wide:
+                t = time.time()
+                wide[key] = engine.prepare(runner, prompts, engine.QuantizeConfig(
+                    **budget, **kw, w_bits_quality=(2, 4, 8)), seeds)
+                log(f"  MixQuant digits: sensitivity with 2-bit quality layers {time.time() - t:.0f} s")
+            return wide[key] if w2 else prepared
+
+        q, rep, note = plan_within(run, budget, kw, prepared_for)
         return tag(q, f"avg W {rep['avg_w_bits']:.2f} bits, avg A {rep['avg_a_bits']:.2f} bits, "
                       f"{rep.get('weight_search', 'mse')} weight ranges" + (f"; {note}" if note else ""))
 
@@ -1076,29 +1093,16 @@ class LazyMixQuantSD15(dict):
         return self.prep[key]
 
     def _at_budget(self, frac, a_bits, **extra):
-        """The mixed plan at `frac` x FP16 bytes (measured), re-solved lower by any overshoot of the measured bytes;
-        quality layers may take 2 bits where MixDQ's {4, 8} menu cannot reach the size."""
+        """The mixed plan at `frac` x FP16 bytes (plan_within)."""
         from mixquant.quant import engine
-        from mixquant.quant.errors import MixQuantError
 
-        fp16 = fp16_bytes(self.unet)
-        mb, w2 = frac * fp16 / 1e6, False
-        for _ in range(4):
-            kw = {**extra, **({"w_bits_quality": (2, 4, 8)} if w2 else {})}
-            try:
-                q, rep, _ = engine.run(self.runner, self.prompts, self._cfg(budget_mb=mb, a_bits=a_bits, **kw),
-                                       self.seeds, prepared=self._prepared(a_bits=a_bits, w2=w2, **extra))
-            except MixQuantError:
-                if w2:
-                    raise
-                w2 = True
-                continue
-            over = measured_bytes(q) - frac * fp16
-            if over <= 0:
-                break
-            mb -= (over + 64) / 1e6
-        q._peers_note = f"avg W {rep['avg_w_bits']:.2f}, A {rep['avg_a_bits']:.2f} bits" + (
-            "; quality layers may take 2 bits (MixDQ's {4, 8} menu cannot reach this size)" if w2 else "")
+        def run(cfg_kw, prepared):
+            q, rep, _ = engine.run(self.runner, self.prompts, self._cfg(**cfg_kw), self.seeds, prepared=prepared)
+            return q, rep
+
+        q, rep, note = plan_within(run, {"budget_mb": frac * fp16_bytes(self.unet) / 1e6}, dict(a_bits=a_bits, **extra),
+                                   lambda w2: self._prepared(a_bits=a_bits, w2=w2, **extra))
+        q._peers_note = f"avg W {rep['avg_w_bits']:.2f}, A {rep['avg_a_bits']:.2f} bits" + (f"; {note}" if note else "")
         return q
 
     def _calibration(self):
