@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # up by their full dotted names) is found as before. sys.path itself is left alone, so a script that inserts its
 # folder again is covered too. bench/common.py imports this package first for the bench scripts. Under ComfyUI the
 # pack's folder is not on sys.path: the hook never matches, and ComfyUI's own `nodes` and `app` are not touched.
-_HIDDEN = frozenset(("kernels", "quant", "app", "nodes", "bench"))
+_HIDDEN = frozenset(("kernels", "quant", "app", "nodes", "bench", "webui"))
 
 
 def _hide_top_level_names() -> None:

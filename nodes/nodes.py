@@ -268,7 +268,7 @@ class MixQuantPlan(MixQuantNode):
         return _interruptible(go)
 
 
-def _check_same_model(model, plan: PlanResult):
+def check_same_model(model, plan: PlanResult):
     fp = fingerprint(patching.fp_view(model))
     if plan.base_fingerprint and not same_base(fp, plan.base_fingerprint):
         raise MixQuantError("this plan was made for a different model (fingerprints differ): connect the MODEL that "
@@ -285,7 +285,7 @@ def quantize_from_plan(model, plan: PlanResult):
     key = (id(patching.diffusion_model(model)), tuple(sorted(getattr(model, "object_patches", {}))))
     cache = plan.__dict__.setdefault("_layers", {})
     if key not in cache:
-        fp = _check_same_model(model, plan)
+        fp = check_same_model(model, plan)
         _, layers, stats = patching.quantize_layers(model, plan.plan, plan.ranges, plan.bos, plan.search)
         cache.clear()
         cache[key] = (layers, fp)
@@ -431,14 +431,20 @@ def _meta_skeleton(module: nn.Module) -> nn.Module:
     return new
 
 
-def load_quantized_model(model, path: str):
-    """The FP MODEL's clone with the file's quantized layers (every check of quant/fileformat runs first)."""
+# hosts whose diffusion models have the original (LDM) layer names: a file made in one loads in the others
+LDM_HOSTS = ("comfyui", "webui")
+
+
+def load_quantized_layers(model, path: str) -> tuple[dict, dict]:
+    """The file's quantized layers for the FP MODEL (a ModelPatcher: ComfyUI's, or WebUI Forge's UnetPatcher, which
+    descends from it) and the MixQuant facts a patched clone carries; every check of quant/fileformat runs first."""
     meta = read_header(path)
     arch = meta["architecture"]
-    if arch.get("library") != "comfyui":
+    if arch.get("library") not in LDM_HOSTS:
         raise MixQuantError(f"{os.path.basename(path)} was quantized from a {arch.get('library')} "
-                            f"{arch.get('class')} (other layer names than ComfyUI's). Quantize this model in ComfyUI "
-                            "(Calibrate -> Plan -> Quantize Model -> Save Quantized), or export it with `mixquant "
+                            f"{arch.get('class')} (other layer names than ComfyUI's and the WebUIs'). Quantize this model in "
+                            "ComfyUI (Calibrate -> Plan -> Quantize Model -> Save Quantized) or the WebUI's MixQuant "
+                            "tab, or export it with `mixquant "
                             "export --to comfyui` and load that with Load Diffusion Model.")
     view = patching.fp_view(model)
     patching.check_fp(view)
@@ -452,6 +458,12 @@ def load_quantized_model(model, path: str):
     extra = meta.get("extra", {})
     info = {"base_fingerprint": meta["base_model"], "group_bounds": extra.get("act_group_bounds") or [],
             "report": extra.get("summary", {}), "source": os.path.basename(path)}
+    return layers, info
+
+
+def load_quantized_model(model, path: str):
+    """The FP MODEL's clone with the file's quantized layers (every check of quant/fileformat runs first)."""
+    layers, info = load_quantized_layers(model, path)
     return patched_clone_checked(model, layers, info, info["group_bounds"])
 
 

@@ -136,10 +136,11 @@ def act_group_wrapper(layers: list, bounds: list[float], model_sampling, previou
     return wrapper
 
 
-def patched_clone(model, layers: dict, info: dict, group_bounds=None):
+def patched_clone(model, layers: dict, info: dict, group_bounds=None, model_sampling=None):
     """model.clone() with the quantized layers swapped in (object patches), its size set to the quantized size,
     facts for the other nodes under model_options['mixquant'], and the timestep-group switch when there are
-    several groups."""
+    several groups. `model_sampling`: what maps the wrapper's sigma to the diffusion model's timestep (default:
+    ComfyUI's `model.model.model_sampling`; WebUI Forge's is its KModel's `predictor`)."""
     out = model.clone()
     dm = diffusion_model(model)
     before = after = 0
@@ -159,7 +160,7 @@ def patched_clone(model, layers: dict, info: dict, group_bounds=None):
         opts[OPTIONS_KEY] = {**info, "fp_bytes": int(fp_size), "quantized_bytes": int(fp_size - before + after),
                              "layers": len(layers)}
         if group_bounds and len(group_bounds) > 1:
-            ms = getattr(model.model, "model_sampling", None)
+            ms = model_sampling if model_sampling is not None else getattr(model.model, "model_sampling", None)
             opts["model_function_wrapper"] = act_group_wrapper(list(layers.values()), list(group_bounds), ms,
                                                                opts.get("model_function_wrapper"))
         elif group_bounds:

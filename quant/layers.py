@@ -88,8 +88,20 @@ class QuantLayer(nn.Module):
         if name == "weight" and isinstance(value, nn.Parameter):
             if not isinstance(value, CountedParameter):
                 value = CountedParameter(value.detach(), requires_grad=value.requires_grad)
+            for k, v in self.__dict__.get("_weight_attrs", {}).items():
+                setattr(value, k, v)
             self._new_weight_epoch()
         super().__setattr__(name, value)
+
+    def set_weight_attrs(self, **attrs) -> None:
+        """Attributes that every weight this layer holds carries, now and after any replacement (a LoRA merge, a
+        restore from a host's backup, a device move). A host's own protocol reads them off the weight: WebUI Forge's
+        LoRA loader dequantizes / requantizes a weight that has a `gguf_cls` (webui/forge.py)."""
+        self.__dict__.setdefault("_weight_attrs", {}).update(attrs)
+        w = self._parameters.get("weight")
+        if w is not None:
+            for k, v in attrs.items():
+                setattr(w, k, v)
 
     def _new_weight_epoch(self) -> None:
         self.__dict__["_weight_epoch"] = self.__dict__.get("_weight_epoch", 0) + 1

@@ -11,6 +11,7 @@ cached on disk keyed by model fingerprint + prompts + settings + menu.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -231,32 +232,57 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
         outs[n] = y
         return y
 
+    # A host's model may add into a tensor autograd saved for the backward pass (`x += n` after a LayerNorm read x:
+    # WebUI Forge's UNet): then the pass is made again with autograd keeping copies of what it saves.
+    copies = [False]
+
+    def saving():
+        if not copies[0]:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+    def one_call(c, wanted) -> dict:
+        outs.clear()
+        handles = [mods[n].register_forward_hook(lambda m, a, y, n=n: keep(m, a, y, n)) for n in names]
+        # (hosts may sample in inference mode: the whole pass runs outside it, with gradients)
+        with torch.inference_mode(False), torch.enable_grad(), saving():
+            try:
+                args = [a.detach().clone().requires_grad_(True)
+                        if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in c.args]
+                out = runner.output_of(model(*args, **c.kwargs))
+            finally:
+                for h in handles:
+                    h.remove()
+            order = list(outs)
+            got = {}
+            for i, kind in enumerate(wanted):  # (each kind's gradients reduced before the next are made)
+                r = torch.randn(out.shape, generator=gen).to(out) if kind == "quality" \
+                    else _lowpass_probe(out, gen)
+                grads = torch.autograd.grad(out, [outs[n] for n in order], grad_outputs=r,
+                                            retain_graph=i < len(wanted) - 1, allow_unused=True)
+                got[kind] = {}
+                for n, g in zip(order, grads):
+                    g = torch.zeros_like(outs[n]) if g is None else g.detach()
+                    got[kind][n] = _per_channel(g.float() ** 2, _channel_dim(g, mods[n]), "mean")
+                del grads
+        outs.clear()
+        return got
+
     try:
         for i_call, c in enumerate(calls):
-            outs.clear()
-            handles = [mods[n].register_forward_hook(lambda m, a, y, n=n: keep(m, a, y, n)) for n in names]
-            # (hosts may sample in inference mode: the whole pass runs outside it, with gradients)
-            with torch.inference_mode(False), torch.enable_grad():
-                try:
-                    args = [a.detach().clone().requires_grad_(True)
-                            if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in c.args]
-                    out = runner.output_of(model(*args, **c.kwargs))
-                finally:
-                    for h in handles:
-                        h.remove()
-                order = list(outs)
-                wanted = [k for k in kinds if call_kinds is None or k in call_kinds[i_call]]
-                for i, kind in enumerate(wanted):  # (each kind's gradients reduced before the next are made)
-                    r = torch.randn(out.shape, generator=gen).to(out) if kind == "quality" \
-                        else _lowpass_probe(out, gen)
-                    grads = torch.autograd.grad(out, [outs[n] for n in order], grad_outputs=r,
-                                                retain_graph=i < len(wanted) - 1, allow_unused=True)
-                    for n, g in zip(order, grads):
-                        g = torch.zeros_like(outs[n]) if g is None else g.detach()
-                        gains[kind][n].append(_per_channel(g.float() ** 2, _channel_dim(g, mods[n]), "mean"))
-                    del grads
-            outs.clear()
-            del out
+            wanted = [k for k in kinds if call_kinds is None or k in call_kinds[i_call]]
+            state = gen.get_state()
+            try:
+                got = one_call(c, wanted)
+            except RuntimeError as e:
+                if copies[0] or "modified by an inplace operation" not in str(e):
+                    raise
+                copies[0] = True
+                gen.set_state(state)  # (the same probes as a first try would have drawn)
+                got = one_call(c, wanted)
+            for kind, per_layer in got.items():
+                for n, v in per_layer.items():
+                    gains[kind][n].append(v)
             for kind in kinds:  # a layer the call never ran (none in a UNet) gets no weight
                 for n in names:
                     if len(gains[kind][n]) <= i_call:

@@ -73,7 +73,7 @@ import argparse, ast, importlib, importlib.util, json, os, sys
 _parse = argparse.ArgumentParser.parse_args
 ROOT = os.environ["MIXQUANT_CHECK_ROOT"]
 OURS = {ROOT, os.path.join(ROOT, "bench")}
-HIDDEN = ("kernels", "quant", "app", "nodes", "bench")
+HIDDEN = ("kernels", "quant", "app", "nodes", "bench", "webui")
 
 
 def from_ours(spec_or_module) -> bool:

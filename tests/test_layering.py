@@ -7,7 +7,9 @@ relative or absolute, also those inside functions; nothing is imported to check 
   diffusers_host -> digits. So app.diffusers_host, app.digits and app.gradio_app import nothing from app.cli;
   app.diffusers_host and app.digits nothing from app.gradio_app; app.digits nothing from app.diffusers_host;
   and no module outside app/cli/ imports app.cli (only the `mixquant` entry point names it);
-- nodes/ imports no app/.
+- nodes/ imports no app/ and no webui/;
+- webui/ imports no WebUI module (modules, backend), no gradio, ComfyUI or diffusers, and no app/ (the glue in
+  scripts/ brings the WebUI in).
 """
 import ast
 import os
@@ -17,7 +19,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = "mixquant"
 # our top-level folders: written as absolute top-level names (`import quant`) they would mean our folders too
-OURS = ("quant", "kernels", "app", "nodes", "bench")
+OURS = ("quant", "kernels", "app", "nodes", "bench", "webui")
 
 # (modules the rule covers, forbidden import prefixes, why)
 RULES = [
@@ -30,7 +32,9 @@ RULES = [
     ("mixquant.app.digits", ("mixquant.app.cli", "mixquant.app.gradio_app", "mixquant.app.diffusers_host"),
      "the digits model imports no host and no front end"),
     ("mixquant.app.gradio_app", ("mixquant.app.cli",), "the Gradio app imports the hosts, never the CLI"),
-    ("mixquant.nodes", ("mixquant.app",), "the ComfyUI nodes do not import app/"),
+    ("mixquant.nodes", ("mixquant.app", "mixquant.webui"), "the ComfyUI nodes import neither app/ nor webui/"),
+    ("mixquant.webui", ("modules", "backend", "gradio", "comfy", "folder_paths", "diffusers", "mixquant.app"),
+     "webui/ is the WebUI host's logic: the WebUI's own modules come in through scripts/mixquant_webui.py"),
     ("mixquant", ("mixquant.app.cli",), "nothing imports the CLI (only the entry point names it)"),
 ]
 EXEMPT = {"mixquant.app.cli"}  # the CLI package itself may import its own modules

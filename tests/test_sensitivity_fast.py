@@ -122,3 +122,36 @@ def test_gains_of_a_model_built_in_inference_mode():
         assert torch.allclose(got[n][0], want[n][0]), n
     with torch.inference_mode():
         assert torch.equal(model(x), before)
+
+
+def test_gains_of_a_model_that_adds_in_place_into_a_saved_tensor():
+    """WebUI Forge's UNet adds into a tensor a LayerNorm saved for backward (`x += attn(norm(x))`): the gains are
+    still measured, the same as for the model written out of place."""
+
+    class Block(nn.Module):
+        def __init__(self, inplace):
+            super().__init__()
+            self.inplace = inplace
+            self.proj_in, self.norm, self.attn = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 6)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, x):
+            x = self.proj_in(x) * 1.0
+            n = self.attn(self.norm(x))
+            if self.inplace:
+                x += n
+            else:
+                x = x + n
+            return self.out(x)
+
+    torch.manual_seed(0)
+    ref = Block(False)
+    model = Block(True)
+    model.load_state_dict(ref.state_dict())
+    call = SimpleNamespace(args=(torch.randn(2, 4),), kwargs={})
+    names = ["proj_in", "attn", "out"]
+    want = output_gains(ref, _Runner(), [call] * 3, names, kinds=("quality", "content"), seed=5)
+    got = output_gains(model, _Runner(), [call] * 3, names, kinds=("quality", "content"), seed=5)
+    for kind in ("quality", "content"):
+        for n in names:
+            assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(want[kind][n], got[kind][n]))
