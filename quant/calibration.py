@@ -40,13 +40,14 @@ class RangeObserver:
         self.rest_lo = torch.full((groups,), float("inf"))
         self.rest_hi = torch.full((groups,), float("-inf"))
 
-    def update(self, x: torch.Tensor, group: int = 0):
+    def update(self, x: torch.Tensor, group: int = 0, name: str = ""):
         x = x.detach().float()
         lo, hi = x.min().cpu(), x.max().cpu()
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
-            raise MixQuantError("NaN or infinite activations appeared during calibration: the model produces "
-                                "invalid values for these prompts/settings. Check the model in full precision "
-                                "(dtype, guidance, steps) before quantizing.")
+            where = f" (first at the input of {name})" if name else ""
+            raise MixQuantError(f"NaN or infinite activations appeared during calibration{where}: the model "
+                                "produces invalid values for these prompts/settings. Check the model in full "
+                                "precision (dtype, guidance, steps) before quantizing.")
         self.lo[group] = torch.minimum(self.lo[group], lo)
         self.hi[group] = torch.maximum(self.hi[group], hi)
         if self.percentile is not None:
@@ -188,7 +189,8 @@ def calibrate(runner: DenoiserRunner, prompts: list[str], seeds: list[int] | Non
         obs = observers[name] = RangeObserver(max(1, n_groups), 1 if kind == "conv2d" else -1,
                                               percentile if range_method == "percentile" else None,
                                               track_bos=bool(_BOS_LAYER.search(name)))
-        handles.append(m.register_forward_pre_hook(lambda mod, args, o=obs: o.update(args[0], state["group"])))
+        handles.append(m.register_forward_pre_hook(
+            lambda mod, args, o=obs, n=name: o.update(args[0], state["group"], n)))
     # the runner knows its schedule up front, so each call lands in its timestep group as it happens
     schedule = runner.timesteps()
     gmap = timestep_groups([DenoiserCall((), {}, float(t), 0) for t in schedule], n_groups) if schedule else None

@@ -62,6 +62,12 @@ def _log(text: str) -> None:
 
 
 def _host():
+    """The loaded checkpoint's host. Forge loads the checkpoint picked in the UI lazily, at the first generation:
+    load it now, as a generation would."""
+    from modules import sd_models
+
+    if hasattr(sd_models, "forge_model_reload"):
+        sd_models.forge_model_reload()
     return mq.host_for(shared.sd_model, _unload_all)
 
 
@@ -225,8 +231,8 @@ def _schedulers():
         return []
 
 
-def _rows(items, keys):
-    return [[it.get(k) for k in keys] for it in items]
+def _round(v, digits):
+    return round(v, digits) if isinstance(v, (int, float)) else v
 
 
 def on_ui_tabs():
@@ -290,8 +296,9 @@ def on_ui_tabs():
             res, err = _job("plan", plan, kind, value, abits, mode)
             if err:
                 return f"**Planning failed:** {err}", None, None, None
-            c = [[r.get("avg_w_bits"), round((r.get("bytes") or 0) / 1e6, 2), r.get("predicted_ssim"),
-                  r.get("predicted_sqnr_db")] for r in res.get("curve", [])]
+            c = [[_round(r.get("avg_w_bits"), 2), round((r.get("bytes") or 0) / 1e6, 2),
+                  _round(r.get("predicted_ssim"), 4), _round(r.get("predicted_sqnr_db"), 1)]
+                 for r in res.get("curve", [])]
             b = [[r["block"], round(r["avg_w_bits"], 2), r["layers"], round(r["bytes"] / 1e6, 3)]
                  for r in res["blocks"]]
             ly = [[r["name"], r["role"], r["w_bits"], r["a_bits"], r["format"], round((r["bytes"] or 0) / 1e6, 3)]

@@ -399,7 +399,7 @@ def _webui_modules(tmp_path, forge, inputs):
     paths, call_queue), with txt2img producing images from the stand-in Forge's FP UNet."""
     mods = {n: types.ModuleType(n) for n in ("modules", "modules.scripts", "modules.script_callbacks",
                                               "modules.shared", "modules.processing", "modules.paths",
-                                              "modules.call_queue")}
+                                              "modules.call_queue", "modules.sd_models")}
     pkg = mods["modules"]
     for n, m in mods.items():
         if n != "modules":
@@ -414,7 +414,12 @@ def _webui_modules(tmp_path, forge, inputs):
     for name in ("on_ui_tabs", "on_ui_settings", "on_app_started"):
         setattr(cb, name, (lambda n: lambda fn: cb.registered.setdefault(n, fn))(name))
     shared = mods["modules.shared"]
-    shared.sd_model, shared.state = forge.sd_model, _State()
+    # Forge loads the checkpoint picked in the UI at the first generation (sd_models.forge_model_reload)
+    shared.sd_model, shared.state = None, _State()
+
+    def forge_model_reload():
+        shared.sd_model = forge.sd_model
+    mods["modules.sd_models"].forge_model_reload = forge_model_reload
     shared.opts = types.SimpleNamespace(add_option=lambda *a: None)
     shared.OptionInfo = lambda *a, **k: (a, k)
     mods["modules.call_queue"].queue_lock = threading.Lock()
