@@ -200,6 +200,22 @@ def test_forge_quantizes_through_the_tab_api_and_generates_with_the_script(forge
     assert results["w8"]["psnr_vs_fp_db"] > 30, results
     assert results["w4.5"]["psnr_vs_fp_db"] > 20, results
 
+    # batches, hires fix and img2img get the quantized UNet too (every sampling pass starts from fresh objects)
+    imgs_b, info = forge.quant(n_iter=2)
+    assert all("MixQuant: " in t for t in info["infotexts"]) and len(info["infotexts"]) == 2
+    hr, info = forge.quant(enable_hr=True, hr_scale=2, hr_upscaler="Latent", denoising_strength=0.5,
+                           hr_second_pass_steps=4, hr_additional_modules=["Use same choices"])  # (Forge's API needs it)
+    assert hr.shape == (128, 128, 3) and info["extra_generation_params"]["MixQuant"].startswith(results["w4.5"]["file"])
+    buf = io.BytesIO()
+    from PIL import Image
+    Image.fromarray(fp.astype("uint8")).save(buf, format="PNG")
+    init = base64.b64encode(buf.getvalue()).decode()
+    status, body = forge.post("/sdapi/v1/img2img", {**GEN, "init_images": [init], "denoising_strength": 0.6,
+                                                    "alwayson_scripts": {"MixQuant": {"args": [True, "Automatic"]}}},
+                              timeout=JOB_TIMEOUT)
+    assert status == 200, body
+    assert json.loads(body["info"])["extra_generation_params"]["MixQuant"].startswith(results["w4.5"]["file"])
+
     # a LoRA acts on the quantized UNet as on the FP one
     lora = {"prompt": f"a red car <lora:{LORA[:-12]}:1>"}
     fpl, _ = forge.txt2img(**lora)
