@@ -3,7 +3,9 @@
 Binary c[i, j]: layer i takes option j of its menu; sum_j c[i, j] = 1. Minimise the summed sensitivity loss
 (relative output-noise power for quality layers, 1 - SSIM for content layers: per-layer losses add up, which is
 what makes the predicted curve below meaningful) subject to a budget on a cost (exact bytes, or bits x weights for
-an average-bits target) and optional extra linear constraints (e.g. the share of activations kept in 16 bits).
+an average-bits target), optionally a limit on the summed time of the chosen options (each option's measured
+seconds per denoiser call on the user's device: the plan is no slower than that limit), and optional extra linear
+constraints (e.g. the share of activations kept in 16 bits).
 """
 from __future__ import annotations
 
@@ -22,41 +24,89 @@ class Option:
     loss: float  # sensitivity loss (>= 0, lower is better)
     cost: float  # what the budget counts (bytes, or bits x params)
     extra: tuple = ()  # coefficients of the extra constraints
+    time: float = 0.0  # measured seconds per denoiser call with this option (the speed constraint)
 
 
 class Infeasible(MixQuantError):
-    def __init__(self, message: str, minimum: float):
+    """No plan meets the constraints. `minimum`: the smallest feasible cost (budget) at all; with a speed limit also
+    `fastest`: the least time any plan within the budget takes (None if no plan fits the budget) and
+    `smallest_at_speed`: the least cost of a plan within the time limit (None if no plan is that fast)."""
+
+    def __init__(self, message: str, minimum: float, fastest: float | None = None,
+                 smallest_at_speed: float | None = None):
         super().__init__(message)
-        self.minimum = minimum
+        self.minimum, self.fastest, self.smallest_at_speed = minimum, fastest, smallest_at_speed
 
 
-def solve(options: list[list[Option]], budget: float, extra_limits: tuple = (), time_limit: float = 10.0) -> list[int]:
-    """Pick one option per layer: minimise sum(loss) with sum(cost) <= budget and, for each extra constraint k,
-    sum(extra[k]) <= extra_limits[k]. Returns the chosen index per layer. Raises Infeasible (with the smallest
-    feasible budget) when even the cheapest choice does not fit. Past `time_limit` seconds (large models with the
-    16-bit-activation constraint) the best feasible plan found so far is returned."""
+def _one_per_layer(sizes: list[int]):
+    nvar = sum(sizes)
+    rows, start = [], 0
+    for n in sizes:  # exactly one option per layer
+        r = np.zeros(nvar)
+        r[start:start + n] = 1
+        rows.append(r)
+        start += n
+    return rows, [1] * len(sizes), [1] * len(sizes)
+
+
+def _least(options: list[list[Option]], objective: str, bound: str, limit: float, extra_limits: tuple = (),
+           time_limit: float = 10.0) -> float | None:
+    """The least sum of `objective` ("cost" or "time") over plans with sum(`bound`) <= limit and the extra
+    constraints; None when there is none."""
+    sizes = [len(o) for o in options]
+    rows, lbs, ubs = _one_per_layer(sizes)
+    vals = {k: np.array([getattr(o, k) for opts in options for o in opts], dtype=float) for k in ("cost", "time")}
+    scale = max(abs(limit), 1e-12)
+    rows.append(vals[bound] / scale)
+    lbs.append(-np.inf)
+    ubs.append(limit / scale * (1 + 1e-9))
+    for k, lim in enumerate(extra_limits):
+        rows.append(np.array([o.extra[k] for opts in options for o in opts], dtype=float))
+        lbs.append(-np.inf)
+        ubs.append(lim)
+    res = milp(vals[objective], constraints=LinearConstraint(np.array(rows), lbs, ubs),
+               integrality=np.ones(len(vals["cost"])), bounds=Bounds(0, 1), options={"time_limit": time_limit})
+    return None if res.x is None else float(vals[objective] @ np.round(res.x))
+
+
+def solve(options: list[list[Option]], budget: float, extra_limits: tuple = (), time_limit: float = 10.0,
+          max_time: float | None = None) -> list[int]:
+    """Pick one option per layer: minimise sum(loss) with sum(cost) <= budget, sum(time) <= max_time (when given)
+    and, for each extra constraint k, sum(extra[k]) <= extra_limits[k]. Returns the chosen index per layer. Raises
+    Infeasible when no plan fits: it carries the smallest feasible budget and, with a speed limit, the fastest plan
+    within the budget and the smallest plan at that speed (what the user can have instead). Past `time_limit`
+    seconds (large models with the 16-bit-activation constraint) the best feasible plan found so far is returned."""
     if not options:
         return []
     min_cost = sum(min(o.cost for o in opts) for opts in options)
+    if max_time is not None:
+        fastest = _least(options, "time", "cost", budget, extra_limits, time_limit) \
+            if min_cost <= budget * (1 + 1e-12) + 1e-9 else None
+        if fastest is None or fastest > max_time * (1 + 1e-9) + 1e-12:
+            at_speed = _least(options, "cost", "time", max_time, extra_limits, time_limit)
+            quickest = sum(min(o.time for o in opts) for opts in options)
+            what = (f"the smallest plan at that speed costs {at_speed:.6g}" if at_speed is not None else
+                    f"no plan is that fast (the fastest takes {quickest:.6g})")
+            within = (f"the fastest plan within budget {budget:.6g} takes {fastest:.6g}" if fastest is not None
+                      else f"budget {budget:.6g} is below the smallest feasible {min_cost:.6g}")
+            raise Infeasible(f"no plan is both within budget {budget:.6g} and within time {max_time:.6g}: {within}; "
+                             f"{what}", min_cost, fastest, at_speed)
     if min_cost > budget * (1 + 1e-12) + 1e-9:
         raise Infeasible(f"budget {budget:.6g} is below the smallest feasible {min_cost:.6g}", min_cost)
     sizes = [len(o) for o in options]
     nvar = sum(sizes)
     c = np.array([o.loss for opts in options for o in opts], dtype=float)
     cost = np.array([o.cost for opts in options for o in opts], dtype=float)
-    rows, lbs, ubs = [], [], []
-    start = 0
-    for n in sizes:  # exactly one option per layer
-        r = np.zeros(nvar)
-        r[start:start + n] = 1
-        rows.append(r)
-        lbs.append(1)
-        ubs.append(1)
-        start += n
+    rows, lbs, ubs = _one_per_layer(sizes)
     scale = max(abs(budget), 1.0)  # keep the budget row well conditioned
     rows.append(cost / scale)
     lbs.append(-np.inf)
     ubs.append(budget / scale)
+    if max_time is not None:
+        tscale = max(abs(max_time), 1e-12)
+        rows.append(np.array([o.time for opts in options for o in opts], dtype=float) / tscale)
+        lbs.append(-np.inf)
+        ubs.append(max_time / tscale * (1 + 1e-9))
     for k, limit in enumerate(extra_limits):
         rows.append(np.array([o.extra[k] for opts in options for o in opts], dtype=float))
         lbs.append(-np.inf)
@@ -73,7 +123,8 @@ def solve(options: list[list[Option]], budget: float, extra_limits: tuple = (), 
     return out
 
 
-def brute_force(options: list[list[Option]], budget: float, extra_limits: tuple = ()) -> tuple[float, list[int]]:
+def brute_force(options: list[list[Option]], budget: float, extra_limits: tuple = (),
+                max_time: float | None = None) -> tuple[float, list[int]]:
     """Exhaustive reference for small instances (tests)."""
     import itertools
 
@@ -81,6 +132,8 @@ def brute_force(options: list[list[Option]], budget: float, extra_limits: tuple 
     for combo in itertools.product(*[range(len(o)) for o in options]):
         chosen = [options[i][j] for i, j in enumerate(combo)]
         if sum(o.cost for o in chosen) > budget + 1e-9:
+            continue
+        if max_time is not None and sum(o.time for o in chosen) > max_time + 1e-9:
             continue
         if any(sum(o.extra[k] for o in chosen) > lim + 1e-9 for k, lim in enumerate(extra_limits)):
             continue

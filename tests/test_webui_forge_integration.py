@@ -32,7 +32,8 @@ FORGE = os.environ.get("FORGE_PATH")
 pytestmark = pytest.mark.skipif(not FORGE or not os.path.isfile(os.path.join(FORGE or "", "launch.py")),
                                 reason="set FORGE_PATH to a WebUI Forge checkout to run the Forge integration tests")
 
-_spec = importlib.util.spec_from_file_location("mq_comfy_it", os.path.join(REPO, "tests", "test_comfyui_integration.py"))
+_spec = importlib.util.spec_from_file_location("mq_comfy_it",
+                                               os.path.join(REPO, "tests", "test_comfyui_integration.py"))
 _comfy_it = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_comfy_it)  # the reduced SD1.5 checkpoint, its LoRA and the HTTP helpers
 
@@ -257,3 +258,26 @@ def test_forge_quantizes_through_the_tab_api_and_generates_with_the_script(forge
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "webui_forge.json"), "w") as f:
             json.dump({"generation": GEN, "results": results}, f, indent=1)
+
+
+def test_interrupt_stops_calibration_and_leaves_the_model_as_it_was(forge):
+    import threading
+
+    fp, _ = forge.txt2img()
+    res = {}
+    body = {"prompts": [f"a red car number {i}" for i in range(40)], "steps": 8, "width": 64, "height": 64,
+            "cfg_scale": 5, "sampler_name": "Euler"}
+    job = threading.Thread(target=lambda: res.update(r=forge.post("/mixquant/v1/calibrate", body,
+                                                                    timeout=JOB_TIMEOUT)))
+    job.start()
+    end = time.time() + 120
+    while "calibrating" not in forge.get("/mixquant/v1/status")["status"] and time.time() < end:
+        time.sleep(0.2)
+    status, _ = forge.post("/sdapi/v1/interrupt", {})
+    assert status == 200
+    job.join(timeout=JOB_TIMEOUT)
+    status, out = res["r"]
+    assert status == 400 and "interrupted" in out["error"], out
+    assert forge.get("/mixquant/v1/status")["status"] == "calibrate: interrupted"
+    again, info = forge.txt2img()  # the next generation runs, in full precision, as before
+    assert psnr(again, fp) == float("inf") and "MixQuant" not in info["extra_generation_params"]
