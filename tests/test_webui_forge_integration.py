@@ -273,9 +273,17 @@ def test_interrupt_stops_calibration_and_leaves_the_model_as_it_was(forge):
     end = time.time() + 120
     while "calibrating" not in forge.get("/mixquant/v1/status")["status"] and time.time() < end:
         time.sleep(0.2)
+    # a txt2img sent meanwhile waits for the calibration (the queue lock), then runs
+    gen = threading.Thread(target=lambda: res.update(img=forge.txt2img(), img_done=time.time()))
+    gen.start()
+    time.sleep(2)
+    assert gen.is_alive()
     status, _ = forge.post("/sdapi/v1/interrupt", {})
     assert status == 200
     job.join(timeout=JOB_TIMEOUT)
+    calib_done = time.time()
+    gen.join(timeout=JOB_TIMEOUT)
+    assert res["img_done"] >= calib_done - 0.5 and psnr(res["img"][0], fp) == float("inf")
     status, out = res["r"]
     assert status == 400 and "interrupted" in out["error"], out
     assert forge.get("/mixquant/v1/status")["status"] == "calibrate: interrupted"
