@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
 
 import numpy as np
@@ -304,7 +303,6 @@ class Session:
         self.plan_checkpoint: dict | None = None
         self._layers: dict = {}
         self.status = "idle"
-        self.lock = threading.Lock()
 
     # --- progress shown in the tab ---
     def progress(self, should_stop=None, also=None) -> Progress:
