@@ -1,6 +1,8 @@
 """Run by ComfyUI-Manager and by the WebUIs (Forge / A1111 run an extension's install.py at every start): installs
-what requirements.txt lists and is missing, and nothing else. Idempotent: with everything in place it starts no
-pip at all. Never touches torch (requirements.txt does not list it; the host keeps its own build)."""
+what requirements.txt lists and is not installed at all, and nothing else. A package the host already has stays at
+the host's version even where requirements.txt asks for a newer one (the host pins it: A1111 1.10 keeps transformers
+4.30; MixQuant inside a host does not need the newer one, only its CLI does): a line says so. Idempotent: with
+everything in place it starts no pip at all. Never touches torch (requirements.txt does not list it)."""
 import os
 import re
 import subprocess
@@ -19,32 +21,48 @@ def requirements(path: str) -> list[str]:
     return out
 
 
+def _name(req: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", req.strip(), maxsplit=1)[0]
+
+
 def missing(reqs: list[str]) -> list[str]:
-    """The requirements not satisfied by what is installed (all of them when that cannot be told)."""
+    """The requirements whose package is not installed at all."""
+    from importlib import metadata
+
+    out = []
+    for r in reqs:
+        try:
+            metadata.version(_name(r))
+        except metadata.PackageNotFoundError:
+            out.append(r)
+    return out
+
+
+def older(reqs: list[str]) -> list[str]:
+    """'name version (wants spec)' for installed packages older than requirements.txt asks (left as they are)."""
     from importlib import metadata
 
     try:
         from packaging.requirements import Requirement
-    except ImportError:  # no way to compare versions: let pip decide
-        return list(reqs)
+    except ImportError:
+        return []
     out = []
     for r in reqs:
         req = Requirement(r)
-        if req.name.lower() == "torch":
-            continue
         try:
             have = metadata.version(req.name)
         except metadata.PackageNotFoundError:
-            out.append(r)
             continue
         if req.specifier and not req.specifier.contains(have, prereleases=True):
-            out.append(r)
+            out.append(f"{req.name} {have} (MixQuant's CLI wants {req.specifier})")
     return out
 
 
 def main() -> int:
     reqs = [r for r in requirements(os.path.join(HERE, "requirements.txt"))
-            if not re.match(r"^torch\b", r, re.IGNORECASE)]
+            if _name(r).lower() != "torch"]
+    for line in older(reqs):
+        print(f"[MixQuant] keeping the installed {line}")
     todo = missing(reqs)
     if not todo:
         return 0
