@@ -1,8 +1,8 @@
 """Run by ComfyUI-Manager and by the WebUIs (Forge / A1111 run an extension's install.py at every start): installs
-what requirements.txt lists and is not installed at all, and nothing else. A package the host already has stays at
-the host's version even where requirements.txt asks for a newer one (the host pins it: A1111 1.10 keeps transformers
-4.30; MixQuant inside a host does not need the newer one, only its CLI does): a line says so. Idempotent: with
-everything in place it starts no pip at all. Never touches torch (requirements.txt does not list it)."""
+what requirements.txt lists (what MixQuant needs inside a host) and is not installed at all, and nothing else. A
+package the host already has stays at the host's version even where requirements.txt asks for a newer one (the host
+pins it): a line says so. Idempotent: with everything in place it starts no pip at all. Never touches torch
+(requirements.txt does not list it)."""
 import os
 import re
 import subprocess
@@ -54,7 +54,7 @@ def older(reqs: list[str]) -> list[str]:
         except metadata.PackageNotFoundError:
             continue
         if req.specifier and not req.specifier.contains(have, prereleases=True):
-            out.append(f"{req.name} {have} (MixQuant's CLI wants {req.specifier})")
+            out.append(f"{req.name} {have} (requirements.txt asks for {req.specifier})")
     return out
 
 
