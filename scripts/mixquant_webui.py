@@ -48,9 +48,9 @@ from modules import paths, processing, script_callbacks, scripts, shared  # noqa
 
 try:  # Forge
     from backend import memory_management as _mm
-    _unload_all = _mm.unload_all_models
+    _unload_all, _load_models = _mm.unload_all_models, _mm.load_models_gpu
 except ImportError:  # A1111
-    _unload_all = None
+    _unload_all = _load_models = None
 
 FOLDER = os.path.join(paths.models_path, "mixquant")
 SESSION = mq.Session(FOLDER)
@@ -67,8 +67,11 @@ def _host():
     from modules import sd_models
 
     if hasattr(sd_models, "forge_model_reload"):
-        sd_models.forge_model_reload()
-    return mq.host_for(shared.sd_model, _unload_all)
+        try:
+            sd_models.forge_model_reload()
+        except Exception as e:  # e.g. "You do not have any model!"
+            raise MixQuantError(f"the WebUI could not load a checkpoint ({e}): pick one at the top of the page.") from e
+    return mq.host_for(shared.sd_model, _unload_all, _load_models)
 
 
 # --- long jobs: the queue lock, progress, interruption ---------------------------------------------------------------
@@ -132,13 +135,12 @@ def _generate(settings: SamplerSettings):
 
 
 def calibrate(prompts, negative="", steps=20, cfg_scale=7.0, sampler_name="Euler", scheduler="Automatic", width=512,
-              height=512, seed=0, timestep_groups=1):
+              height=512, seed=0):
     settings = SamplerSettings(steps=int(steps), guidance=float(cfg_scale), scheduler=scheduler or "",
                                sampler_name=sampler_name, width=int(width), height=int(height),
                                negative_prompt=negative or "")
     host = _host()
-    return SESSION.calibrate(host, _generate(settings), prompts, settings, int(seed), int(timestep_groups),
-                             _progress())
+    return SESSION.calibrate(host, _generate(settings), prompts, settings, int(seed), 1, _progress())
 
 
 def plan(budget_kind="bits", budget=4.0, activation_bits=8, sensitivity="fast"):
@@ -183,18 +185,21 @@ class MixQuantScript(scripts.Script):
         if not enabled:
             return
         try:
-            host = mq.host_for(p.sd_model, _unload_all)
+            host = mq.host_for(p.sd_model, _unload_all, _load_models)
         except MixQuantError as e:
             text = f"failed: {e} Full precision used."
         else:
             text = SESSION.apply(host, p, choice or mq.AUTO)
         if text:
             p.extra_generation_params[mq.OPTION] = text
-            if text.startswith(("failed", "no MixQuant", "A1111's LoRA")):
-                _log(text)
+            _log(text)  # (the file used, or why full precision was used)
 
     def process(self, p, enabled=False, choice=mq.AUTO, *args, **kwargs):
         if _unload_all is None:  # A1111: swap the layers in for this generation
+            try:  # a generation that failed before its postprocess left them in: out first, whatever is chosen now
+                mq.host_for(p.sd_model).restore(p)
+            except MixQuantError:
+                pass
             self._apply(p, enabled, choice)
 
     def process_before_every_sampling(self, p, enabled=False, choice=mq.AUTO, *args, **kwargs):
@@ -255,10 +260,10 @@ def on_ui_tabs():
                 with gr.Row():
                     width = gr.Slider(label="Width", minimum=64, maximum=2048, step=8, value=512)
                     height = gr.Slider(label="Height", minimum=64, maximum=2048, step=8, value=512)
-                with gr.Row():
-                    seed = gr.Number(label="Seed (first prompt)", value=0, precision=0)
-                    groups = gr.Slider(label="Timestep groups", minimum=1, maximum=8, step=1, value=1)
-        calib_btn = gr.Button("1. Calibrate", variant="primary")
+                seed = gr.Number(label="Seed (first prompt)", value=0, precision=0)
+        with gr.Row():
+            calib_btn = gr.Button("1. Calibrate", variant="primary")
+            stop_btn = gr.Button("Interrupt")
         with gr.Row():
             budget_kind = gr.Radio(label="Budget", choices=["bits", "mb"], value="bits")
             budget = gr.Number(label="Average weight bits, or the UNet's megabytes", value=4.0)
@@ -312,10 +317,11 @@ def on_ui_tabs():
             return (f"Saved **{res['file']}** ({res['file_bytes'] / 1e6:.2f} MB, {res['layers']} quantized layers). "
                     "Turn on MixQuant under txt2img to use it.", _files_rows())
 
-        calib_btn.click(do_calibrate, inputs=[prompts, negative, steps, cfg, sampler, scheduler, width, height, seed,
-                                              groups], outputs=[result])
+        calib_btn.click(do_calibrate, inputs=[prompts, negative, steps, cfg, sampler, scheduler, width, height, seed],
+                        outputs=[result])
         plan_btn.click(do_plan, inputs=[budget_kind, budget, a_bits, sens], outputs=[result, curve, blocks, layers])
         save_btn.click(do_save, inputs=[label], outputs=[result, files_table])
+        stop_btn.click(lambda: shared.state.interrupt(), inputs=[], outputs=[])
         tab.load(_files_rows, inputs=[], outputs=[files_table])
     return [(tab, "MixQuant", "mixquant")]
 
@@ -328,10 +334,33 @@ def on_ui_settings():
 
 # --- the HTTP API --------------------------------------------------------------------------------------------------
 
+def _api_auth():
+    """The WebUI's --api-auth (user:password,...) for our routes too, as its own API checks it."""
+    from secrets import compare_digest
+
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    spec = getattr(getattr(shared, "cmd_opts", None), "api_auth", None)
+    if not spec:
+        return []
+    users = dict(item.split(":", 1) for item in spec.split(",") if ":" in item)
+
+    def check(credentials: HTTPBasicCredentials = Depends(HTTPBasic())):  # noqa: B008
+        want = users.get(credentials.username)
+        if want is None or not compare_digest(credentials.password, want):
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+        return True
+    return [Depends(check)]
+
+
 def on_app_started(demo, app):
-    from fastapi import Body
+    from fastapi import APIRouter, Body
     from fastapi.responses import JSONResponse
     from mixquant.quant.util import json_safe
+
+    api = APIRouter(dependencies=_api_auth())
 
     def answer(name, fn, *args, **kwargs):
         res, err = _job(name, fn, *args, **kwargs)
@@ -339,31 +368,32 @@ def on_app_started(demo, app):
             return JSONResponse(status_code=400, content={"error": err})
         return json_safe(res)
 
-    @app.post("/mixquant/v1/calibrate")
+    @api.post("/mixquant/v1/calibrate")
     def api_calibrate(body: dict = Body(default={})):
-        keys = ("negative", "steps", "cfg_scale", "sampler_name", "scheduler", "width", "height", "seed",
-                "timestep_groups")
+        keys = ("negative", "steps", "cfg_scale", "sampler_name", "scheduler", "width", "height", "seed")
         return answer("calibrate", calibrate, body.get("prompts") or [], **{k: body[k] for k in keys if k in body})
 
-    @app.post("/mixquant/v1/plan")
+    @api.post("/mixquant/v1/plan")
     def api_plan(body: dict = Body(default={})):
         keys = ("budget_kind", "budget", "activation_bits", "sensitivity")
         return answer("plan", plan, **{k: body[k] for k in keys if k in body})
 
-    @app.post("/mixquant/v1/quantize")
+    @api.post("/mixquant/v1/quantize")
     def api_quantize(body: dict = Body(default={})):
         return answer("quantize", quantize, body.get("label", ""))
 
-    @app.get("/mixquant/v1/files")
+    @api.get("/mixquant/v1/files")
     def api_files(all: bool = False):
         try:
             return json_safe(files(current_only=not all))
         except MixQuantError as e:
             return JSONResponse(status_code=400, content={"error": str(e)})
 
-    @app.get("/mixquant/v1/status")
+    @api.get("/mixquant/v1/status")
     def api_status():
         return {"status": SESSION.status}
+
+    app.include_router(api)
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)

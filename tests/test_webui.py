@@ -132,7 +132,8 @@ class UnetPatcher:
 
 
 class Memory:
-    """Forge's memory_management: loading a patcher first unloads a loaded clone of the same model."""
+    """Forge's memory_management: loading a patcher first unloads a loaded clone of the same model; the patcher
+    counts as loaded only once its LoRA refresh went through (LoadedModel.model_load)."""
 
     def __init__(self):
         self.loaded = None
@@ -169,8 +170,9 @@ class Forge:
         self.mem = Memory()
         self.original = UnetPatcher(KModel(dm))
         self.sd_model = types.SimpleNamespace(forge_objects=types.SimpleNamespace(unet=self.original),
+                                              forge_objects_original=types.SimpleNamespace(unet=self.original),
                                               sd_checkpoint_info=_checkpoint(sha))
-        self.host = mq.ForgeHost(self.sd_model, self.mem.unload_all)
+        self.host = mq.ForgeHost(self.sd_model, self.mem.unload_all, lambda ps: self.mem.load(ps[0]))
 
     def run(self, x, t, ctx):
         unet = self.sd_model.forge_objects.unet
@@ -532,3 +534,109 @@ def test_install_is_idempotent_and_leaves_torch_alone(monkeypatch, tmp_path):
     assert len(calls) == 1 and calls[0][-1] == "surely-not-installed-pkg-xyz>=1.0"
     assert not any("torch" in c or "numpy" in c for c in calls[0])
     assert inst.older(["numpy>=999"])[0].startswith("numpy ") and inst.missing(["numpy>=999"]) == []
+
+
+# --- what a review of the first version found --------------------------------------------------------------------
+
+def test_tab_steps_right_after_a_quantized_generation(tmp_path, dm, inputs, monkeypatch):
+    """After a MixQuant generation `forge_objects.unet` is still the quantized clone: the tab's next calibrate ->
+    plan -> quantize works on the checkpoint's own UNet (same fingerprint, a file that loads)."""
+    forge = Forge(dm)
+    fp0 = forge.run(*inputs).clone()
+    s, saved = _quantized(tmp_path, forge, inputs, monkeypatch)
+    q, text, _ = forge.generation(s, saved["file"], inputs=inputs)
+    assert text.startswith(saved["file"]) and patching.quantized_layers(forge.sd_model.forge_objects.unet)
+    s.calibrate(forge.host, forge.generate_images(inputs), "a cat", _settings())
+    s.plan(forge.host, "bits", 6.0, 8, "local")
+    again = s.quantize_and_save(forge.host, "again")
+    out, text, _ = forge.generation(s, again["file"], inputs=inputs)
+    assert text.startswith(again["file"]) and _sqnr(fp0, out) > 15
+    assert torch.equal(forge.generation(inputs=inputs)[0], fp0)
+
+
+def test_cached_layers_are_not_reused_for_another_checkpoint_in_the_same_module(tmp_path, dm, inputs, monkeypatch):
+    """A1111 loads another checkpoint of the same architecture into the same UNet object: a file picked by name is
+    checked against the weights again, not served from the cache."""
+    forge = Forge(dm)
+    s, saved = _quantized(tmp_path, forge, inputs, monkeypatch)
+    assert forge.generation(s, saved["file"], inputs=inputs)[1].startswith(saved["file"])
+    forge.generation(inputs=inputs)  # (the FP tree back in place)
+    with torch.no_grad():
+        for prm in forge.original.model.diffusion_model.parameters():
+            prm.mul_(1.5).add_(0.1)
+    forge.sd_model.sd_checkpoint_info = _checkpoint("ef" * 32, "other")
+    out, text, p = forge.generation(s, saved["file"], inputs=inputs)
+    assert text.startswith("failed: ") and "different" in text and not patching.quantized_layers(
+        p.sd_model.forge_objects.unet)
+
+
+def test_online_lora_unexpected_errors_and_file_names(tmp_path, dm, inputs, monkeypatch):
+    forge = Forge(dm)
+    fp0 = forge.run(*inputs).clone()
+    s, saved = _quantized(tmp_path, forge, inputs, monkeypatch)
+    # Forge's online LoRA would skip our layers: refused, full precision
+    unet = forge.original.clone()
+    unet.lora_patches[("x.safetensors", 1.0, 1.0, True)] = {}
+    forge.sd_model.forge_objects = types.SimpleNamespace(unet=unet)
+    p = types.SimpleNamespace(sd_model=forge.sd_model, extra_generation_params={}, prompt="a cat")
+    assert s.apply(forge.host, p, saved["file"]).startswith("Forge's online LoRA")
+    assert p.sd_model.forge_objects.unet is unet
+    # an error that is not ours: one line, full precision
+    monkeypatch.setattr(mq.ForgeHost, "apply", lambda self, p, layers, info: (_ for _ in ()).throw(
+        RuntimeError("out of memory")))
+    out, text, p = forge.generation(s, saved["file"], inputs=inputs)
+    assert text == "failed: RuntimeError: out of memory. Full precision used." and torch.equal(out, fp0)
+    assert mq.normalize_choice("automix_v2.safetensors") == "automix_v2.safetensors"
+    assert mq.normalize_choice("Automatic") == mq.AUTO == mq.normalize_choice(mq.AUTO)
+    with pytest.raises(mq.MixQuantError, match="one group"):
+        s.calibrate(forge.host, forge.generate_images(inputs), "a cat", _settings(), groups=3)
+
+
+def test_a_lora_refresh_that_fails_leaves_no_quantized_layer_in_the_tree(tmp_path, dm, inputs, monkeypatch):
+    """Forge registers a model as loaded only after its LoRA refresh: if the refresh raises (out of memory), nothing
+    would unpatch our layers later; the clone takes them out itself and the error goes on."""
+    forge = Forge(dm)
+    fp0 = forge.run(*inputs).clone()
+    s, saved = _quantized(tmp_path, forge, inputs, monkeypatch)
+    forge.generation(inputs=inputs)
+    names = [n for n in s.layers(forge.host, os.path.join(s.folder, saved["file"]))[0]][:2]
+    lora = {f"diffusion_model.{n}.weight": (torch.zeros(1, 1), torch.zeros(1, 1)) for n in names}
+    real = LoraLoader.refresh
+
+    def failing(self, lora_patches, offload_device=torch.device("cpu"), force_refresh=False):
+        if lora_patches:
+            raise RuntimeError("out of memory")
+        return real(self, lora_patches, offload_device, force_refresh)
+    monkeypatch.setattr(LoraLoader, "refresh", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        forge.generation(s, saved["file"], lora=lora, inputs=inputs)
+    assert not any(isinstance(m, QuantLayer) for m in forge.original.model.diffusion_model.modules())
+    monkeypatch.setattr(LoraLoader, "refresh", real)
+    assert torch.equal(forge.generation(inputs=inputs)[0], fp0)
+
+
+def test_a1111_generation_that_failed_is_undone_by_the_next(glue, tmp_path):
+    mod, forge = glue
+    dm = forge.original.model.diffusion_model
+    sd = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=dm), sd_checkpoint_info=_checkpoint())
+    host = mq.host_for(sd)
+    s = mod.SESSION
+    s.calibrate(host, forge.generate_images(forge_inputs(dm)), "a cat", _settings())
+    s.plan(host, "bits", 6.0, 8, "local")
+    saved = s.quantize_and_save(host)
+    p = types.SimpleNamespace(sd_model=sd, extra_generation_params={}, prompt="a cat")
+    mod.MixQuantScript().process(p, True, saved["file"])
+    assert any(isinstance(m, QuantLayer) for m in dm.modules())
+    # ... the generation fails before postprocess; the next one, MixQuant off, runs the FP UNet
+    mod.MixQuantScript().process(types.SimpleNamespace(sd_model=sd, extra_generation_params={}, prompt="a"), False,
+                                 mq.AUTO)
+    assert not any(isinstance(m, QuantLayer) for m in dm.modules())
+    p = types.SimpleNamespace(sd_model=sd, extra_generation_params={}, prompt="a cat", refiner_checkpoint="xl.ckpt")
+    mod.MixQuantScript().process(p, True, saved["file"])
+    assert p.extra_generation_params["MixQuant"].startswith("a refiner") and not any(
+        isinstance(m, QuantLayer) for m in dm.modules())
+
+
+def forge_inputs(dm):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20]), torch.randn(2, 6, 32, generator=g)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -145,11 +146,33 @@ def _lora_safe(base: type) -> type:
 
             def forge_patch_model(self, target_device=None):
                 reset_loras(self)  # merges made into the full-precision layers by an earlier generation
-                return super().forge_patch_model(target_device)
+                out = super().forge_patch_model(target_device)
+                # the full-precision layers our layers displaced wait off the GPU (Forge switches clones without
+                # moving the model: they would stay in VRAM beside ours, unseen by its memory accounting)
+                for m in self.object_patches_backup.values():
+                    if isinstance(m, nn.Module):
+                        m.to(self.offload_device)
+                return out
 
             def forge_unpatch_model(self, target_device=None):
                 reset_loras(self)  # merges made into our layers, before they leave the tree
-                return super().forge_unpatch_model(target_device)
+                ours = [m for m in self.object_patches.values() if isinstance(m, nn.Module)]
+                out = super().forge_unpatch_model(target_device)
+                for m in ours:  # (kept for the next generation by the session, off the GPU)
+                    m.to(self.offload_device)
+                return out
+
+            def refresh_loras(self):
+                try:
+                    return super().refresh_loras()
+                except BaseException:
+                    # Forge loads the model (our layers in the tree) before this and registers it as loaded only
+                    # after: take both out again, or no later load would ever unpatch them
+                    try:
+                        self.forge_unpatch_model()
+                    except Exception:  # (best effort: the refresh's own error is the one to report)
+                        pass
+                    raise
 
         _LoraSafe.__name__ = _LoraSafe.__qualname__ = f"MixQuant{base.__name__}"
         cls = _LORA_SAFE[base] = _LoraSafe
@@ -157,14 +180,18 @@ def _lora_safe(base: type) -> type:
 
 
 class ForgeHost:
-    """WebUI Forge: the UNet is `sd_model.forge_objects.unet` (a UnetPatcher)."""
+    """WebUI Forge: the UNet is `sd_model.forge_objects.unet` (a UnetPatcher). `unload_all` and `load_models` are
+    Forge's memory_management.unload_all_models / load_models_gpu."""
     name = "forge"
 
-    def __init__(self, sd_model, unload_all=None):
-        self.sd_model, self.unload_all = sd_model, unload_all
+    def __init__(self, sd_model, unload_all=None, load_models=None):
+        self.sd_model, self.unload_all, self.load_models = sd_model, unload_all, load_models
 
     def patcher(self):
-        return self.sd_model.forge_objects.unet
+        """The checkpoint's own UnetPatcher (after a MixQuant generation `forge_objects.unet` is still our clone
+        until the next generation resets it; the tab's steps work on the original)."""
+        original = getattr(self.sd_model, "forge_objects_original", None)
+        return original.unet if original is not None else self.sd_model.forge_objects.unet
 
     @property
     def denoiser(self) -> nn.Module:
@@ -176,7 +203,19 @@ class ForgeHost:
             self.unload_all()
         reset_loras(self.patcher())
 
-    def lora_refusal(self, p) -> str | None:
+    def load(self):
+        """The FP UNet loaded where Forge samples (measuring sensitivity calls it directly with recorded inputs that
+        live on that device)."""
+        self.clean()
+        if self.load_models is not None:
+            self.load_models([self.patcher()])
+
+    def refusal(self, p) -> str | None:
+        unet = p.sd_model.forge_objects.unet
+        if any(len(k) > 3 and k[3] for k in getattr(unet, "lora_patches", {})):
+            return ("Forge's online LoRA (the \"fp16 LoRA\" setting of Diffusion in Low Bits) is applied only by "
+                    "Forge's own layers, so it would skip the quantized ones: this generation uses the "
+                    "full-precision UNet. Turn that setting off to use a LoRA with MixQuant.")
         return None  # Forge's own LoRA loader works on our layers
 
     def apply(self, p, layers: dict, info: dict) -> None:
@@ -219,7 +258,7 @@ class A1111Host:
     into it and `restore` swaps the originals back (also before any other job, should a generation have failed)."""
     name = "a1111"
 
-    def __init__(self, sd_model, unload_all=None):
+    def __init__(self, sd_model, unload_all=None, load_models=None):
         self.sd_model = sd_model
         # (parent, attribute, original module), kept on the model: the script's hooks each make their own host
         self._swapped: list = sd_model.__dict__.setdefault("_mixquant_swapped", [])
@@ -235,8 +274,16 @@ class A1111Host:
     def clean(self):
         self.restore()
 
-    def lora_refusal(self, p) -> str | None:
-        prompts = [getattr(p, "prompt", "")] + list(getattr(p, "all_prompts", None) or [])
+    def load(self):
+        self.restore()
+
+    def refusal(self, p) -> str | None:
+        other = [getattr(p, "refiner_checkpoint", None), getattr(p, "hr_checkpoint_name", None)]
+        if any(c and c not in ("None", "Use same checkpoint") for c in other):
+            return ("a refiner or a second checkpoint for hires fix loads other weights into this UNet: this "
+                    "generation uses the full-precision UNet.")
+        prompts = [getattr(p, "prompt", ""), getattr(p, "hr_prompt", "")]
+        prompts += list(getattr(p, "all_prompts", None) or []) + list(getattr(p, "all_hr_prompts", None) or [])
         if any(_LORA_TAG.search(x or "") for x in prompts if isinstance(x, str)):
             return ("A1111's LoRA patches full-precision Linear/Conv2d layers only, so it would skip the quantized "
                     "ones: this generation uses the full-precision UNet. Use WebUI Forge for LoRA on a MixQuant UNet, "
@@ -262,10 +309,10 @@ class A1111Host:
             setattr(parent, attr, orig)
 
 
-def host_for(sd_model, unload_all=None):
+def host_for(sd_model, unload_all=None, load_models=None):
     """The host of a loaded WebUI model: Forge has `forge_objects`, A1111 `model.diffusion_model`."""
     if getattr(sd_model, "forge_objects", None) is not None:
-        return ForgeHost(sd_model, unload_all)
+        return ForgeHost(sd_model, unload_all, load_models)
     if getattr(getattr(sd_model, "model", None), "diffusion_model", None) is not None:
         return A1111Host(sd_model, unload_all)
     raise MixQuantError("no model is loaded, or it is not one MixQuant knows (SD1.x, SD2.x, SDXL): load a "
@@ -315,6 +362,9 @@ class Session:
     # --- step 1 ---
     def calibrate(self, host, generate, prompts, settings: SamplerSettings, seed: int = 0, groups: int = 1,
                   progress: Progress | None = None) -> dict:
+        if int(groups) != 1:  # (calibration sorts calls into groups by the schedule, known before sampling)
+            raise MixQuantError("timestep groups need the sampler's schedule before sampling, which the WebUI does "
+                                "not give: calibrate with one group here.")
         plist = parse_prompts(prompts)
         ckpt = checkpoint_of(host.sd_model)
         host.clean()
@@ -347,10 +397,13 @@ class Session:
         cfg = QuantizeConfig(avg_w_bits=budget if budget_kind == "bits" else None,
                              budget_mb=budget if budget_kind == "mb" else None, a_bits=int(activation_bits),
                              act_groups=calib.n_groups, sens_mode=sensitivity)
-        host.clean()
+        host.load()
         runner.denoiser = host.denoiser
-        res = plan_from_calibration(runner, calib, cfg, progress or self.progress(), type(host.denoiser).__name__,
-                                    base_fp)
+        try:
+            res = plan_from_calibration(runner, calib, cfg, progress or self.progress(),
+                                        type(host.denoiser).__name__, base_fp)
+        finally:
+            host.clean()  # (the tree's modules back where Forge expects them, whatever the plan left loaded)
         self.plan_result, self.plan_checkpoint = res, ckpt
         self.status = "planned"
         return {"text": report_text(res.report), **report_view(res.report)}
@@ -383,7 +436,7 @@ class Session:
                               extra=json_safe(extra))
         info = {"base_fingerprint": plan.base_fingerprint, "group_bounds": plan.group_bounds or [], "report": s,
                 "source": os.path.basename(path)}
-        self._layers = {self._key(path, host): (layers, info)}
+        self._remember(self._key(path, host), host, layers, info)
         self.status = f"saved {os.path.basename(path)}"
         return {"file": os.path.basename(path), "path": path, "file_bytes": size, "layers": len(layers),
                 "bytes_quantized": s.get("bytes_quantized"), "bytes_fp16": s.get("bytes_fp16")}
@@ -419,8 +472,10 @@ class Session:
             return None
         if choice == AUTO:
             files = [e for e in self.files(checkpoint) if "error" not in e]
-            if not files:
-                bad = [e for e in self.files(checkpoint) if "error" in e]
+            if not files:  # an unreadable file named as the tab names this checkpoint's files
+                stem = f"{_safe_label(checkpoint.get('name', '')) or 'model'}-{(checkpoint.get('sha256') or '')[:10]}-"
+                bad = [e for e in self.files() if "error" in e and checkpoint.get("sha256")
+                       and e["file"].startswith(stem)]
                 if bad:
                     raise MixQuantError(bad[0]["error"])
                 return None
@@ -431,17 +486,24 @@ class Session:
         return path
 
     def _key(self, path: str, host) -> tuple:
+        """A file's layers are reused only for the same file (size, time) on the same UNet object holding the same
+        checkpoint (A1111 loads another checkpoint of the same architecture into the same module)."""
         st = os.stat(path)
-        return (os.path.realpath(path), st.st_size, st.st_mtime_ns, id(host.denoiser))
+        return (os.path.realpath(path), st.st_size, st.st_mtime_ns, id(host.denoiser),
+                checkpoint_of(host.sd_model)["sha256"])
+
+    def _remember(self, key, host, layers, info):
+        self._layers = {key: (weakref.ref(host.denoiser), layers, info)}  # one file at a time in memory
 
     def layers(self, host, path: str) -> tuple[dict, dict]:
         """The quantized layers of `path` for the loaded UNet (every check of the file format runs first)."""
         key = self._key(path, host)
-        if key not in self._layers:
+        hit = self._layers.get(key)
+        if hit is None or hit[0]() is not host.denoiser:
             host.clean()
             layers, info = load_quantized_layers(host.patcher(), path)
-            self._layers = {key: (layers, info)}  # one file at a time in memory
-        return self._layers[key]
+            self._remember(key, host, layers, info)
+        return self._layers[key][1:]
 
     # --- a generation ---
     def apply(self, host, p, choice: str) -> str | None:
@@ -453,7 +515,7 @@ class Session:
             if path is None:
                 return (f"no MixQuant file for this checkpoint ({ckpt['name']}); full precision used"
                         if normalize_choice(choice) == AUTO else None)
-            refusal = host.lora_refusal(p)
+            refusal = host.refusal(p)
             if refusal:
                 return refusal
             layers, info = self.layers(host, path)
@@ -465,12 +527,15 @@ class Session:
         except MixQuantError as e:
             host.restore(p)
             return f"failed: {e} Full precision used."
+        except Exception as e:  # a bug or the host's own error: still one line and a full-precision image
+            host.restore(p)
+            return f"failed: {type(e).__name__}: {e}. Full precision used."
 
 
 def normalize_choice(choice) -> str:
     """The script's file choice as the UI or an API caller gives it: AUTO, OFF or a file name."""
     text = str(choice or "").strip()
-    if not text or text.lower().startswith(("auto", "automatic")):
+    if not text or text == AUTO or text.lower() in ("auto", "automatic") or text.lower().startswith("automatic ("):
         return AUTO
     if text.lower() in ("off", "none", "fp", "full precision"):
         return OFF
