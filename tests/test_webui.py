@@ -640,3 +640,25 @@ def test_a1111_generation_that_failed_is_undone_by_the_next(glue, tmp_path):
 def forge_inputs(dm):
     g = torch.Generator().manual_seed(1)
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20]), torch.randn(2, 6, 32, generator=g)
+
+
+def test_a1111_lora_merged_in_place_is_taken_out_before_the_tab_reads_weights(tmp_path, dm, inputs, monkeypatch):
+    """A1111's LoRA merges into Linear/Conv2d weights in place (originals in network_weights_backup, restored only at
+    a later forward): calibrating, fingerprinting and quantizing right after such a generation read the checkpoint's
+    own weights, and the module is marked as holding no network any more."""
+    sd = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=dm), sd_checkpoint_info=_checkpoint())
+    host = mq.host_for(sd)
+    from mixquant.quant.fileformat import fingerprint
+    clean_fp = fingerprint(dm)
+    layer = next(m for m in dm.modules() if isinstance(m, nn.Linear))
+    layer.network_weights_backup = layer.weight.detach().clone()
+    layer.network_bias_backup = None if layer.bias is None else layer.bias.detach().clone()
+    layer.network_current_names = (("style", 1.0, 1.0, None),)
+    with torch.no_grad():
+        layer.weight.add_(0.5)  # what the merged LoRA did
+    assert fingerprint(dm)["id"] != clean_fp["id"]  # (the merge shows in the fingerprint)
+    monkeypatch.setattr(mq, "QuantizeConfig", _fast_config)
+    s = mq.Session(str(tmp_path / "mq"))
+    s.calibrate(host, Forge(dm).generate_images(inputs), "a cat", _settings())
+    assert torch.equal(layer.weight, layer.network_weights_backup) and layer.network_current_names == ()
+    assert s.calibration[2] == fingerprint(dm) and s.calibration[2]["id"] == clean_fp["id"]

@@ -264,7 +264,7 @@ class A1111Host:
         self._swapped: list = sd_model.__dict__.setdefault("_mixquant_swapped", [])
 
     def patcher(self):
-        self.restore()
+        self.clean()
         return _TreePatcher(self.sd_model.model.diffusion_model)
 
     @property
@@ -272,10 +272,24 @@ class A1111Host:
         return self.sd_model.model.diffusion_model
 
     def clean(self):
+        """The UNet as the checkpoint has it: our swap undone, and any LoRA A1111's built-in extension merged into
+        the weights in place taken out (it keeps the originals in `network_weights_backup` / `network_bias_backup`
+        and restores them lazily, at the next forward with other networks; calibration, fingerprints and
+        quantization must read the checkpoint's own weights)."""
         self.restore()
+        with torch.no_grad():
+            for m in self.sd_model.model.diffusion_model.modules():
+                if not getattr(m, "network_current_names", ()):
+                    continue
+                w, b = getattr(m, "network_weights_backup", None), getattr(m, "network_bias_backup", None)
+                if w is not None and isinstance(getattr(m, "weight", None), torch.Tensor):
+                    m.weight.copy_(w)
+                if b is not None and isinstance(getattr(m, "bias", None), torch.Tensor):
+                    m.bias.copy_(b)
+                m.network_current_names = ()
 
     def load(self):
-        self.restore()
+        self.clean()
 
     def refusal(self, p) -> str | None:
         other = [getattr(p, "refiner_checkpoint", None), getattr(p, "hr_checkpoint_name", None)]
