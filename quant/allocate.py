@@ -38,35 +38,46 @@ class Infeasible(MixQuantError):
         self.minimum, self.fastest, self.smallest_at_speed = minimum, fastest, smallest_at_speed
 
 
-def _one_per_layer(sizes: list[int]):
+def _values(options: list[list[Option]], key: str) -> np.ndarray:
+    return np.array([getattr(o, key) for opts in options for o in opts], dtype=float)
+
+
+def _milp(options: list[list[Option]], objective: np.ndarray, limits: dict, extra_limits: tuple = (),
+          time_limit: float = 10.0):
+    """The MILP's 0/1 solution (or None): one option per layer, sum(key) <= limit for each `limits` entry ("cost",
+    "time"), the extra constraints; minimising `objective`."""
+    sizes = [len(o) for o in options]
     nvar = sum(sizes)
-    rows, start = [], 0
+    rows, lbs, ubs, start = [], [], [], 0
     for n in sizes:  # exactly one option per layer
         r = np.zeros(nvar)
         r[start:start + n] = 1
         rows.append(r)
+        lbs.append(1)
+        ubs.append(1)
         start += n
-    return rows, [1] * len(sizes), [1] * len(sizes)
+    for key, limit in limits.items():
+        # rows scaled to ~1 (well conditioned); a time limit gets a relative slack (sums of measured seconds)
+        scale, slack = (max(abs(limit), 1.0), 1.0) if key == "cost" else (max(abs(limit), 1e-12), 1 + 1e-9)
+        rows.append(_values(options, key) / scale)
+        lbs.append(-np.inf)
+        ubs.append(limit / scale * slack)
+    for k, lim in enumerate(extra_limits):
+        rows.append(np.array([o.extra[k] for opts in options for o in opts], dtype=float))
+        lbs.append(-np.inf)
+        ubs.append(lim)
+    res = milp(objective, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=np.ones(nvar),
+               bounds=Bounds(0, 1), options={"time_limit": time_limit})
+    return res, (None if res.x is None else np.round(res.x))
 
 
 def _least(options: list[list[Option]], objective: str, bound: str, limit: float, extra_limits: tuple = (),
            time_limit: float = 10.0) -> float | None:
     """The least sum of `objective` ("cost" or "time") over plans with sum(`bound`) <= limit and the extra
     constraints; None when there is none."""
-    sizes = [len(o) for o in options]
-    rows, lbs, ubs = _one_per_layer(sizes)
-    vals = {k: np.array([getattr(o, k) for opts in options for o in opts], dtype=float) for k in ("cost", "time")}
-    scale = max(abs(limit), 1e-12)
-    rows.append(vals[bound] / scale)
-    lbs.append(-np.inf)
-    ubs.append(limit / scale * (1 + 1e-9))
-    for k, lim in enumerate(extra_limits):
-        rows.append(np.array([o.extra[k] for opts in options for o in opts], dtype=float))
-        lbs.append(-np.inf)
-        ubs.append(lim)
-    res = milp(vals[objective], constraints=LinearConstraint(np.array(rows), lbs, ubs),
-               integrality=np.ones(len(vals["cost"])), bounds=Bounds(0, 1), options={"time_limit": time_limit})
-    return None if res.x is None else float(vals[objective] @ np.round(res.x))
+    values = _values(options, objective)
+    _, x = _milp(options, values, {bound: limit}, extra_limits, time_limit)
+    return None if x is None else float(values @ x)
 
 
 def solve(options: list[list[Option]], budget: float, extra_limits: tuple = (), time_limit: float = 10.0,
@@ -93,31 +104,13 @@ def solve(options: list[list[Option]], budget: float, extra_limits: tuple = (), 
                              f"{what}", min_cost, fastest, at_speed)
     if min_cost > budget * (1 + 1e-12) + 1e-9:
         raise Infeasible(f"budget {budget:.6g} is below the smallest feasible {min_cost:.6g}", min_cost)
-    sizes = [len(o) for o in options]
-    nvar = sum(sizes)
-    c = np.array([o.loss for opts in options for o in opts], dtype=float)
-    cost = np.array([o.cost for opts in options for o in opts], dtype=float)
-    rows, lbs, ubs = _one_per_layer(sizes)
-    scale = max(abs(budget), 1.0)  # keep the budget row well conditioned
-    rows.append(cost / scale)
-    lbs.append(-np.inf)
-    ubs.append(budget / scale)
-    if max_time is not None:
-        tscale = max(abs(max_time), 1e-12)
-        rows.append(np.array([o.time for opts in options for o in opts], dtype=float) / tscale)
-        lbs.append(-np.inf)
-        ubs.append(max_time / tscale * (1 + 1e-9))
-    for k, limit in enumerate(extra_limits):
-        rows.append(np.array([o.extra[k] for opts in options for o in opts], dtype=float))
-        lbs.append(-np.inf)
-        ubs.append(limit)
-    res = milp(c, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=np.ones(nvar),
-               bounds=Bounds(0, 1), options={"time_limit": time_limit})
-    if res.x is None:
+    limits = {"cost": budget} if max_time is None else {"cost": budget, "time": max_time}
+    res, x = _milp(options, _values(options, "loss"), limits, extra_limits, time_limit)
+    if x is None:
         raise Infeasible(f"no allocation satisfies the constraints (solver: {res.message})", min_cost)
-    x = np.round(res.x).astype(int)
+    x = x.astype(int)
     out, start = [], 0
-    for n in sizes:
+    for n in (len(o) for o in options):
         out.append(int(np.argmax(x[start:start + n])))
         start += n
     return out
