@@ -1,4 +1,4 @@
-"""Small things every host shares: prompt lists from text, JSON-safe values, atomic file writes."""
+"""Small things every host shares: prompt lists from text, images as tensors, JSON-safe values, atomic file writes."""
 from __future__ import annotations
 
 import math
@@ -17,6 +17,25 @@ def parse_prompts(text_or_lines, required: bool = True, hint: str = "one per lin
     if required and not prompts:
         raise MixQuantError(f"the prompt list is empty: give at least one prompt to calibrate on ({hint}).")
     return prompts
+
+
+def images_to_tensor(images):
+    """Images as a float [B, 3, H, W] tensor in [0, 1]: a list of PIL images (anything with `.convert`) or of
+    H x W x C arrays in 0..255, or a tensor / list of tensors in [0, 1] ([N,C,H,W] or [N,H,W,C]; gray repeated)."""
+    import torch
+
+    if isinstance(images, (list, tuple)) and images and not torch.is_tensor(images[0]):
+        import numpy as np
+
+        arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.float32) / 255.0
+                        for im in images])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2)
+    x = torch.as_tensor(images if not isinstance(images, (list, tuple)) else torch.stack(list(images))).float()
+    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return x.clamp(0, 1)
 
 
 def json_safe(x):

@@ -26,7 +26,6 @@ import re
 import time
 import weakref
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -44,22 +43,13 @@ from ..quant.engine import QuantizeConfig
 from ..quant.errors import MixQuantError
 from ..quant.fileformat import fingerprint, read_header, save_quantized
 from ..quant.runner import DenoiserRunner, Progress, SamplerSettings
-from ..quant.util import json_safe, parse_prompts
+from ..quant.util import images_to_tensor, json_safe, parse_prompts
 
 OPTION = "MixQuant"  # the infotext key, the script's title
 AUTO, OFF = "Automatic (this checkpoint's newest file)", "Off"
 
 
 # --- the runner -------------------------------------------------------------------------------------------------------
-
-def pil_to_tensor(images) -> torch.Tensor:
-    """PIL images (or arrays) -> [B, 3, H, W] float32 in [0, 1]."""
-    out = []
-    for im in images:
-        a = np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.float32) / 255.0
-        out.append(torch.from_numpy(a).permute(2, 0, 1))
-    return torch.stack(out)
-
 
 class WebUIRunner(DenoiserRunner):
     """quant/'s runner over the WebUI: `generate(prompts, seeds)` makes one image per prompt with the WebUI's own
@@ -91,7 +81,7 @@ class WebUIRunner(DenoiserRunner):
         images = self.generate(list(prompts), [int(s) for s in seeds])
         if len(images) != len(prompts):
             raise MixQuantError(f"the WebUI made {len(images)} images for {len(prompts)} prompts")
-        return pil_to_tensor(images)
+        return images_to_tensor(images)
 
 
 # --- the hosts ----------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch
 
 from ...quant import metrics as M
 from ...quant.errors import MixQuantError
+from ...quant.util import images_to_tensor
 
 
 def _detach(x):
@@ -171,20 +172,6 @@ def compare_pipelines(fp_pipe, q_pipe, prompts: list[str], seeds: list[int], ste
     return result
 
 
-def _to_tensor(images) -> torch.Tensor:
-    if isinstance(images, (list, tuple)) and images and not torch.is_tensor(images[0]):
-        import numpy as np
-
-        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
-        return torch.from_numpy(arr).permute(0, 3, 1, 2)
-    x = torch.as_tensor(images if not isinstance(images, (list, tuple)) else torch.stack(list(images))).float()
-    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        x = x.permute(0, 3, 1, 2)
-    if x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1)
-    return x.clamp(0, 1)
-
-
 def save_grid(fp_images, q_images, path: str, columns: int = 10, tile: int = 96, gap: int = 2) -> str:
     """PNG grid: a row of FP images above the row of the matching quantized images (pairs of rows repeat when
     there are more than `columns` images). Images: [N,C,H,W] / [N,H,W,C] in [0,1] or lists of PIL images; each is
@@ -193,7 +180,7 @@ def save_grid(fp_images, q_images, path: str, columns: int = 10, tile: int = 96,
 
     from .images import save_png_atomic
 
-    a, b = _to_tensor(fp_images), _to_tensor(q_images)
+    a, b = images_to_tensor(fp_images), images_to_tensor(q_images)
     if a.shape != b.shape:
         raise MixQuantError(f"save_grid: FP images {tuple(a.shape)} and quantized {tuple(b.shape)} differ in shape")
     n, _, h, w = a.shape
