@@ -11,6 +11,7 @@ COMFYUI_PYTHON: the interpreter of ComfyUI's environment (default: this one). Ev
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -164,25 +165,31 @@ def server(tmp_path_factory):
                                  "--disable-auto-launch", "--extra-model-paths-config", cfg,
                                  "--output-directory", os.path.join(base, "output")],
                                 cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT, env=env)
-    srv = Server(base, port, proc, log)
+    with serving(Server(base, port, proc, log), "/object_info/KSampler", "ComfyUI", START_TIMEOUT) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def serving(srv, probe: str, name: str, timeout: float):
+    """`srv` once `probe` answers (its process is stopped on the way out, whatever happened)."""
     try:
-        end = time.time() + START_TIMEOUT
+        end = time.time() + timeout
         while True:
             try:
-                srv.get("/object_info/KSampler", timeout=5)
+                srv.get(probe, timeout=5)
                 break
             except (urllib.error.URLError, ConnectionError, OSError):
-                if proc.poll() is not None or time.time() > end:
-                    raise AssertionError("ComfyUI did not start:\n" + srv.tail())
+                if srv.proc.poll() is not None or time.time() > end:
+                    raise AssertionError(f"{name} did not start:\n" + srv.tail())
                 time.sleep(1)
         yield srv
     finally:
-        proc.terminate()
+        srv.proc.terminate()
         try:
-            proc.wait(timeout=30)
+            srv.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+            srv.proc.kill()
+            srv.proc.wait(timeout=30)
 
 
 def _example(name: str) -> dict:

@@ -23,7 +23,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
 
 import pytest
 
@@ -131,25 +130,8 @@ def forge(tmp_path_factory):
                                  "--skip-torch-cuda-test", "--skip-version-check", "--always-cpu", "--api",
                                  "--nowebui", "--server-name", "127.0.0.1", "--port", str(port), "--data-dir", data],
                                 cwd=FORGE, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    srv = Forge(data, port, proc, log)
-    try:
-        end = time.time() + START_TIMEOUT
-        while True:
-            try:
-                srv.get("/sdapi/v1/sd-models", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if proc.poll() is not None or time.time() > end:
-                    raise AssertionError("Forge did not start:\n" + srv.tail())
-                time.sleep(1)
+    with _comfy_it.serving(Forge(data, port, proc, log), "/sdapi/v1/sd-models", "Forge", START_TIMEOUT) as srv:
         yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
 
 
 def _log_since(srv, mark: int) -> str:
