@@ -34,6 +34,7 @@ def plan_from_calibration(runner: DenoiserRunner, calib: Calibration, cfg: engin
     """Sensitivity (cached on disk) -> MILP allocation with the content/quality coupling sweep -> report (with the
     predicted quantized size; Quantize measures it). The runner's denoiser is swapped only temporarily."""
     cfg.check()
+    engine.check_budget(runner.denoiser, cfg)  # before minutes of sensitivity measurement, not after (as engine.run)
     t_start = time.time()
     base_fingerprint = base_fingerprint or fingerprint(runner.denoiser)
     prepared = engine.prepare(runner, calib.prompts, cfg, calib.seeds, progress, calibration=calib,

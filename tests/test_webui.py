@@ -662,3 +662,16 @@ def test_a1111_lora_merged_in_place_is_taken_out_before_the_tab_reads_weights(tm
     s.calibrate(host, Forge(dm).generate_images(inputs), "a cat", _settings())
     assert torch.equal(layer.weight, layer.network_weights_backup) and layer.network_current_names == ()
     assert s.calibration[2] == fingerprint(dm) and s.calibration[2]["id"] == clean_fp["id"]
+
+
+def test_an_infeasible_budget_is_refused_before_sensitivity_is_measured(tmp_path, dm, inputs, monkeypatch):
+    """The tab's default budget (4 bits) on a model whose protected layers make that impossible: one message naming
+    the smallest feasible budget, at once, not after minutes of measuring (as `engine.run` already did)."""
+    from mixquant.quant import engine
+
+    forge = Forge(dm)
+    s = mq.Session(str(tmp_path / "mq"))
+    s.calibrate(forge.host, forge.generate_images(inputs), "a cat", _settings())
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: pytest.fail("sensitivity measured for an infeasible plan"))
+    with pytest.raises(mq.MixQuantError, match="cannot be met: the smallest feasible average"):
+        s.plan(forge.host, "bits", 1.0, 8, "fast")
