@@ -26,6 +26,7 @@ import torch
 
 from ..quant.errors import MixQuantError
 from ..quant.sizes import model_bytes
+from ..quant.speed import speed_text
 from ..quant.util import json_safe, parse_prompts
 
 log = logging.getLogger("mixquant.demo")
@@ -317,6 +318,7 @@ class DemoBackend:
                        "quantize": t_quant, **{f"peak_{k}_bytes": v["peak"] for k, v in timing.items()
                                                if v.get("peak")}},
             "timings_s": report["timings_s"], "sensitivity_cached": report.get("sensitivity_cached"),
+            "speed": report.get("speed"),
         }
         report["demo"] = numbers
         return QuantResult(s, qpipe, report, {**numbers, "_images": (fp_images, q_images, shown)})
@@ -523,9 +525,9 @@ def numbers_markdown(n: dict) -> str:
            + (f", digit read correctly: FP {q['content_accuracy_fp']:.0%}, quantized {q['content_accuracy']:.0%}"
               if q.get("content_accuracy") is not None else ""),
            "", *rows, ""]
-    if n["device"] == "cpu":
-        out.append("_On the CPU the quantized layers run the torch reference kernels (unpack, then float matmul), so "
-                   "they are slower than FP here; the speed-up comes from the Triton kernels on a GPU._")
+    if n.get("speed"):
+        out.append("**Speed (one denoiser call):** " + speed_text(n["speed"]).replace("\n", "  \n") + "")
+        out.append("")
     tq = n["timings_s"]
     out.append(f"_Quantizing took {t['quantize']:.1f} s (calibrate {tq.get('calibrate', 0):.1f} s, sensitivity "
                + ("from cache" if n.get("sensitivity_cached") else f"{tq.get('sensitivity', 0):.1f} s")
@@ -541,6 +543,8 @@ def prediction_markdown(p: dict, info: ModelInfo, cal: CalibResult | None, stale
             f"average {p['avg_w_bits']:.2f} weight bits")
     if p.get("exact"):
         size += f", {p['avg_a_bits']:.2f} activation bits  \n"
+        if p.get("speed"):
+            size += "**Speed:** " + speed_text(p["speed"]).replace("\n", "  \n") + "  \n"
         if cal is not None and cal.settings.sens_mode != "full":
             return size + (f"**Predicted ({cal.settings.sens_mode} sensitivity, a proxy for ranking budgets):** "
                            f"content score {p['predicted_ssim']:.3f}, quality-layer SNR {_num(p['predicted_sqnr_db'], '{:.1f}')} "

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..quant.engine import QuantizeConfig
+from ..quant.engine import SPEEDS, QuantizeConfig
 from ..quant.errors import InterruptedRun, MixQuantError
 from ..quant.fileformat import fingerprint, load_quantized, read_header, same_base, save_quantized
 from ..quant.native import export_native, save_native, split_model
 from ..quant.runner import Progress
+from ..quant.speed import speed_text
 from ..quant.util import json_safe, parse_prompts
 from . import patching
 from .planning import PlanResult, plan_from_calibration
@@ -238,9 +239,17 @@ class MixQuantPlan(MixQuantNode):
             "tooltip": "fast (default): each layer's noise weighted by its measured effect on the denoiser output "
                        "(minutes for SDXL); full: MixDQ's exhaustive image-level metrics (the reference, slow); "
                        "local: each layer's own output noise"})
+        speed = (list(SPEEDS), {
+            "tooltip": "auto (default): the plan runs at least min_speed x the float model's speed on this GPU/CPU "
+                       "(every layer timed in every format) where the budget allows, else as fast as the budget "
+                       "allows, and says what size would reach that speed; require: that speed or an error naming "
+                       "what is feasible; off: no timing"})
+        min_speed = ("FLOAT", {"default": 1.0, "min": 0.05, "max": 100.0, "step": 0.05,
+                               "tooltip": "The speed to hold, as a factor of the float model's (1 = never slower)."})
         return {"required": {"calibration": ("MIXQUANT_CALIBRATION",), "budget_kind": (BUDGET_KINDS,),
                              "budget": budget, "activation_bits": (["8", "16", "4"],), "target": (TARGETS,)},
-                "optional": {"sensitivity": sensitivity}, "hidden": {"unique_id": "UNIQUE_ID"}}
+                "optional": {"sensitivity": sensitivity, "speed": speed, "min_speed": min_speed},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, budget_kind=None, budget=None):
@@ -250,14 +259,15 @@ class MixQuantPlan(MixQuantNode):
             return "the budget must be positive"
         return True
 
-    def plan(self, calibration, budget_kind, budget, activation_bits, target, sensitivity="fast", unique_id=None):
+    def plan(self, calibration, budget_kind, budget, activation_bits, target, sensitivity="fast", speed="auto",
+             min_speed=1.0, unique_id=None):
         if not isinstance(calibration, CalibrationResult):
             raise MixQuantError("connect the output of MixQuant Calibrate.")
         bits = budget_kind == BUDGET_KINDS[0]
         cfg = QuantizeConfig(avg_w_bits=float(budget) if bits else None, budget_mb=None if bits else float(budget),
                              a_bits=int(activation_bits), target=target, act_groups=calibration.calib.n_groups,
                              bos=target != "comfyui-native",  # BOS handling has no native form
-                             sens_mode=sensitivity)
+                             sens_mode=sensitivity, speed=speed, min_speed=float(min_speed))
         runner = calibration.runner
         runner.load()
 
@@ -602,7 +612,8 @@ def block_of(name: str) -> str:
 
 
 def _report_summary(report: dict) -> dict:
-    keys = ("model", "target", "avg_w_bits", "avg_a_bits", "bytes_fp16", "bytes_quantized", "quality", "act_groups")
+    keys = ("model", "target", "avg_w_bits", "avg_a_bits", "bytes_fp16", "bytes_quantized", "quality", "act_groups",
+            "speed")
     return json_safe({k: report.get(k) for k in keys if k in report})
 
 
@@ -633,6 +644,8 @@ def report_text(report: dict) -> str:
              f"{(s.get('bytes_quantized') or 0) / 1e6:.1f} MB vs {(s.get('bytes_fp16') or 0) / 1e6:.1f} MB fp16"]
     if q:
         lines.append("quality: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items() if isinstance(v, (int, float))))
+    if report.get("speed"):
+        lines.append(speed_text(report["speed"]))
     counts = {}
     for li in report.get("layers", []):
         counts[li.get("format")] = counts.get(li.get("format"), 0) + 1

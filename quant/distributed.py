@@ -55,3 +55,13 @@ def gather(part: dict) -> dict:
 
 def is_main() -> bool:
     return world()[0] == 0
+
+
+def broadcast(obj):
+    """The first process's `obj`, in every process (what one process measured, e.g. layer timings, shared so that
+    every process plans with the same numbers)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    _dist().broadcast_object_list(box, src=0)
+    return box[0]

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .allocate import Option, solve
+from . import distributed
+from .allocate import Infeasible, Option, solve
 from .apply import QuantStats, quantize_, quantized_layer, set_submodule
 from .calibration import Calibration, calibrate
 from .errors import MixQuantError
@@ -31,9 +32,12 @@ from .roles import LayerInfo, discover_layers
 from .runner import DenoiserRunner, Progress
 from .sensitivity import MODES as SENS_MODES, Sensitivity, content_ssim, measure_sensitivity
 from .sizes import deploy_bytes, fp16_bytes
+from .speed import SpeedTable, compare_calls, measure_speed, timing_call
 
 TARGETS = ("mixquant", "comfyui-native")
 WEIGHT_SEARCHES = ("best", "mse", "minmax")
+SPEEDS = ("auto", "require", "off")
+SPEED_SLACK = 1.1  # speed "auto" where the target cannot be met: plans at most this much slower than the fastest
 
 
 @dataclass
@@ -65,6 +69,13 @@ class QuantizeConfig:
     # couplings are tried from the middle out, each costing about a sampling run of the compared prompts; with time
     # for fewer than two, the middle coupling is taken without sampling. math.inf: the whole sweep
     sweep_seconds: float | None = None
+    # speed on the user's device (quant/speed.py measures every layer in every format at the calibrated shapes):
+    # "auto": the plan runs at least `min_speed` x the float denoiser's speed where the budget allows it, else within
+    # SPEED_SLACK of the fastest the budget allows, and the report says so and names the smallest size at that
+    # speed; "require": that speed or an error naming what is feasible; "off": nothing timed (MixDQ's share of
+    # 16-bit activations, a16_share, then stands in for speed). With a speed target every layer may also stay float.
+    speed: str = "auto"
+    min_speed: float = 1.0
     cache_dir: str | None = None
 
     def check(self):
@@ -83,6 +94,11 @@ class QuantizeConfig:
             raise MixQuantError("the average weight bits must be between 1 and 16.")
         if self.budget_mb is not None and self.budget_mb <= 0:
             raise MixQuantError("the budget in MB must be positive.")
+        if self.speed not in SPEEDS:
+            raise MixQuantError(f"unknown speed mode {self.speed!r}: use one of {', '.join(SPEEDS)}.")
+        if not (isinstance(self.min_speed, (int, float)) and 0 < self.min_speed < math.inf):
+            raise MixQuantError("the minimum speed must be a positive factor of the float model's speed (1 = no "
+                                "slower).")
         if self.sweep_seconds is not None and not self.sweep_seconds >= 0:
             raise MixQuantError("the sweep's seconds must be 0 or more (inf: the whole sweep).")
 
@@ -113,7 +129,15 @@ def menu(li: LayerInfo, cfg: QuantizeConfig) -> list[LayerFormat]:
         return [LayerFormat(8, 8, None, "dynamic"), LayerFormat(4, 16, 64), LayerFormat(16, 16)]
     bits = cfg.w_bits_content if li.role == "content" else cfg.w_bits_quality
     acts = (cfg.a_bits, 16) if cfg.a_bits < 16 else (16,)
-    return [LayerFormat(b, a, g if b < 8 else None) for b in bits for a in acts]
+    out = [LayerFormat(b, a, g if b < 8 else None) for b in bits for a in acts]
+    if timed(cfg):  # where no quantized format is as fast as the float layer, the plan may keep it
+        out.append(LayerFormat(16, 16))
+    return out
+
+
+def timed(cfg: QuantizeConfig) -> bool:
+    """Does this config plan with measured times (a speed target)?"""
+    return cfg.speed != "off"
 
 
 def weight_only(f: LayerFormat) -> LayerFormat:
@@ -147,6 +171,10 @@ class Problem:
     use_bytes: bool
     a16_limit: float | None
     act_elems: dict = field(default_factory=dict)
+    speed: SpeedTable | None = None  # measured times: the plan is held to min_speed x the float denoiser's speed
+    min_speed: float = 1.0
+    speed_required: bool = False  # False: where the budget cannot meet min_speed, as fast as the budget allows
+    shortfall: Infeasible | None = None  # set by solve() at the main budget when min_speed could not be met
 
     def build(self, sens: Sensitivity, lam: float) -> list[list[Option]]:
         out = []
@@ -157,18 +185,72 @@ class Problem:
                 w = lam / self.content_norm if li.role == "content" else (1 - lam) / self.quality_norm
                 cost = _cost(li, f, self.use_bytes)
                 a16 = float(self.act_elems.get(li.name, 0)) if (f.a_bits == 16 and not li.protected) else 0.0
-                opts.append(Option(f, loss * w, float(cost), (a16,) if self.a16_limit is not None else ()))
+                t = self.speed.time(li.name, f) if self.speed is not None else 0.0
+                opts.append(Option(f, loss * w, float(cost), (a16,) if self.a16_limit is not None else (), t))
             out.append(opts)
         return out
 
     def solve(self, sens: Sensitivity, lam: float, budget_cost: float | None = None) -> dict[str, LayerFormat]:
+        """The plan of least loss at the budget (and the speed target, see QuantizeConfig.speed)."""
         opts = self.build(sens, lam)
         extra = (self.a16_limit,) if self.a16_limit is not None else ()
-        choice = solve(opts, self.budget_cost if budget_cost is None else budget_cost, extra)
+        budget = self.budget_cost if budget_cost is None else budget_cost
+        max_time = None if self.speed is None else self.speed.limit(self.min_speed)
+        try:
+            choice = solve(opts, budget, extra, max_time=max_time)
+        except Infeasible as e:
+            if max_time is None or e.fastest is None:  # the budget itself cannot be met
+                raise
+            if budget_cost is None:
+                self.shortfall = e
+            if self.speed_required:
+                raise MixQuantError(self.speed_message(e) + " Lower the minimum speed, raise the budget, or let the "
+                                    "speed follow the budget (speed mode auto).") from None
+            # within SPEED_SLACK of the fastest plan the budget allows (exactly the fastest leaves the quality no
+            # room: on digits at 4 bits, 22 dB SQNR against 29 dB at 10% slower)
+            choice = solve(opts, budget, extra, max_time=e.fastest * SPEED_SLACK)
         return {li.name: opts[i][j].fmt for i, (li, j) in enumerate(zip(self.layers, choice))}
 
     def min_feasible(self) -> float:
         return min_cost(self.layers, self.options, self.use_bytes)
+
+    def size_text(self, cost: float) -> str:
+        """A cost of the menus in the budget's own unit."""
+        if self.use_bytes:
+            return f"{(cost + self.fixed_bytes) / 1e6:.1f} MB"
+        return f"an average of {cost / max(1, sum(li.params for li in self.layers)):.2f} weight bits"
+
+    def speed_message(self, e: Infeasible) -> str:
+        """What the speed target's Infeasible means, in the user's units: the fastest plan within the budget and the
+        smallest one at the target speed."""
+        sp = self.speed
+        fastest = sp.speed_of(e.fastest)
+        all_float = sum(_cost(li, LayerFormat(16, 16), self.use_bytes) for li in self.layers)
+        what = ("only the float model itself runs that fast here (no layer is faster quantized on this device)"
+                if e.smallest_at_speed is not None and e.smallest_at_speed >= all_float * (1 - 1e-9) else
+                f"the smallest plan at {self.min_speed:g}x is {self.size_text(e.smallest_at_speed)}"
+                if e.smallest_at_speed is not None else
+                f"no plan reaches {self.min_speed:g}x here (the fastest any plan runs is "
+                f"{sp.speed_of(sum(min(o) for o in self._times())):.2f}x)")
+        return (f"At this budget no plan runs at {self.min_speed:g}x the float model's speed on {sp.device}: the "
+                f"fastest within the budget runs at {fastest:.2f}x; {what}.")
+
+    def _times(self) -> list[list[float]]:
+        return [[self.speed.time(li.name, f) for f in fmts] for li, fmts in zip(self.layers, self.options)]
+
+    def speed_summary(self, plan: dict) -> dict | None:
+        """The plan's predicted speed against the float denoiser, the target, and what the budget could not meet."""
+        sp = self.speed
+        if sp is None:
+            return None
+        pred = sp.predicted(plan)
+        out = {**sp.to_json(), "predicted_ms": pred * 1e3, "predicted_speed": sp.fp_call / max(pred, 1e-12),
+               "min_speed": self.min_speed, "met": self.shortfall is None}
+        if self.shortfall is not None:
+            out["note"] = self.speed_message(self.shortfall)
+            out["smallest_at_speed"] = (None if self.shortfall.smallest_at_speed is None
+                                        else self.size_text(self.shortfall.smallest_at_speed))
+        return out
 
 
 def _cost(li: LayerInfo, f: LayerFormat, use_bytes: bool) -> float:
@@ -188,8 +270,11 @@ def _budget(layers, cfg: QuantizeConfig, model: nn.Module) -> tuple[bool, int, f
     return use_bytes, fixed, budget
 
 
-def problem(layers, cfg: QuantizeConfig, calib: Calibration, sens: Sensitivity, model: nn.Module) -> Problem:
-    """The allocation problem for this config's budget and target (menus, exact costs, normalised losses)."""
+def problem(layers, cfg: QuantizeConfig, calib: Calibration, sens: Sensitivity, model: nn.Module,
+            speed: SpeedTable | None = None) -> Problem:
+    """The allocation problem for this config's budget and target (menus, exact costs, normalised losses) and, with
+    measured times and a speed target, its speed bound."""
+    speed = speed if timed(cfg) else None
     options = [menu(li, cfg) for li in layers]
     use_bytes, fixed, budget = _budget(layers, cfg, model)
     norms = {}
@@ -198,11 +283,11 @@ def problem(layers, cfg: QuantizeConfig, calib: Calibration, sens: Sensitivity, 
                  for li, fmts in zip(layers, options) if li.role == role and not li.protected]
         norms[role] = max(sum(worst), 1e-12)
     a16 = None
-    if cfg.target == "mixquant" and cfg.a_bits < 16:
+    if cfg.target == "mixquant" and cfg.a_bits < 16 and speed is None:  # (measured times replace this proxy)
         total_elems = sum(calib.act_elements.get(li.name, 0) for li in layers if not li.protected)
         a16 = cfg.a16_share * total_elems
     return Problem(layers, options, norms["content"], norms["quality"], fixed, budget, use_bytes, a16,
-                   dict(calib.act_elements))
+                   dict(calib.act_elements), speed, cfg.min_speed, cfg.speed == "require")
 
 
 class _Swap:
@@ -354,12 +439,13 @@ class Prepared:
     timings: dict
     model: nn.Module | None = None  # the FP denoiser it was measured on
     fp_images: torch.Tensor | None = None  # FP images of the first prompts when at hand (plan compares with them)
+    speed: SpeedTable | None = None  # every layer's time in every format on this device (configs with a speed target)
 
     def matches(self, prompts, seeds, settings: dict, cfg: QuantizeConfig) -> bool:
         return self.key == _prepared_key(prompts, seeds, settings, cfg)
 
     def problem(self, cfg: QuantizeConfig) -> Problem:
-        return problem(self.layers, cfg, self.calib, self.sens, self.model)
+        return problem(self.layers, cfg, self.calib, self.sens, self.model, self.speed)
 
     def what_if(self, cfg: QuantizeConfig, content_weight: float | None = None) -> dict:
         """The plan the integer program picks at cfg's budget (no sampling): its size in MB, average bits and
@@ -371,7 +457,7 @@ class Prepared:
         pred = predicted(prob, self.sens, plan_)
         return {"mb": (st["weight_bytes"] + prob.fixed_bytes) / 1e6, "avg_w_bits": st["avg_w_bits"],
                 "avg_a_bits": st["avg_a_bits"], "predicted_ssim": pred["ssim"], "predicted_sqnr_db": pred["sqnr_db"],
-                "plan": plan_}
+                "plan": plan_, "speed": prob.speed_summary(plan_)}
 
     def curve(self, cfg: QuantizeConfig, content_weight: float | None = None) -> list[dict]:
         """The predicted quality/size curve over a sweep of budgets (one MILP each, no sampling)."""
@@ -382,7 +468,7 @@ class Prepared:
 def _prepared_key(prompts, seeds, settings, cfg: QuantizeConfig) -> dict:
     fields = ("target", "a_bits", "w_bits_content", "w_bits_quality", "group_size", "act_groups", "range_method",
               "bos", "sens_calls", "sens_prompts", "sens_mode", "weight_search")
-    return {"prompts": list(prompts), "seeds": list(seeds), "settings": settings,
+    return {"prompts": list(prompts), "seeds": list(seeds), "settings": settings, "timed": timed(cfg),
             **{f: getattr(cfg, f) for f in fields}}
 
 
@@ -413,8 +499,23 @@ def prepare(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, see
     sens = measure_sensitivity(runner, calib, layers_s, w_menu, a_menu, fp_id, cfg.sens_calls, cfg.sens_prompts,
                                use_bos(cfg), cfg.cache_dir, progress, mode=cfg.sens_mode,
                                search=measure_search(cfg))
+    speed = time_layers(runner, calib, layers, cfg, progress) if timed(cfg) else None
     return Prepared(layers, calib, sens, fp_id, _prepared_key(prompts, seeds, runner.settings(), cfg),
-                    {"calibrate": t_cal, "sensitivity": 0.0 if sens.cached else sens.seconds}, model, fp_images)
+                    {"calibrate": t_cal, "sensitivity": 0.0 if sens.cached else sens.seconds,
+                     **({"speed": speed.seconds} if speed is not None else {})}, model, fp_images, speed)
+
+
+def time_layers(runner: DenoiserRunner, calib: Calibration, layers: list[LayerInfo], cfg: QuantizeConfig,
+                progress: Progress | None = None) -> SpeedTable:
+    """Every layer's time in every format of its menu on the runner's device, on a recorded call (quant/speed.py).
+    Under several processes the first one measures (the others wait) and every process gets its table, so that all
+    of them make the same plan."""
+    speed = None
+    if distributed.is_main():
+        speed = measure_speed(runner.denoiser, timing_call(calib.calls), layers,
+                              {li.name: menu(li, cfg) for li in layers}, calib.ranges(),
+                              calib.bos() if use_bos(cfg) else {}, progress)
+    return distributed.broadcast(speed)
 
 
 @dataclass
@@ -430,6 +531,7 @@ class Allocation:
     ranges: dict = field(default_factory=dict)  # layer -> ActRange: static activation ranges (calibrated)
     bos: dict = field(default_factory=dict)  # quantized to_k/to_v -> BOS embedding computed in full precision
     group_bounds: list = field(default_factory=list)  # lowest timestep of each activation group; [] = one group
+    speed: dict | None = None  # Problem.speed_summary of the plan: predicted speed vs float, target, shortfall
 
     def quantized_names(self) -> list[str]:
         return [n for n, f in self.plan.items() if not f.is_float]
@@ -469,7 +571,7 @@ def plan(runner: DenoiserRunner, prepared: Prepared, cfg: QuantizeConfig,
     model = runner.denoiser
     t0 = time.time()
     check_budget(model, cfg, layers)
-    prob = problem(layers, cfg, calib, sens, model)
+    prob = problem(layers, cfg, calib, sens, model, prepared.speed)
     ranges = calib.ranges()
     bos = calib.bos() if use_bos(cfg) else {}
     n_eval = min(cfg.sens_prompts, len(calib.prompts))
@@ -519,7 +621,7 @@ def plan(runner: DenoiserRunner, prepared: Prepared, cfg: QuantizeConfig,
                       candidates, curve, prob, time.time() - t0,
                       {n: r for n, r in ranges.items() if n in quantized},
                       {n: v for n, v in bos.items() if n in quantized},
-                      calib.group_bounds() if calib.n_groups > 1 else [])
+                      calib.group_bounds() if calib.n_groups > 1 else [], prob.speed_summary(chosen))
 
 
 def quantize(model: nn.Module, alloc: Allocation, calib: Calibration) -> tuple[nn.Module, QuantStats]:
@@ -547,10 +649,19 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
     alloc = plan(runner, prepared, cfg, progress)
     progress.check()
     qmodel, _ = quantize(model, alloc, prepared.calib)
+    if alloc.speed is not None:  # the plan's speed as measured, against the float denoiser in this process
+        alloc.speed.update(measured_speed(model, qmodel, prepared.calib))
     rep = report(prepared, alloc, cfg, model, qmodel, model_name,
                  {**phase_times, "allocate": alloc.seconds, "total": time.time() - t_start})
     rep["sensitivity_cached"] = prepared.sens.cached or reused
     return qmodel, rep, prepared.calib
+
+
+def measured_speed(model: nn.Module, qmodel: nn.Module, calib: Calibration) -> dict:
+    """One denoiser call of the float and the quantized model, timed in interleaved rounds on the call the speeds
+    were measured on."""
+    t = compare_calls({"fp": model, "q": qmodel}, timing_call(calib.calls))
+    return {"measured_fp_ms": t["fp"] * 1e3, "measured_ms": t["q"] * 1e3, "measured_speed": t["fp"] / t["q"]}
 
 
 def report(prepared: Prepared, alloc: Allocation, cfg: QuantizeConfig, model: nn.Module,
@@ -585,6 +696,7 @@ def report(prepared: Prepared, alloc: Allocation, cfg: QuantizeConfig, model: nn
         "coupling": {"chosen_content_weight": alloc.content_weight,
                      "candidates": [{k: v for k, v in c.items() if k != "plan"} for c in alloc.candidates]},
         "curve": alloc.curve,
+        "speed": alloc.speed,
         "bos_layers": sorted(calib.bos()) if use_bos(cfg) else [],
         "split_layers": sorted(n for n, r in calib.ranges().items() if r.split is not None
                                and plan_.get(n, LayerFormat(16, 16)).a_bits < 16),

@@ -44,15 +44,21 @@ SCRIPT = textwrap.dedent('''
 
     torch.manual_seed(0)
     runner = Toy(UNet2DConditionModel(**SMALL_UNET).eval())
+    # untimed: the plans of separate runs are compared (layer timings differ from run to run)
     cfg = engine.QuantizeConfig(avg_w_bits=4, sens_mode=mode, coupling=(0.5,), weight_search="mse", sens_calls=2,
-                                cache_dir="")
+                                cache_dir="", speed="off")
     with torch.no_grad():
         prepared = engine.prepare(runner, ["a cat", "a dog"], cfg)
         alloc = engine.plan(runner, prepared, cfg)
+        # timed: the first process measures, every process plans with its table
+        timed = engine.QuantizeConfig(avg_w_bits=8, coupling=(0.5,), sens_calls=2, cache_dir="")
+        prepared.speed = engine.time_layers(runner, prepared.calib, prepared.layers, timed)
+        timed_plan = engine.plan(runner, prepared, timed).plan
     rank, world = distributed.world()
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"loss": prepared.sens.loss, "plan": {k: v.name for k, v in alloc.plan.items()}, "world": world,
-                   "measured": prepared.sens.measured}, f)
+                   "measured": prepared.sens.measured, "times": prepared.speed.layer,
+                   "timed_plan": {k: v.name for k, v in timed_plan.items()}}, f)
 ''')
 
 
@@ -86,3 +92,6 @@ def test_two_gloo_processes_give_the_plan_of_one(tmp_path, mode, small_unet_conf
     for r in two:
         assert r["loss"] == one["loss"] and len(one["loss"]) > 10
         assert r["plan"] == one["plan"]
+    # layer timings: measured once, the same table and timed plan in every process of a run
+    assert two[0]["times"] == two[1]["times"] and len(two[0]["times"]) > 10
+    assert two[0]["timed_plan"] == two[1]["timed_plan"]

@@ -59,6 +59,13 @@ def test_cli_contract(cli_run):
     # a real mix: more than one weight bit-width among the allocated layers
     assert len({li["w_bits"] for li in r["layers"] if not li["protected"]}) >= 2
     assert len(r["curve"]) >= 3 and all(c["bytes"] > 0 for c in r["curve"])
+    # the default speed target: the plan's predicted and measured speed against float, and what could not be met
+    sp = r["speed"]
+    assert sp["min_speed"] == 1.0 and sp["batch"] == 2 and sp["dtype"] == "float32"
+    assert sp["predicted_speed"] > 0 and sp["measured_speed"] > 0 and sp["measured_fp_ms"] > 0
+    assert sp["met"] == (sp["predicted_speed"] >= 1 - 1e-6)
+    if not sp["met"]:
+        assert "fastest within the budget runs at" in sp["note"] and sp["smallest_at_speed"]
 
 
 def test_generate_with_quantized_file_gives_the_same_digit(cli_run, tmp_path):
@@ -89,8 +96,9 @@ def test_mixed_beats_uniform_w4a8_at_equal_bytes(digits, cli_run):
     prompts = [p.strip() for p in open(PROMPTS) if p.strip()]
     # the whole coupling sweep: the default one is time-budgeted, so how many couplings it tries (and the plan, whose
     # SSIM lead over uniform W4A8 is small here) would depend on how busy the machine is
+    # (no speed target: this is the quality claim of the allocation; with one, the plan trades quality for time)
     mixed, rep = quantize_pipeline(digits, prompts, avg_w_bits=4, a_bits=8, sampler=sampler, evaluate=False,
-                                   cache_dir=str(d / "cache"), sweep_seconds=math.inf)
+                                   cache_dir=str(d / "cache"), sweep_seconds=math.inf, speed="off")
     assert rep["sensitivity_cached"]  # same model, prompts, settings as the CLI run
     calib = calibrate(PipelineRunner(digits, sampler), prompts, list(range(len(prompts))))
     uni, _ = quantize_model(digits.unet, uniform_plan(discover_layers(digits.unet), LayerFormat(4, 8, 64)),

@@ -56,6 +56,9 @@ DOCUMENTED = {
     "python bench/scale.py --agreement": ("bench/scale.py", ["--agreement"]),
     "python bench/scale.py --models sdxl --real --size 1024 --prompts 8 --steps 20": (
         "bench/scale.py", ["--models", "sdxl", "--real", "--size", "1024", "--prompts", "8", "--steps", "20"]),
+    "python bench/speed.py": ("bench/speed.py", []),
+    "python bench/speed.py --models digits": ("bench/speed.py", ["--models", "digits"]),
+    "python bench/speed.py --device cuda": ("bench/speed.py", ["--device", "cuda"]),
     "python -m mixquant.bench.quality": ("-m mixquant.bench.quality", []),
     "python -m mixquant.bench.quality --steps 4 --seeds 0 1 2": ("-m mixquant.bench.quality",
                                                                  ["--steps", "4", "--seeds", "0", "1", "2"]),

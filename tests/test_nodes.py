@@ -163,10 +163,12 @@ def _calibration(unet, groups=2):
 
 
 def _fast_config(**kw):
-    """The Plan node's QuantizeConfig, made cheap for tests: one coupling ratio (no candidate sampling), two calls."""
+    """The Plan node's QuantizeConfig, made cheap for tests: one coupling ratio (no candidate sampling), two calls,
+    no speed target (the plans these tests check must not depend on how fast this machine ran each layer;
+    test_plan_node_speed_target covers the timed plan)."""
     from mixquant.quant.engine import QuantizeConfig
 
-    return QuantizeConfig(**{"coupling": (0.5,), "sens_calls": 2, **kw})
+    return QuantizeConfig(**{"coupling": (0.5,), "sens_calls": 2, **kw, "speed": "off"})
 
 
 def _plan(cal, target="mixquant", bits=6.0, sensitivity="local"):
@@ -480,6 +482,24 @@ def test_plan_node_runs_in_every_sensitivity_mode(unet, monkeypatch, tmp_path, s
     assert plan.quantized_names() and 3.5 <= plan.report["avg_w_bits"] <= 4.0 + 1e-6
     scored = [li for li in plan.report["layers"] if "sensitivity" in li]
     assert {li["role"] for li in scored} == {"content", "quality"}
+
+
+def test_plan_node_speed_target(unet, monkeypatch, tmp_path):
+    """The Plan node's default speed target: the plan's predicted speed in its report and text; a target no plan can
+    reach, required, is one clear error naming what is feasible."""
+    from mixquant.quant.engine import QuantizeConfig
+
+    monkeypatch.setattr(N, "QuantizeConfig", lambda **kw: QuantizeConfig(
+        **{"coupling": (0.5,), "sens_calls": 2, "cache_dir": str(tmp_path), **kw}))
+    opt = N.MixQuantPlan.INPUT_TYPES()["optional"]
+    assert opt["speed"][0][0] == "auto" and opt["min_speed"][1]["default"] == 1.0
+    cal = _calibration(copy.deepcopy(unet))
+    plan = N.MixQuantPlan().plan(cal, "average weight bits", 8.0, "8", "mixquant", "local")[0]
+    sp = plan.report["speed"]
+    assert sp["predicted_speed"] > 0 and sp["min_speed"] == 1.0 and sp["batch"] == 1  # (no guidance here)
+    assert N.report_text(plan.report).count("speed vs float on ") == 1
+    with pytest.raises(MixQuantError, match=r"no plan reaches 1000x here .*Lower the minimum speed"):
+        N.MixQuantPlan().plan(cal, "average weight bits", 8.0, "8", "mixquant", "local", "require", 1000.0)
 
 
 def test_local_sensitivity_holds_recorded_inputs_within_a_budget(unet, tmp_path):

@@ -213,7 +213,7 @@ class Forge:
 def _fast_config(**kw):
     from mixquant.quant.engine import QuantizeConfig
 
-    return QuantizeConfig(**{**kw, "coupling": (0.5,), "sens_calls": 2})
+    return QuantizeConfig(**{**kw, "coupling": (0.5,), "sens_calls": 2, "speed": "off"})  # (plans not timing-bound)
 
 
 @pytest.fixture()

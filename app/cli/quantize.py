@@ -42,6 +42,13 @@ def add_arguments(p):
                         "full = MixDQ's exhaustive metrics (content layers judged on final images, quality layers on "
                         "the denoiser output; one run per layer and format: the reference, hours at SDXL size), "
                         "local = each layer's own output noise")
+    p.add_argument("--speed", default="auto", choices=("auto", "require", "off"),
+                   help="speed on this device, measured per layer and format: auto = at least --min-speed x the "
+                        "float model's speed where the budget allows it, else as fast as the budget allows (and it "
+                        "says what size would reach that speed; default); require = that speed or an error naming "
+                        "what is feasible; off = no timing")
+    p.add_argument("--min-speed", type=float, default=1.0, metavar="X",
+                   help="the speed to hold, as a factor of the float model's (default 1: never slower than float)")
     p.add_argument("--out", required=True, help="the quantized .safetensors file to write")
     p.add_argument("--report", help="where to write the report JSON")
 
@@ -62,6 +69,7 @@ def read_prompts(args) -> list[str]:
 def run(args) -> int:
     from ...quant import distributed
     from ...quant.errors import MixQuantError
+    from ...quant.speed import speed_text
     from ..diffusers_host.api import quantize_pipeline
     from ..diffusers_host.files import save_outputs
     from ..diffusers_host.images import parse_size
@@ -83,7 +91,8 @@ def run(args) -> int:
             target=args.target, sampler=sampler, seeds=[args.seed + i for i in range(len(prompts))],
             evaluate=not args.no_eval, model_name=args.model, progress=bar, act_groups=args.act_groups,
             bos=not args.no_bos, cache_dir=args.cache_dir, weight_search=args.weight_search,
-            sens_mode=args.sens_mode, sweep_seconds=args.sweep_seconds)
+            sens_mode=args.sens_mode, sweep_seconds=args.sweep_seconds, speed=args.speed,
+            min_speed=args.min_speed)
     finally:
         bar.close()
     if not distributed.is_main():  # under torchrun every process measured its share; the first one writes
@@ -99,6 +108,8 @@ def run(args) -> int:
         parts.append(f"content accuracy {q['content_accuracy']:.2f} (FP {q['content_accuracy_fp']:.2f})")
     if parts:
         print("quality vs FP: " + ", ".join(parts))
+    if report.get("speed"):
+        print(speed_text(report["speed"]))
     t = report["timings_s"]
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
           + (" (sensitivity from cache)" if report.get("sensitivity_cached") else ""))
