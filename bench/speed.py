@@ -7,7 +7,7 @@ predicted speed against what they measure, and the quantized denoiser against th
 
 digits: the embedded model through the CLI's own call (quantize_pipeline) at the README's budget (4 bits, A8) and at
 8 bits, each with the default speed target and with it off; one denoiser call (batch 2) of each plan timed against
-the float one, and whole sampling runs of the prompts, interleaved.
+the float one, whole sampling runs of the prompts, interleaved, and the CLI's own quality check (the prompts, seed 0).
 sd15: the SD1.5-architecture UNet (real widths, random weights, the pipeline of bench/scale.py) at 32x32 latents
 (256 px; 128x128 on a GPU), one prompt with classifier-free guidance (batch 2), 4 steps: FP, uniform W8A8 and the
 default plan (avg W4, A8, speed target 1x) quantized and timed against FP on the same call, interleaved.
@@ -46,12 +46,15 @@ def _row(label, rep, measured_fp, measured, sampling=None) -> str:
             + (f"{sp['predicted_speed']:.2f}× | " if sp else "— | ")
             + f"{measured_fp / measured:.2f}× ({measured * 1e3:.1f} / {measured_fp * 1e3:.1f} ms) | {err} | "
             + (f"{sampling:.2f}× | " if sampling is not None else "— | ")
+            + (f"{rep['quality']['sqnr_db']:.1f} dB / {rep['quality']['ssim']:.3f} | " if "sqnr_db" in rep["quality"]
+               else "— | ")
             + (("met" if sp["met"] else "not met: " + sp.get("note", "").split(": ", 1)[-1]) if sp else "off")
             + " |")
 
 
 HEADER = ["| plan | avg bits W / A | size vs fp16 | predicted speed | measured speed (quantized / FP ms per call) | "
-          "prediction error | sampling speed | speed target 1× |", "|---|---|---|---|---|---|---|---|"]
+          "prediction error | sampling speed | SQNR / SSIM vs FP | speed target 1× |",
+          "|---|---|---|---|---|---|---|---|---|"]
 
 
 def digits(device: str, dtype: str) -> list[str]:
@@ -66,7 +69,7 @@ def digits(device: str, dtype: str) -> list[str]:
     call = timing_call(calibrate(runner, PROMPTS[:1], [0]).calls)  # one guided call (batch 2) to time each plan on
     for bits, speed in ((4, "auto"), (4, "off"), (8, "auto"), (8, "off")):
         t0 = time.time()
-        cfg = dict(avg_w_bits=bits, a_bits=8, sampler=sampler, evaluate=False, speed=speed)
+        cfg = dict(avg_w_bits=bits, a_bits=8, sampler=sampler, evaluate=True, speed=speed)
         qpipe, rep = quantize_pipeline(pipe, PROMPTS, **cfg)
         t = compare_calls({"fp": pipe.unet, "q": qpipe.unet}, call, rounds=5)
         qrunner = PipelineRunner(qpipe, sampler)

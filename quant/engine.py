@@ -672,10 +672,12 @@ def report(prepared: Prepared, alloc: Allocation, cfg: QuantizeConfig, model: nn
     layers, calib, sens, plan_ = prepared.layers, prepared.calib, prepared.sens, alloc.plan
     st = plan_stats(layers, plan_, calib.act_elements)
     out_layers = []
+    sp = prepared.speed if alloc.speed is not None else None
     for li in layers:
         f = plan_[li.name]
+        times = {} if sp is None else {"time_ms": sp.time(li.name, f) * 1e3, "fp_time_ms": sp.layer_fp[li.name] * 1e3}
         out_layers.append({"name": li.name, "role": li.role, "kind": li.kind, "w_bits": f.w_bits, "a_bits": f.a_bits,
-                           "format": f.name, "params": li.params, "protected": li.protected,
+                           "format": f.name, "params": li.params, "protected": li.protected, **times,
                            "bytes": f.weight_bytes(li.out_features, li.in_features),
                            **({"sensitivity": {k: sens.metric(li.name, k) for k in sens.loss.get(li.name, {})}}
                               if li.name in sens.loss else {})})

@@ -68,6 +68,16 @@ def test_cli_contract(cli_run):
         assert "fastest within the budget runs at" in sp["note"] and sp["smallest_at_speed"]
 
 
+def test_inspect_shows_the_speed_the_file_was_planned_for(cli_run, capsys):
+    out, r, _ = cli_run
+    assert cli(["inspect", out, "--layers"]) == 0
+    text = capsys.readouterr().out
+    assert "when made:     speed vs float on " in text
+    timed = [line for line in text.splitlines() if line.endswith("its float time)")]
+    assert len(timed) == sum(li["format"] != "W16A16" for li in r["layers"]) > 0
+    assert all(li["time_ms"] > 0 and li["fp_time_ms"] > 0 for li in r["layers"])
+
+
 def test_generate_with_quantized_file_gives_the_same_digit(cli_run, tmp_path):
     from mixquant.app.digits import digits_classifier
     from PIL import Image

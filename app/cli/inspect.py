@@ -59,9 +59,18 @@ def run(args) -> int:
     print(f"quantized:     {len(layers)} layers, {params / 1e6:.2f} M weights in {wbytes / 1e6:.2f} MB "
           f"({wbytes / max(1, 2 * params):.3f} x fp16), avg {8 * wbytes / max(1, params):.2f} bits/weight incl. scales")
     print("formats:       " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    if isinstance(extra.get("speed"), dict):
+        from ...quant.speed import speed_text
+        try:
+            print("when made:     " + speed_text(extra["speed"]).replace("\n", "\n               "))
+        except (KeyError, TypeError, ValueError):
+            pass  # a file from another version: its speed summary is not shown
+    times = extra.get("layer_times_ms") if isinstance(extra.get("layer_times_ms"), dict) else {}
     if args.layers:
         for name, e in layers.items():
             n, b = _layer_bytes(e)
-
-            print(f"  {name:<70} {e['kind']:<7} {LayerFormat.from_dict(e['format']).name:<10} {b:>10,d} B")
+            t = times.get(name)
+            timed = (f"  {t[0]:.3f} ms ({t[1] / t[0]:.2f}x its float time)" if isinstance(t, list) and len(t) == 2
+                     and all(isinstance(v, (int, float)) and v > 0 for v in t) else "")
+            print(f"  {name:<70} {e['kind']:<7} {LayerFormat.from_dict(e['format']).name:<10} {b:>10,d} B{timed}")
     return 0

@@ -235,6 +235,10 @@ def save_outputs(fp_unet, qunet, report: dict, out: str, report_path: str | None
     extra = {"model": model, "target": report.get("target", "mixquant"), "sampler": report.get("sampler"),
              "act_group_bounds": getattr(qunet, "_mixquant_act_groups", None),
              "summary": {k: report[k] for k in ("avg_w_bits", "avg_a_bits", "bytes_fp16", "bytes_quantized")}}
+    if report.get("speed"):  # the speed it was planned for, and each quantized layer's measured time (inspect shows)
+        extra["speed"] = report["speed"]
+        extra["layer_times_ms"] = {li["name"]: [li["time_ms"], li["fp_time_ms"]] for li in report["layers"]
+                                   if "time_ms" in li and li["format"] != "W16A16"}
     size = save_denoiser(qunet, out, fingerprint(fp_unet), extra=json_safe(extra))
     report["file"] = {"path": out, "bytes_on_disk": size}
     if report_path:
