@@ -21,13 +21,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from . import cpu_ops
+from . import cpu_ops, timing
 from .cache import weight_keeps_moving
 from .cpu_ops import ROUTES
 
@@ -282,16 +281,8 @@ def _save_decisions(p: CpuPlan) -> None:
 
 
 def race(candidates: dict, rounds: int = 5) -> dict:
-    """Best time (ms) of each candidate, run in turns so that a noisy neighbour slows all of them alike."""
-    for fn in candidates.values():
-        fn()
-    best = {name: float("inf") for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return {name: v * 1e3 for name, v in best.items()}
+    """Best time (ms) of each candidate, run in turns (kernels/timing.py)."""
+    return {name: v * 1e3 for name, v in timing.race(candidates, rounds).items()}
 
 
 def _probe() -> CpuPlan:

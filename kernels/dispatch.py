@@ -6,8 +6,10 @@ reference).
 The registry (kernels/registry.py) holds the priority list, each backend's availability (probed once) and per op
 its `Constraints` (data: devices, dtypes, weight bits, group sizes, activation modes and bits; plus rules for shapes
 and the device's capability). This module declares the backends, in priority order:
-- "triton" (kernels/triton_gemm.py, triton_conv.py): CUDA tensors on compute capability >= 8.0 (or CPU tensors
-  under TRITON_INTERPRET=1, for the tests);
+- "gpu" (kernels/gpu_routes.py): CUDA tensors; per layer shape the fastest of the Triton kernels, int8
+  `torch._int_mm` and the float floor (dequantized weight, cuBLAS / cuDNN), raced on first use;
+- "triton" (kernels/triton_gemm.py, triton_conv.py): CUDA tensors on compute capability >= 8.0 when forced
+  (MIXQUANT_KERNELS=triton), or CPU tensors under TRITON_INTERPRET=1, for the tests;
 - "cpu" (kernels/cpu_routes.py, cpu_ops.py): CPU tensors; the int8 route or float dtype measured fastest on this CPU;
 - "reference" (kernels/reference.py): every call.
 `explain()` says, per backend, whether it is available and what it takes; `path()` which implementation a call
@@ -30,7 +32,7 @@ from . import reference
 from .reference import dequantize_weight
 from .registry import Backend, Constraints, Registry
 
-REGISTRY = Registry(priority=["triton", "cpu", "reference"], fallback="reference")
+REGISTRY = Registry(priority=["gpu", "triton", "cpu", "reference"], fallback="reference")
 register = REGISTRY.register
 backends = REGISTRY.backends
 use_backend = REGISTRY.use_backend  # force one backend ("reference" included) inside the block
@@ -72,6 +74,12 @@ def conv2d(x: torch.Tensor, cache: dict | None = None, **call) -> torch.Tensor:
 def path(op: str, x: torch.Tensor, cache: dict | None = None, **call) -> str:
     """Which implementation this call would run, e.g. "triton", "cpu:onednn_split", "cpu:float", "reference"."""
     name, _ = select(op, x=x, cache=cache, **call)
+    if name == "gpu":
+        from . import gpu_routes
+        route = gpu_routes.choose(op, x, cache=cache, **call)
+        if route == "measure":
+            route = " | ".join(gpu_routes.candidates(op, x, cache=cache, **call)) + " (raced per shape on first use)"
+        return "gpu:" + route
     if name == "cpu":
         from . import cpu_routes
         route = cpu_routes.choose(op, x=x, cache=cache, **call)
@@ -164,6 +172,24 @@ def _cpu_conv2d(x, **call):
     return cpu_routes.conv2d(x, **call)
 
 
+def _gpu_available():
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
+def _gpu_linear(x, **call):
+    from . import gpu_routes
+    return gpu_routes.linear(x, **call)
+
+
+def _gpu_conv2d(x, **call):
+    from . import gpu_routes
+    return gpu_routes.conv2d(x, **call)
+
+
+# every format on a CUDA tensor (the float floor takes what the faster routes do not)
+GPU_CONSTRAINTS = dict.fromkeys(("linear", "conv2d"), Constraints(devices=frozenset(("cuda",)), dtypes=_FLOATS,
+                                                                 weight_on_x_device=True))
+register(Backend("gpu", _gpu_available, {"linear": _gpu_linear, "conv2d": _gpu_conv2d}, GPU_CONSTRAINTS))
 register(Backend("triton", _triton_available, {"linear": _triton_linear, "conv2d": _triton_conv2d},
                  TRITON_CONSTRAINTS))
 register(Backend("cpu", lambda: None, {"linear": _cpu_linear, "conv2d": _cpu_conv2d}, CPU_CONSTRAINTS))
@@ -232,6 +258,10 @@ def describe(device: str | torch.device | None = None) -> str:
         from . import cpu_routes
         lines.append("")
         lines.append(cpu_routes.plan().describe())
+    if any(d.type == "cuda" for d in devices):
+        from . import gpu_routes
+        lines.append("")
+        lines.append(gpu_routes.describe())
     for d in devices:
         lines.append("")
         lines.append(f"paths on {d}:")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..kernels import timing
 from .apply import quantized_layer, set_submodule
 from .formats import LayerFormat
 from .runner import Progress
@@ -96,26 +97,9 @@ def _sync(device: torch.device) -> None:
 
 
 def race(fns: dict, device: torch.device, rounds: int = 5, target: float = 2e-3) -> dict:
-    """Seconds per call of each function: a warm-up call (route races, autotuning happen there), then `rounds`
-    interleaved rounds of back-to-back calls (as many as last about `target` seconds, then a device sync: the
-    steady rate of a stream of calls, host overhead included); the best round of each."""
-    reps = {}
-    for name, fn in fns.items():
-        fn()
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        reps[name] = max(1, min(200, int(target / max(time.perf_counter() - t, 1e-7))))
-    best = {name: math.inf for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            _sync(device)
-            best[name] = min(best[name], (time.perf_counter() - t) / reps[name])
-    return best
+    """Seconds per call of each function on `device` (kernels/timing.py's race, synced with the device): short
+    calls are timed as a stream of about `target` seconds, host overhead included."""
+    return timing.race(fns, rounds, lambda: _sync(device), target)
 
 
 def _zone(r) -> str:
@@ -169,41 +153,45 @@ def measure_speed(model: nn.Module, call, layers: list, formats: dict, ranges: d
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     progress.start(len(samples) + 1, "measuring speed")
     per_key: dict[tuple, dict] = {}
-    built: dict[tuple, dict] = {}  # key -> {format name -> a quantized layer of that shape}
+    reps = {k: n for k, (n, _) in samples.items()}  # key -> the layer whose weights stand for that shape
+
+    def build(k, fname):
+        n = reps[k]
+        return quantized_layer(mods[n], wanted[k][fname], mode="packed", search="minmax", act_range=ranges.get(n),
+                               bos=bos.get(n))
+
     with torch.no_grad():
         for k, (n, x) in samples.items():
-            src = mods[n]
-            built[k] = {fname: quantized_layer(src, f, mode="packed", search="minmax", act_range=ranges.get(n),
-                                               bos=bos.get(n)) for fname, f in wanted.get(k, {}).items()}
-            fns = {"float": lambda src=src, x=x: src(x)}
-            fns.update({fname: (lambda q=q, x=x: q(x)) for fname, q in built[k].items()})
+            fns = {"float": lambda src=mods[n], x=x: src(x)}
+            fns.update({fname: (lambda q=build(k, fname), x=x: q(x)) for fname in wanted.get(k, {})})
             per_key[k] = race(fns, device, rounds)
             del fns
             progress.tick()
         samples.clear()
+        layer_fp = {n: sum(per_key[k]["float"] for k in calls_of[n]) for n in names}
+        layer = {n: {f.name: sum(per_key[k][f.name] for k in calls_of[n]) for f in formats.get(n, ())
+                     if not f.is_float} for n in names}
         # in place: the whole call with every layer that may take a format in it (each shape's layer standing in for
-        # all layers of that shape), against the float call, interleaved. A layer runs slower inside the model than
-        # alone (other layers' data evicts its weights, allocator and cache state differ): measured 10-30% on small
-        # CPU layers. Each format's isolated times are scaled by what the model shows.
-        variants = {"float": {}}
+        # all layers of that shape), against the float call, interleaved; one format at a time (what it holds is
+        # freed before the next). A layer runs slower inside the model than alone (other layers' data evicts its
+        # weights, allocator and cache state differ): measured 10-30% on small CPU layers. Each format's isolated
+        # times are scaled by what the model shows.
+        fp_call, scale = math.inf, {}
         for fname in sorted({f for d in wanted.values() for f in d}):
-            variants[fname] = {n: built[calls_of[n][0]][fname] for n in names
-                               if calls_of[n] and any(f.name == fname for f in formats.get(n, ()))}
-        whole = _in_place(model, call, mods, variants, device, max(2, rounds // 2))
-        built.clear()
+            members = [n for n in names if calls_of[n] and any(f.name == fname for f in formats.get(n, ()))]
+            shared = {k: build(k, fname) for k in {calls_of[n][0] for n in members}}
+            whole = _in_place(model, call, mods, {"float": {}, fname: {n: shared[calls_of[n][0]] for n in members}},
+                              device, max(2, rounds // 2))
+            del shared
+            fp_call = min(fp_call, whole["float"])
+            rest = whole["float"] - sum(layer_fp.values())
+            alone = sum(layer[n][fname] for n in members)
+            others = sum(v for n, v in layer_fp.items() if n not in members)
+            scale[fname] = min(4.0, max(0.25, (whole[fname] - rest - others) / alone)) if alone > 0 else 1.0
+        if not scale:
+            fp_call = _in_place(model, call, mods, {"float": {}}, device, max(2, rounds // 2))["float"]
         progress.tick()
-    fp_call = whole.pop("float")
-    layer_fp = {n: sum(per_key[k]["float"] for k in calls_of[n]) for n in names}
-    layer = {n: {f.name: sum(per_key[k][f.name] for k in calls_of[n]) for f in formats.get(n, ()) if not f.is_float}
-             for n in names}
-    rest = fp_call - sum(layer_fp.values())
-    scale = {}
-    for fname, t in whole.items():
-        members = variants[fname]
-        alone = sum(layer[n][fname] for n in members)
-        others = sum(v for n, v in layer_fp.items() if n not in members)
-        scale[fname] = min(4.0, max(0.25, (t - rest - others) / alone)) if alone > 0 else 1.0
-    for n, d in layer.items():
+    for d in layer.values():
         for fname in d:
             d[fname] *= scale[fname]
     batch = next((a.shape[0] for a in call.args if isinstance(a, torch.Tensor) and a.dim() > 0), 1)

@@ -1,0 +1,222 @@
+"""Which route each quantized call takes on a CUDA GPU, chosen by measurement at the first call of each layer shape,
+as kernels/cpu_routes.py does on the CPU.
+
+Candidates (`candidates`):
+- "triton": our Triton GEMM / implicit-GEMM conv kernels (kernels/triton_gemm.py, triton_conv.py), where they take
+  the call;
+- "int_mm": int8 `torch._int_mm` (cuBLASLt) for linear layers with one weight scale per output channel and 8-bit
+  activations (kernels/cpu_ops.py's int_mm route: the same code on any device);
+- "float": the floor every format has: the weight dequantized to the activations' float dtype, the activations
+  fake-quantized, and cuBLAS / cuDNN (the reference's math in that dtype). It is always a candidate, so a layer never
+  runs a route slower than its float floor.
+
+The first call of an undecided shape (`cpu_routes.shape_key`) races the candidates (synchronised timing,
+kernels/timing.py); a candidate that fails is dropped. The winner is kept per shape, in memory and in
+~/.cache/mixquant/gpu_routes.json (MIXQUANT_GPU_CACHE; "" disables it) per GPU, CUDA and torch version. While a CUDA
+graph is captured or torch.compile traces, nothing is raced: an undecided shape takes "triton" where it can, else
+"float". MIXQUANT_GPU_ROUTE forces a route where it can run.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from . import cpu_ops, timing
+from .cache import weight_keeps_moving
+from .cpu_routes import int_route_accepts, shape_key
+
+ROUTES = ("triton", "int_mm", "float")
+
+
+def _triton_accepts(op: str, x, call: dict) -> bool:
+    from . import dispatch, triton_gemm
+
+    if not triton_gemm.HAVE_TRITON or dispatch.REGISTRY.why_unavailable("triton") is not None:
+        return False
+    return dispatch.TRITON_CONSTRAINTS[op].check({"x": x, **call}) is None
+
+
+def candidates(op: str, x, cache=None, **call) -> list:
+    """The routes that can run this call here, the float floor last."""
+    out = ["triton"] if _triton_accepts(op, x, call) else []
+    if op == "linear" and int_route_accepts(op, "int_mm", cache=cache, **call) is None \
+            and call["k"] % 8 == 0 and call["qweight"].shape[0] % 8 == 0:
+        out.append("int_mm")
+    return out + ["float"]
+
+
+def run(op: str, route: str, x, cache=None, **call):
+    """The call by `route`."""
+    if route == "triton":
+        from . import dispatch
+        return (dispatch._triton_linear if op == "linear" else dispatch._triton_conv2d)(x, cache=cache, **call)
+    if route == "int_mm":
+        return cpu_ops.linear_int_mm(x, cache=cache, **call)
+    fn = cpu_ops.linear_float if op == "linear" else cpu_ops.conv2d_float
+    return fn(x, cache=cache, dtype=x.dtype, **call)
+
+
+class GpuPlan:
+    """Per-shape decisions for this process's GPU (loaded from and saved to the decisions file)."""
+
+    def __init__(self):
+        self.decisions: dict = {}
+        self.timings_ms: dict = {}
+        self.forced = os.environ.get("MIXQUANT_GPU_ROUTE") or None
+        if self.forced and self.forced not in ROUTES:
+            raise ValueError(f"MIXQUANT_GPU_ROUTE must be one of {ROUTES}, got {self.forced!r}")
+        self.decisions.update(_load(machine_key()))
+
+
+_PLAN: list = []
+
+
+def plan(refresh: bool = False) -> GpuPlan:
+    if not _PLAN or refresh:
+        _PLAN[:] = [GpuPlan()]
+    return _PLAN[0]
+
+
+def machine_key() -> str:
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        cap = "".join(map(str, torch.cuda.get_device_capability()))
+    else:
+        name, cap = "no-cuda", "0"
+    return f"{name}|sm_{cap}|cuda={torch.version.cuda}|torch={torch.__version__}"
+
+
+def _file() -> str | None:
+    path = os.environ.get("MIXQUANT_GPU_CACHE")
+    if path is None:
+        path = os.path.join(os.path.expanduser("~"), ".cache", "mixquant", "gpu_routes.json")
+    return path or None
+
+
+def _load(key: str) -> dict:
+    path = _file()
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            got = json.load(f).get(key, {})
+        return {k: v for k, v in got.items() if v in ROUTES} if isinstance(got, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _save(key: str, decisions: dict) -> None:
+    path = _file()
+    if not path:
+        return
+    try:
+        data = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+        data[key] = decisions
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = path + f".{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except (OSError, ValueError, TypeError):
+        pass  # a read-only home only costs re-measuring next time
+
+
+def _capturing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except RuntimeError:
+        return False
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decide(op: str, x, cache, call: dict, measure=None) -> str:
+    """The route for this call: remembered per layer (its cache dict) and per shape, else raced now. `measure`
+    (tests): a stand-in for the race, {route: callable} -> {route: seconds}."""
+    memo = None if cache is None else (op, x.shape, x.dtype, id(plan()), weight_keeps_moving(cache),
+                                       call.get("a_split"))
+    hit = None if memo is None else cache.get("gpu_route")
+    if hit is not None and hit[0] == memo:
+        return hit[1]
+    cands = candidates(op, x, cache=cache, **call)
+    p = plan()
+    key = shape_key(op, x, call)
+    if p.forced:
+        route = p.forced if p.forced in cands else "float"
+    elif len(cands) == 1:
+        route = cands[0]
+    elif key in p.decisions and p.decisions[key] in cands:
+        route = p.decisions[key]
+    elif _capturing():  # no timing inside a graph capture or a compile trace
+        return cands[0]
+    else:
+        fns, failed = {}, {}
+        for r in cands:
+            try:  # a candidate that cannot run this call (a shape cuBLASLt refuses, ...) is dropped
+                run(op, r, x, cache=cache, **call)
+                fns[r] = (lambda r=r: run(op, r, x, cache=cache, **call))
+            except RuntimeError as e:
+                failed[r] = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        if "float" not in fns:
+            fns["float"] = lambda: run(op, "float", x, cache=cache, **call)
+        t = (measure or (lambda f: timing.race(f, 3, lambda: _sync(x.device))))(fns)
+        route = min(t, key=t.get)
+        for r in fns:  # free what the losers prepared (int8 copies, weight sums) unless the winner uses it too
+            if r != route and cache is not None:
+                for slot in set(_SLOTS.get(r, ())) - set(_SLOTS.get(route, ())):
+                    cache.pop(slot, None)
+        p.decisions[key] = route
+        p.timings_ms[key] = {r: v * 1e3 for r, v in t.items()} | {f"{r} (failed)": m for r, m in failed.items()}
+        _save(machine_key(), p.decisions)
+    if memo is not None:
+        cache["gpu_route"] = (memo, route)
+    return route
+
+
+_SLOTS = {"int_mm": cpu_ops.CACHE_SLOTS["int_mm"], "triton": ("triton_wsum",)}
+
+
+def _route(op: str, x, cache, call: dict) -> str:
+    if torch.compiler.is_compiling():  # traced: the Triton custom op where it takes the call, else the floor
+        return "triton" if _triton_accepts(op, x, call) else "float"
+    return decide(op, x, cache, call)
+
+
+def linear(x, cache=None, **call):
+    return run("linear", _route("linear", x, cache, call), x, cache=cache, **call)
+
+
+def conv2d(x, cache=None, **call):
+    return run("conv2d", _route("conv2d", x, cache, call), x, cache=cache, **call)
+
+
+def choose(op: str, x, cache=None, **call) -> str:
+    """The route a call takes, without measuring: the forced or only one, the recorded winner for its shape, or
+    "measure"."""
+    cands = candidates(op, x, cache=cache, **call)
+    p = plan()
+    if p.forced:
+        return p.forced if p.forced in cands else "float"
+    if len(cands) == 1:
+        return cands[0]
+    got = p.decisions.get(shape_key(op, x, call))
+    return got if got in cands else "measure"
+
+
+def describe() -> str:
+    p = plan()
+    lines = [f"GPU routes ({machine_key()}): triton / int_mm / float raced per layer shape on first use "
+             f"({len(p.decisions)} shapes decided)"]
+    if p.forced:
+        lines.append(f"route forced: {p.forced} (MIXQUANT_GPU_ROUTE)")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""The GPU's route race (kernels/gpu_routes.py): its logic with stubbed timings, and each route's numbers against the
+reference, on CPU tensors (the routes are torch code that runs on either device); what needs a GPU skips without
+one."""
+import json
+
+import pytest
+import torch
+
+from mixquant.kernels import dispatch, gpu_routes
+from mixquant.kernels.synthetic import conv_geometry, random_call
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    path = tmp_path / "gpu_routes.json"
+    monkeypatch.setenv("MIXQUANT_GPU_CACHE", str(path))
+    monkeypatch.delenv("MIXQUANT_GPU_ROUTE", raising=False)
+    monkeypatch.setattr(gpu_routes, "_triton_accepts", lambda op, x, call: False)  # (no GPU, no interpreter)
+    gpu_routes.plan(refresh=True)
+    yield path
+    gpu_routes._PLAN.clear()
+
+
+def _w8a8(seed=0, m=32, k=64, n=48):
+    call = random_call(n, k, bits=8, a_mode="static", seed=seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    return x, call
+
+
+def test_candidates_end_with_the_float_floor(fresh):
+    x, call = _w8a8()
+    assert gpu_routes.candidates("linear", x, cache={}, **call) == ["int_mm", "float"]
+    assert gpu_routes.candidates("linear", x, cache=None, **call) == ["float"]  # no cache: no int8 copy to keep
+    g = random_call(48, 64, bits=4, group_size=32, a_mode="static")
+    assert gpu_routes.candidates("linear", x, cache={}, **g) == ["float"]  # group-wise scales: no int8 GEMM
+    c = random_call(16, 8 * 9, bits=8, a_mode="dynamic")
+    xc = torch.randn(1, 8, 6, 6)
+    assert gpu_routes.candidates("conv2d", xc, cache={}, **c, **conv_geometry()) == ["float"]
+
+
+def test_the_race_keeps_the_fastest_per_shape_and_remembers_it(fresh):
+    x, call = _w8a8()
+    cache = {}
+    seen = []
+
+    def measure(fns):
+        seen.append(sorted(fns))
+        return {"int_mm": 1.0, "float": 2.0}
+
+    assert gpu_routes.decide("linear", x, cache, call, measure=measure) == "int_mm"
+    assert seen == [["float", "int_mm"]]
+    assert gpu_routes.decide("linear", x, cache, call, measure=measure) == "int_mm" and len(seen) == 1  # memo
+    saved = json.loads(fresh.read_text())[gpu_routes.machine_key()]
+    assert list(saved.values()) == ["int_mm"]
+    gpu_routes.plan(refresh=True)  # a new process: the decision comes from the file, nothing is raced
+    assert gpu_routes.choose("linear", x, cache={}, **call) == "int_mm"
+    assert gpu_routes.decide("linear", x, {}, call, measure=lambda f: pytest.fail("raced again")) == "int_mm"
+    # another shape: the float floor wins when it is faster, so no layer runs slower than it
+    x2, call2 = _w8a8(seed=1, m=4)
+    assert gpu_routes.decide("linear", x2, {}, call2, measure=lambda f: {"int_mm": 3.0, "float": 2.0}) == "float"
+
+
+def test_a_failing_candidate_is_dropped(fresh, monkeypatch):
+    x, call = _w8a8()
+    real = gpu_routes.run
+
+    def run(op, route, x, cache=None, **kw):
+        if route == "int_mm":
+            raise RuntimeError("cuBLASLt: this shape is not supported")
+        return real(op, route, x, cache=cache, **kw)
+
+    monkeypatch.setattr(gpu_routes, "run", run)
+    assert gpu_routes.decide("linear", x, {}, call, measure=lambda f: {r: 1.0 for r in f}) == "float"
+    t = next(iter(gpu_routes.plan().timings_ms.values()))
+    assert "int_mm (failed)" in t and "not supported" in t["int_mm (failed)"]
+
+
+def test_nothing_is_raced_while_a_graph_is_captured(fresh, monkeypatch):
+    x, call = _w8a8()
+    monkeypatch.setattr(gpu_routes, "_capturing", lambda: True)
+    assert gpu_routes.decide("linear", x, {}, call, measure=lambda f: pytest.fail("raced")) == "int_mm"
+    assert not gpu_routes.plan().decisions and not fresh.exists()
+
+
+def test_a_forced_route(fresh, monkeypatch):
+    monkeypatch.setenv("MIXQUANT_GPU_ROUTE", "float")
+    gpu_routes.plan(refresh=True)
+    x, call = _w8a8()
+    assert gpu_routes.decide("linear", x, {}, call, measure=lambda f: pytest.fail("raced")) == "float"
+    monkeypatch.setenv("MIXQUANT_GPU_ROUTE", "cutlass")
+    with pytest.raises(ValueError, match="MIXQUANT_GPU_ROUTE"):
+        gpu_routes.plan(refresh=True)
+
+
+@pytest.mark.parametrize("a_mode", ["static", "dynamic"])
+def test_each_route_gives_the_reference_result(fresh, a_mode):
+    call = random_call(48, 64, bits=8, a_mode=a_mode, seed=3)
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(3))
+    with dispatch.use_backend("reference"):
+        ref = dispatch.linear(x, **call)
+    for route in ("int_mm", "float"):
+        got = gpu_routes.run("linear", route, x, cache={}, **call)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    c = random_call(16, 8 * 9, bits=4, group_size=24, a_mode=a_mode, seed=4)
+    xc = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(4))
+    with dispatch.use_backend("reference"):
+        ref = dispatch.conv2d(xc, **c, **conv_geometry())
+    torch.testing.assert_close(gpu_routes.run("conv2d", "float", xc, cache={}, **c, **conv_geometry()), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_calls_take_the_gpu_backend():
+    call = random_call(64, 128, bits=8, a_mode="static", device="cuda")
+    x = torch.randn(32, 128, device="cuda", dtype=torch.float16)
+    cache = {}
+    y = dispatch.linear(x, cache=cache, **call)
+    with dispatch.use_backend("reference"):
+        ref = dispatch.linear(x, **call)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    assert dispatch.path("linear", x, cache=cache, **call).startswith("gpu:")
