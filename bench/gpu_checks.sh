@@ -7,6 +7,9 @@
 #  1. #21: the method at SDXL scale: bench/scale.py on the SDXL-architecture UNet (real widths, random weights) at
 #     1024x1024, 8 prompts x 20 steps, fp16: seconds and CUDA peak of each phase vs plain FP sampling.
 #  2. #22: kernel and UNet-step speed vs FP16 (bench/kernels.py --device cuda --quick).
+#  3. #22: plans made with the speed target on the GPU (bench/speed.py --device cuda --models sd15: the
+#     SD1.5-architecture UNet at 128x128 latents, batch 2: predicted vs measured speed, W8A8 and the avg-W4 plan vs
+#     FP16; the layers run the raced GPU routes, kernels/gpu_routes.py).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/results}"
@@ -23,6 +26,7 @@ step() {  # step NAME SECONDS command...
   echo "   exit $? after $((SECONDS - t0))s; log: $OUT/${name}.log"
   tail -n 25 "$OUT/${name}.log"
 }
-step scale_gpu 300 python bench/scale.py --models sdxl --real --size 1024 --prompts 8 --steps 20 \
+step scale_gpu 260 python bench/scale.py --models sdxl --real --size 1024 --prompts 8 --steps 20 \
   --out "$OUT/scale_gpu.md"
-step kernels_gpu 150 python bench/kernels.py --device cuda --quick --out "$OUT/kernels_gpu_quick.md"
+step kernels_gpu 100 python bench/kernels.py --device cuda --quick --out "$OUT/kernels_gpu_quick.md"
+step speed_gpu 120 python bench/speed.py --device cuda --models sd15 --out "$OUT/speed_gpu.md"
