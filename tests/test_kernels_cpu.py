@@ -34,6 +34,33 @@ def test_dequantize_equals_reference(bits, group, a_mode, split):
     assert torch.equal(cpu_ops.dequantize(call["qweight"], call["scale"], call["zero"], bits, 100, group), ref)
 
 
+@pytest.mark.parametrize("bits,group", [(4, 64), (2, 32), (8, None)])
+def test_compiled_dequantize_equals_reference(bits, group, monkeypatch):
+    """Large weights dequantize through one compiled loop: the same values bit for bit, in fp32 and bf16; a shape that
+    cannot compile runs eager with one warning. (Compiling takes seconds: the threshold is lowered to a small
+    weight here.)"""
+    monkeypatch.setattr(cpu_ops, "COMPILE_MIN", 64 * 96)
+    monkeypatch.setattr(cpu_ops, "_COMPILED", {})
+    monkeypatch.setattr(cpu_ops, "_BROKEN", [])
+    call = random_call(64, 100 if group else 96, bits=bits, group_size=group, symmetric=False if bits < 8 else None)
+    k = call["k"]
+    ref = reference.dequantize_weight(call["qweight"], call["scale"], call["zero"], bits, k, group)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = cpu_ops.dequantize(call["qweight"], call["scale"], call["zero"], bits, k, group, dtype)
+        assert torch.equal(got, ref.to(dtype))
+    assert len(cpu_ops._COMPILED) == 2 and all(f is not None for f in cpu_ops._COMPILED.values())
+    with monkeypatch.context() as m:  # a compile failure: eager, one warning, and no compile attempt after it
+        m.setattr(cpu_ops, "_COMPILED", {})
+        m.setattr(cpu_ops, "_BROKEN", [])
+        m.setattr(cpu_ops.torch, "compile", lambda fn, **kw: (lambda *a: (_ for _ in ()).throw(OSError("no cc"))))
+        with pytest.warns(UserWarning, match="compiling the CPU dequantization failed"):
+            got = cpu_ops.dequantize(call["qweight"], call["scale"], call["zero"], bits, k, group)
+        assert torch.equal(got, ref) and list(cpu_ops._COMPILED.values()) == [None]
+        assert not cpu_ops._compile_wanted(call["qweight"], 64, k)
+    monkeypatch.setenv("MIXQUANT_CPU_COMPILE", "0")
+    assert not cpu_ops._compile_wanted(call["qweight"], 64, k)
+
+
 @pytest.mark.parametrize("a_mode,split", [("static", None), ("static", 3), ("dynamic", None)])
 def test_fake_quant_equals_reference(a_mode, split):
     x = torch.randn(2, 7, 5, 3) * 3
