@@ -38,7 +38,7 @@ class SpeedTable:
     layer: dict  # layer -> {format name -> seconds per denoiser call}
     seconds: float = 0.0  # how long measuring took
     shapes: int = 0  # distinct layer shapes timed
-    in_place: dict = field(default_factory=dict)  # format -> factor from alone to inside the model (measured)
+    in_place: dict = field(default_factory=dict)  # format ("float" too) -> factor from alone to inside the model
     notes: list = field(default_factory=list)
 
     def time(self, name: str, fmt: LayerFormat) -> float:
@@ -171,33 +171,58 @@ def measure_speed(model: nn.Module, call, layers: list, formats: dict, ranges: d
         layer_fp = {n: sum(per_key[k]["float"] for k in calls_of[n]) for n in names}
         layer = {n: {f.name: sum(per_key[k][f.name] for k in calls_of[n]) for f in formats.get(n, ())
                      if not f.is_float} for n in names}
-        # in place: the whole call with every layer that may take a format in it (each shape's layer standing in for
-        # all layers of that shape), against the float call, interleaved; one format at a time (what it holds is
-        # freed before the next). A layer runs slower inside the model than alone (other layers' data evicts its
-        # weights, allocator and cache state differ): measured 10-30% on small CPU layers. Each format's isolated
-        # times are scaled by what the model shows.
-        fp_call, scale = math.inf, {}
+        # in place. A layer runs at another speed inside the model than alone (other layers' data evicts its weights,
+        # allocator and cache state differ: 10-30% on small CPU layers), and a 2-core machine's speed drifts by as
+        # much between the isolated timings and now. So only differences of whole calls timed side by side are
+        # used: the float call against the call with every quantizable layer stubbed out (what the rest of the
+        # denoiser costs; the float layers' share gives their factor), then per format the float call against the
+        # call with every layer that may take the format quantized (each shape's layer standing in for all layers
+        # of that shape; one format at a time, freed before the next). The isolated times only say how the whole
+        # difference splits between layers.
+        n_rounds = max(2, rounds // 2)
+        stubs = {n: _Stub(mods[n]) for n in names if calls_of[n]}
+        whole = _in_place(model, call, mods, {"float": {}, "rest": stubs}, device, n_rounds)
+        fp_call, rest = whole["float"], min(whole["rest"], whole["float"])
+        alone_fp = sum(layer_fp.values())
+        kappa = min(4.0, max(0.25, (fp_call - rest) / alone_fp)) if alone_fp > 0 else 1.0
+        scale = {}
         for fname in sorted({f for d in wanted.values() for f in d}):
             members = [n for n in names if calls_of[n] and any(f.name == fname for f in formats.get(n, ()))]
             shared = {k: build(k, fname) for k in {calls_of[n][0] for n in members}}
-            whole = _in_place(model, call, mods, {"float": {}, fname: {n: shared[calls_of[n][0]] for n in members}},
-                              device, max(2, rounds // 2))
+            pair = _in_place(model, call, mods, {"float": {}, fname: {n: shared[calls_of[n][0]] for n in members}},
+                             device, n_rounds)
             del shared
-            fp_call = min(fp_call, whole["float"])
-            rest = whole["float"] - sum(layer_fp.values())
             alone = sum(layer[n][fname] for n in members)
-            others = sum(v for n, v in layer_fp.items() if n not in members)
-            scale[fname] = min(4.0, max(0.25, (whole[fname] - rest - others) / alone)) if alone > 0 else 1.0
-        if not scale:
-            fp_call = _in_place(model, call, mods, {"float": {}}, device, max(2, rounds // 2))["float"]
+            in_model = pair[fname] - pair["float"] + kappa * sum(layer_fp[n] for n in members)
+            scale[fname] = min(4.0, max(0.25, in_model / alone)) if alone > 0 else 1.0
         progress.tick()
+    for n in layer_fp:
+        layer_fp[n] *= kappa
     for d in layer.values():
         for fname in d:
             d[fname] *= scale[fname]
+    scale["float"] = kappa
     batch = next((a.shape[0] for a in call.args if isinstance(a, torch.Tensor) and a.dim() > 0), 1)
     dtype = next((str(t.dtype).replace("torch.", "") for t in model.parameters() if t.is_floating_point()), "?")
     return SpeedTable(device_name(device), dtype, int(batch), fp_call, layer_fp, layer, time.time() - t0,
                       len(per_key), in_place=scale)
+
+
+class _Stub(nn.Module):
+    """Stands in for a layer at no cost: zeros of the layer's output shape (what the rest of the call costs)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = [layer]  # (not a submodule: the stub holds no weights of its own)
+
+    def forward(self, x):
+        m = self.layer[0]
+        if isinstance(m, nn.Linear):
+            return x.new_zeros(*x.shape[:-1], m.out_features)
+        h, w = x.shape[-2:]
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
+        return x.new_zeros(x.shape[0], m.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                           (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
 
 def _in_place(model: nn.Module, call, mods: dict, variants: dict, device: torch.device, rounds: int) -> dict:

@@ -80,7 +80,10 @@ def test_measure_speed_times_every_layer_in_every_format_and_leaves_the_model_as
         assert set(sp.layer[li.name]) == (set() if li.protected else {f.name for f in fmts})
         assert all(t > 0 for t in sp.layer[li.name].values())
     assert sp.layer["l2"] == sp.layer["l3"] and sp.layer_fp["l2"] == sp.layer_fp["l3"]
-    assert set(sp.in_place) == {f.name for f in fmts} and all(0.25 <= v <= 4 for v in sp.in_place.values())
+    assert set(sp.in_place) == {f.name for f in fmts} | {"float"}
+    assert all(0.25 <= v <= 4 for v in sp.in_place.values())
+    # the float layers and the rest add up to the float call
+    assert sp.rest >= 0 and sp.rest + sum(sp.layer_fp.values()) == pytest.approx(sp.fp_call)
     plan = {li.name: FLOAT if li.protected else fmts[0] for li in layers}
     assert sp.predicted(plan) > 0
 
