@@ -194,7 +194,10 @@ def measure_speed(model: nn.Module, call, layers: list, formats: dict, ranges: d
             pair = _in_place(model, call, mods, {"float": {}, fname: own}, device, n_rounds)
             del own
             alone = sum(layer[n][fname] for n in members)
-            in_model = pair[fname] - pair["float"] + kappa * sum(layer_fp[n] for n in members)
+            # (the difference in units of this pair's float call: the machine may run at another speed than
+            # during the first pair, and a uniform slowdown stretches both calls alike)
+            in_model = (pair[fname] - pair["float"]) * fp_call / pair["float"] \
+                + kappa * sum(layer_fp[n] for n in members)
             scale[fname] = min(4.0, max(0.25, in_model / alone)) if alone > 0 else 1.0
         progress.tick()
     for n in layer_fp:
