@@ -9,6 +9,10 @@ constraints (e.g. the share of activations kept in 16 bits).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,9 +70,34 @@ def _milp(options: list[list[Option]], objective: np.ndarray, limits: dict, extr
         rows.append(np.array([o.extra[k] for opts in options for o in opts], dtype=float))
         lbs.append(-np.inf)
         ubs.append(lim)
-    res = milp(objective, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=np.ones(nvar),
-               bounds=Bounds(0, 1), options={"time_limit": time_limit})
+    with _quiet_stdout():
+        res = milp(objective, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=np.ones(nvar),
+                   bounds=Bounds(0, 1), options={"time_limit": time_limit})
     return res, (None if res.x is None else np.round(res.x))
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """HiGHS 1.12 prints a stray debug line ("HighsMipSolverData::transformNewIntegerFeasibleSolution
+    tmpSolver.run();") to the C stdout whatever its options say (ERGO-Code/HiGHS#2783): on the main thread (the CLI,
+    scripts) fd 1 goes to /dev/null while it solves. Hosts that solve on a worker thread (ComfyUI, the WebUI, Gradio)
+    keep their stdout untouched: other threads' output would be lost meanwhile."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _least(options: list[list[Option]], objective: str, bound: str, limit: float, extra_limits: tuple = (),

@@ -186,6 +186,7 @@ def measure_speed(model: nn.Module, call, layers: list, formats: dict, ranges: d
         fp_call, rest = whole["float"], min(whole["rest"], whole["float"])
         alone_fp = sum(layer_fp.values())
         kappa = min(4.0, max(0.25, (fp_call - rest) / alone_fp)) if alone_fp > 0 else 1.0
+        kappa = min(kappa, fp_call / alone_fp) if alone_fp > 0 else 1.0  # (the rest is never below zero)
         scale = {}
         for fname in sorted({f for d in wanted.values() for f in d}):
             members = [n for n in names if calls_of[n] and any(f.name == fname for f in formats.get(n, ()))]
