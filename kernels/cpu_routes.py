@@ -19,7 +19,6 @@ MIXQUANT_CPU_ROUTE forces a route (where it can run); MIXQUANT_CPU_DTYPE the flo
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -238,46 +237,21 @@ def plan(refresh: bool = False) -> CpuPlan:
     return p
 
 
-def _decisions_file() -> str | None:
-    path = os.environ.get("MIXQUANT_CPU_CACHE")
-    if path is None:
-        path = os.path.join(os.path.expanduser("~"), ".cache", "mixquant", "cpu_routes.json")
-    return path or None
-
-
 def _machine_key(p: CpuPlan) -> str:
     return f"{p.isa['model']}|{p.isa['capability']}|threads={p.isa['threads']}|torch={torch.__version__}|" \
            f"{','.join(r for rs in p.int_routes.values() for r in rs)}"
 
 
 def _load_decisions(p: CpuPlan) -> dict:
-    path = _decisions_file()
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            return dict(json.load(f).get(_machine_key(p), {}))
-    except (OSError, ValueError):
-        return {}
+    return timing.load_decisions(_decisions_file(), _machine_key(p))
 
 
 def _save_decisions(p: CpuPlan) -> None:
-    path = _decisions_file()
-    if not path:
-        return
-    try:
-        data = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                data = json.load(f)
-        data[_machine_key(p)] = p.decisions
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + f".{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)
-    except (OSError, ValueError):
-        pass  # a read-only home only costs re-measuring next time
+    timing.save_decisions(_decisions_file(), _machine_key(p), p.decisions)
+
+
+def _decisions_file() -> str | None:
+    return timing.decisions_file("MIXQUANT_CPU_CACHE", "cpu_routes.json")
 
 
 def race(candidates: dict, rounds: int = 5) -> dict:

@@ -18,7 +18,6 @@ graph is captured or torch.compile traces, nothing is raced: an undecided shape 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -89,41 +88,15 @@ def machine_key() -> str:
 
 
 def _file() -> str | None:
-    path = os.environ.get("MIXQUANT_GPU_CACHE")
-    if path is None:
-        path = os.path.join(os.path.expanduser("~"), ".cache", "mixquant", "gpu_routes.json")
-    return path or None
+    return timing.decisions_file("MIXQUANT_GPU_CACHE", "gpu_routes.json")
 
 
 def _load(key: str) -> dict:
-    path = _file()
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            got = json.load(f).get(key, {})
-        return {k: v for k, v in got.items() if v in ROUTES} if isinstance(got, dict) else {}
-    except (OSError, ValueError, AttributeError):
-        return {}
+    return {k: v for k, v in timing.load_decisions(_file(), key).items() if v in ROUTES}
 
 
 def _save(key: str, decisions: dict) -> None:
-    path = _file()
-    if not path:
-        return
-    try:
-        data = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                data = json.load(f)
-        data[key] = decisions
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + f".{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)
-    except (OSError, ValueError, TypeError):
-        pass  # a read-only home only costs re-measuring next time
+    timing.save_decisions(_file(), key, decisions)
 
 
 def _capturing() -> bool:

@@ -1,7 +1,9 @@
 """Timing candidates against each other, the one way every route race and speed measurement does it."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from typing import Callable
 
@@ -32,3 +34,44 @@ def race(fns: dict, rounds: int = 5, sync: Callable[[], None] | None = None, tar
             sync()
             best[name] = min(best[name], (time.perf_counter() - t) / reps[name])
     return best
+
+
+# --- what races decided, kept across runs ---------------------------------------------------------------------------
+
+def decisions_file(env: str, name: str) -> str | None:
+    """Where a route table lives: $`env` if set ("" = nowhere), else ~/.cache/mixquant/`name`."""
+    path = os.environ.get(env)
+    if path is None:
+        path = os.path.join(os.path.expanduser("~"), ".cache", "mixquant", name)
+    return path or None
+
+
+def load_decisions(path: str | None, key: str) -> dict:
+    """The decisions recorded under `key` (this machine) in `path`; {} when there are none or the file is unreadable."""
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            got = json.load(f).get(key, {})
+        return dict(got) if isinstance(got, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def save_decisions(path: str | None, key: str, decisions: dict) -> None:
+    """Record `decisions` under `key` in `path` (atomically; other machines' entries kept)."""
+    if not path:
+        return
+    try:
+        data = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+        data[key] = decisions
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = path + f".{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except (OSError, ValueError, TypeError):
+        pass  # a read-only home only costs re-measuring next time

@@ -88,37 +88,39 @@ def subsample_call(c, n: int):
     return type(c)(_select(c.args, b, ix), _select(c.kwargs, b, ix), c.timestep, c.step, c.output.index_select(0, ix))
 
 
-def _record_inputs(model: nn.Module, calls, names, group_of) -> dict[str, list]:
-    """Each layer's FP input (and timestep group) on the probe calls."""
-    rec = {n: [] for n in names}
+def observe_inputs(model: nn.Module, names, on_input, calls) -> None:
+    """Replay `calls` (recorded DenoiserCalls) on `model` without gradients, calling `on_input(name, module, x)` with
+    each named layer's input as it runs; the hooks are always removed."""
     mods = dict(model.named_modules())
-    current = {"group": 0}
-    handles = [mods[n].register_forward_pre_hook(
-        lambda m, args, n=n: rec[n].append((args[0].detach(), current["group"]))) for n in names]
+    handles = [mods[n].register_forward_pre_hook(lambda m, args, n=n: on_input(n, m, args[0])) for n in names]
     try:
         with torch.no_grad():
             for c in calls:
-                current["group"] = group_of(c.timestep)
                 model(*c.args, **c.kwargs)
     finally:
         for h in handles:
             h.remove()
+
+
+def _record_inputs(model: nn.Module, calls, names, group_of) -> dict[str, list]:
+    """Each layer's FP input (and timestep group) on the probe calls."""
+    rec = {n: [] for n in names}
+    current = {"group": 0}
+
+    def grouped():
+        for c in calls:
+            current["group"] = group_of(c.timestep)
+            yield c
+
+    observe_inputs(model, names, lambda n, m, x: rec[n].append((x.detach(), current["group"])), grouped())
     return rec
 
 
 def _input_bytes(model: nn.Module, call, names) -> dict[str, int]:
     """Bytes of each layer's input on one call (one forward; nothing is kept)."""
     size: dict[str, int] = {}
-    mods = dict(model.named_modules())
-    handles = [mods[n].register_forward_pre_hook(
-        lambda m, args, n=n: size.__setitem__(n, size.get(n, 0) + args[0].numel() * args[0].element_size()))
-        for n in names]
-    try:
-        with torch.no_grad():
-            model(*call.args, **call.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    observe_inputs(model, names, lambda n, m, x: size.__setitem__(n, size.get(n, 0) + x.numel() * x.element_size()),
+                   [call])
     return size
 
 

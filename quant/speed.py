@@ -26,6 +26,7 @@ from ..kernels import timing
 from .apply import quantized_layer, set_submodule
 from .formats import LayerFormat
 from .runner import Progress
+from .sensitivity import observe_inputs, subsample_call
 
 
 @dataclass
@@ -130,20 +131,13 @@ def measure_speed(model: nn.Module, call, layers: list, formats: dict, ranges: d
     calls_of: dict[str, list] = {n: [] for n in names}
     samples: dict[tuple, tuple] = {}  # key -> (first layer with it, its input)
 
-    def hook(m, args, n):
-        x = args[0]
+    def hook(n, m, x):
         k = _key(m, x, n, ranges, bos)
         calls_of[n].append(k)
         if k not in samples:
             samples[k] = (n, x.detach().clone())
 
-    handles = [mods[n].register_forward_pre_hook(lambda m, args, n=n: hook(m, args, n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(*call.args, **call.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    observe_inputs(model, names, hook, [call])
     wanted: dict[tuple, dict] = {}
     for n in names:
         for k in calls_of[n]:
@@ -255,7 +249,6 @@ def _in_place(model: nn.Module, call, mods: dict, variants: dict, device: torch.
 def timing_call(calls: list, batch: int = 2):
     """The recorded denoiser call that speeds are measured on: the first one, cut to `batch` samples (one image with
     classifier-free guidance; a calibration batches several prompts into one call)."""
-    from .sensitivity import subsample_call
     c = calls[0]
     n = next((a.shape[0] for a in c.args if isinstance(a, torch.Tensor) and a.dim() > 0), 1)
     return subsample_call(c, min(n, batch)) if c.output is not None and n > batch else c
