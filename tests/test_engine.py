@@ -115,8 +115,11 @@ def test_mixed_beats_uniform_w4a8_at_equal_bytes(digits, cli_run):
                             calib.ranges(), bos=calib.bos())
     assert rep["bytes_quantized"] <= engine.deploy_bytes(uni)
     kw = dict(steps=sampler.steps, guidance=sampler.guidance, scheduler=sampler.scheduler)
-    m = compare_pipelines(digits, mixed, EVAL, [11], **kw)
-    u = compare_pipelines(digits, pipeline_with_denoiser(digits, uni), EVAL, [11], **kw)
+    # (the reference kernels: the CPU's raced routes differ in rounding from run to run, and the lead is small)
+    from mixquant.kernels import dispatch
+    with dispatch.use_backend("reference"):
+        m = compare_pipelines(digits, mixed, EVAL, [11], **kw)
+        u = compare_pipelines(digits, pipeline_with_denoiser(digits, uni), EVAL, [11], **kw)
     assert m["ssim"] > u["ssim"] and m["sqnr_db"] > u["sqnr_db"]
     assert m["content_accuracy"] >= u["content_accuracy"]
 
