@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..quant.errors import MixQuantError
+from .diffusers_host.models import denoiser_of
 from ..quant.sizes import model_bytes
 from ..quant.speed import speed_text
 from ..quant.util import json_safe, parse_prompts
@@ -189,7 +190,7 @@ class DemoBackend:
         from ..quant import engine
         from .digits import DIGITS_DIR
 
-        unet = pipe.unet
+        unet = denoiser_of(pipe)
         try:
             sizes = engine.model_sizes(unet)
         except MixQuantError:
@@ -309,7 +310,7 @@ class DemoBackend:
             "avg_w_bits": report["avg_w_bits"], "avg_a_bits": report["avg_a_bits"],
             "bytes_fp16": report["bytes_fp16"], "bytes_quantized": report["bytes_quantized"],
             "size_ratio": report["bytes_quantized"] / report["bytes_fp16"],
-            "memory_fp_bytes": model_bytes(pipe.unet), "memory_quantized_bytes": model_bytes(qpipe.unet),
+            "memory_fp_bytes": model_bytes(denoiser_of(pipe)), "memory_quantized_bytes": model_bytes(denoiser_of(qpipe)),
             "quality": {k: report["quality"].get(k) for k in
                         ("sqnr_db", "psnr_db", "ssim", "content_accuracy_fp", "content_accuracy",
                          "predicted_sqnr_db", "predicted_ssim")},
@@ -325,7 +326,7 @@ class DemoBackend:
 
     def _timed_sample(self, pipe, runner_cls, sampler, prompts, seeds) -> dict:
         runner = runner_cls(pipe, sampler)
-        unet, dev = pipe.unet, self.device
+        unet, dev = denoiser_of(pipe), self.device
         acc = {"denoiser": 0.0, "t": 0.0}
 
         def pre(mod, args):
@@ -380,7 +381,7 @@ class DemoBackend:
         report_path = path[: -len(".safetensors")] + ".report.json"
         report = dict(result.report)
         try:
-            size = save_outputs(pipe.unet, result.qpipe.unet, report, path, report_path, result.settings.model)
+            size = save_outputs(denoiser_of(pipe), denoiser_of(result.qpipe), report, path, report_path, result.settings.model)
         except OSError as e:
             raise MixQuantError(f"cannot write {path}: {e.strerror}; free some disk space or choose another "
                                 "--out-dir.") from None

@@ -197,7 +197,8 @@ def calibrate(runner: DenoiserRunner, prompts: list[str], seeds: list[int] | Non
 
     def on_call(c: DenoiserCall):
         progress.tick()
-        state["group"] = gmap.get(c.timestep, 0) if gmap else 0
+        # (the nearest scheduled timestep: a denoiser may see it rounded to its dtype, e.g. Flux's t / 1000 in fp16)
+        state["group"] = gmap[min(gmap, key=lambda t: abs(t - c.timestep))] if gmap else 0
 
     t0 = time.time()
     try:

@@ -16,13 +16,21 @@ import torch.nn as nn
 from .layers import QuantConv2d, QuantLinear
 
 _CONTENT = re.compile(
-    r"(^|\.)(attn2|cross_attn|ff|ff_context|txt_attn|txt_mlp|img_mlp|mlp)(\.|$)"  # cross-attention, feed-forward
+    r"(^|\.)(attn2|cross_attn|ff|ff_context|txt_attn|txt_mlp|img_mlp|mlp|context_block)(\.|$)"  # cross-attn, MLPs
     r"|(^|\.)(add_q_proj|add_k_proj|add_v_proj|to_add_out)$"  # the text stream of joint attention (SD3/Flux)
+    r"|(^|\.)single_transformer_blocks\.\d+\.(proj_mlp|proj_out)$"  # Flux single blocks: MLP in / fused out
+    r"|(^|\.)single_blocks\.\d+\.(linear1|linear2)$"  # (the same, ComfyUI's names: qkv+MLP in, attn+MLP out)
 )
-# First and last layers stay 16-bit by default (MixDQ keeps conv_in/conv_out; DiTs their patch embed / final proj).
+# adaLN modulation (DiTs): per-image scale/shift/gate from the timestep (and pooled text) embedding; measured as
+# quality layers (a fifth of Flux's weights: too large to keep 16-bit), weight-only in effect (one token per image)
+_MODULATION = re.compile(r"(^|\.)(norm1|norm1_context|norm|img_mod|txt_mod|modulation)\.(linear|lin)$"
+                         r"|(^|\.)adaLN_modulation\.1$")
+# First and last layers stay 16-bit by default (MixDQ keeps conv_in/conv_out; DiTs their patch embed / final proj
+# and the timestep / guidance / pooled-text / context embedders, diffusers' and ComfyUI's names).
 _PROTECTED = re.compile(
     r"^(conv_in|conv_out|input_blocks\.0\.0|out\.2|x_embedder(\.proj)?|pos_embed\.proj|proj_out|"
-    r"final_layer\.linear|img_in|final_layer\.adaLN_modulation\.1|norm_out\.linear)$"
+    r"final_layer\.linear|img_in|final_layer\.adaLN_modulation\.1|norm_out\.linear|context_embedder|txt_in)$"
+    r"|^(time_text_embed|time_in|vector_in|guidance_in|t_embedder|y_embedder)\."
 )
 
 
@@ -50,6 +58,8 @@ def quantizable(module: nn.Module) -> str | None:
 
 
 def layer_role(name: str) -> str:
+    if _MODULATION.search(name):
+        return "quality"
     return "content" if _CONTENT.search(name) else "quality"
 
 

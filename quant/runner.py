@@ -22,9 +22,9 @@ class SamplerSettings:
     """The user's sampler settings, as every runner takes them (each reads the fields its sampler has)."""
     steps: int = 8
     guidance: float = 4.0  # classifier-free guidance scale (ComfyUI's cfg)
-    # diffusers: the scheduler class, which is the sampler (ddim | dpm | euler); ComfyUI: its scheduler (normal,
-    # karras, ...), with the sampler in `sampler_name` (euler, dpmpp_2m, ...)
-    scheduler: str = "dpm"
+    # diffusers: the scheduler class, which is the sampler (ddim | dpm | euler; auto: dpm, or a flow-matching model's
+    # own Euler); ComfyUI: its scheduler (normal, karras, ...), with the sampler in `sampler_name` (euler, dpmpp_2m, ...)
+    scheduler: str = "auto"
     sampler_name: str = ""
     width: int | None = None  # None: the model's native size
     height: int | None = None

@@ -22,8 +22,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image; default 0)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
-    p.add_argument("--scheduler", choices=("ddim", "dpm", "euler"), default="dpm",
-                   help="sampler: ddim, dpm (DPM-Solver++ 2M, default) or euler")
+    p.add_argument("--scheduler", choices=("auto", "ddim", "dpm", "euler"), default="auto",
+                   help="sampler: ddim, dpm (DPM-Solver++ 2M) or euler; auto (default): dpm, or for Flux/SD3 "
+                        "their flow-matching Euler sampler")
     p.add_argument("--size", default=None, metavar="WxH",
                    help="image size in pixels, multiples of 8 (default: the model's native size)")
     p.add_argument("--quantized", default=None, metavar="FILE.safetensors",
@@ -44,10 +45,12 @@ def apply_quantized(pipe, path: str):
     """Swap the pipeline's denoiser for the quantized one stored in `path`, rebuilt from the file alone and
     checked against the pipeline's FP denoiser (it must be the model the file was made from)."""
     from ..diffusers_host.files import load_denoiser
+    from ..diffusers_host.models import denoiser_of, set_denoiser
 
     if not os.path.isfile(path):
         raise MixQuantError(f"quantized file {path} not found; make one with `mixquant quantize`")
-    pipe.unet = load_denoiser(path, base=pipe.unet, dtype=pipe.unet.dtype)
+    base = denoiser_of(pipe)
+    set_denoiser(pipe, load_denoiser(path, base=base, dtype=base.dtype))
     return pipe
 
 
@@ -66,7 +69,7 @@ def generate_image(pipe, prompt: str, *, negative_prompt: str | None = None, see
 
 
 def run(args) -> int:
-    from ..diffusers_host.models import load_pipeline, set_scheduler
+    from ..diffusers_host.models import load_pipeline, resolve_scheduler, set_scheduler
 
     if not args.out.lower().endswith(".png"):
         raise MixQuantError(f"--out {args.out}: give a .png path")
@@ -77,6 +80,7 @@ def run(args) -> int:
     if threads:
         torch.set_num_threads(threads)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    args.scheduler = resolve_scheduler(pipe, args.scheduler)
     set_scheduler(pipe, args.scheduler)
     if args.quantized:
         apply_quantized(pipe, args.quantized)

@@ -17,7 +17,8 @@ def add_arguments(p):
     p.add_argument("--a-bits", type=int, default=8, choices=(4, 8, 16), help="activation bits (16: weight-only)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--scheduler", default="dpm", choices=("ddim", "dpm", "euler"))
+    p.add_argument("--scheduler", default="auto", choices=("auto", "ddim", "dpm", "euler"),
+                   help="the sampler (auto: dpm, or for Flux/SD3 their flow-matching Euler sampler)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--size", help="WxH of the images (default: the model's native size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the next prompts use seed+1, ...)")
@@ -73,7 +74,7 @@ def run(args) -> int:
     from ..diffusers_host.api import quantize_pipeline
     from ..diffusers_host.files import save_outputs
     from ..diffusers_host.images import parse_size
-    from ..diffusers_host.models import load_pipeline
+    from ..diffusers_host.models import denoiser_of, load_pipeline
     from ..diffusers_host.runner import SamplerSettings
 
     prompts = read_prompts(args)
@@ -97,7 +98,7 @@ def run(args) -> int:
         bar.close()
     if not distributed.is_main():  # under torchrun every process measured its share; the first one writes
         return 0
-    size = save_outputs(pipe.unet, qpipe.unet, report, args.out, args.report, args.model)
+    size = save_outputs(denoiser_of(pipe), denoiser_of(qpipe), report, args.out, args.report, args.model)
     q = report["quality"]
     print(f"wrote {args.out} ({size / 1e6:.2f} MB): avg {report['avg_w_bits']:.2f} weight bits "
           f"({report.get('weight_search', 'mse')} ranges), {report['avg_a_bits']:.2f} activation bits, "

@@ -4,7 +4,7 @@
     qpipe, report = quantize_pipeline(pipe, prompts, avg_w_bits=4, a_bits=8)
 
 The input pipeline is not modified: the result shares its text encoder, VAE and scheduler and has a quantized copy
-of the UNet. `report` is the report JSON of architecture.md (per-layer bits, bytes, quality, timings, curve).
+of the denoiser (UNet or diffusion transformer). `report` is the report JSON of architecture.md (per-layer bits, bytes, quality, timings, curve).
 """
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ from .runner import PipelineRunner, SamplerSettings
 
 
 def pipeline_with_denoiser(pipe, denoiser):
-    """A new pipeline object with the same components but another UNet (the input pipeline is left as it was)."""
+    """A new pipeline object with the same components but another denoiser (UNet or transformer; the input pipeline
+    is left as it was)."""
     import inspect
 
+    from .models import denoiser_attr
+
     comps = dict(pipe.components)
-    comps["unet"] = denoiser
+    comps[denoiser_attr(pipe)] = denoiser
     if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
         comps["requires_safety_checker"] = False  # (none is loaded; diffusers would warn on every construction)
     new = type(pipe)(**comps)
@@ -34,7 +37,7 @@ def quantize_pipeline(pipe, prompts: list[str], *, avg_w_bits: float | None = No
                       a_bits: int = 8, target: str = "mixquant", sampler: SamplerSettings | None = None,
                       seeds: list[int] | None = None, evaluate: bool = True, model_name: str = "",
                       progress=None, should_stop=None, prepared=None, **config):
-    """Calibrate on `prompts` with the sampler settings, allocate bits under the budget, quantize the UNet.
+    """Calibrate on `prompts` with the sampler settings, allocate bits under the budget, quantize the denoiser.
     `config` takes any other QuantizeConfig field (act_groups, group_size, w_bits_content, cache_dir, ...).
     `prepared` (engine.prepare on the same prompts/settings) skips calibration and sensitivity.
     Returns (pipeline with the quantized UNet, report)."""
@@ -63,7 +66,7 @@ def quantize_pipeline(pipe, prompts: list[str], *, avg_w_bits: float | None = No
 
         t1 = time.time()
         q = compare_pipelines(pipe, qpipe, prompts, [0], steps=sampler.steps, guidance=sampler.guidance,
-                              scheduler=sampler.scheduler, negative_prompt=sampler.negative_prompt or None,
+                              scheduler=runner.s.scheduler, negative_prompt=sampler.negative_prompt or None,
                               height=sampler.height, width=sampler.width)
         report["quality"].update({k: v for k, v in q.items() if isinstance(v, (int, float)) or v is None})
         report["timings_s"]["evaluate"] = time.time() - t1

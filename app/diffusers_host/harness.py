@@ -5,8 +5,8 @@
     q["sqnr_db"], q["psnr_db"], q["ssim"], q["content_accuracy"]
 
 What is measured (every prompt with every seed; image i uses torch.Generator().manual_seed(seed_i) on the CPU):
-- sqnr_db: SQNR of the denoiser (unet) outputs along the *FP* trajectory. The FP run records every unet call
-  (inputs and output); the quantized unet is then fed exactly those inputs, so errors do not compound along the
+- sqnr_db: SQNR of the denoiser (UNet or transformer) outputs along the *FP* trajectory. The FP run records every unet call
+  (inputs and output); the quantized denoiser is then fed exactly those inputs, so errors do not compound along the
   trajectory and the number isolates the denoiser. Pooled over all calls (CFG halves included);
   `sqnr_db_per_step` lists it per sampling step.
 - psnr_db / ssim: end to end, the quantized pipeline's own images (same seeds) vs the FP images, in [0, 1].
@@ -18,7 +18,7 @@ What is measured (every prompt with every seed; image i uses torch.Generator().m
   saturates at 1.0 while every digit is still recognisable.
 - content_hits(_fp): per image, whether the classifier read the named digit (None where the prompt names none), in
   the order prompt x seed: two results on the same prompts and seeds pair up (`digits.paired_content`).
-The quantized pipeline is any pipeline of the same kind whose unet was modified: the unet is a black box.
+The quantized pipeline is any pipeline of the same kind whose denoiser was modified: the denoiser is a black box.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _first(out):
 
 
 class _Recorder:
-    """Forward hook recording each unet call's inputs and output sample."""
+    """Forward hook recording each denoiser call's inputs and output sample."""
 
     def __init__(self):
         self.calls: list[tuple[tuple, dict, torch.Tensor]] = []
@@ -80,7 +80,7 @@ def compare_pipelines(fp_pipe, q_pipe, prompts: list[str], seeds: list[int], ste
     scheduler: "ddim" | "dpm" | "euler" sets both pipelines' sampler (None keeps theirs; they should match).
     classifier: "auto" (the digits classifier when fp_pipe is the digits model), a DigitClassifier-like object
     with .predict(images), or None. return_images adds "fp_images"/"q_images" ([N,3,H,W] float in [0,1], CPU)."""
-    from .models import set_scheduler
+    from .models import denoiser_of, set_scheduler
 
     if not prompts or not seeds:
         raise MixQuantError("compare_pipelines needs at least one prompt and one seed")
@@ -89,7 +89,8 @@ def compare_pipelines(fp_pipe, q_pipe, prompts: list[str], seeds: list[int], ste
         set_scheduler(fp_pipe, scheduler)
         set_scheduler(q_pipe, scheduler)
     items = [(p, s) for p in prompts for s in seeds]
-    device = fp_pipe.unet.device if hasattr(fp_pipe.unet, "device") else torch.device("cpu")
+    fp_den, q_den = denoiser_of(fp_pipe), denoiser_of(q_pipe)
+    device = fp_den.device if hasattr(fp_den, "device") else torch.device("cpu")
 
     fp_imgs, q_imgs = [], []
     sig_total = noise_total = 0.0
@@ -102,7 +103,7 @@ def compare_pipelines(fp_pipe, q_pipe, prompts: list[str], seeds: list[int], ste
                   negative_prompt=None if negative_prompt is None else [negative_prompt] * len(ps), output_type="pt")
 
         rec = _Recorder()
-        handle = fp_pipe.unet.register_forward_hook(rec, with_kwargs=True)
+        handle = fp_den.register_forward_hook(rec, with_kwargs=True)
         try:
             gens = [torch.Generator("cpu").manual_seed(int(s)) for _, s in chunk]
             fp_out = fp_pipe(ps, generator=gens, **kw).images
@@ -110,7 +111,7 @@ def compare_pipelines(fp_pipe, q_pipe, prompts: list[str], seeds: list[int], ste
             handle.remove()
         # teacher forcing: the quantized denoiser on exactly the FP trajectory's inputs
         for i, (args, kwargs, y_fp) in enumerate(rec.calls):
-            y_q = _first(q_pipe.unet(*args, **kwargs)).to(y_fp.dtype)
+            y_q = _first(q_den(*args, **kwargs)).to(y_fp.dtype)
             s = float((y_fp.double() ** 2).sum())
             n = float(((y_q.double() - y_fp.double()) ** 2).sum())
             sig_total += s

@@ -20,9 +20,36 @@ from ...quant.errors import MixQuantError
 from ..digits import DIGITS_DIR
 from .single_file import load_single_file
 
-__all__ = ["load_pipeline", "resolve_model", "set_scheduler", "SCHEDULERS"]
+__all__ = ["load_pipeline", "resolve_model", "set_scheduler", "SCHEDULERS", "denoiser_of", "set_denoiser",
+           "denoiser_attr", "is_flow", "resolve_scheduler"]
 
 SCHEDULERS = ("ddim", "dpm", "euler")
+# The denoisers MixQuant quantizes, by pipeline attribute: UNets (SD1.x, SD2.x, SDXL) and the diffusion transformers
+# of the Flux and SD3 families (MMDiT); each pipeline holds one of them.
+DIT_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel")
+
+
+def denoiser_attr(pipe) -> str:
+    """"unet" or "transformer": where the pipeline keeps its denoiser."""
+    return "unet" if isinstance(getattr(pipe, "unet", None), torch.nn.Module) else "transformer"
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    return getattr(pipe, denoiser_attr(pipe))
+
+
+def set_denoiser(pipe, module: torch.nn.Module) -> None:
+    setattr(pipe, denoiser_attr(pipe), module)
+
+
+def is_flow(pipe) -> bool:
+    """Does the pipeline sample by flow matching (Flux, SD3: its own FlowMatchEuler sampler, not DDIM/DPM/Euler)?"""
+    return "FlowMatch" in type(getattr(pipe, "scheduler", None)).__name__
+
+
+def resolve_scheduler(pipe, name: str) -> str:
+    """"auto": euler (the flow-matching sampler) for Flux/SD3, dpm for UNet pipelines; any other name as given."""
+    return ("euler" if is_flow(pipe) else "dpm") if name in (None, "", "auto") else name
 
 
 def resolve_model(model: str) -> tuple[str, str]:
@@ -113,14 +140,27 @@ def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dty
     with _quiet_loading(), warnings.catch_warnings():  # (the loaders' deprecation and info chatter)
         warnings.simplefilter("ignore")
         pipe = load_single_file(path, dtype) if kind == "single_file" else _load_folder(path, dtype)
-    if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
-        denoiser = type(getattr(pipe, "transformer", None)).__name__ if hasattr(pipe, "transformer") else "none"
-        raise MixQuantError(f"{model} is a {type(pipe).__name__} (denoiser: {denoiser}); MixQuant quantizes UNet "
-                            "text-to-image pipelines (SD1.x, SD2.x, SDXL) today. Diffusion transformers (Flux, SD3) "
-                            "are not supported yet.")
+    check_supported(pipe, model)
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_supported(pipe, model: str = "the model") -> None:
+    """A text-to-image pipeline whose denoiser is a UNet, a Flux transformer or an SD3 (MMDiT) transformer; anything
+    else (a video model, another transformer family, an image-to-image-only pipeline) is one clear MixQuantError."""
+    if isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        if type(pipe.unet).__name__ != "UNet2DConditionModel":
+            raise MixQuantError(f"{model} is a {type(pipe).__name__} with a {type(pipe.unet).__name__} (a video or "
+                                "other special UNet); MixQuant quantizes text-to-image denoisers: SD1.x, SD2.x, "
+                                "SDXL, Flux and SD3.")
+        return
+    tr = getattr(pipe, "transformer", None)
+    name = type(tr).__name__ if tr is not None else "none"
+    if name not in DIT_CLASSES or type(pipe).__name__ not in ("FluxPipeline", "StableDiffusion3Pipeline"):
+        raise MixQuantError(f"{model} is a {type(pipe).__name__} (denoiser: {name}); MixQuant quantizes the "
+                            "text-to-image denoisers of SD1.x, SD2.x, SDXL (UNets), Flux (FluxPipeline) and SD3 "
+                            "(StableDiffusion3Pipeline); this family is not supported.")
 
 
 def _load_folder(path: str, dtype: torch.dtype):
@@ -143,12 +183,18 @@ def _load_folder(path: str, dtype: torch.dtype):
 
 
 def set_scheduler(pipe, name: str):
-    """Swap the pipeline's sampler: "ddim", "dpm" (DPM-Solver++ 2M) or "euler"; built from its scheduler config."""
+    """Swap the pipeline's sampler: "ddim", "dpm" (DPM-Solver++ 2M) or "euler"; built from its scheduler config.
+    "auto": dpm, or for a flow-matching pipeline (Flux, SD3) its own Euler sampler, the one it supports."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-    key = name.lower()
+    key = resolve_scheduler(pipe, (name or "").lower())
     if key not in classes:
-        raise MixQuantError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
+        raise MixQuantError(f"unknown scheduler {name!r}; use one of auto, {', '.join(SCHEDULERS)}")
+    if is_flow(pipe):
+        if key != "euler":
+            raise MixQuantError(f"{type(pipe).__name__} samples by flow matching with its Euler sampler; use "
+                                f"scheduler euler (or auto), not {key}.")
+        return pipe
     pipe.scheduler = classes[key].from_config(pipe.scheduler.config)
     return pipe

@@ -1,0 +1,127 @@
+"""Diffusion transformers (#23): Flux-family and SD3-family pipelines (random weights, the small configs shipped in
+configs/dit/) through the same calibrate -> plan -> quantize -> file -> generate as the UNets, in the CLI and the
+Python API; their roles; the runner's timestep schedule; what is not supported gets one clear message."""
+import json
+
+import pytest
+import torch
+
+from mixquant.app.cli import main as cli
+from mixquant.app.diffusers_host.models import check_supported, denoiser_of, load_pipeline
+from mixquant.app.diffusers_host.random_models import random_denoiser, random_pipeline
+from mixquant.app.diffusers_host.runner import PipelineRunner
+from mixquant.quant.errors import MixQuantError
+from mixquant.quant.roles import discover_layers, layer_role
+from mixquant.quant.runner import SamplerSettings, capture_calls
+
+FAMILIES = ("flux", "sd3")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for fam in FAMILIES:
+        d = tmp_path_factory.mktemp(fam)
+        random_pipeline(fam, seed=1).save_pretrained(str(d))
+        out[fam] = str(d)
+    return out
+
+
+def test_roles_of_dit_layers():
+    # diffusers names (Flux double / single blocks, SD3 joint blocks) and ComfyUI's names for the same layers
+    content = ["transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff_context.net.2",
+               "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.to_add_out",
+               "single_transformer_blocks.3.proj_mlp", "single_transformer_blocks.3.proj_out",
+               "double_blocks.0.img_mlp.0", "double_blocks.0.txt_attn.qkv", "single_blocks.7.linear1",
+               "joint_blocks.2.context_block.attn.qkv", "joint_blocks.2.x_block.mlp.fc1"]
+    quality = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0",
+               "single_transformer_blocks.0.attn.to_k", "double_blocks.0.img_attn.qkv",
+               # adaLN modulation is measured, as a quality layer, even inside the text stream
+               "transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1_context.linear",
+               "single_transformer_blocks.0.norm.linear", "double_blocks.0.txt_mod.lin", "single_blocks.0.modulation.lin",
+               "joint_blocks.0.context_block.adaLN_modulation.1"]
+    for n in content:
+        assert layer_role(n) == "content", n
+    for n in quality:
+        assert layer_role(n) == "quality", n
+    for fam in FAMILIES:
+        layers = discover_layers(random_denoiser(fam))
+        prot = {li.name for li in layers if li.protected}
+        # embedders, the patch embedding and the final layer stay 16-bit; every block layer is planned
+        assert "context_embedder" in prot and "proj_out" in prot and "norm_out.linear" in prot
+        assert any(n.startswith("time_text_embed.") for n in prot)
+        assert not any(n.startswith(("transformer_blocks.", "single_transformer_blocks.")) for n in prot)
+        assert {li.role for li in layers if not li.protected} == {"content", "quality"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runner_knows_the_schedule_the_pipeline_runs(family):
+    """timesteps() is computed as the pipeline computes them (Flux: shifted by the image's token count, divided by
+    1000): calibration sorts each call into its timestep group as it happens, so they must agree."""
+    pipe = random_pipeline(family)
+    for size in (64, 96):
+        r = PipelineRunner(pipe, SamplerSettings(steps=5, guidance=3.5, width=size, height=size, scheduler="auto"))
+        calls, images = capture_calls(r, ["a cat"], [0], keep=False)
+        assert [c.timestep for c in calls] == pytest.approx(r.timesteps(), abs=1e-5)
+        assert images.shape == (1, 3, size, size)
+    assert r.s.scheduler == "euler"
+    with pytest.raises(MixQuantError, match="flow matching"):
+        PipelineRunner(pipe, SamplerSettings(steps=2, scheduler="dpm"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_quantize_generate_inspect(folders, family, tmp_path, capsys):
+    out, rep = tmp_path / "q.safetensors", tmp_path / "q.json"
+    common = ["--steps", "3", "--size", "64x64"]
+    rc = cli(["quantize", "--model", folders[family], "--prompt", "a red fox", "--prompt", "a blue car",
+              "--avg-w-bits", "6", "--out", str(out), "--report", str(rep), *common])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads(rep.read_text())
+    assert report["sampler"]["scheduler"] == "euler"
+    assert report["bytes_quantized"] <= 0.5 * report["bytes_fp16"]
+    assert report["quality"]["sqnr_db"] > 15
+    roles = {li["role"] for li in report["layers"] if li["format"] != "W16A16"}
+    assert roles == {"content", "quality"}
+    img = tmp_path / "g.png"
+    rc = cli(["generate", "--model", folders[family], "--quantized", str(out), "--prompt", "a red fox",
+              "--out", str(img), *common])
+    assert rc == 0, capsys.readouterr().err
+    assert img.stat().st_size > 0
+    rc = cli(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and ("FluxTransformer2DModel" if family == "flux" else "SD3Transformer2DModel") in text
+
+
+def test_quantized_file_reloads_into_the_same_outputs(folders, tmp_path):
+    """The file alone rebuilds the quantized transformer: same outputs as the model that was saved."""
+    from mixquant.app.diffusers_host.api import quantize_pipeline
+    from mixquant.app.diffusers_host.files import load_denoiser, save_outputs
+
+    pipe = load_pipeline(folders["flux"])
+    qpipe, report = quantize_pipeline(pipe, ["a cat"], avg_w_bits=6, evaluate=False, speed="off", sweep_seconds=0,
+                                      act_groups=2, sampler=SamplerSettings(steps=3, width=64, height=64))
+    path = str(tmp_path / "f.safetensors")
+    save_outputs(denoiser_of(pipe), denoiser_of(qpipe), report, path, None, "flux")
+    q2 = load_denoiser(path, base=denoiser_of(pipe))
+    calls, _ = capture_calls(PipelineRunner(pipe, SamplerSettings(steps=3, width=64, height=64)), ["a dog"], [1])
+    for c in (calls[0], calls[-1]):  # (two timestep groups: the switch goes with the file)
+        a = denoiser_of(qpipe)(*c.args, **c.kwargs)[0]
+        b = q2(*c.args, **c.kwargs)[0]
+        torch.testing.assert_close(a, b)
+
+
+def test_unsupported_denoisers_get_one_clear_message():
+    class Video:
+        def __init__(self):
+            self.unet = torch.nn.Linear(2, 2)
+
+    class OtherDiT:
+        def __init__(self):
+            self.transformer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(MixQuantError, match="video or other special UNet"):
+        check_supported(Video(), "m")
+    with pytest.raises(MixQuantError, match="not supported"):
+        check_supported(OtherDiT(), "m")
+    with pytest.raises(MixQuantError, match="no shipped config"):
+        random_denoiser("pixart")
