@@ -21,6 +21,7 @@ class ActRange:
     lo: torch.Tensor
     hi: torch.Tensor
     split: int | None = None
+    smooth: torch.Tensor | None = None  # channel balancing: lo/hi are the range of x / smooth (layers.py)
 
 
 @dataclass
@@ -42,9 +43,12 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantized_layer(src: nn.Module, fmt: LayerFormat, *, mode: str = "packed", search: str = "auto",
                     act_range: ActRange | None = None, bos: torch.Tensor | None = None) -> QuantLayer:
     """The quantized version of one Linear/Conv2d (the one place a quantized layer is built from a float one): its
-    static activation range when the format has one, and for a Linear the BOS embedding whose output is then
-    computed in full precision."""
-    q = (QuantLinear if isinstance(src, nn.Linear) else QuantConv2d).from_float(src, fmt, mode=mode, search=search)
+    static activation range when the format has one, its channel balancing when the range carries one (every
+    format of a balanced layer computes with W s and x / s, so that what the sensitivity measured per part is what
+    the joint format runs), and for a Linear the BOS embedding whose output is then computed in full precision."""
+    smooth = act_range.smooth if act_range is not None else None
+    q = (QuantLinear if isinstance(src, nn.Linear) else QuantConv2d).from_float(src, fmt, mode=mode, search=search,
+                                                                                smooth=smooth)
     if act_range is not None and fmt.a_bits < 16 and fmt.a_mode == "static":
         q.set_act_range(act_range.lo, act_range.hi, act_range.split)
     if bos is not None and isinstance(q, QuantLinear):

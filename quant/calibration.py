@@ -18,6 +18,10 @@ from .runner import DenoiserCall, DenoiserRunner, Progress, capture_calls, times
 
 _BOS_LAYER = re.compile(r"(^|\.)(attn2|cross_attn)\.(to_k|to_v|k_proj|v_proj)$")
 BOS_RATIO = 5.0  # token 0 counts as an outlier when its absmax is this many times that of the other tokens
+BALANCE_MODES = ("auto", "on", "off")
+# channel balancing "auto": a Linear layer's input has outlier channels when its largest channel's absmax is this many
+# times the median channel's (DiTs' adaLN-modulated inputs and MLP outputs; SmoothQuant / ViDiT-Q)
+BALANCE_RATIO = 8.0
 
 
 class RangeObserver:
@@ -30,6 +34,7 @@ class RangeObserver:
         self.p_lo = torch.full((groups,), float("inf"))
         self.p_hi = torch.full((groups,), float("-inf"))
         self.ch_lo = self.ch_hi = None
+        self.gch_lo = self.gch_hi = None  # per timestep group and channel [G, C] (balanced layers' ranges)
         self.channel_dim, self.percentile, self.track_bos = channel_dim, percentile, track_bos
         self.elements = 0
         self.calls = 0
@@ -62,6 +67,11 @@ class RangeObserver:
         clo, chi = x.amin(dim=dims).cpu(), x.amax(dim=dims).cpu()
         self.ch_lo = clo if self.ch_lo is None else torch.minimum(self.ch_lo, clo)
         self.ch_hi = chi if self.ch_hi is None else torch.maximum(self.ch_hi, chi)
+        if self.gch_lo is None:
+            self.gch_lo = torch.full((self.lo.numel(), clo.numel()), float("inf"))
+            self.gch_hi = torch.full((self.lo.numel(), clo.numel()), float("-inf"))
+        self.gch_lo[group] = torch.minimum(self.gch_lo[group], clo)
+        self.gch_hi[group] = torch.maximum(self.gch_hi[group], chi)
         if self.track_bos and x.dim() == 3 and x.shape[1] > 1:
             t0, rest = x[:, 0], x[:, 1:]
             self.tok0_amax = max(self.tok0_amax, float(t0.abs().max()))
@@ -82,6 +92,19 @@ class RangeObserver:
     def bos_outlier(self) -> bool:
         return (self.track_bos and self.bos_vec is not None and self.bos_consistent
                 and self.tok0_amax > BOS_RATIO * max(self.rest_amax, 1e-12))
+
+    def channel_absmax(self) -> torch.Tensor:
+        """Each input channel's largest magnitude over the whole calibration."""
+        return torch.maximum(self.ch_lo.abs(), self.ch_hi.abs())
+
+    def balanced_result(self, s: torch.Tensor) -> ActRange:
+        """The min-max range of x / s per timestep group (exact: from the per-group, per-channel extremes)."""
+        seen = torch.isfinite(self.gch_lo).all(dim=1)
+        if not seen.any():
+            raise MixQuantError("a layer was never run during calibration")
+        lo, hi = (self.gch_lo / s).amin(dim=1), (self.gch_hi / s).amax(dim=1)
+        lo[~seen], hi[~seen] = lo[seen].min(), hi[seen].max()
+        return ActRange(lo.reshape(-1, 1), hi.reshape(-1, 1), None, s.clone())
 
     def result(self, method: str = "minmax", split: bool = True) -> ActRange:
         if self.bos_outlier:  # token 0 is computed in full precision: the range covers tokens 1..N only
@@ -142,9 +165,46 @@ class Calibration:
     act_elements: dict = field(default_factory=dict)  # layer -> input elements per sampling run
     timestep_fn: Callable | None = None  # reads a denoiser call's timestep (the runner's timestep_of)
     seconds: float = 0.0  # how long the recorded FP sampling run took (what a sampling run costs here)
+    balance: dict = field(default_factory=dict)  # layer -> balancing vector s (set_balance)
+    balance_rule: tuple = ("off",)  # how `balance` was chosen (cache keys)
 
     def ranges(self, split: bool = True) -> dict[str, ActRange]:
-        return {n: o.result(self.range_method, split) for n, o in self.observers.items() if o.calls}
+        """Each layer's input range; a balanced layer's is the range of x / s, with s (quantized layers built from
+        it divide their input by s and multiply their weight's input columns by it)."""
+        return {n: (o.balanced_result(self.balance[n]) if n in self.balance else o.result(self.range_method, split))
+                for n, o in self.observers.items() if o.calls}
+
+    def set_balance(self, model: nn.Module, mode: str = "auto", alpha: float = 0.5,
+                    ratio: float = BALANCE_RATIO) -> dict:
+        """Channel balancing (SmoothQuant, ViDiT-Q) of Linear layers whose input has outlier channels ("auto": the
+        largest channel's absmax is `ratio` x the median channel's; "on": every Linear; "off": none):
+        s_c = max|x_c|^alpha / max|W_:,c|^(1 - alpha), so that x / s and W s share the range of channel c. Layers
+        whose context token 0 is computed in full precision (BOS) are left as they are. Returns the vectors."""
+        if mode not in BALANCE_MODES:
+            raise MixQuantError(f"unknown balancing mode {mode!r}: use one of {', '.join(BALANCE_MODES)}")
+        if not 0.0 < alpha < 1.0:
+            raise MixQuantError("the balancing strength alpha must be between 0 and 1")
+        self.balance, self.balance_rule = {}, (mode,) if mode == "off" else (mode, alpha, ratio)
+        if mode == "off":
+            return self.balance
+        modules = dict(model.named_modules())
+        for name, o in self.observers.items():
+            m = modules.get(name)
+            if not o.calls or o.channel_dim != -1 or o.bos_outlier or quantizable(m) != "linear":
+                continue
+            ax = o.channel_absmax().double()
+            if mode == "auto" and float(ax.max()) < ratio * max(float(ax.median()), 1e-12):
+                continue
+            w = getattr(m, "weight", None)
+            if w is None or w.dim() != 2 or w.shape[1] != ax.numel() or not w.is_floating_point():
+                continue
+            aw = w.detach().abs().amax(dim=0).double().cpu()
+            ok = (ax > 0) & (aw > 0)
+            sv = torch.ones_like(ax)
+            sv[ok] = ax[ok] ** alpha / aw[ok] ** (1 - alpha)
+            sv = sv / torch.exp(torch.log(sv).mean())  # (scale-free: the geometric mean is 1)
+            self.balance[name] = sv.clamp(1e-4, 1e4).float()
+        return self.balance
 
     def bos(self) -> dict[str, torch.Tensor]:
         """Layers whose context token 0 is an outlier -> the BOS embedding to precompute."""

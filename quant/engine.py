@@ -23,7 +23,7 @@ import torch.nn as nn
 from . import distributed
 from .allocate import Infeasible, Option, solve
 from .apply import QuantStats, quantize_, quantized_layer, set_submodule
-from .calibration import Calibration, calibrate
+from .calibration import BALANCE_MODES, Calibration, calibrate
 from .errors import MixQuantError
 from .fileformat import fingerprint
 from .formats import LayerFormat
@@ -45,6 +45,10 @@ class QuantizeConfig:
     avg_w_bits: float | None = None  # budget as the average weight bits over all quantizable layers, or
     budget_mb: float | None = None  # as megabytes (1e6 bytes) of the whole denoiser with its float part in fp16
     a_bits: int = 8  # activations of the quantized layers (8, or 16 = weight-only)
+    # quantized activations of Linear layers: "static" (one calibrated range per timestep group; MixDQ), "dynamic"
+    # (per-token absmax at run time; ViDiT-Q), "auto": static for UNets, per-token for diffusion transformers (no
+    # Conv2d to quantize), whose activations vary too much across tokens and timesteps for one range
+    a_mode: str = "auto"
     a16_share: float = 0.05  # share of activation elements that may stay 16-bit (MixDQ kept 3.1%)
     target: str = "mixquant"  # or "comfyui-native": only formats stock ComfyUI runs
     w_bits_content: tuple = (2, 4, 8)
@@ -76,6 +80,11 @@ class QuantizeConfig:
     # 16-bit activations, a16_share, then stands in for speed). With a speed target every layer may also stay float.
     speed: str = "auto"
     min_speed: float = 1.0
+    # channel balancing (SmoothQuant / ViDiT-Q) of Linear layers whose input has outlier channels, when activations
+    # are quantized: "auto" (where the largest channel is calibration.BALANCE_RATIO x the median), "on" (every
+    # Linear), "off"; balance_alpha: how much of the outliers' range moves into the weights
+    balance: str = "auto"
+    balance_alpha: float = 0.5
     cache_dir: str | None = None
 
     def check(self):
@@ -99,6 +108,12 @@ class QuantizeConfig:
         if not (isinstance(self.min_speed, (int, float)) and 0 < self.min_speed < math.inf):
             raise MixQuantError("the minimum speed must be a positive factor of the float model's speed (1 = no "
                                 "slower).")
+        if self.a_mode not in ("auto", "static", "dynamic"):
+            raise MixQuantError(f"unknown activation mode {self.a_mode!r}: use auto, static or dynamic.")
+        if self.balance not in BALANCE_MODES:
+            raise MixQuantError(f"unknown balancing mode {self.balance!r}: use one of {', '.join(BALANCE_MODES)}.")
+        if not (isinstance(self.balance_alpha, (int, float)) and 0 < self.balance_alpha < 1):
+            raise MixQuantError("the balancing strength alpha must be between 0 and 1.")
         if self.sweep_seconds is not None and not self.sweep_seconds >= 0:
             raise MixQuantError("the sweep's seconds must be 0 or more (inf: the whole sweep).")
 
@@ -113,13 +128,32 @@ def _has_low_bits(plan: dict) -> bool:
     return any(f.w_bits < 8 for f in plan.values())
 
 
+def use_balance(cfg: QuantizeConfig, layers: list[LayerInfo]) -> str:
+    """The balancing mode in effect: none without quantized activations, or for ComfyUI's native format (which has
+    no place for it); "auto" balances diffusion transformers' layers (per-token activations: ViDiT-Q's setting) and
+    leaves a UNet's static per-tensor ranges as MixDQ has them ("on" balances those too)."""
+    if cfg.a_bits >= 16 or cfg.target == "comfyui-native":
+        return "off"
+    if cfg.balance == "auto" and act_mode(cfg, layers) == "static":
+        return "off"
+    return cfg.balance
+
+
 def use_bos(cfg: QuantizeConfig) -> bool:
     """BOS-aware to_k/to_v cannot be expressed in ComfyUI's native format: off for that target."""
     return cfg.bos and cfg.target != "comfyui-native"
 
 
-def menu(li: LayerInfo, cfg: QuantizeConfig) -> list[LayerFormat]:
-    """The joint formats a layer may take under the target."""
+def act_mode(cfg: QuantizeConfig, layers: list[LayerInfo]) -> str:
+    """The activation mode of the model's quantized Linear layers (QuantizeConfig.a_mode; Conv2d layers are always
+    static)."""
+    if cfg.a_mode != "auto":
+        return cfg.a_mode
+    return "static" if any(li.kind == "conv2d" and not li.protected for li in layers) else "dynamic"
+
+
+def menu(li: LayerInfo, cfg: QuantizeConfig, a_mode: str = "static") -> list[LayerFormat]:
+    """The joint formats a layer may take under the target (`a_mode`: act_mode's, for a Linear layer)."""
     if li.protected:
         return [LayerFormat(16, 16)]
     g = cfg.group_size
@@ -129,7 +163,8 @@ def menu(li: LayerInfo, cfg: QuantizeConfig) -> list[LayerFormat]:
         return [LayerFormat(8, 8, None, "dynamic"), LayerFormat(4, 16, 64), LayerFormat(16, 16)]
     bits = cfg.w_bits_content if li.role == "content" else cfg.w_bits_quality
     acts = (cfg.a_bits, 16) if cfg.a_bits < 16 else (16,)
-    out = [LayerFormat(b, a, g if b < 8 else None) for b in bits for a in acts]
+    mode = a_mode if li.kind == "linear" else "static"
+    out = [LayerFormat(b, a, g if b < 8 else None, mode if a < 16 else "static") for b in bits for a in acts]
     if timed(cfg):  # where no quantized format is as fast as the float layer, the plan may keep it
         out.append(LayerFormat(16, 16))
     return out
@@ -275,7 +310,7 @@ def problem(layers, cfg: QuantizeConfig, calib: Calibration, sens: Sensitivity, 
     """The allocation problem for this config's budget and target (menus, exact costs, normalised losses) and, with
     measured times and a speed target, its speed bound."""
     speed = speed if timed(cfg) else None
-    options = [menu(li, cfg) for li in layers]
+    options = [menu(li, cfg, act_mode(cfg, layers)) for li in layers]
     use_bytes, fixed, budget = _budget(layers, cfg, model)
     norms = {}
     for role in ("content", "quality"):
@@ -346,7 +381,7 @@ def check_budget(model: nn.Module, cfg: QuantizeConfig, layers=None) -> None:
     menus of `cfg`. Needs no measurement, so it runs before calibrating."""
     layers = discover_layers(model) if layers is None else layers
     use_bytes, fixed, budget = _budget(layers, cfg, model)
-    cheapest = min_cost(layers, [menu(li, cfg) for li in layers], use_bytes)
+    cheapest = min_cost(layers, [menu(li, cfg, act_mode(cfg, layers)) for li in layers], use_bytes)
     if cheapest <= budget:
         return
     if use_bytes:
@@ -384,7 +419,12 @@ def menus(cfg: QuantizeConfig, layers: list[LayerInfo]):
         return w_menu, [LayerFormat(16, 8, None, "dynamic")], [li for li in layers if li.kind == "linear"]
     w_menu = {"content": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_content],
               "quality": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_quality]}
-    return w_menu, ([LayerFormat(16, cfg.a_bits)] if cfg.a_bits < 16 else []), layers
+    if cfg.a_bits >= 16:
+        return w_menu, [], layers
+    a_menu = [LayerFormat(16, cfg.a_bits, None, act_mode(cfg, layers))]
+    if a_menu[0].a_mode == "dynamic" and any(li.kind == "conv2d" for li in layers):  # (convs stay static)
+        a_menu.append(LayerFormat(16, cfg.a_bits))
+    return w_menu, a_menu, layers
 
 
 @dataclass
@@ -416,7 +456,7 @@ def model_sizes(model: nn.Module, cfg: QuantizeConfig | None = None) -> ModelSiz
     params_total = sum(li.params for li in layers)
     total = fp16_bytes(model)
     fixed = total - sum(2 * li.params for li in layers)
-    menus_ = [menu(li, cfg) for li in layers]
+    menus_ = [menu(li, cfg, act_mode(cfg, layers)) for li in layers]
     min_bits = min_cost(layers, menus_, False) / params_total
     min_bytes = min_cost(layers, menus_, True)
     return ModelSizes(layers, params_total, total, fixed, min_bits, (min_bytes + fixed) / 1e6)
@@ -467,7 +507,8 @@ class Prepared:
 
 def _prepared_key(prompts, seeds, settings, cfg: QuantizeConfig) -> dict:
     fields = ("target", "a_bits", "w_bits_content", "w_bits_quality", "group_size", "act_groups", "range_method",
-              "bos", "sens_calls", "sens_prompts", "sens_mode", "weight_search")
+              "bos", "sens_calls", "sens_prompts", "sens_mode", "weight_search", "balance", "balance_alpha",
+              "a_mode")
     return {"prompts": list(prompts), "seeds": list(seeds), "settings": settings, "timed": timed(cfg),
             **{f: getattr(cfg, f) for f in fields}}
 
@@ -491,6 +532,7 @@ def prepare(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, see
         calib = calibrate(runner, prompts, seeds, cfg.act_groups, cfg.range_method, progress=progress)
     else:
         calib, prompts, seeds = calibration, calibration.prompts, calibration.seeds
+    calib.set_balance(model, use_balance(cfg, layers), cfg.balance_alpha)
     n_eval = min(cfg.sens_prompts, len(calib.prompts))
     if calib.fp_images is not None and len(calib.fp_images) >= n_eval:  # plan compares with these: no FP re-run
         fp_images = calib.fp_images[:n_eval]
@@ -513,7 +555,7 @@ def time_layers(runner: DenoiserRunner, calib: Calibration, layers: list[LayerIn
     speed = None
     if distributed.is_main():
         speed = measure_speed(runner.denoiser, timing_call(calib.calls), layers,
-                              {li.name: menu(li, cfg) for li in layers}, calib.ranges(),
+                              {li.name: menu(li, cfg, act_mode(cfg, layers)) for li in layers}, calib.ranges(),
                               calib.bos() if use_bos(cfg) else {}, progress)
     return distributed.broadcast(speed)
 
@@ -702,6 +744,7 @@ def report(prepared: Prepared, alloc: Allocation, cfg: QuantizeConfig, model: nn
         "bos_layers": sorted(calib.bos()) if use_bos(cfg) else [],
         "split_layers": sorted(n for n, r in calib.ranges().items() if r.split is not None
                                and plan_.get(n, LayerFormat(16, 16)).a_bits < 16),
+        "balanced_layers": sorted(n for n in calib.balance if not plan_.get(n, LayerFormat(16, 16)).is_float),
         "act_groups": calib.n_groups,
         "prompts": len(calib.prompts),
     }

@@ -4,7 +4,7 @@ Header metadata `mixquant` = JSON {format_version, base_model: {fingerprint}, ar
 saved it, e.g. a diffusers class + config; the adapter validates it), layers: {name: {kind, format, in, out, bias,
 a_split, geometry}}, extra, digest}. Tensors: per quantized layer `<l>.qweight` (int8 [N,K] or packed uint8), `<l>.weight_scale` (fp16 [N,G]),
 `<l>.weight_zero` (uint8 [N,G], asymmetric only), `<l>.bias`, `<l>.input_scale` / `<l>.input_zero` (fp32 [T,S],
-static activations); every other tensor of the denoiser under its own name. Never pickle; writes are atomic.
+static activations), `<l>.smooth` (fp32 [C_in], balanced input channels: the stored weight is W s); every other tensor of the denoiser under its own name. Never pickle; writes are atomic.
 
 Nothing in a file is trusted. Version 2 adds `digest`: a SHA-256 (first 128 bits) per tensor over its name, dtype,
 shape and bytes, and one over the rest of the metadata, so damaged data or a changed value is caught at load
@@ -130,6 +130,8 @@ def _layer_tensors(name: str, layer: QuantLayer) -> dict:
     if layer.bos_out is not None:
         out[f"{name}.bos_in"] = layer.bos_in
         out[f"{name}.bos_out"] = layer.bos_out
+    if layer.smooth is not None:
+        out[f"{name}.smooth"] = layer.smooth.float()
     return out
 
 
@@ -216,7 +218,7 @@ def _float_dtype(path: str, meta: dict, table: dict):
     return next(iter(own), torch.float32)
 
 
-_FP32_SUFFIXES = ("input_scale", "input_zero", "bos_in", "bos_out")
+_FP32_SUFFIXES = ("input_scale", "input_zero", "bos_in", "bos_out", "smooth")
 _LAYER_SUFFIXES = ("qweight", "weight_scale", "weight_zero", "weight", "bias") + _FP32_SUFFIXES
 
 
@@ -327,6 +329,9 @@ def check_entry(path: str, name: str, e, table: dict | None = None, groups: int 
         want("bos_in", (torch.float32,), (cin,))
         want("bos_out", (torch.float32,), (n,))
         expected |= {"bos_in", "bos_out"}
+    if f"{name}.smooth" in table:
+        want("smooth", (torch.float32,), (cin,))
+        expected.add("smooth")
     for suffix in _LAYER_SUFFIXES:
         _check(suffix in expected or f"{name}.{suffix}" not in table, path,
                f"tensor {name}.{suffix} does not belong to a {fmt.name} {kind} layer.")
@@ -484,6 +489,11 @@ def build_layer(path: str, name: str, e: dict, tensors: dict) -> QuantLayer:
             _check(bool(torch.isfinite(bi).all() and torch.isfinite(bo).all()), path,
                    f"layer {name}: BOS tensors are not finite.")
             layer.bos_in, layer.bos_out = bi.float(), bo.float()
+        if f"{name}.smooth" in tensors:
+            sm = get("smooth")
+            _check(bool(torch.isfinite(sm).all()) and bool((sm > 0).all()), path,
+                   f"layer {name}: its balancing vector holds NaN, infinite or non-positive values.")
+            layer.smooth = sm.float()
     return layer
 
 

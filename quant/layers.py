@@ -11,6 +11,11 @@ measurement switch formats without repacking anything else.
 
 Activations: 16-bit (weight-only), static (calibrated asymmetric per-tensor range; one row of ranges per group of
 timesteps, selected by `act_group`; optionally two channel segments split at `a_split`), or dynamic (per token).
+
+Channel balancing (SmoothQuant / ViDiT-Q; `smooth`, fp32 [C_in]): where a layer's input has outlier channels, the
+input is divided by s per channel before it is quantized and the weight's input columns are multiplied by s before
+they are (y = (x / s) (W s)^T = x W^T), moving the outliers' range from the activations into the weights. The
+weight this layer stores and computes with is W s; `convert_weight` / `set_weight` (LoRA) speak the float W.
 """
 from __future__ import annotations
 
@@ -132,6 +137,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("input_zero", None)
         self.register_buffer("bos_in", None)  # BOS-aware cross-attention (MixDQ): the context's token-0 embedding
         self.register_buffer("bos_out", None)  # and W·e_BOS + b computed in full precision
+        self.register_buffer("smooth", None)  # channel balancing: per input channel, x / s and W s (see above)
 
     # --- weight storage --------------------------------------------------------------------------------------------
     @property
@@ -143,9 +149,37 @@ class QuantLayer(nn.Module):
         return self.mode == "packed" and self.fmt.w_bits < 16
 
     def _pack(self, w_float: torch.Tensor, search: str = "auto") -> torch.Tensor:
-        pw = quantize_weight(self._to_2d(w_float.detach().float()), self.fmt.w_bits, self.fmt.group_size,
-                             self.fmt.symmetric, search)
+        """The stored blob of a float weight W (the layer's own shape): W s when balanced."""
+        w2d = self._to_2d(w_float.detach().float())
+        if self.smooth is not None:
+            w2d = w2d * self._smooth_columns(w2d.device)
+        pw = quantize_weight(w2d, self.fmt.w_bits, self.fmt.group_size, self.fmt.symmetric, search)
         return join_rows(pw.qweight, pw.scale, pw.zero)
+
+    def _smooth_columns(self, device) -> torch.Tensor:
+        """s per column of the [N, K] weight matrix (a conv's K is C_in x kh x kw, channel-major)."""
+        s = self.smooth.to(device=device, dtype=torch.float32)
+        return s.repeat_interleave(self.k // s.numel())
+
+    def set_smooth(self, s: torch.Tensor | None) -> None:
+        """Balance the input channels by `s` (> 0, one per input channel); set before the weight is packed (from_float
+        does) — a stored weight is already W s."""
+        if s is None:
+            self.smooth = None
+            return
+        s = torch.as_tensor(s, dtype=torch.float32).reshape(-1)
+        cin = self.in_features if isinstance(self, QuantLinear) else self.in_channels
+        if s.numel() != cin or not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise ValueError(f"a balancing vector needs {cin} finite positive values")
+        self.smooth = s.to(self.weight.device)
+        self._w_hat = None
+
+    def _balance(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        if self.smooth is None:
+            return x
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        return x / self.smooth.to(device=x.device, dtype=x.dtype).reshape(shape)
 
     def packed_parts(self, blob: torch.Tensor | None = None):
         """(codes, scale fp16 [N, G], zero uint8 [N, G] | None) views into the weight blob."""
@@ -153,14 +187,21 @@ class QuantLayer(nn.Module):
         return split_rows(blob, self.k, self.fmt.w_bits, self.groups, not self.fmt.symmetric)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The weight the layer computes with, as fp32 [N, K]."""
+        """The weight the layer computes with, as fp32 [N, K] (balanced: W s, for the balanced input x / s)."""
         if self.fmt.w_bits == 16:
-            return self._to_2d(self.weight.float())
+            w = self._to_2d(self.weight.float())
+            return w if self.smooth is None else w * self._smooth_columns(w.device)
         if self.mode == "simulate":
             if self._w_hat is None or self._w_hat.device != self.weight.device:
                 self._w_hat = self._blob_to_2d(self._pack(self.weight, self.search))
             return self._w_hat
         return self._blob_to_2d(self.weight)
+
+    def unbalanced_weight(self) -> torch.Tensor:
+        """The float weight W this layer stands for, fp32 [N, K] (its dequantized weight, with any balancing undone):
+        what a format without balancing (an export) starts from."""
+        w = self.dequantized_weight()
+        return w if self.smooth is None else w / self._smooth_columns(w.device)
 
     def _blob_to_2d(self, blob: torch.Tensor) -> torch.Tensor:
         codes, scale, zero = self.packed_parts(blob)
@@ -218,7 +259,10 @@ class QuantLayer(nn.Module):
         if not self.packed:
             return weight
         blob = weight.detach().round().clamp(0, 255).to(torch.uint8)
-        return self._from_2d(self._blob_to_2d(blob)).to(weight.dtype)
+        w2d = self._blob_to_2d(blob)
+        if self.smooth is not None:  # (the stored weight is W s)
+            w2d = w2d / self._smooth_columns(w2d.device)
+        return self._from_2d(w2d).to(weight.dtype)
 
     def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
                    **kwargs):
@@ -281,10 +325,12 @@ class QuantLinear(QuantLayer):
             if bias else None
 
     @classmethod
-    def from_float(cls, layer: nn.Linear, fmt: LayerFormat, mode: str = "packed", search: str = "auto"):
+    def from_float(cls, layer: nn.Linear, fmt: LayerFormat, mode: str = "packed", search: str = "auto",
+                   smooth: torch.Tensor | None = None):
         q = cls(layer.in_features, layer.out_features, layer.bias is not None, fmt, mode,
                 device=layer.weight.device, dtype=layer.weight.dtype)
         q.search = search
+        q.set_smooth(smooth)
         with torch.no_grad():
             if q.packed:
                 q.weight.data = q._pack(layer.weight, search)
@@ -330,6 +376,7 @@ class QuantLinear(QuantLayer):
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
         blob, bias = self._params_on(x.device)
+        x = self._balance(x, -1)
         if self.packed:
             return dispatch.linear(x, **self._kernel_args(blob, bias, x.device))
         act = self._act_args(x.device)
@@ -374,13 +421,15 @@ class QuantConv2d(QuantLayer):
             if bias else None
 
     @classmethod
-    def from_float(cls, layer: nn.Conv2d, fmt: LayerFormat, mode: str = "packed", search: str = "auto"):
+    def from_float(cls, layer: nn.Conv2d, fmt: LayerFormat, mode: str = "packed", search: str = "auto",
+                   smooth: torch.Tensor | None = None):
         if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             raise ValueError("QuantConv2d supports groups=1 and numeric zero padding only")
         q = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                 layer.dilation, layer.bias is not None, fmt, mode, device=layer.weight.device,
                 dtype=layer.weight.dtype)
         q.search = search
+        q.set_smooth(smooth)
         with torch.no_grad():
             q.weight.data = q._pack(layer.weight, search) if q.packed else layer.weight.detach().clone()
             if layer.bias is not None:
@@ -396,6 +445,7 @@ class QuantConv2d(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blob, bias = self._params_on(x.device)
+        x = self._balance(x, 1)
         geometry = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                         dilation=self.dilation)
         if self.packed:

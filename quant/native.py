@@ -49,6 +49,8 @@ def native_format(layer: QuantLayer) -> tuple[str | None, str]:
         return None, "float in the plan"
     if layer.bos_out is not None:
         return None, "BOS token computed in full precision (not expressible)"
+    if layer.smooth is not None:
+        return None, "balanced input channels (not expressible)"
     if f.w_bits == 8 and f.symmetric and f.group_size is None and f.a_bits == 8 and f.a_mode == "dynamic":
         return "int8_tensorwise", "W8 per-row + dynamic per-token A8"
     if f.w_bits == 4 and not f.symmetric and f.group_size == AWQ_GROUP and f.a_bits >= 16:
@@ -79,7 +81,7 @@ def native_layer_tensors(layer: QuantLayer) -> tuple[dict, dict | None, str]:
         out["weight_zeros"] = ((8.0 - zero.float()) * s).to(torch.float16).t().contiguous()
         conf = {"format": fmt, "group_size": AWQ_GROUP}
     else:
-        w = layer.dequantized_weight() if layer.fmt.w_bits < 16 else layer._to_2d(layer.weight.float())
+        w = layer.unbalanced_weight()
         out["weight"] = layer._from_2d(w.float()).to(torch.float16).contiguous()
         conf = None
     if layer.bias is not None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-# buffers of a quantized layer that stay fp32 when deployed (activation ranges, BOS vectors)
-RANGE_BUFFERS = ("input_scale", "input_zero", "bos_in", "bos_out")
+# buffers of a quantized layer that stay fp32 when deployed (activation ranges, BOS vectors, balancing vectors)
+RANGE_BUFFERS = ("input_scale", "input_zero", "bos_in", "bos_out", "smooth")
 
 
 def tensor_bytes(tensors) -> int:

@@ -56,6 +56,9 @@ DOCUMENTED = {
     "python bench/scale.py --agreement": ("bench/scale.py", ["--agreement"]),
     "python bench/scale.py --models sdxl --real --size 1024 --prompts 8 --steps 20": (
         "bench/scale.py", ["--models", "sdxl", "--real", "--size", "1024", "--prompts", "8", "--steps", "20"]),
+    "python bench/dit.py": ("bench/dit.py", []),
+    "python bench/dit.py --families flux --out /tmp/dit.md": ("bench/dit.py",
+                                                             ["--families", "flux", "--out", "{out}/dit.md"]),
     "python bench/speed.py": ("bench/speed.py", []),
     "python bench/speed.py --models digits": ("bench/speed.py", ["--models", "digits"]),
     "python bench/speed.py --device cuda": ("bench/speed.py", ["--device", "cuda"]),

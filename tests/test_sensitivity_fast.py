@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mixquant.quant.sensitivity import output_gains
+from mixquant.quant.sensitivity import _weighted, coherent_split, output_gains
 
 
 class _Runner:
@@ -23,8 +23,8 @@ def test_gains_are_the_jacobians_column_norms():
     x = torch.randn(2, 4)
     calls = [SimpleNamespace(args=(x,), kwargs={})] * 600
     gains = output_gains(model, _Runner(), calls, ["0", "1"], kinds=("quality",))["quality"]
-    g0 = torch.stack(gains["0"]).mean(0)
-    g1 = torch.stack(gains["1"]).mean(0)
+    g0 = torch.stack(gains["0"]).mean(0)[0]  # (row 0: the diagonal gain; row 1: coherent_gains' shared part)
+    g1 = torch.stack(gains["1"]).mean(0)[0]
     want0 = (model[1].weight.detach() ** 2).sum(0)
     assert torch.allclose(g0, want0, rtol=0.15), (g0, want0)
     assert torch.allclose(g1, torch.ones(3), rtol=0.15), g1
@@ -48,8 +48,8 @@ def test_gains_reach_layers_fed_only_by_inputs_without_gradient():
     net = Net()
     call = SimpleNamespace(args=(torch.randn(1, 2, 4, 4),), kwargs={"context": torch.randn(1, 7, 5)})
     gains = output_gains(net, _Runner(), [call] * 300, ["conv", "ctx"], kinds=("quality",))["quality"]
-    conv = torch.stack(gains["conv"]).mean(0)
-    ctx = torch.stack(gains["ctx"]).mean(0)
+    conv = torch.stack(gains["conv"]).mean(0)[0]
+    ctx = torch.stack(gains["ctx"]).mean(0)[0]
     assert conv.shape == (3,) and torch.allclose(conv, torch.full((3,), 4.0), rtol=0.15)  # d out / d conv = 2
     # d out / d ctx[b, t, c] = 1/7 on each of the 16 pixels: E (sum_p r_p / 7)^2 = 16 / 49
     assert ctx.shape == (3,) and torch.allclose(ctx, torch.full((3,), 16 / 49), rtol=0.2)
@@ -155,3 +155,37 @@ def test_gains_of_a_model_that_adds_in_place_into_a_saved_tensor():
     for kind in ("quality", "content"):
         for n in names:
             assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(want[kind][n], got[kind][n]))
+
+
+def test_an_error_every_token_shares_is_weighed_as_one_vector():
+    """A model that sums its layer's output over the tokens (as attention over a text context does): an error the
+    same at every token (inputs that repeat, like padding) reaches the output N times over in amplitude, N^2 in
+    power. The diagonal estimate sees N; the coherent one (diffusion transformers) the true N^2 to first order, and
+    both agree on an error that varies over tokens."""
+    n, c = 12, 5
+    model = nn.Sequential(nn.Linear(c, c, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(c))
+
+    class Summed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(x).sum(dim=1)
+
+    net = Summed()
+    x = torch.randn(2, n, c)
+    gains = output_gains(net, _Runner(), [SimpleNamespace(args=(x,), kwargs={})] * 400, ["inner.0"],
+                         kinds=("quality",))["quality"]["inner.0"]
+    g = torch.stack(gains).mean(0)
+    shared = torch.randn(2, 1, c).expand(2, n, c)
+    split = coherent_split(shared, 2)
+    true = float((shared.sum(1) ** 2).sum())
+    assert _weighted([split], [g], coherent=True) == pytest.approx(true, rel=0.15)
+    assert _weighted([split], [g]) == pytest.approx(true / n, rel=0.15)  # the diagonal estimate: N times low
+    varying = torch.randn(2, n, c)
+    varying = varying - varying.mean(dim=1, keepdim=True)  # (nothing shared: both estimates are the same)
+    split = coherent_split(varying, 2)
+    assert _weighted([split], [g], coherent=True) == pytest.approx(_weighted([split], [g]), rel=1e-6)

@@ -104,6 +104,12 @@ class Five(nn.Module):
         self.layers = nn.ModuleList([nn.Linear(64, 64) for _ in range(5)])
 
 
+def _cfg(**kw):
+    """(the toy model is Linear layers only, which `a_mode` auto would take for a diffusion transformer's; these
+    tables are of static 8-bit activations)"""
+    return engine.QuantizeConfig(a_mode="static", **kw)
+
+
 QUANT = {"W8A8": 0.5, "W8A16": 1.5, "W4g64A8": 2.0, "W4g64A16": 2.5}  # seconds; the float layer takes 1
 
 
@@ -137,7 +143,7 @@ def _brute(prob, opts, budget, max_time):
 @pytest.mark.parametrize("bits", [7.5, 8.0, 10.0])
 def test_plan_at_the_speed_target_equals_brute_force(bits):
     model, layers, sens, sp, calib = _prepared()
-    cfg = engine.QuantizeConfig(avg_w_bits=bits)
+    cfg = _cfg(avg_w_bits=bits)
     prob = engine.problem(layers, cfg, calib, sens, model, sp)
     assert prob.a16_limit is None  # measured times replace the 16-bit activation share
     assert all(FLOAT in fmts for fmts in prob.options)  # every layer may stay float
@@ -156,17 +162,17 @@ def test_the_speed_target_changes_the_plan():
     """W8A16 is slower than float here: untimed (with no cap on 16-bit activations) the least-loss plan is W8A16
     everywhere; timed, the plan keeps to formats that make the whole no slower than float."""
     model, layers, sens, sp, calib = _prepared()
-    untimed = engine.problem(layers, engine.QuantizeConfig(avg_w_bits=8, speed="off", a16_share=1.0), calib, sens,
+    untimed = engine.problem(layers, _cfg(avg_w_bits=8, speed="off", a16_share=1.0), calib, sens,
                              model, sp)
     plain = untimed.solve(sens, 0.5)  # W8A16 everywhere (least loss), 1.5x the float layers' time
     assert sp.predicted(plain) > sp.fp_call
-    timed = engine.problem(layers, engine.QuantizeConfig(avg_w_bits=8), calib, sens, model, sp).solve(sens, 0.5)
+    timed = engine.problem(layers, _cfg(avg_w_bits=8), calib, sens, model, sp).solve(sens, 0.5)
     assert sp.predicted(timed) <= sp.fp_call * (1 + 1e-9) and timed != plain
 
 
 def test_budget_that_cannot_meet_the_speed_is_planned_near_the_fastest_and_says_what_can():
     model, layers, sens, sp, calib = _prepared()
-    cfg = engine.QuantizeConfig(avg_w_bits=4.2)  # W4 somewhere is needed, and every W4 is slower than float
+    cfg = _cfg(avg_w_bits=4.2)  # W4 somewhere is needed, and every W4 is slower than float
     prob = engine.problem(layers, cfg, calib, sens, model, sp)
     plan = prob.solve(sens, 0.5)
     opts = prob.build(sens, 0.5)
@@ -189,7 +195,7 @@ def test_budget_that_cannot_meet_the_speed_is_planned_near_the_fastest_and_says_
     assert summary["smallest_at_speed"] == want and want in summary["note"]
     assert "fastest within the budget runs at" in summary["note"]
     # the same budget with the speed required: one clear error naming both
-    req = engine.problem(layers, engine.QuantizeConfig(avg_w_bits=4.2, speed="require"), calib, sens, model, sp)
+    req = engine.problem(layers, _cfg(avg_w_bits=4.2, speed="require"), calib, sens, model, sp)
     with pytest.raises(MixQuantError, match="smallest plan at 1x is an average of") as e:
         req.solve(sens, 0.5)
     assert "Lower the minimum speed" in str(e.value)
@@ -198,14 +204,14 @@ def test_budget_that_cannot_meet_the_speed_is_planned_near_the_fastest_and_says_
 def test_when_no_layer_is_faster_quantized_only_the_float_model_is_named():
     slow = {k: 3.0 for k in QUANT}
     model, layers, sens, sp, calib = _prepared(slow)
-    prob = engine.problem(layers, engine.QuantizeConfig(avg_w_bits=8), calib, sens, model, sp)
+    prob = engine.problem(layers, _cfg(avg_w_bits=8), calib, sens, model, sp)
     plan = prob.solve(sens, 0.5)
     assert "only the float model itself runs that fast" in prob.speed_summary(plan)["note"]
 
 
 def test_speed_off_plans_as_before():
     model, layers, sens, sp, calib = _prepared()
-    cfg = engine.QuantizeConfig(avg_w_bits=6, speed="off")
+    cfg = _cfg(avg_w_bits=6, speed="off")
     prob = engine.problem(layers, cfg, calib, sens, model, sp)
     assert prob.speed is None and prob.a16_limit is not None
     assert not any(FLOAT in fmts for fmts in prob.options)
@@ -215,7 +221,7 @@ def test_speed_off_plans_as_before():
 def test_speed_settings_are_checked():
     for bad in (dict(speed="fast"), dict(min_speed=0), dict(min_speed=float("inf")), dict(min_speed=-1)):
         with pytest.raises(MixQuantError):
-            engine.QuantizeConfig(avg_w_bits=4, **bad).check()
+            _cfg(avg_w_bits=4, **bad).check()
 
 
 def test_speed_text():

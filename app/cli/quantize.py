@@ -50,6 +50,10 @@ def add_arguments(p):
                         "what is feasible; off = no timing")
     p.add_argument("--min-speed", type=float, default=1.0, metavar="X",
                    help="the speed to hold, as a factor of the float model's (default 1: never slower than float)")
+    p.add_argument("--balance", default="auto", choices=("auto", "on", "off"),
+                   help="channel balancing (SmoothQuant / ViDiT-Q) of Linear layers whose input has outlier channels, "
+                        "with quantized activations: auto = where the input has outlier channels (default), on = "
+                        "every Linear, off = none")
     p.add_argument("--out", required=True, help="the quantized .safetensors file to write")
     p.add_argument("--report", help="where to write the report JSON")
 
@@ -93,7 +97,7 @@ def run(args) -> int:
             evaluate=not args.no_eval, model_name=args.model, progress=bar, act_groups=args.act_groups,
             bos=not args.no_bos, cache_dir=args.cache_dir, weight_search=args.weight_search,
             sens_mode=args.sens_mode, sweep_seconds=args.sweep_seconds, speed=args.speed,
-            min_speed=args.min_speed)
+            min_speed=args.min_speed, balance=args.balance)
     finally:
         bar.close()
     if not distributed.is_main():  # under torchrun every process measured its share; the first one writes

@@ -14,6 +14,7 @@ import torch.nn as nn
 from ...quant.errors import MixQuantError
 from ...quant.fileformat import build_guard, fingerprint, load_quantized, read_layout, save_quantized
 from ...quant.layers import QuantLayer, attach_act_group_switch
+from ...quant.sizes import RANGE_BUFFERS
 from ...quant.util import json_safe, write_atomic
 
 _CLASSES = ("UNet2DConditionModel", "Transformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
@@ -206,7 +207,7 @@ def load_denoiser(path: str, base: nn.Module | None = None, dtype=None) -> nn.Mo
         q.to(dtype)
         for m in q.modules():  # activation ranges and BOS vectors stay fp32 whatever the compute dtype
             if isinstance(m, QuantLayer):
-                for name in ("input_scale", "input_zero", "bos_in", "bos_out"):
+                for name in RANGE_BUFFERS:
                     t = getattr(m, name)
                     if t is not None:
                         setattr(m, name, t.float())

@@ -30,8 +30,11 @@ DIT_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel")
 
 
 def denoiser_attr(pipe) -> str:
-    """"unet" or "transformer": where the pipeline keeps its denoiser."""
-    return "unet" if isinstance(getattr(pipe, "unet", None), torch.nn.Module) else "transformer"
+    """"unet" or "transformer": where the pipeline keeps its denoiser (a pipeline with a transformer and no UNet)."""
+    if isinstance(getattr(pipe, "transformer", None), torch.nn.Module) and \
+            not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        return "transformer"
+    return "unet"
 
 
 def denoiser_of(pipe) -> torch.nn.Module:

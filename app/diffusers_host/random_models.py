@@ -31,8 +31,10 @@ def _config(family: str, size: str) -> dict:
         return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
 
 
-def random_denoiser(family: str, size: str = "small", dtype=torch.float32, device="cpu", seed: int = 0):
-    """The family's transformer with random weights (seeded), from configs/dit/<family>_<size>.json."""
+def random_denoiser(family: str, size: str = "small", dtype=torch.float32, device="cpu", seed: int = 0,
+                    outliers: float = 0.0):
+    """The family's transformer with random weights (seeded), from configs/dit/<family>_<size>.json. `outliers` > 0:
+    give it the outlier channels trained DiTs have (with_outlier_channels)."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     from .models import _quiet_loading
@@ -42,8 +44,31 @@ def random_denoiser(family: str, size: str = "small", dtype=torch.float32, devic
     torch.manual_seed(seed)
     with torch.device(device):
         model = cls.from_config(cfg)
+    if outliers:
+        with_outlier_channels(model, outliers, seed=seed)
     with _quiet_loading():  # (diffusers' note on casting with .to())
         return model.to(dtype).eval()
+
+
+def with_outlier_channels(model: torch.nn.Module, gain: float, n: int = 4, seed: int = 0) -> torch.nn.Module:
+    """The activation outliers of trained diffusion transformers (a few channels of the residual stream tens of times
+    larger than the rest, the same channels in every block: ViDiT-Q, SVDQuant), which random weights lack: every
+    adaLN modulation's scale for `n` fixed channels is raised by `gain` (its bias), so the modulated inputs of the
+    attention and MLP layers carry those channels `gain` x larger. In place; returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    chunks = {"AdaLayerNormZero": (6, (1, 4)), "AdaLayerNormZeroSingle": (3, (1,))}  # (chunks, scale chunks)
+    chans = None
+    with torch.no_grad():
+        for m in model.modules():
+            spec = chunks.get(type(m).__name__)
+            if spec is None or getattr(m, "linear", None) is None or m.linear.bias is None:
+                continue
+            d = m.linear.out_features // spec[0]
+            if chans is None:
+                chans = torch.randperm(d, generator=g)[:n]
+            for c in spec[1]:
+                m.linear.bias[c * d + chans] += gain
+    return model
 
 
 def _clip(hidden: int, projection: bool, seed: int):
@@ -81,13 +106,13 @@ def _vae(seed: int):
                          shift_factor=0.1159, scaling_factor=0.3611).eval()
 
 
-def random_pipeline(family: str, size: str = "small", seed: int = 0):
+def random_pipeline(family: str, size: str = "small", seed: int = 0, outliers: float = 0.0):
     """A complete FluxPipeline / StableDiffusion3Pipeline with random weights: the transformer of the shipped config
     and small CLIP / T5 text encoders and VAE (each component seeded). The VAE's scale is 4 (two blocks), so a
     64x64 image is a 16x16x16 latent."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
-    tr = random_denoiser(family, size, seed=seed)
+    tr = random_denoiser(family, size, seed=seed, outliers=outliers)
     clip_tok, t5_tok = _tokenizers()
     vae = _vae(seed + 1)
     if family == "flux":
