@@ -1,0 +1,196 @@
+"""Diffusion transformers (#23): what DiTs need, measured on the small Flux- and SD3-layout configs (random weights).
+
+    python bench/dit.py                 # CPU: both families, writes bench/results/dit_cpu.md (~3 min)
+    python bench/dit.py --families flux --out /tmp/dit.md
+
+1. Activations: every non-protected Linear layer at W8A8 / W4g64A8, its input quantized per tensor with one static
+   range, per tensor with a range per timestep group, per tensor after channel balancing, per token (dynamic), and per
+   token after channel balancing; scored by the denoiser-output SQNR on held-out prompts (teacher-forced: the
+   quantized denoiser gets exactly the FP trajectory's inputs). With and without the outlier channels trained DiTs
+   have (random_models.with_outlier_channels: random weights lack them).
+2. A mixed avg-W4 plan (MixQuant's sensitivity + integer program) against uniform W4 at the same bytes, weight-only
+   and with 8-bit activations; SQNR and the held-out images' PSNR against FP.
+3. Time: calibrate / sensitivity / allocate of the mixed plan, and its step time against FP32 in the same process.
+Bytes are real (deploy bytes: packed weights as stored, float parts in fp16) against the bf16 denoiser.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import mixquant  # noqa: E402,F401  (first: it hides our kernels/ from `import kernels`)
+import torch  # noqa: E402
+
+from common import cpu_name  # noqa: E402
+from mixquant.app.diffusers_host.random_models import random_pipeline  # noqa: E402
+from mixquant.app.diffusers_host.runner import PipelineRunner  # noqa: E402
+from mixquant.quant import engine  # noqa: E402
+from mixquant.quant.apply import quantize_, uniform_plan  # noqa: E402
+from mixquant.quant.calibration import calibrate  # noqa: E402
+from mixquant.quant.formats import LayerFormat  # noqa: E402
+from mixquant.quant.metrics import psnr_db  # noqa: E402
+from mixquant.quant.runner import SamplerSettings, capture_calls  # noqa: E402
+from mixquant.quant.sizes import deploy_bytes, fp16_bytes  # noqa: E402
+from mixquant.quant.speed import compare_calls, timing_call  # noqa: E402
+
+CALIB = ["a red fox in the snow", "a city street at night, rain", "a bowl of fruit on a table",
+         "portrait of an old sailor", "a mountain lake at sunrise", "an astronaut riding a horse"]
+EVAL = ["a green parrot on a branch", "a lighthouse in a storm", "a cup of coffee, top view"]
+STEPS, SIZE, GROUPS = 8, 64, 4
+
+
+class Family:
+    def __init__(self, name: str, outliers: float):
+        self.name, self.outliers = name, outliers
+        self.pipe = random_pipeline(name, "small", seed=0, outliers=outliers)
+        self.settings = SamplerSettings(steps=STEPS, guidance=3.5, width=SIZE, height=SIZE)
+        self.runner = PipelineRunner(self.pipe, self.settings)
+        self.model = self.runner.denoiser
+        self.layers = engine.discover_layers(self.model)
+        t0 = time.time()
+        self.calib = {g: calibrate(self.runner, CALIB, list(range(len(CALIB))), n_groups=g) for g in (1, GROUPS)}
+        self.calib_s = (time.time() - t0) / 2
+        self.eval_calls, self.eval_images = capture_calls(self.runner, EVAL, [100 + i for i in range(len(EVAL))])
+
+    def sqnr(self, qmodel) -> float:
+        sig = noise = 0.0
+        with torch.no_grad():
+            for c in self.eval_calls:
+                y = self.runner.output_of(qmodel(*c.args, **c.kwargs)).double()
+                sig += float((c.output.double() ** 2).sum())
+                noise += float(((y - c.output.double()) ** 2).sum())
+        return 10 * math.log10(sig / noise) if noise else math.inf
+
+    def images(self, qmodel):
+        from mixquant.app.diffusers_host.models import set_denoiser
+
+        try:
+            set_denoiser(self.pipe, qmodel)
+            self.runner.denoiser = qmodel
+            return self.runner.sample(EVAL, [100 + i for i in range(len(EVAL))])
+        finally:
+            set_denoiser(self.pipe, self.model)
+            self.runner.denoiser = self.model
+
+    def uniform(self, fmt: LayerFormat, groups: int, balance: str):
+        calib = self.calib[groups]
+        calib.set_balance(self.model, balance)
+        plan = uniform_plan(self.layers, fmt, kinds=("linear",))
+        q, _ = quantize_(self.model, plan, calib, inplace=False)
+        n_bal = len(calib.balance)
+        calib.set_balance(self.model, "off")
+        return q, n_bal
+
+
+TREATMENTS = [  # (label, a_mode, timestep groups, balancing)
+    ("per-tensor static, one range", "static", 1, "off"),
+    (f"per-tensor static, {GROUPS} timestep groups", "static", GROUPS, "off"),
+    (f"per-tensor static, {GROUPS} groups + balancing", "static", GROUPS, "auto"),
+    ("per-token dynamic", "dynamic", 1, "off"),
+    ("per-token dynamic + balancing", "dynamic", 1, "auto"),
+]
+
+
+def activations_section(fams: list[Family], log) -> list[str]:
+    lines = ["## 1. Activation quantization of the transformer blocks (denoiser-output SQNR, dB, held-out prompts)", "",
+             "Every non-protected Linear layer in the format; protected layers (embedders, final layer) float. "
+             "Balancing: `auto` (layers whose input's largest channel is ≥ 8× the median channel).", ""]
+    head = "| treatment | " + " | ".join(f"{f.name}{' + outliers' if f.outliers else ''} {w}"
+                                        for f in fams for w in ("W8A8", "W4A8")) + " |"
+    lines += [head, "|" + "---|" * (1 + 2 * len(fams))]
+    for label, mode, groups, bal in TREATMENTS:
+        cells = []
+        for f in fams:
+            for w in (8, 4):
+                fmt = LayerFormat(w, 8, 64 if w < 8 else None, mode)
+                q, n_bal = f.uniform(fmt, groups, bal)
+                cells.append(f"{f.sqnr(q):.1f}" + (f" ({n_bal} bal.)" if bal != "off" and w == 8 else ""))
+                log(f"  {f.name} outliers={f.outliers} {fmt.name} {label}: {cells[-1]}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def mixed_section(fam: Family, log) -> list[str]:
+    lines = [f"## 2. Mixed avg-W4 plan vs uniform W4 at equal bytes ({fam.name}"
+             f"{' with outlier channels' if fam.outliers else ''})", "",
+             "The mixed plan's budget is the uniform plan's bytes; everything else the defaults (the coupling sweep "
+             "picks the content/quality weighting by the images). Sensitivity `fast` (the default: first-order gains, "
+             "minutes at Flux size) and `full` (MixDQ's exhaustive metrics, the reference: one run per layer and "
+             "format).", "",
+             "| plan | bytes vs bf16 | SQNR dB | PSNR dB (images) | avg W bits | plan time |", "|---|---|---|---|---|---|"]
+    bf16 = fp16_bytes(fam.model)
+    for a_bits, modes in ((16, ("fast", "full")), (8, ("fast",))):
+        uni_fmt = LayerFormat(4, a_bits, 64, "dynamic" if a_bits < 16 else "static")
+        uq, _ = fam.uniform(uni_fmt, 1, "auto" if a_bits < 16 else "off")
+        ub = deploy_bytes(uq)
+        rows = [(f"uniform {uni_fmt.name}" + (" + balancing" if a_bits < 16 else ""), uq, 4.0, "—")]
+        for mode in modes:
+            cfg = engine.QuantizeConfig(budget_mb=ub / 1e6, a_bits=a_bits, speed="off", cache_dir="",
+                                        sens_mode=mode)
+            t0 = time.time()
+            prepared = engine.prepare(fam.runner, CALIB, cfg, list(range(len(CALIB))))
+            alloc = engine.plan(fam.runner, prepared, cfg)
+            mq, _ = engine.quantize(fam.model, alloc, prepared.calib)
+            rep = engine.report(prepared, alloc, cfg, fam.model, mq)
+            rows.append((f"MixQuant mixed, A{a_bits}, sensitivity {mode}", mq, rep["avg_w_bits"],
+                         f"{time.time() - t0:.0f} s"))
+            if a_bits == 8:
+                fam.mixed = (mq, rep)
+        for label, q, bits, secs in rows:
+            s = fam.sqnr(q)
+            p = psnr_db(fam.eval_images, fam.images(q), data_range=1.0)
+            lines.append(f"| {label} | {deploy_bytes(q) / bf16:.3f} | {s:.1f} | {p:.1f} | {bits:.2f} | {secs} |")
+            log(f"  {lines[-1]}")
+    return lines + [""]
+
+
+def speed_section(fam: Family, log) -> list[str]:
+    mq, rep = fam.mixed
+    call = timing_call(fam.calib[1].calls)
+    t = compare_calls({"fp": fam.model, "q": mq}, call, rounds=5)
+    lines = ["## 3. Step time of the mixed A8 plan on this CPU (same process, interleaved)", "",
+             f"FP32 {t['fp'] * 1e3:.1f} ms, mixed plan {t['q'] * 1e3:.1f} ms per denoiser call "
+             f"({t['fp'] / t['q']:.2f}× FP32 speed; planned with speed off: these small widths are too narrow for "
+             "quantized kernels to pay on a CPU, which `--speed auto` would see and keep float)", ""]
+    log(lines[2])
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--families", default="flux,sd3")
+    ap.add_argument("--outliers", type=float, default=20.0, help="gain of the injected outlier channels")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "dit_cpu.md"))
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    t0 = time.time()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    names = [f.strip() for f in args.families.split(",") if f.strip()]
+    fams = []
+    for n in names:
+        for gain in (0.0, args.outliers):
+            log(f"{n}, outliers {gain}: calibrating")
+            fams.append(Family(n, gain))
+    lines = ["# Diffusion transformers on the CPU (bench/dit.py)", "",
+             f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads. Small configs "
+             f"(configs/dit/*_small.json), random weights; {len(CALIB)} calibration prompts, {len(EVAL)} held-out "
+             f"prompts, {STEPS} steps, {SIZE}×{SIZE} images; Flux guidance 3.5 (distilled, one pass), SD3 cfg 3.5.", ""]
+    lines += activations_section(fams, log)
+    first = next(f for f in fams if f.outliers)  # (the full sensitivity costs minutes: one family)
+    lines += mixed_section(first, log)
+    lines += speed_section(first, log)
+    lines += [f"Total {time.time() - t0:.0f} s.", ""]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        fh.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
