@@ -177,9 +177,9 @@ class MixQuantCalibrate(MixQuantNode):
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The full-precision model to quantize."}),
-                "clip": ("CLIP", {"tooltip": "Encodes the calibration prompts."}),
                 "prompts": ("STRING", {"multiline": True, "default": "a photo of a cat\na watercolor landscape",
-                                       "tooltip": "One prompt per line: the kind of images you will make."}),
+                                       "tooltip": "One prompt per line: the kind of images you will make. "
+                                                  "Not used with a conditioning input."}),
                 "negative": ("STRING", {"multiline": True, "default": ""}),
                 **sampler_inputs(steps=8, cfg=7.0, max_steps=200),
                 "width": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8}),
@@ -188,31 +188,41 @@ class MixQuantCalibrate(MixQuantNode):
                                  "tooltip": "Seed of the first prompt; the next prompts use seed+1, ..."}),
             },
             "optional": {
+                "clip": ("CLIP", {"tooltip": "Encodes the calibration prompts (or connect a conditioning instead)."}),
                 "vae": ("VAE", {"tooltip": "Decode images for the quality metric (default: a fast latent preview)."}),
                 "timestep_groups": ("INT", {"default": 1, "min": 1, "max": 8,
                                             "tooltip": "Groups of timesteps with their own activation ranges."}),
+                "conditioning": ("CONDITIONING", {
+                    "tooltip": "Instead of a CLIP and the prompts: calibrate on this conditioning (from any node: "
+                               "a text encoder loaded elsewhere, an img2img or edit workflow), one image per seed."}),
+                "negative_conditioning": ("CONDITIONING", {
+                    "tooltip": "The negative for the conditioning input (default: the conditioning zeroed)."}),
+                "conditioning_images": ("INT", {"default": 4, "min": 1, "max": 64,
+                                                "tooltip": "With a conditioning input: how many images (seeds)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, prompts=None, width=None, height=None):
-        if prompts is not None and not parse_prompts(prompts, required=False):
-            return "the prompt list is empty: write at least one prompt (one per line)."
-        for name, v in (("width", width), ("height", height)):
+    def VALIDATE_INPUTS(cls, width=None, height=None):  # (the prompts are checked at run time: a conditioning
+        for name, v in (("width", width), ("height", height)):  # input makes them unnecessary)
             if v is not None and (v < 8 or v % 8):
                 return f"{name} must be a multiple of 8"
         return True
 
-    def calibrate(self, model, clip, prompts, negative, steps, cfg, sampler_name, scheduler, width, height, seed,
-                  vae=None, timestep_groups=1, unique_id=None):
+    def calibrate(self, model, prompts, negative, steps, cfg, sampler_name, scheduler, width, height, seed,
+                  clip=None, vae=None, timestep_groups=1, conditioning=None, negative_conditioning=None,
+                  conditioning_images=4, unique_id=None):
         from ..quant.calibration import calibrate
 
-        plist = parse_prompts(prompts)
         settings = SamplerSettings(steps=int(steps), guidance=float(cfg), scheduler=scheduler,
                                    sampler_name=sampler_name, width=int(width), height=int(height),
                                    negative_prompt=negative or "")
-        runner = ComfyRunner(model, clip, settings, vae)
+        runner = ComfyRunner(model, clip, settings, vae, conditioning, negative_conditioning)
+        if conditioning is not None:  # one image per seed; the labels keep cache keys apart per conditioning
+            plist = [f"<conditioning {runner.clip_id()} #{i}>" for i in range(int(conditioning_images))]
+        else:
+            plist = parse_prompts(prompts, hint="the prompts box (one per line), or connect a conditioning")
         base_fp = fingerprint(patching.fp_view(model))
         runner.load()
 

@@ -31,22 +31,64 @@ def interrupted() -> bool:
     return mm.processing_interrupted()
 
 
-class ComfyRunner(DenoiserRunner):
-    """`model` is the FP MODEL (ModelPatcher), `clip` a CLIP, `vae` an optional VAE. Without a VAE, images for the
-    content metric come from ComfyUI's latent-to-RGB preview factors (cheap and monotone in the image)."""
+def conditioning_id(cond) -> str:
+    """A cheap identity of a CONDITIONING ([[tensor, {..., "pooled_output": tensor}], ...]): shapes and a strided
+    sample of every tensor in it."""
+    h = hashlib.sha256()
 
-    def __init__(self, model, clip, settings: SamplerSettings, vae=None):
+    def add(t):
+        if isinstance(t, torch.Tensor):
+            h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+            if t.is_floating_point() and t.numel():
+                flat = t.detach().reshape(-1)
+                step = max(1, flat.numel() // 256)
+                h.update(f"{float(flat[::step][:256].float().abs().sum()):.6e}".encode())
+
+    for item in cond or []:
+        add(item[0])
+        for k in sorted(item[1]) if len(item) > 1 and isinstance(item[1], dict) else []:
+            add(item[1][k])
+    return h.hexdigest()[:16]
+
+
+def zeroed(cond):
+    """ComfyUI's ConditioningZeroOut: the same conditioning with every tensor zero (a negative for a model with no
+    negative prompt of its own)."""
+    out = []
+    for t, d in cond:
+        d = dict(d)
+        if isinstance(d.get("pooled_output"), torch.Tensor):
+            d["pooled_output"] = torch.zeros_like(d["pooled_output"])
+        out.append([torch.zeros_like(t), d])
+    return out
+
+
+class ComfyRunner(DenoiserRunner):
+    """`model` is the FP MODEL (ModelPatcher), `clip` a CLIP (encodes the prompts), `vae` an optional VAE. Without a
+    VAE, images for the content metric come from ComfyUI's latent-to-RGB preview factors (cheap and monotone in the
+    image). Instead of a CLIP: `conditioning` (a CONDITIONING from any node: a text encoder loaded elsewhere, an
+    img2img or edit workflow), used for every prompt (then labels of seeds), with `negative_conditioning` (default:
+    the conditioning zeroed, as ConditioningZeroOut makes it)."""
+
+    def __init__(self, model, clip, settings: SamplerSettings, vae=None, conditioning=None,
+                 negative_conditioning=None):
         settings.check()
         if settings.width is None or settings.height is None or not settings.sampler_name:
             raise MixQuantError("give the sampler name, width and height of the ComfyUI sampler.")
-        if clip is None:
-            raise MixQuantError("connect a CLIP (from the checkpoint loader): calibration encodes your prompts.")
+        if clip is None and conditioning is None:
+            raise MixQuantError("connect a CLIP (from the checkpoint loader) to encode your prompts, or a "
+                                "CONDITIONING to calibrate on.")
+        if conditioning is not None and not (isinstance(conditioning, list) and conditioning
+                                             and isinstance(conditioning[0][0], torch.Tensor)):
+            raise MixQuantError("the conditioning input is not a CONDITIONING: connect the output of a text encode "
+                                "(or any conditioning) node.")
         dims = getattr(getattr(model.model, "latent_format", None), "latent_dimensions", 2)
         if dims != 2:
             kind = {1: "an audio", 3: "a video"}.get(dims, f"a {dims}-D latent")
             raise MixQuantError(f"this is {kind} model ({type(model.model).__name__}); MixQuant quantizes text-to-image "
-                                "models (2-D image latents) today. Use it with an SD1.x, SD2.x or SDXL checkpoint.")
+                                "models (2-D image latents) today: SD1.x, SD2.x, SDXL, Flux and SD3.")
         self.model, self.clip, self.vae, self.s = model, clip, vae, settings
+        self.conditioning, self.negative_conditioning = conditioning, negative_conditioning
         self.denoiser = model.model.diffusion_model
         self._conds: dict[str, object] = {}
         self._schedule: list[float] | None = None
@@ -63,6 +105,10 @@ class ComfyRunner(DenoiserRunner):
         return d
 
     def clip_id(self) -> str:
+        if self._clip_id is None and self.conditioning is not None:
+            neg = self.negative_conditioning
+            self._clip_id = "conditioning:" + conditioning_id(self.conditioning) + (
+                ":" + conditioning_id(neg) if neg is not None else "")
         if self._clip_id is None:
             m = getattr(self.clip, "cond_stage_model", None)
             self._clip_id = _module_id(m) if isinstance(m, torch.nn.Module) else type(self.clip).__name__
@@ -104,6 +150,8 @@ class ComfyRunner(DenoiserRunner):
 
     # --- sampling -------------------------------------------------------------------------------------------------
     def _encode(self, text: str):
+        if self.conditioning is not None:  # (the prompts are labels of the seeds)
+            return self.conditioning
         if text not in self._conds:
             tokens = self.clip.tokenize(text)
             self._conds[text] = self.clip.encode_from_tokens_scheduled(tokens)
@@ -133,7 +181,10 @@ class ComfyRunner(DenoiserRunner):
         import comfy.sample
 
         out = []
-        neg = self._encode(self.s.negative_prompt)
+        if self.conditioning is not None:
+            neg = self.negative_conditioning if self.negative_conditioning is not None else zeroed(self.conditioning)
+        else:
+            neg = self._encode(self.s.negative_prompt)
         channels = getattr(model.model.latent_format, "latent_channels", 4)
         for prompt, seed in zip(prompts, seeds):
             mm.throw_exception_if_processing_interrupted()

@@ -24,7 +24,7 @@ from mixquant.quant.errors import InterruptedRun, MixQuantError
 from mixquant.quant.fileformat import fingerprint
 from mixquant.quant.layers import QuantLayer
 from mixquant.quant.native import read_marker
-from mixquant.quant.runner import DenoiserRunner, Progress
+from mixquant.quant.runner import DenoiserRunner, Progress, SamplerSettings
 
 
 # --- stand-ins -------------------------------------------------------------------------------------------------------
@@ -231,9 +231,8 @@ def test_node_contract(node_id):
 
 def test_validate_inputs():
     v = N.MixQuantCalibrate.VALIDATE_INPUTS
-    assert v(prompts="a cat\n\n# comment\na dog", width=512, height=64) is True
-    assert "empty" in v(prompts="  \n# only a comment\n")
-    assert "multiple of 8" in v(prompts="x", width=500)
+    assert v(width=512, height=64) is True
+    assert "multiple of 8" in v(width=500)
     assert v() is True  # linked inputs are not passed
     p = N.MixQuantPlan.VALIDATE_INPUTS
     assert p(budget_kind="average weight bits", budget=4) is True
@@ -537,4 +536,30 @@ def test_calibrate_refuses_a_model_without_image_latents(unet, dims, kind):
     model = Patcher(unet)
     model.model.latent_format = types.SimpleNamespace(latent_dimensions=dims, latent_channels=16)
     with pytest.raises(MixQuantError, match=f"{kind} model.*text-to-image"):
-        N.MixQuantCalibrate().calibrate(model, object(), "a cat", "", 2, 5.0, "euler", "normal", 64, 64, 0)
+        N.MixQuantCalibrate().calibrate(model, "a cat", "", 2, 5.0, "euler", "normal", 64, 64, 0, clip=object())
+
+
+def test_calibrate_takes_a_conditioning_instead_of_a_clip(unet):
+    """A model whose text encoder does not fit here (Flux's T5-XXL), img2img and edit workflows: Calibrate takes a
+    CONDITIONING from any node; every calibration image uses it (one per seed), the negative defaults to it zeroed
+    (ConditioningZeroOut), and the cache keys tell two conditionings apart."""
+    from mixquant.nodes.runner import ComfyRunner, zeroed
+
+    model = Patcher(unet)
+    model.model.latent_format = types.SimpleNamespace(latent_dimensions=2, latent_channels=4)
+    settings = SamplerSettings(steps=2, sampler_name="euler", scheduler="normal", width=64, height=64)
+    cond = [[torch.randn(1, 7, 32), {"pooled_output": torch.randn(1, 16)}]]
+    r = ComfyRunner(model, None, settings, conditioning=cond)
+    assert r._encode("<anything>") is cond
+    other = ComfyRunner(model, None, settings, conditioning=[[cond[0][0] + 1, dict(cond[0][1])]])
+    assert r.settings()["clip"] != other.settings()["clip"]
+    assert r.settings()["clip"] == ComfyRunner(model, None, settings, conditioning=cond).settings()["clip"]
+    zero = zeroed(cond)
+    assert not zero[0][0].any() and not zero[0][1]["pooled_output"].any() and cond[0][0].any()
+    with pytest.raises(MixQuantError, match="CLIP.*or a CONDITIONING"):
+        ComfyRunner(model, None, settings)
+    with pytest.raises(MixQuantError, match="not a CONDITIONING"):
+        ComfyRunner(model, None, settings, conditioning="a cat")
+    with pytest.raises(MixQuantError, match="prompt list is empty"):
+        N.MixQuantCalibrate().calibrate(model, "  \n# only a comment", "", 2, 5.0, "euler", "normal", 64, 64, 0,
+                                        clip=object())
