@@ -778,7 +778,8 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
                     steps_in = gr.Slider(1, 50, value=steps, step=1, label="Steps", elem_id="mq-steps")
                     guidance_in = gr.Number(value=4.0, label="Guidance", minimum=0, elem_id="mq-guidance")
                 with gr.Row():
-                    scheduler_in = gr.Dropdown(["dpm", "ddim", "euler"], value="dpm", label="Sampler")
+                    scheduler_in = gr.Dropdown(["auto", "dpm", "ddim", "euler"], value="auto", label="Sampler",
+                                               info="auto: dpm, or Flux/SD3's own flow-matching Euler")
                     seed_in = gr.Number(value=0, precision=0, label="Seed (prompt i uses seed + i)",
                                         elem_id="mq-seed")
                 with gr.Accordion("More settings", open=False):
