@@ -157,9 +157,10 @@ class QuantLayer(nn.Module):
         return join_rows(pw.qweight, pw.scale, pw.zero)
 
     def _smooth_columns(self, device) -> torch.Tensor:
-        """s per column of the [N, K] weight matrix (a conv's K is C_in x kh x kw, channel-major)."""
+        """s per column of the [N, K] weight matrix (a conv's K is kh x kw x C_in, the channel innermost:
+        reference.conv_weight_to_2d)."""
         s = self.smooth.to(device=device, dtype=torch.float32)
-        return s.repeat_interleave(self.k // s.numel())
+        return s.repeat(self.k // s.numel())
 
     def set_smooth(self, s: torch.Tensor | None) -> None:
         """Balance the input channels by `s` (> 0, one per input channel); set before the weight is packed (from_float

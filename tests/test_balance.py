@@ -53,6 +53,24 @@ def test_balanced_linear_is_packed_equal_simulate_and_beats_unbalanced(name):
     assert err[True] < (0.05 if fmt.w_bits == 4 else 5e-3)
 
 
+def test_a_balanced_conv_computes_the_float_conv():
+    """(Balancing is planned for Linear layers; a conv takes it as well: s per input channel, the K order of a conv
+    weight is kh x kw x C_in.)"""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(24, 16, 3, padding=1)
+    x = torch.randn(2, 24, 8, 8)
+    x[:, 5] *= 30
+    s = x.abs().amax(dim=(0, 2, 3)) ** 0.5
+    q = quantized_layer(conv, as_format("W8A16"), act_range=ActRange(torch.zeros(1, 1), torch.ones(1, 1), None, s))
+    sim = quantized_layer(conv, as_format("W8A16"), mode="simulate",
+                          act_range=ActRange(torch.zeros(1, 1), torch.ones(1, 1), None, s))
+    with torch.no_grad(), dispatch.use_backend("reference"):
+        yq, ys, y = q(x), sim(x), conv(x)
+    assert torch.equal(yq, ys)
+    assert float(((yq - y) ** 2).sum() / (y ** 2).sum()) < 1e-4
+    torch.testing.assert_close(q.convert_weight(q.weight.detach().float()), conv.weight.detach(), rtol=0, atol=0.02)
+
+
 def test_lora_hooks_and_export_speak_the_float_weight():
     torch.manual_seed(2)
     lin = nn.Linear(64, 32)
