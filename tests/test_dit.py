@@ -73,10 +73,14 @@ def test_runner_knows_the_schedule_the_pipeline_runs(family):
 def test_cli_quantize_generate_inspect(folders, family, tmp_path, capsys):
     out, rep = tmp_path / "q.safetensors", tmp_path / "q.json"
     common = ["--steps", "3", "--size", "64x64"]
+    balance = ["--balance", "on"] if family == "flux" else []  # (random weights have no outlier channels)
     rc = cli(["quantize", "--model", folders[family], "--prompt", "a red fox", "--prompt", "a blue car",
-              "--avg-w-bits", "6", "--out", str(out), "--report", str(rep), *common])
-    assert rc == 0, capsys.readouterr().err
+              "--avg-w-bits", "6", "--out", str(out), "--report", str(rep), *balance, *common])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
     report = json.loads(rep.read_text())
+    assert bool(report["balanced_layers"]) == bool(balance)
+    assert ("channel balancing on" in printed.out) == bool(balance)
     assert report["sampler"]["scheduler"] == "euler"
     assert report["bytes_quantized"] <= 0.5 * report["bytes_fp16"]
     assert report["quality"]["sqnr_db"] > 15

@@ -113,6 +113,8 @@ def run(args) -> int:
         parts.append(f"content accuracy {q['content_accuracy']:.2f} (FP {q['content_accuracy_fp']:.2f})")
     if parts:
         print("quality vs FP: " + ", ".join(parts))
+    if report.get("balanced_layers"):
+        print(f"channel balancing on {len(report['balanced_layers'])} layers (outlier channels in their inputs)")
     if report.get("speed"):
         print(speed_text(report["speed"]))
     t = report["timings_s"]
