@@ -11,6 +11,9 @@
 2. A mixed avg-W4 plan (MixQuant's sensitivity + integer program) against uniform W4 at the same bytes, weight-only
    and with 8-bit activations; SQNR and the held-out images' PSNR against FP.
 3. Time: calibrate / sensitivity / allocate of the mixed plan, and its step time against FP32 in the same process.
+4. The peers at equal bytes: ComfyUI's fp8 weights and int8 (comfy-kitchen), GGUF Q8_0 / Q4_K_S, SDNQ int8 / uint4
+   (bench/peers.py's builders, each on the whole transformer as those tools do it), and beside each a MixQuant plan
+   whose budget is that peer's bytes (weight-only, like them); bytes counted alike (bench/peers.measured_bytes).
 Bytes are real (deploy bytes: packed weights as stored, float parts in fp16) against the bf16 denoiser.
 """
 from __future__ import annotations
@@ -150,6 +153,49 @@ def mixed_section(fam: Family, log) -> list[str]:
     return lines + [""]
 
 
+PEERS = [("ComfyUI fp8 (e4m3 weights)", lambda env, peers: peers.build_comfy_fp8(env)),
+         ("ComfyUI int8_tensorwise (comfy-kitchen)", lambda env, peers: peers.build_comfy_int8(env)),
+         ("GGUF Q8_0", lambda env, peers: peers.build_gguf(env, "Q8_0")),
+         ("GGUF Q4_K_S", lambda env, peers: peers.build_gguf(env, "Q4_K_S")),
+         ("SDNQ int8", lambda env, peers: peers.build_sdnq(env, "int8", False)),
+         ("SDNQ uint4", lambda env, peers: peers.build_sdnq(env, "uint4", False))]
+
+
+def peers_section(fam: Family, log) -> list[str]:
+    import peers
+
+    lines = [f"## 4. Against the peers at equal bytes ({fam.name}{' with outlier channels' if fam.outliers else ''})",
+             "", "Each peer quantizes the whole transformer its own way; the MixQuant plan beside it has that peer's "
+             "bytes as its budget (weight-only, 16-bit activations like the peers; sensitivity fast, a 20 s coupling "
+             "sweep). Bytes: every tensor as stored, float parts at 2 bytes, against bf16.", "",
+             "| peer | bytes vs bf16 | SQNR dB | MixQuant at those bytes: bytes | SQNR dB | avg W bits |",
+             "|---|---|---|---|---|---|"]
+    env = peers.Env(kind="sd15", fp_model=fam.model, calibrate=lambda m: None)
+    bf16 = fp16_bytes(fam.model)
+    prepared = None
+    for label, build in PEERS:
+        try:
+            pm = build(env, peers)
+        except Exception as e:  # noqa: BLE001  (a peer that is not installed here: said in the table)
+            lines.append(f"| {label} | not run: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | |")
+            log(f"  {lines[-1]}")
+            continue
+        pb = peers.measured_bytes(pm)
+        cfg = engine.QuantizeConfig(budget_mb=pb / 1e6, a_bits=16, speed="off", cache_dir="", sweep_seconds=20)
+        try:
+            if prepared is None:
+                prepared = engine.prepare(fam.runner, CALIB, cfg, list(range(len(CALIB))))
+            alloc = engine.plan(fam.runner, prepared, cfg)
+            mq, _ = engine.quantize(fam.model, alloc, prepared.calib)
+            rep = engine.report(prepared, alloc, cfg, fam.model, mq)
+            ours = (f"{peers.measured_bytes(mq) / bf16:.3f} | {fam.sqnr(mq):.1f} | {rep['avg_w_bits']:.2f}")
+        except Exception as e:  # noqa: BLE001  (a budget below what MixQuant can reach: its message)
+            ours = f"— | {str(e).splitlines()[0][:90]} | —"
+        lines.append(f"| {label} | {pb / bf16:.3f} | {fam.sqnr(pm):.1f} | {ours} |")
+        log(f"  {lines[-1]}")
+    return lines + [""]
+
+
 def speed_section(fam: Family, log) -> list[str]:
     mq, rep = fam.mixed
     call = timing_call(fam.calib[1].calls)
@@ -185,6 +231,7 @@ def main(argv=None):
     first = next(f for f in fams if f.outliers)  # (the full sensitivity costs minutes: one family)
     lines += mixed_section(first, log)
     lines += speed_section(first, log)
+    lines += peers_section(first, log)
     lines += [f"Total {time.time() - t0:.0f} s.", ""]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
