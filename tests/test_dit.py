@@ -114,6 +114,18 @@ def test_quantized_file_reloads_into_the_same_outputs(folders, tmp_path):
         torch.testing.assert_close(a, b)
 
 
+def test_dit_folders_default_to_bf16_on_a_gpu(folders):
+    """Flux's and SD3's activations overflow fp16: dtype auto is bf16 for them on a GPU (fp16 for UNets, fp32 on a
+    CPU), read from the folder's model_index.json before anything loads."""
+    from mixquant.app.diffusers_host import models
+
+    assert models._pipeline_class(folders["flux"]) == "FluxPipeline"
+    assert models.resolve_dtype("auto", "cuda", models._pipeline_class(folders["sd3"])) is torch.bfloat16
+    assert models.resolve_dtype("auto", "cuda", "StableDiffusionXLPipeline") is torch.float16
+    assert models.resolve_dtype("auto", "cpu", "FluxPipeline") is torch.float32
+    assert models.resolve_dtype("fp16", "cuda", "FluxPipeline") is torch.float16  # (what the user asks for)
+
+
 def test_unsupported_denoisers_get_one_clear_message():
     class Video:
         def __init__(self):

@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
                                                      "~/.cache/mixquant or $MIXQUANT_CACHE)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="the model's float type (default auto: fp16 on a GPU, fp32 on a CPU)")
+                   help="the model's float type (default auto: fp16 on a GPU, bf16 for Flux/SD3; fp32 on a CPU)")
     p.add_argument("--steps", type=int, default=8, help="sampling steps preset in the form (default 8)")
     p.add_argument("--open", action="store_true", help="open the page in your browser")
 

@@ -31,7 +31,7 @@ def add_arguments(p) -> None:
                    help="a quantized denoiser made by `mixquant quantize` from the same model")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="the model's float type (default auto: fp16 on a GPU, fp32 on a CPU)")
+                   help="the model's float type (default auto: fp16 on a GPU, bf16 for Flux/SD3; fp32 on a CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: 1 for the tiny digits model, where a second thread gains "
                         "little and a busy machine makes multi-threading many times slower; torch's default otherwise)")

@@ -36,7 +36,7 @@ def add_arguments(p):
     p.add_argument("--no-eval", action="store_true", help="skip the FP-vs-quantized quality evaluation")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="the model's float type (default auto: fp16 on a GPU, fp32 on a CPU)")
+                   help="the model's float type (default auto: fp16 on a GPU, bf16 for Flux/SD3; fp32 on a CPU)")
     p.add_argument("--sens-mode", default="fast", choices=("fast", "full", "local"),
                    help="sensitivity: fast = each layer's output noise weighted by its measured gain to the denoiser "
                         "output (content layers by large-scale structure, quality layers by all of it; default), "

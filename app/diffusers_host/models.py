@@ -122,12 +122,18 @@ def resolve_device(name: str | torch.device | None) -> str:
     return name
 
 
-def resolve_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
-    """"auto" (or nothing): fp16 on a GPU, fp32 on a CPU (where half-precision matmuls are slow or inexact)."""
+BF16_FAMILIES = ("FluxPipeline", "StableDiffusion3Pipeline")  # activations overflow fp16: bf16 on a GPU
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str, family: str | None = None) -> torch.dtype:
+    """"auto" (or nothing): fp16 on a GPU, fp32 on a CPU (where half-precision matmuls are slow or inexact); on a GPU
+    bf16 for the diffusion transformers (`family`: the pipeline class), whose activations overflow fp16."""
     if isinstance(name, torch.dtype):
         return name
     if name in (None, "", "auto"):
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
+        if not str(device).startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if family in BF16_FAMILIES else torch.float16
     if name not in DTYPES:
         raise MixQuantError(f"unknown dtype {name!r}: use auto, fp32, fp16 or bf16")
     return DTYPES[name]
@@ -139,7 +145,7 @@ def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dty
     available; `dtype` (None / "auto": fp16 on a GPU, fp32 on a CPU). Progress bars are disabled."""
     kind, path = resolve_model(model)
     dev = torch.device(resolve_device(device))
-    dtype = resolve_dtype(dtype, dev.type)
+    dtype = resolve_dtype(dtype, dev.type, _pipeline_class(path) if kind == "diffusers" else None)
     with _quiet_loading(), warnings.catch_warnings():  # (the loaders' deprecation and info chatter)
         warnings.simplefilter("ignore")
         pipe = load_single_file(path, dtype) if kind == "single_file" else _load_folder(path, dtype)
@@ -164,6 +170,14 @@ def check_supported(pipe, model: str = "the model") -> None:
         raise MixQuantError(f"{model} is a {type(pipe).__name__} (denoiser: {name}); MixQuant quantizes the "
                             "text-to-image denoisers of SD1.x, SD2.x, SDXL (UNets), Flux (FluxPipeline) and SD3 "
                             "(StableDiffusion3Pipeline); this family is not supported.")
+
+
+def _pipeline_class(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            return json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None  # (_load_folder says what is wrong with the folder)
 
 
 def _load_folder(path: str, dtype: torch.dtype):
