@@ -141,3 +141,22 @@ def test_unsupported_denoisers_get_one_clear_message():
         check_supported(OtherDiT(), "m")
     with pytest.raises(MixQuantError, match="no shipped config"):
         random_denoiser("pixart")
+
+
+def test_gradio_app_calibrates_quantizes_and_saves_a_flux_folder(folders, tmp_path):
+    """The demo's backend (what its buttons call) on a Flux folder: the sampler auto is Flux's own, and the saved file
+    reloads onto the folder's transformer."""
+    pytest.importorskip("gradio")
+    from mixquant.app.diffusers_host.files import load_denoiser
+    from mixquant.app.gradio_app import SENS_MODES, DemoBackend, read_settings
+
+    be = DemoBackend(folders["flux"], out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), device="cpu")
+    s = read_settings(folders["flux"], "a red fox\na blue car", 2, 3.5, "auto", 0, "", 8, SENS_MODES["fast"])
+    cal = be.calibrate(s)
+    res = be.quantize(s, "average weight bits", 6.0, cal=cal)
+    assert res.numbers["size_ratio"] < 0.5 and res.numbers["quality"]["sqnr_db"] > 15
+    path, report_path, _ = be.save(res, "flux_demo.safetensors")
+    pipe, _ = be.pipeline(folders["flux"])
+    q = load_denoiser(path, base=denoiser_of(pipe))
+    assert type(q).__name__ == "FluxTransformer2DModel"
+    assert json.load(open(report_path))["sampler"]["scheduler"] == "euler"
