@@ -11,16 +11,21 @@ from ..quant.errors import MixQuantError
 from ..quant.runner import DenoiserRunner, SamplerSettings
 
 
-def _module_id(m: torch.nn.Module) -> str:
-    """A cheap identity of a text encoder's weights: names, shapes and a strided sample of each tensor."""
+def _tensors_id(named) -> str:
+    """A cheap identity of (name, tensor) pairs: names, shapes and a strided sample of each float tensor."""
     h = hashlib.sha256()
-    for name, t in m.state_dict().items():
+    for name, t in named:
         h.update(f"{name}:{tuple(t.shape)};".encode())
         if t.is_floating_point() and t.numel():
             flat = t.detach().reshape(-1)
             step = max(1, flat.numel() // 64)
             h.update(f"{float(flat[::step][:64].float().abs().sum()):.4e}".encode())
     return h.hexdigest()[:16]
+
+
+def _module_id(m: torch.nn.Module) -> str:
+    """A cheap identity of a text encoder's weights."""
+    return _tensors_id(m.state_dict().items())
 
 
 def interrupted() -> bool:
@@ -32,23 +37,13 @@ def interrupted() -> bool:
 
 
 def conditioning_id(cond) -> str:
-    """A cheap identity of a CONDITIONING ([[tensor, {..., "pooled_output": tensor}], ...]): shapes and a strided
-    sample of every tensor in it."""
-    h = hashlib.sha256()
-
-    def add(t):
-        if isinstance(t, torch.Tensor):
-            h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
-            if t.is_floating_point() and t.numel():
-                flat = t.detach().reshape(-1)
-                step = max(1, flat.numel() // 256)
-                h.update(f"{float(flat[::step][:256].float().abs().sum()):.6e}".encode())
-
-    for item in cond or []:
-        add(item[0])
-        for k in sorted(item[1]) if len(item) > 1 and isinstance(item[1], dict) else []:
-            add(item[1][k])
-    return h.hexdigest()[:16]
+    """A cheap identity of a CONDITIONING ([[tensor, {..., "pooled_output": tensor}], ...]): every tensor in it."""
+    named = []
+    for i, item in enumerate(cond or []):
+        named.append((str(i), item[0]))
+        extra = item[1] if len(item) > 1 and isinstance(item[1], dict) else {}
+        named += [(f"{i}.{k}", extra[k]) for k in sorted(extra) if isinstance(extra[k], torch.Tensor)]
+    return _tensors_id(named)
 
 
 def zeroed(cond):

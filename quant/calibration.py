@@ -33,8 +33,7 @@ class RangeObserver:
         self.hi = torch.full((groups,), float("-inf"))
         self.p_lo = torch.full((groups,), float("inf"))
         self.p_hi = torch.full((groups,), float("-inf"))
-        self.ch_lo = self.ch_hi = None
-        self.gch_lo = self.gch_hi = None  # per timestep group and channel [G, C] (balanced layers' ranges)
+        self.gch_lo = self.gch_hi = None  # per timestep group and channel [G, C]
         self.channel_dim, self.percentile, self.track_bos = channel_dim, percentile, track_bos
         self.elements = 0
         self.calls = 0
@@ -65,8 +64,6 @@ class RangeObserver:
         cd = self.channel_dim % x.dim()
         dims = [d for d in range(x.dim()) if d != cd]
         clo, chi = x.amin(dim=dims).cpu(), x.amax(dim=dims).cpu()
-        self.ch_lo = clo if self.ch_lo is None else torch.minimum(self.ch_lo, clo)
-        self.ch_hi = chi if self.ch_hi is None else torch.maximum(self.ch_hi, chi)
         if self.gch_lo is None:
             self.gch_lo = torch.full((self.lo.numel(), clo.numel()), float("inf"))
             self.gch_hi = torch.full((self.lo.numel(), clo.numel()), float("-inf"))
@@ -92,6 +89,15 @@ class RangeObserver:
     def bos_outlier(self) -> bool:
         return (self.track_bos and self.bos_vec is not None and self.bos_consistent
                 and self.tok0_amax > BOS_RATIO * max(self.rest_amax, 1e-12))
+
+    @property
+    def ch_lo(self) -> torch.Tensor | None:
+        """Each input channel's smallest value over every timestep group."""
+        return None if self.gch_lo is None else self.gch_lo.amin(dim=0)
+
+    @property
+    def ch_hi(self) -> torch.Tensor | None:
+        return None if self.gch_hi is None else self.gch_hi.amax(dim=0)
 
     def channel_absmax(self) -> torch.Tensor:
         """Each input channel's largest magnitude over the whole calibration."""
@@ -149,6 +155,14 @@ class RangeObserver:
             if cost < best_cost:
                 best, best_cost = cut, cost
         return best if best is not None and best_cost * min_gain < base else None
+
+
+def nearest_group(groups: dict[float, int], timestep: float) -> int:
+    """The group of the scheduled timestep nearest `timestep` (a denoiser may see it rounded to its dtype, e.g. Flux's
+    t / 1000 in fp16; a sampler may evaluate between steps)."""
+    if timestep in groups:
+        return groups[timestep]
+    return groups[min(groups, key=lambda t: abs(t - timestep))]
 
 
 @dataclass
@@ -211,10 +225,7 @@ class Calibration:
         return {n: o.bos_vec for n, o in self.observers.items() if o.bos_outlier}
 
     def group_of(self, timestep: float) -> int:
-        if timestep in self.groups:
-            return self.groups[timestep]
-        nearest = min(self.groups, key=lambda t: abs(t - timestep))
-        return self.groups[nearest]
+        return nearest_group(self.groups, timestep)
 
     def group_bounds(self) -> list[float]:
         """Lowest timestep of each group (noisiest group first): the switch points stored in files."""
@@ -257,8 +268,7 @@ def calibrate(runner: DenoiserRunner, prompts: list[str], seeds: list[int] | Non
 
     def on_call(c: DenoiserCall):
         progress.tick()
-        # (the nearest scheduled timestep: a denoiser may see it rounded to its dtype, e.g. Flux's t / 1000 in fp16)
-        state["group"] = gmap[min(gmap, key=lambda t: abs(t - c.timestep))] if gmap else 0
+        state["group"] = nearest_group(gmap, c.timestep) if gmap else 0
 
     t0 = time.time()
     try:

@@ -28,7 +28,7 @@ from .errors import MixQuantError
 from .fileformat import fingerprint
 from .formats import LayerFormat
 from .layers import attach_act_group_switch
-from .roles import LayerInfo, discover_layers
+from .roles import LayerInfo, discover_layers, is_transformer
 from .runner import DenoiserRunner, Progress
 from .sensitivity import MODES as SENS_MODES, Sensitivity, content_ssim, measure_sensitivity
 from .sizes import deploy_bytes, fp16_bytes
@@ -149,7 +149,7 @@ def act_mode(cfg: QuantizeConfig, layers: list[LayerInfo]) -> str:
     static)."""
     if cfg.a_mode != "auto":
         return cfg.a_mode
-    return "static" if any(li.kind == "conv2d" and not li.protected for li in layers) else "dynamic"
+    return "dynamic" if is_transformer(layers) else "static"
 
 
 def menu(li: LayerInfo, cfg: QuantizeConfig, a_mode: str = "static") -> list[LayerFormat]:
@@ -310,7 +310,8 @@ def problem(layers, cfg: QuantizeConfig, calib: Calibration, sens: Sensitivity, 
     """The allocation problem for this config's budget and target (menus, exact costs, normalised losses) and, with
     measured times and a speed target, its speed bound."""
     speed = speed if timed(cfg) else None
-    options = [menu(li, cfg, act_mode(cfg, layers)) for li in layers]
+    mode = act_mode(cfg, layers)
+    options = [menu(li, cfg, mode) for li in layers]
     use_bytes, fixed, budget = _budget(layers, cfg, model)
     norms = {}
     for role in ("content", "quality"):
@@ -381,7 +382,8 @@ def check_budget(model: nn.Module, cfg: QuantizeConfig, layers=None) -> None:
     menus of `cfg`. Needs no measurement, so it runs before calibrating."""
     layers = discover_layers(model) if layers is None else layers
     use_bytes, fixed, budget = _budget(layers, cfg, model)
-    cheapest = min_cost(layers, [menu(li, cfg, act_mode(cfg, layers)) for li in layers], use_bytes)
+    mode = act_mode(cfg, layers)
+    cheapest = min_cost(layers, [menu(li, cfg, mode) for li in layers], use_bytes)
     if cheapest <= budget:
         return
     if use_bytes:
@@ -422,7 +424,7 @@ def menus(cfg: QuantizeConfig, layers: list[LayerInfo]):
     if cfg.a_bits >= 16:
         return w_menu, [], layers
     a_menu = [LayerFormat(16, cfg.a_bits, None, act_mode(cfg, layers))]
-    if a_menu[0].a_mode == "dynamic" and any(li.kind == "conv2d" for li in layers):  # (convs stay static)
+    if a_menu[0].a_mode == "dynamic" and not is_transformer(layers):  # (convs stay static)
         a_menu.append(LayerFormat(16, cfg.a_bits))
     return w_menu, a_menu, layers
 
@@ -456,7 +458,8 @@ def model_sizes(model: nn.Module, cfg: QuantizeConfig | None = None) -> ModelSiz
     params_total = sum(li.params for li in layers)
     total = fp16_bytes(model)
     fixed = total - sum(2 * li.params for li in layers)
-    menus_ = [menu(li, cfg, act_mode(cfg, layers)) for li in layers]
+    mode = act_mode(cfg, layers)
+    menus_ = [menu(li, cfg, mode) for li in layers]
     min_bits = min_cost(layers, menus_, False) / params_total
     min_bytes = min_cost(layers, menus_, True)
     return ModelSizes(layers, params_total, total, fixed, min_bits, (min_bytes + fixed) / 1e6)
@@ -554,8 +557,9 @@ def time_layers(runner: DenoiserRunner, calib: Calibration, layers: list[LayerIn
     of them make the same plan."""
     speed = None
     if distributed.is_main():
+        mode = act_mode(cfg, layers)
         speed = measure_speed(runner.denoiser, timing_call(calib.calls), layers,
-                              {li.name: menu(li, cfg, act_mode(cfg, layers)) for li in layers}, calib.ranges(),
+                              {li.name: menu(li, cfg, mode) for li in layers}, calib.ranges(),
                               calib.bos() if use_bos(cfg) else {}, progress)
     return distributed.broadcast(speed)
 

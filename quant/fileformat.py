@@ -30,6 +30,7 @@ from .apply import set_submodule
 from .errors import MixQuantError
 from .formats import A_BITS, A_MODES, W_BITS, LayerFormat
 from .layers import QuantConv2d, QuantLayer, QuantLinear
+from .sizes import RANGE_BUFFERS
 from .util import write_atomic
 
 FORMAT_VERSION = 2
@@ -218,7 +219,7 @@ def _float_dtype(path: str, meta: dict, table: dict):
     return next(iter(own), torch.float32)
 
 
-_FP32_SUFFIXES = ("input_scale", "input_zero", "bos_in", "bos_out", "smooth")
+_FP32_SUFFIXES = RANGE_BUFFERS
 _LAYER_SUFFIXES = ("qweight", "weight_scale", "weight_zero", "weight", "bias") + _FP32_SUFFIXES
 
 

@@ -57,6 +57,12 @@ def quantizable(module: nn.Module) -> str | None:
     return None
 
 
+def is_transformer(layers: list[LayerInfo]) -> bool:
+    """A diffusion transformer (no Conv2d to quantize: its patch embedding, if a conv, is protected), as opposed to a
+    UNet: per-token activations, and the fast sensitivity's coherent estimate."""
+    return not any(li.kind == "conv2d" and not li.protected for li in layers)
+
+
 def layer_role(name: str) -> str:
     if _MODULATION.search(name):
         return "quality"

@@ -26,7 +26,7 @@ from .calibration import Calibration
 from .formats import LayerFormat
 from .layers import QuantLayer, attach_act_group_switch
 from .metrics import ssim
-from .roles import LayerInfo
+from .roles import LayerInfo, is_transformer
 from . import distributed
 from .runner import DenoiserRunner, Progress, stable_hash
 
@@ -352,12 +352,9 @@ def _weighted(noise: list, gains: list, coherent: bool = False) -> float:
     diagonal one's lost by 7 dB. On digits (a UNet) the coherent estimate was closer on cross-attention's to_v but
     overestimated self-attention's to_v 3-4x and its plans drew worse images: UNets keep the diagonal estimate, with
     which this method was validated against the exhaustive measurement."""
-    diag = coh = 0.0
-    for e, g in zip(noise, gains):
-        if g is not None:
-            diag += float((g[0] * (e[0] + e[2])).sum())
-            coh += float((g[0] * e[0] + g[1] * e[1]).sum())
-    return coh if coherent else diag
+    if coherent:
+        return sum(float((g[0] * e[0] + g[1] * e[1]).sum()) for e, g in zip(noise, gains) if g is not None)
+    return sum(float((g[0] * (e[0] + e[2])).sum()) for e, g in zip(noise, gains) if g is not None)
 
 
 def _repeat(obj, batch: int, k: int):
@@ -442,7 +439,7 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
         call_batch = 2 if mode == "fast" else 8
     todo = [li for li in layers if not li.protected]
     # diffusion transformers (no Conv2d to quantize): errors that every token shares are weighed as such (_weighted)
-    coherent = mode == "fast" and not any(li.kind == "conv2d" for li in todo)
+    coherent = mode == "fast" and is_transformer(todo)
     key = stable_hash({"v": CACHE_VERSION, "model": fingerprint_id, "prompts": calib.prompts, "seeds": calib.seeds,
                        "settings": calib.settings, "groups": calib.n_groups, "range": calib.range_method,
                        "w": {r: [f.name for f in fs] for r, fs in w_menu.items()}, "a": [f.name for f in a_menu],
