@@ -310,7 +310,8 @@ class DemoBackend:
             "avg_w_bits": report["avg_w_bits"], "avg_a_bits": report["avg_a_bits"],
             "bytes_fp16": report["bytes_fp16"], "bytes_quantized": report["bytes_quantized"],
             "size_ratio": report["bytes_quantized"] / report["bytes_fp16"],
-            "memory_fp_bytes": model_bytes(denoiser_of(pipe)), "memory_quantized_bytes": model_bytes(denoiser_of(qpipe)),
+            "memory_fp_bytes": model_bytes(denoiser_of(pipe)),
+            "memory_quantized_bytes": model_bytes(denoiser_of(qpipe)),
             "quality": {k: report["quality"].get(k) for k in
                         ("sqnr_db", "psnr_db", "ssim", "content_accuracy_fp", "content_accuracy",
                          "predicted_sqnr_db", "predicted_ssim")},
@@ -381,7 +382,8 @@ class DemoBackend:
         report_path = path[: -len(".safetensors")] + ".report.json"
         report = dict(result.report)
         try:
-            size = save_outputs(denoiser_of(pipe), denoiser_of(result.qpipe), report, path, report_path, result.settings.model)
+            size = save_outputs(denoiser_of(pipe), denoiser_of(result.qpipe), report, path, report_path,
+                                result.settings.model)
         except OSError as e:
             raise MixQuantError(f"cannot write {path}: {e.strerror}; free some disk space or choose another "
                                 "--out-dir.") from None

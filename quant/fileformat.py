@@ -4,7 +4,8 @@ Header metadata `mixquant` = JSON {format_version, base_model: {fingerprint}, ar
 saved it, e.g. a diffusers class + config; the adapter validates it), layers: {name: {kind, format, in, out, bias,
 a_split, geometry}}, extra, digest}. Tensors: per quantized layer `<l>.qweight` (int8 [N,K] or packed uint8), `<l>.weight_scale` (fp16 [N,G]),
 `<l>.weight_zero` (uint8 [N,G], asymmetric only), `<l>.bias`, `<l>.input_scale` / `<l>.input_zero` (fp32 [T,S],
-static activations), `<l>.smooth` (fp32 [C_in], balanced input channels: the stored weight is W s); every other tensor of the denoiser under its own name. Never pickle; writes are atomic.
+static activations), `<l>.smooth` (fp32 [C_in], balanced input channels: the stored weight is W s); every other
+tensor of the denoiser under its own name. Never pickle; writes are atomic.
 
 Nothing in a file is trusted. Version 2 adds `digest`: a SHA-256 (first 128 bits) per tensor over its name, dtype,
 shape and bytes, and one over the rest of the metadata, so damaged data or a changed value is caught at load

@@ -201,8 +201,11 @@ class QuantLayer(nn.Module):
     def unbalanced_weight(self) -> torch.Tensor:
         """The float weight W this layer stands for, fp32 [N, K] (its dequantized weight, with any balancing undone):
         what a format without balancing (an export) starts from."""
-        w = self.dequantized_weight()
-        return w if self.smooth is None else w / self._smooth_columns(w.device)
+        return self._unbalance(self.dequantized_weight())
+
+    def _unbalance(self, w2d: torch.Tensor) -> torch.Tensor:
+        """W from the stored W s ([N, K])."""
+        return w2d if self.smooth is None else w2d / self._smooth_columns(w2d.device)
 
     def _blob_to_2d(self, blob: torch.Tensor) -> torch.Tensor:
         codes, scale, zero = self.packed_parts(blob)
@@ -260,10 +263,7 @@ class QuantLayer(nn.Module):
         if not self.packed:
             return weight
         blob = weight.detach().round().clamp(0, 255).to(torch.uint8)
-        w2d = self._blob_to_2d(blob)
-        if self.smooth is not None:  # (the stored weight is W s)
-            w2d = w2d / self._smooth_columns(w2d.device)
-        return self._from_2d(w2d).to(weight.dtype)
+        return self._from_2d(self._unbalance(self._blob_to_2d(blob))).to(weight.dtype)
 
     def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
                    **kwargs):

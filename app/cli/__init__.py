@@ -19,6 +19,19 @@ COMMANDS = {
 }
 
 
+def add_device_arguments(p) -> None:
+    """--device and --dtype, as every command that loads a model takes them."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="the model's float type (default auto: fp16 on a GPU, bf16 for Flux/SD3; fp32 on a CPU)")
+
+
+def add_scheduler_argument(p) -> None:
+    p.add_argument("--scheduler", default="auto", choices=("auto", "ddim", "dpm", "euler"),
+                   help="the sampler: ddim, dpm (DPM-Solver++ 2M) or euler; auto (default): dpm, or for Flux/SD3 "
+                        "their flow-matching Euler sampler")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixquant", description="Mixed-precision quantization of diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -14,6 +14,8 @@ import os
 import socket
 import sys
 
+from . import add_device_arguments
+
 _OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                 "TRANSFORMERS_OFFLINE": "1", "GRADIO_SSR_MODE": "False"}
 
@@ -30,9 +32,7 @@ def add_arguments(p) -> None:
                                                              "./mixquant_out)")
     p.add_argument("--cache-dir", default=None, help="where sensitivity results are cached (default "
                                                      "~/.cache/mixquant or $MIXQUANT_CACHE)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="the model's float type (default auto: fp16 on a GPU, bf16 for Flux/SD3; fp32 on a CPU)")
+    add_device_arguments(p)
     p.add_argument("--steps", type=int, default=8, help="sampling steps preset in the form (default 8)")
     p.add_argument("--open", action="store_true", help="open the page in your browser")
 

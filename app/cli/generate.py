@@ -12,6 +12,7 @@ import os
 
 from ...quant.errors import MixQuantError
 from ..diffusers_host.images import VIEW_SIZE, parse_size, save_png_atomic, upscale_for_viewing
+from . import add_device_arguments, add_scheduler_argument
 
 
 def add_arguments(p) -> None:
@@ -22,16 +23,12 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image; default 0)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
-    p.add_argument("--scheduler", choices=("auto", "ddim", "dpm", "euler"), default="auto",
-                   help="sampler: ddim, dpm (DPM-Solver++ 2M) or euler; auto (default): dpm, or for Flux/SD3 "
-                        "their flow-matching Euler sampler")
+    add_scheduler_argument(p)
     p.add_argument("--size", default=None, metavar="WxH",
                    help="image size in pixels, multiples of 8 (default: the model's native size)")
     p.add_argument("--quantized", default=None, metavar="FILE.safetensors",
                    help="a quantized denoiser made by `mixquant quantize` from the same model")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="the model's float type (default auto: fp16 on a GPU, bf16 for Flux/SD3; fp32 on a CPU)")
+    add_device_arguments(p)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: 1 for the tiny digits model, where a second thread gains "
                         "little and a busy machine makes multi-threading many times slower; torch's default otherwise)")

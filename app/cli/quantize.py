@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from . import add_device_arguments, add_scheduler_argument
+
 
 def add_arguments(p):
     p.add_argument("--model", default="digits", help="digits (embedded), a diffusers folder, or a .safetensors file")
@@ -17,8 +19,7 @@ def add_arguments(p):
     p.add_argument("--a-bits", type=int, default=8, choices=(4, 8, 16), help="activation bits (16: weight-only)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--scheduler", default="auto", choices=("auto", "ddim", "dpm", "euler"),
-                   help="the sampler (auto: dpm, or for Flux/SD3 their flow-matching Euler sampler)")
+    add_scheduler_argument(p)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--size", help="WxH of the images (default: the model's native size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt (the next prompts use seed+1, ...)")
@@ -34,9 +35,7 @@ def add_arguments(p):
                         "one calibration run; inf: the whole sweep; 0: the middle coupling, no sampling)")
     p.add_argument("--cache-dir", help="where sensitivity results are cached (default ~/.cache/mixquant)")
     p.add_argument("--no-eval", action="store_true", help="skip the FP-vs-quantized quality evaluation")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="the model's float type (default auto: fp16 on a GPU, bf16 for Flux/SD3; fp32 on a CPU)")
+    add_device_arguments(p)
     p.add_argument("--sens-mode", default="fast", choices=("fast", "full", "local"),
                    help="sensitivity: fast = each layer's output noise weighted by its measured gain to the denoiser "
                         "output (content layers by large-scale structure, quality layers by all of it; default), "

@@ -4,7 +4,8 @@
     qpipe, report = quantize_pipeline(pipe, prompts, avg_w_bits=4, a_bits=8)
 
 The input pipeline is not modified: the result shares its text encoder, VAE and scheduler and has a quantized copy
-of the denoiser (UNet or diffusion transformer). `report` is the report JSON of architecture.md (per-layer bits, bytes, quality, timings, curve).
+of the denoiser (UNet or diffusion transformer). `report` is the report JSON of architecture.md (per-layer bits,
+bytes, quality, timings, curve).
 """
 from __future__ import annotations
 

@@ -5,9 +5,9 @@
     q["sqnr_db"], q["psnr_db"], q["ssim"], q["content_accuracy"]
 
 What is measured (every prompt with every seed; image i uses torch.Generator().manual_seed(seed_i) on the CPU):
-- sqnr_db: SQNR of the denoiser (UNet or transformer) outputs along the *FP* trajectory. The FP run records every unet call
-  (inputs and output); the quantized denoiser is then fed exactly those inputs, so errors do not compound along the
-  trajectory and the number isolates the denoiser. Pooled over all calls (CFG halves included);
+- sqnr_db: SQNR of the denoiser (UNet or transformer) outputs along the *FP* trajectory. The FP run records every
+  denoiser call (inputs and output); the quantized denoiser is then fed exactly those inputs, so errors do not
+  compound along the trajectory and the number isolates the denoiser. Pooled over all calls (CFG halves included);
   `sqnr_db_per_step` lists it per sampling step.
 - psnr_db / ssim: end to end, the quantized pipeline's own images (same seeds) vs the FP images, in [0, 1].
   `ssim` uses the standard 11 px Gaussian window (capped at the image size); `ssim_large_window` a window as large

@@ -27,6 +27,7 @@ SCHEDULERS = ("ddim", "dpm", "euler")
 # The denoisers MixQuant quantizes, by pipeline attribute: UNets (SD1.x, SD2.x, SDXL) and the diffusion transformers
 # of the Flux and SD3 families (MMDiT); each pipeline holds one of them.
 DIT_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel")
+DIT_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
 
 
 def denoiser_attr(pipe) -> str:
@@ -122,7 +123,6 @@ def resolve_device(name: str | torch.device | None) -> str:
     return name
 
 
-BF16_FAMILIES = ("FluxPipeline", "StableDiffusion3Pipeline")  # activations overflow fp16: bf16 on a GPU
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: str, family: str | None = None) -> torch.dtype:
@@ -133,7 +133,7 @@ def resolve_dtype(name: str | torch.dtype | None, device: str, family: str | Non
     if name in (None, "", "auto"):
         if not str(device).startswith("cuda"):
             return torch.float32
-        return torch.bfloat16 if family in BF16_FAMILIES else torch.float16
+        return torch.bfloat16 if family in DIT_PIPELINES else torch.float16  # (their activations overflow fp16)
     if name not in DTYPES:
         raise MixQuantError(f"unknown dtype {name!r}: use auto, fp32, fp16 or bf16")
     return DTYPES[name]
@@ -166,7 +166,7 @@ def check_supported(pipe, model: str = "the model") -> None:
         return
     tr = getattr(pipe, "transformer", None)
     name = type(tr).__name__ if tr is not None else "none"
-    if name not in DIT_CLASSES or type(pipe).__name__ not in ("FluxPipeline", "StableDiffusion3Pipeline"):
+    if name not in DIT_CLASSES or type(pipe).__name__ not in DIT_PIPELINES:
         raise MixQuantError(f"{model} is a {type(pipe).__name__} (denoiser: {name}); MixQuant quantizes the "
                             "text-to-image denoisers of SD1.x, SD2.x, SDXL (UNets), Flux (FluxPipeline) and SD3 "
                             "(StableDiffusion3Pipeline); this family is not supported.")
