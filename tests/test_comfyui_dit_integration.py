@@ -186,14 +186,16 @@ def test_dit_calibrate_plan_quantize_sample_and_native_export(server, family):
     assert sqnr > 10, float(sqnr)  # the quantized model samples close to the FP one
     report = next(out["text"][0] for out in h["outputs"].values() if "text" in out and "bits" in out["text"][0])
     assert "W" in report
+    # (how many layers go native depends on the plan, which with the default speed target depends on this machine's
+    # timings: a CPU may keep every layer weight-only 8-bit, which has no native form; the layout is checked anyway)
     native = next(out["mixquant_native"][0] for out in h["outputs"].values() if "mixquant_native" in out)
-    assert native["native_layers"] > 0
     exported = next(f for f in os.listdir(os.path.join(server.base, "diffusion_models"))
                     if f.startswith(f"native_{family}"))
     unets = server.get("/object_info/UNETLoader")["UNETLoader"]["input"]["required"]["unet_name"][0]
     assert exported in unets  # the stock Load Diffusion Model node lists it
-    _check_native_layout(os.path.join(server.base, "diffusion_models", exported),
-                         os.path.join(server.base, "diffusion_models", FLUX if family == "flux" else SD3))
+    markers = _check_native_layout(os.path.join(server.base, "diffusion_models", exported),
+                                   os.path.join(server.base, "diffusion_models", FLUX if family == "flux" else SD3))
+    assert markers == native["native_layers"]
     if not _comfy_reads_quantized_layers():
         return  # (this ComfyUI predates its quantized formats: the file's layout is checked above instead)
     g = _graph(family)  # the stock loader takes the export (its format checks) and it samples
@@ -212,9 +214,10 @@ def _comfy_reads_quantized_layers() -> bool:
     return os.path.isfile(ops) and "comfy_quant" in open(ops, errors="replace").read()
 
 
-def _check_native_layout(path: str, fp_path: str) -> None:
+def _check_native_layout(path: str, fp_path: str) -> int:
     """What ComfyUI's loader checks of a native file: the FP file's tensor names (its architecture detection reads
-    them and the float layers' shapes), and each marked layer's tensors in its format's dtypes and shapes."""
+    them and the float layers' shapes), and each marked layer's tensors in its format's dtypes and shapes. Returns
+    how many layers are marked."""
     import json
 
     import torch
@@ -226,7 +229,6 @@ def _check_native_layout(path: str, fp_path: str) -> None:
         got = {k: f.get_tensor(k) for k in f.keys()}
     markers = {k[:-len(".comfy_quant")]: json.loads(bytes(v.tolist()).decode()) for k, v in got.items()
                if k.endswith(".comfy_quant")}
-    assert markers
     assert {k for k in got if not k.endswith(".comfy_quant") and not k.endswith(("weight_scale", "weight_zeros"))} \
         == set(fp)
     for k, shape in fp.items():
@@ -241,3 +243,4 @@ def _check_native_layout(path: str, fp_path: str) -> None:
         else:
             assert conf["format"] == "awq_w4a16" and tuple(w.shape) == (n, k // 2)
             assert tuple(s.shape) == (k // conf["group_size"], n) == tuple(got[layer + ".weight_zeros"].shape)
+    return len(markers)
