@@ -153,7 +153,7 @@ def gpu_gemm(quick: bool) -> list[str]:
     ck = _comfy_kitchen_int8()
     head = ["fp16 ms", "W8A8 static ×", "W8A8 dyn ×", "W4A8 g64 dyn ×", "W4A16 g64 ×", INT_DOT_COL]
     if fp8:
-        head.append("fp8 _scaled_mm ×")
+        head += ["W8A8d fp8 ×", "fp8 _scaled_mm ×"]
     if ck:
         head.append("comfy-kitchen int8 ×")
     head.append("W8A8 static, eager ×")
@@ -178,7 +178,10 @@ def gpu_gemm(quick: bool) -> list[str]:
                 fns[lab] = lambda call=call, cache=cache: dispatch.linear(x, cache=cache, **call)
                 if f is W4A8[1]:
                     fns[INT_DOT_COL] = lambda call=call: triton_gemm.qlinear(x, int_dot=True, **call)
-            if fp8:
+            if fp8:  # our fp8 format through the dispatcher (its route race: _scaled_mm row-wise or the floor)
+                call8 = random_call(n, k, device="cuda", bits=8, a_mode="fp8_dynamic", fp8=True)
+                cache8 = {}
+                fns["W8A8d fp8 ×"] = lambda: dispatch.linear(x, cache=cache8, **call8)
                 x8 = x.to(torch.float8_e4m3fn)
                 w8 = w.to(torch.float8_e4m3fn).t()
                 one = torch.ones((), device="cuda")
@@ -316,7 +319,8 @@ def _profile_case(op, a, k, n, lab, f, sweep, geo):
 
 # --- end to end ----------------------------------------------------------------------------------------------------
 
-def _plans(unet):
+def _plans(unet, device: str = "cpu"):
+    from mixquant.kernels import fp8
     from mixquant.quant.formats import LayerFormat
     from mixquant.quant.roles import discover_layers
     layers = discover_layers(unet)
@@ -326,6 +330,10 @@ def _plans(unet):
     mixed = {li.name: (LayerFormat(16, 16) if li.protected else
                        LayerFormat(8, 8) if li.role == "content" else LayerFormat(4, 8, 64)) for li in layers}
     plans = {"W8A8": w8a8, "mixed W4A8": mixed}
+    if fp8.scaled_mm_supported(device):  # W8A8 with the Linear layers in fp8 (per-token e4m3), the convs int8
+        plans["W8A8 fp8 linears"] = {li.name: (LayerFormat(16, 16) if li.protected else
+                                               LayerFormat(8, 8, None, "dynamic", fp8=True) if li.kind == "linear"
+                                               else LayerFormat(8, 8)) for li in layers}
     if A7:
         # what-if: 7-bit static activations. On CPUs without VNNI one oneDNN u8 x s8 call is exact for codes
         # < 128 (no int16 saturation), so the split's second GEMM disappears. quant/formats.py does not list
@@ -374,7 +382,7 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
     if CHANNELS_LAST:  # the same float model in channels_last (faster convs on some CPUs): another baseline
         models[str(fdt).replace("torch.", "").upper() + " channels_last"] = \
             sd15_unet(dtype=fdt, device=device).to(memory_format=torch.channels_last)
-    for label, plan in _plans(unet).items():
+    for label, plan in _plans(unet, device).items():
         t0 = time.time()
         # a fresh copy of the same seeded model, quantized in place (no deep copy: peak memory stays ~2 models)
         q, _ = quantize_model(sd15_unet(dtype=fdt, device=device), plan, ranges, inplace=True, search="minmax")

@@ -30,6 +30,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import fp8
 from .cache import cache_key, cached
 from .packing import unpack_codes
 from .reference import conv_weight_view
@@ -169,6 +170,8 @@ def fake_quant(x, a_bits, a_mode, a_scale, a_zero, a_split, channel_dim, dynamic
     """reference.fake_quant_act, computed in place on one fp32 buffer (same values)."""
     if a_mode == "none" or a_bits >= 16:
         return x
+    if a_mode in fp8.MODES:
+        return fp8.fake_quant_act(x, a_mode, a_scale, a_split, channel_dim, dynamic_dims)
     xf = x if x.dtype == torch.float32 else x.to(torch.float32)
     if a_mode == "dynamic":
         qmax = 2 ** (a_bits - 1) - 1

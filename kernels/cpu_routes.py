@@ -72,8 +72,10 @@ def cpu_model() -> str:
 # --- route selection ------------------------------------------------------------------------------------------------
 
 def int_route_accepts(op: str, route: str, *, bits, zero, scale, a_bits, a_mode, cache, a_split=None,
-                      **_) -> str | None:
+                      qweight=None, **_) -> str | None:
     """None when `route` can run this call, else why not."""
+    if cpu_ops.fp8.is_fp8(qweight) or a_mode in cpu_ops.fp8.MODES:
+        return "float8 weights or activations: dequantize-then-matmul (the int8 GEMMs take integer codes)"
     if a_mode not in ("static", "dynamic") or a_bits > 8:
         return "weight-only layer (A16): dequantize-then-matmul"
     if scale.shape[1] != 1:

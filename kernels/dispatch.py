@@ -7,7 +7,8 @@ The registry (kernels/registry.py) holds the priority list, each backend's avail
 its `Constraints` (data: devices, dtypes, weight bits, group sizes, activation modes and bits; plus rules for shapes
 and the device's capability). This module declares the backends, in priority order:
 - "gpu" (kernels/gpu_routes.py): CUDA tensors; per layer shape the fastest of the Triton kernels, int8
-  `torch._int_mm` and the float floor (dequantized weight, cuBLAS / cuDNN), raced on first use;
+  `torch._int_mm`, fp8 `torch._scaled_mm` (fp8 formats, compute capability >= 8.9) and the float floor (dequantized
+  weight, cuBLAS / cuDNN), raced on first use;
 - "triton" (kernels/triton_gemm.py, triton_conv.py): CUDA tensors on compute capability >= 8.0 when forced
   (MIXQUANT_KERNELS=triton), or CPU tensors under TRITON_INTERPRET=1, for the tests;
 - "cpu" (kernels/cpu_routes.py, cpu_ops.py): CPU tensors; the int8 route or float dtype measured fastest on this CPU;
@@ -119,6 +120,12 @@ def _conv_k_matches(call):
     return None if call["k"] == ks[0] * ks[1] * call["x"].shape[1] else "weight K does not match kh * kw * cin"
 
 
+def _integer_codes(call):
+    """integer weight codes (not float8)"""
+    from . import fp8
+    return "float8 weights" if fp8.is_fp8(call["qweight"]) else None
+
+
 def _rows_contiguous(call):
     """weight and scale rows contiguous along K"""
     if call["qweight"].stride(-1) != 1 or call["scale"].stride(-1) != 1:
@@ -131,8 +138,9 @@ _FLOATS = frozenset((torch.float32, torch.float16, torch.bfloat16))
 _TRITON_FORMATS = dict(dtypes=_FLOATS, weight_on_x_device=True, bits=frozenset((2, 4, 8)), group_multiple=32,
                        a_modes=frozenset(("none", "static", "dynamic")), max_a_bits=8)
 TRITON_CONSTRAINTS = {
-    "linear": Constraints(rules=(_width_matches, _on_a_triton_device, _rows_contiguous), **_TRITON_FORMATS),
-    "conv2d": Constraints(x_dims=4, rules=(_conv_k_matches, _on_a_triton_device, _rows_contiguous),
+    "linear": Constraints(rules=(_width_matches, _on_a_triton_device, _rows_contiguous, _integer_codes),
+                          **_TRITON_FORMATS),
+    "conv2d": Constraints(x_dims=4, rules=(_conv_k_matches, _on_a_triton_device, _rows_contiguous, _integer_codes),
                           **_TRITON_FORMATS)}
 # every format: what the int8 routes do not take runs dequantize-then-matmul
 CPU_CONSTRAINTS = dict.fromkeys(("linear", "conv2d"), Constraints(devices=frozenset(("cpu",)), dtypes=_FLOATS,
@@ -212,6 +220,7 @@ _KINDS = [("W8A8 static", dict(bits=8, a_mode="static")), ("W8A8 dynamic", dict(
           ("W4A8 g64", dict(bits=4, group_size=64, a_mode="static")),
           ("W4A8 per-channel", dict(bits=4, a_mode="dynamic")),
           ("W8A16", dict(bits=8, a_mode="none")), ("W4A16 g64", dict(bits=4, group_size=64, a_mode="none")),
+          ("W8A8d fp8", dict(bits=8, a_mode="fp8_dynamic", fp8=True)),
           ("W2A16 g64", dict(bits=2, group_size=64, a_mode="none"))]
 
 

@@ -6,6 +6,8 @@ Candidates (`candidates`):
   the call;
 - "int_mm": int8 `torch._int_mm` (cuBLASLt) for linear layers with one weight scale per output channel and 8-bit
   activations (kernels/cpu_ops.py's int_mm route: the same code on any device);
+- "scaled_mm": fp8 `torch._scaled_mm` (cuBLASLt, row-wise scales) for linear layers of an fp8 format with e4m3
+  activations, on GPUs with fp8 tensor cores (compute capability >= 8.9; kernels/fp8.py);
 - "float": the floor every format has: the weight dequantized to the activations' float dtype, the activations
   fake-quantized, and cuBLAS / cuDNN (the reference's math in that dtype). It is always a candidate, so a layer never
   runs a route slower than its float floor.
@@ -22,11 +24,11 @@ import os
 
 import torch
 
-from . import cpu_ops, timing
+from . import cpu_ops, fp8, timing
 from .cache import weight_keeps_moving
 from .cpu_routes import int_route_accepts, shape_key
 
-ROUTES = ("triton", "int_mm", "float")
+ROUTES = ("triton", "int_mm", "scaled_mm", "float")
 
 
 def _triton_accepts(op: str, x, call: dict) -> bool:
@@ -43,7 +45,16 @@ def candidates(op: str, x, cache=None, **call) -> list:
     if op == "linear" and int_route_accepts(op, "int_mm", cache=cache, **call) is None \
             and call["k"] % 8 == 0 and call["qweight"].shape[0] % 8 == 0:
         out.append("int_mm")
+    if _scaled_mm_accepts(op, x, call):
+        out.append("scaled_mm")
     return out + ["float"]
+
+
+def _scaled_mm_accepts(op: str, x, call: dict) -> bool:
+    """An fp8 linear with e4m3 activations in one range, dims the fp8 GEMM takes (multiples of 16), on fp8 cores."""
+    return (op == "linear" and fp8.is_fp8(call["qweight"]) and call["a_mode"] in fp8.MODES
+            and call.get("a_split") is None and call["k"] % 16 == 0 and call["qweight"].shape[0] % 16 == 0
+            and fp8.scaled_mm_supported(x.device))
 
 
 def run(op: str, route: str, x, cache=None, **call):
@@ -53,6 +64,8 @@ def run(op: str, route: str, x, cache=None, **call):
         return (dispatch._triton_linear if op == "linear" else dispatch._triton_conv2d)(x, cache=cache, **call)
     if route == "int_mm":
         return cpu_ops.linear_int_mm(x, cache=cache, **call)
+    if route == "scaled_mm":
+        return fp8.linear_scaled_mm(x, cache=cache, **call)
     fn = cpu_ops.linear_float if op == "linear" else cpu_ops.conv2d_float
     return fn(x, cache=cache, dtype=x.dtype, **call)
 
@@ -160,8 +173,10 @@ _SLOTS = {"int_mm": cpu_ops.CACHE_SLOTS["int_mm"], "triton": ("triton_wsum",)}
 
 
 def _route(op: str, x, cache, call: dict) -> str:
-    if torch.compiler.is_compiling():  # traced: the Triton custom op where it takes the call, else the floor
-        return "triton" if _triton_accepts(op, x, call) else "float"
+    if torch.compiler.is_compiling():  # traced: the Triton custom op or the fp8 GEMM where they take the call
+        if _triton_accepts(op, x, call):
+            return "triton"
+        return "scaled_mm" if _scaled_mm_accepts(op, x, call) else "float"
     return decide(op, x, cache, call)
 
 
@@ -188,7 +203,7 @@ def choose(op: str, x, cache=None, **call) -> str:
 
 def describe() -> str:
     p = plan()
-    lines = [f"GPU routes ({machine_key()}): triton / int_mm / float raced per layer shape on first use "
+    lines = [f"GPU routes ({machine_key()}): triton / int_mm / scaled_mm / float raced per layer shape on first use "
              f"({len(p.decisions)} shapes decided)"]
     if p.forced:
         lines.append(f"route forced: {p.forced} (MIXQUANT_GPU_ROUTE)")

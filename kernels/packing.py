@@ -1,7 +1,7 @@
 """Bit packing of low-bit integer codes along the last dimension.
 
 Layout (shared by every kernel and the saved file):
-- 8 bits: signed int8 values, one per byte (no packing).
+- 8 bits: signed int8 values, one per byte (no packing); or float8 e4m3 values (fp8 formats), one per byte.
 - 4 bits: unsigned codes 0..15, two per byte; element 2j in the low nibble, 2j+1 in the high nibble
   (the layout of comfy-kitchen / AWQ-style checkpoints, so export is a copy).
 - 2 bits: unsigned codes 0..3, four per byte; element 4j+i in bits [2i, 2i+2).
@@ -92,15 +92,16 @@ def join_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
 _LAYOUTS: dict = {}
 
 
-def split_rows(blob: torch.Tensor, k: int, bits: int, groups: int, has_zero: bool):
-    """Views (codes, scale fp16 [N, G], zero uint8 [N, G] | None) into a joined uint8 blob (no copy)."""
+def split_rows(blob: torch.Tensor, k: int, bits: int, groups: int, has_zero: bool, fp8: bool = False):
+    """Views (codes, scale fp16 [N, G], zero uint8 [N, G] | None) into a joined uint8 blob (no copy). 8-bit codes
+    are int8, or float8 e4m3 with `fp8`."""
     key = (k, bits, groups, has_zero)
     lay = _LAYOUTS.get(key)  # (split_rows runs on every quantized call: the same few layouts each time)
     if lay is None:
         lay = _LAYOUTS[key] = row_layout(*key)
     codes = blob[:, : lay["codes"]]
     if bits == 8:
-        codes = codes.view(torch.int8)
+        codes = codes.view(torch.float8_e4m3fn if fp8 else torch.int8)
     scale = blob[:, lay["scale_off"]: lay["zero_off"]].view(torch.float16)
     zero = blob[:, lay["zero_off"]: lay["zero_off"] + groups] if has_zero else None
     return codes, scale, zero

@@ -10,12 +10,15 @@ Conventions shared with the saved file and every backend:
   zero point; optionally two channel segments with their own ranges: Q-Diffusion's skip-concat split), or "dynamic"
   (symmetric, scale = absmax / (2**(bits-1) - 1) computed at run time per token for a linear, per image for a conv).
 - Rounding is torch.round (half to even) everywhere.
+- float8 e4m3 weights (codes of dtype float8_e4m3fn, 8-bit, per-channel scale, no zero point) dequantize the same way;
+  their activations are "fp8_static" / "fp8_dynamic" (kernels/fp8.py has the numerics).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import fp8
 from .packing import unpack_codes
 
 
@@ -85,6 +88,8 @@ def fake_quant_act(x: torch.Tensor, bits: int, mode: str, scale=None, zero=None,
                    dynamic_dims=(-1,)) -> torch.Tensor:
     if mode == "none" or bits >= 16:
         return x
+    if mode in fp8.MODES:
+        return fp8.fake_quant_act(x, mode, scale, split, channel_dim, dynamic_dims)
     if mode == "static":
         return fake_quant_act_static(x, scale, zero, bits, split, channel_dim)
     if mode == "dynamic":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..quant.engine import SPEEDS, QuantizeConfig
+from ..quant.engine import FP8_MODES, SPEEDS, QuantizeConfig
 from ..quant.errors import InterruptedRun, MixQuantError
 from ..quant.fileformat import fingerprint, load_quantized, read_header, same_base, save_quantized
 from ..quant.native import export_native, save_native, split_model
@@ -256,9 +256,13 @@ class MixQuantPlan(MixQuantNode):
                        "what is feasible; off: no timing"})
         min_speed = ("FLOAT", {"default": 1.0, "min": 0.05, "max": 100.0, "step": 0.05,
                                "tooltip": "The speed to hold, as a factor of the float model's (1 = never slower)."})
+        fp8 = (list(FP8_MODES), {
+            "tooltip": "float8 e4m3 formats in the menu of Linear layers: auto (default) where this GPU has fp8 "
+                       "tensor cores (RTX 40xx/50xx, H100: compute capability >= 8.9); on: everywhere (elsewhere "
+                       "they run dequantized); off: int formats only"})
         return {"required": {"calibration": ("MIXQUANT_CALIBRATION",), "budget_kind": (BUDGET_KINDS,),
                              "budget": budget, "activation_bits": (["8", "16", "4"],), "target": (TARGETS,)},
-                "optional": {"sensitivity": sensitivity, "speed": speed, "min_speed": min_speed},
+                "optional": {"sensitivity": sensitivity, "speed": speed, "min_speed": min_speed, "fp8": fp8},
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
@@ -270,14 +274,14 @@ class MixQuantPlan(MixQuantNode):
         return True
 
     def plan(self, calibration, budget_kind, budget, activation_bits, target, sensitivity="fast", speed="auto",
-             min_speed=1.0, unique_id=None):
+             min_speed=1.0, fp8="auto", unique_id=None):
         if not isinstance(calibration, CalibrationResult):
             raise MixQuantError("connect the output of MixQuant Calibrate.")
         bits = budget_kind == BUDGET_KINDS[0]
         cfg = QuantizeConfig(avg_w_bits=float(budget) if bits else None, budget_mb=None if bits else float(budget),
                              a_bits=int(activation_bits), target=target, act_groups=calibration.calib.n_groups,
                              bos=target != "comfyui-native",  # BOS handling has no native form
-                             sens_mode=sensitivity, speed=speed, min_speed=float(min_speed))
+                             sens_mode=sensitivity, speed=speed, min_speed=float(min_speed), fp8=fp8)
         runner = calibration.runner
         runner.load()
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from ..kernels import fp8 as fp8_kernels
 from . import distributed
 from .allocate import Infeasible, Option, solve
 from .apply import QuantStats, quantize_, quantized_layer, set_submodule
@@ -37,6 +38,7 @@ from .speed import SpeedTable, compare_calls, measure_speed, timing_call
 TARGETS = ("mixquant", "comfyui-native")
 WEIGHT_SEARCHES = ("best", "mse", "minmax")
 SPEEDS = ("auto", "require", "off")
+FP8_MODES = ("auto", "on", "off")
 SPEED_SLACK = 1.1  # speed "auto" where the target cannot be met: plans at most this much slower than the fastest
 
 
@@ -85,6 +87,10 @@ class QuantizeConfig:
     # Linear), "off"; balance_alpha: how much of the outliers' range moves into the weights
     balance: str = "auto"
     balance_alpha: float = 0.5
+    # float8 e4m3 formats (W8A8-fp8 / W8A8d-fp8, W8A16-fp8) in the menu of Linear layers, measured like any other:
+    # "auto" where this machine's GPU has fp8 tensor cores (CUDA compute capability >= 8.9: Ada, Hopper, Blackwell),
+    # "on" everywhere (elsewhere they run dequantized: smaller, not faster), "off"
+    fp8: str = "auto"
     cache_dir: str | None = None
 
     def check(self):
@@ -114,6 +120,8 @@ class QuantizeConfig:
             raise MixQuantError(f"unknown balancing mode {self.balance!r}: use one of {', '.join(BALANCE_MODES)}.")
         if not (isinstance(self.balance_alpha, (int, float)) and 0 < self.balance_alpha < 1):
             raise MixQuantError("the balancing strength alpha must be between 0 and 1.")
+        if self.fp8 not in FP8_MODES:
+            raise MixQuantError(f"unknown fp8 mode {self.fp8!r}: use one of {', '.join(FP8_MODES)}.")
         if self.sweep_seconds is not None and not self.sweep_seconds >= 0:
             raise MixQuantError("the sweep's seconds must be 0 or more (inf: the whole sweep).")
 
@@ -152,6 +160,17 @@ def act_mode(cfg: QuantizeConfig, layers: list[LayerInfo]) -> str:
     return "dynamic" if is_transformer(layers) else "static"
 
 
+def use_fp8(cfg: QuantizeConfig) -> bool:
+    """Do fp8 formats join the menu (QuantizeConfig.fp8; "auto": this machine's CUDA GPU has fp8 tensor cores, where
+    the quantized model runs on a machine with a GPU)? Not with 4-bit activations, nor for ComfyUI's native target
+    (whose float8 layers have per-tensor weight scales: kernels/fp8.py's per-channel ones export requantized)."""
+    if cfg.target == "comfyui-native" or cfg.a_bits not in (8, 16) or cfg.fp8 == "off":
+        return False
+    if not fp8_kernels.supported():
+        return False
+    return cfg.fp8 == "on" or fp8_kernels.scaled_mm_supported("cuda")
+
+
 def menu(li: LayerInfo, cfg: QuantizeConfig, a_mode: str = "static") -> list[LayerFormat]:
     """The joint formats a layer may take under the target (`a_mode`: act_mode's, for a Linear layer)."""
     if li.protected:
@@ -165,6 +184,8 @@ def menu(li: LayerInfo, cfg: QuantizeConfig, a_mode: str = "static") -> list[Lay
     acts = (cfg.a_bits, 16) if cfg.a_bits < 16 else (16,)
     mode = a_mode if li.kind == "linear" else "static"
     out = [LayerFormat(b, a, g if b < 8 else None, mode if a < 16 else "static") for b in bits for a in acts]
+    if li.kind == "linear" and 8 in bits and use_fp8(cfg):
+        out += [LayerFormat(8, a, None, mode if a < 16 else "static", fp8=True) for a in acts]
     if timed(cfg):  # where no quantized format is as fast as the float layer, the plan may keep it
         out.append(LayerFormat(16, 16))
     return out
@@ -176,11 +197,11 @@ def timed(cfg: QuantizeConfig) -> bool:
 
 
 def weight_only(f: LayerFormat) -> LayerFormat:
-    return LayerFormat(f.w_bits, 16, f.group_size)
+    return LayerFormat(f.w_bits, 16, f.group_size, fp8=f.w_fp8)
 
 
 def act_only(f: LayerFormat) -> LayerFormat | None:
-    return None if f.a_bits >= 16 else LayerFormat(16, f.a_bits, None, f.a_mode)
+    return None if f.a_bits >= 16 else LayerFormat(16, f.a_bits, None, f.a_mode, fp8=f.a_fp8)
 
 
 def joint_loss(sens: Sensitivity, name: str, f: LayerFormat) -> float:
@@ -421,11 +442,19 @@ def menus(cfg: QuantizeConfig, layers: list[LayerInfo]):
         return w_menu, [LayerFormat(16, 8, None, "dynamic")], [li for li in layers if li.kind == "linear"]
     w_menu = {"content": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_content],
               "quality": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_quality]}
+    fp8 = use_fp8(cfg)
+    if fp8:  # (Linear layers only: measure_sensitivity)
+        for r in w_menu:
+            if any(f.w_bits == 8 for f in w_menu[r]):
+                w_menu[r].append(LayerFormat(8, 16, fp8=True))
     if cfg.a_bits >= 16:
         return w_menu, [], layers
-    a_menu = [LayerFormat(16, cfg.a_bits, None, act_mode(cfg, layers))]
-    if a_menu[0].a_mode == "dynamic" and not is_transformer(layers):  # (convs stay static)
+    mode = act_mode(cfg, layers)
+    a_menu = [LayerFormat(16, cfg.a_bits, None, mode)]
+    if mode == "dynamic" and not is_transformer(layers):  # (convs stay static)
         a_menu.append(LayerFormat(16, cfg.a_bits))
+    if fp8:
+        a_menu.append(LayerFormat(16, 8, None, mode, fp8=True))
     return w_menu, a_menu, layers
 
 
@@ -511,7 +540,7 @@ class Prepared:
 def _prepared_key(prompts, seeds, settings, cfg: QuantizeConfig) -> dict:
     fields = ("target", "a_bits", "w_bits_content", "w_bits_quality", "group_size", "act_groups", "range_method",
               "bos", "sens_calls", "sens_prompts", "sens_mode", "weight_search", "balance", "balance_alpha",
-              "a_mode")
+              "a_mode", "fp8")
     return {"prompts": list(prompts), "seeds": list(seeds), "settings": settings, "timed": timed(cfg),
             **{f: getattr(cfg, f) for f in fields}}
 

@@ -2,7 +2,8 @@
 
 Header metadata `mixquant` = JSON {format_version, base_model: {fingerprint}, architecture (from the adapter that
 saved it, e.g. a diffusers class + config; the adapter validates it), layers: {name: {kind, format, in, out, bias,
-a_split, geometry}}, extra, digest}. Tensors: per quantized layer `<l>.qweight` (int8 [N,K] or packed uint8), `<l>.weight_scale` (fp16 [N,G]),
+a_split, geometry}}, extra, digest}. Tensors: per quantized layer `<l>.qweight` (int8 [N,K], float8_e4m3fn [N,K] for
+fp8 formats, or packed uint8), `<l>.weight_scale` (fp16 [N,G]),
 `<l>.weight_zero` (uint8 [N,G], asymmetric only), `<l>.bias`, `<l>.input_scale` / `<l>.input_zero` (fp32 [T,S],
 static activations), `<l>.smooth` (fp32 [C_in], balanced input channels: the stored weight is W s); every other
 tensor of the denoiser under its own name. Never pickle; writes are atomic.
@@ -162,7 +163,7 @@ def save_quantized(model: nn.Module, path: str, *, architecture: dict, base_fing
 _RECREATE = " The file is corrupt or was edited; re-create it with `mixquant quantize` (or Save Quantized)."
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
 MAX_TIME_GROUPS = 64  # rows of static activation ranges (timestep groups) a layer may hold
 MAX_STRIDE = 64  # conv stride / dilation (real denoisers use 1 or 2)
 
@@ -212,10 +213,11 @@ def float_weight_shape(e: dict) -> tuple:
 
 
 def _float_dtype(path: str, meta: dict, table: dict):
-    """The one float dtype of the denoiser's own tensors (activation ranges and BOS vectors are fp32 by design)."""
+    """The one float dtype of the denoiser's own tensors (activation ranges and BOS vectors are fp32 by design; fp8
+    codes and fp16 weight scales are a quantized layer's)."""
     own = {dt for k, (dt, _) in table.items() if dt.is_floating_point
            and not (k.rpartition(".")[0] in meta["layers"] and k.rpartition(".")[2] in _FP32_SUFFIXES)
-           and not (k.rpartition(".")[0] in meta["layers"] and k.rpartition(".")[2] == "weight_scale")}
+           and not (k.rpartition(".")[0] in meta["layers"] and k.rpartition(".")[2] in ("weight_scale", "qweight"))}
     _check(len(own) <= 1, path, f"its float tensors mix dtypes ({', '.join(sorted(map(str, own)))}).")
     return next(iter(own), torch.float32)
 
@@ -257,12 +259,13 @@ def check_entry(path: str, name: str, e, table: dict | None = None, groups: int 
            and ".." not in name, path, f"layer name {name!r} is not a module path.")
     _check(isinstance(e, dict), path, f"layer {name}: its entry is not an object.")
     f = e.get("format")
-    _check(isinstance(f, dict) and set(f) <= {"w_bits", "a_bits", "group_size", "a_mode", "w_symmetric"}, path,
-           f"layer {name}: bad format entry {f!r}.")
+    _check(isinstance(f, dict) and set(f) <= {"w_bits", "a_bits", "group_size", "a_mode", "w_symmetric", "fp8"},
+           path, f"layer {name}: bad format entry {f!r}.")
     _check(_is_int(f.get("w_bits")) and f["w_bits"] in W_BITS and _is_int(f.get("a_bits", 16))
            and f.get("a_bits", 16) in A_BITS and f.get("a_mode", "static") in A_MODES
            and (f.get("group_size") is None or (_is_int(f["group_size"]) and f["group_size"] >= 1))
-           and (f.get("w_symmetric") is None or isinstance(f["w_symmetric"], bool)), path,
+           and (f.get("w_symmetric") is None or isinstance(f["w_symmetric"], bool))
+           and isinstance(f.get("fp8", False), bool), path,
            f"layer {name}: bad format entry {f!r}.")
     try:
         fmt = LayerFormat.from_dict(f)
@@ -307,7 +310,8 @@ def check_entry(path: str, name: str, e, table: dict | None = None, groups: int 
     floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     if fmt.w_bits < 16:
         g = 1 if fmt.group_size is None else -(-k // fmt.group_size)
-        want("qweight", (torch.int8 if fmt.w_bits == 8 else torch.uint8,), (n, packed_len(k, fmt.w_bits)))
+        code_dtype = torch.float8_e4m3fn if fmt.w_fp8 else torch.int8 if fmt.w_bits == 8 else torch.uint8
+        want("qweight", (code_dtype,), (n, packed_len(k, fmt.w_bits)))
         want("weight_scale", (torch.float16,), (n, g))
         expected |= {"qweight", "weight_scale"}
         if not fmt.symmetric:
@@ -468,6 +472,9 @@ def build_layer(path: str, name: str, e: dict, tensors: dict) -> QuantLayer:
                 zero = get("weight_zero")
                 _check(int(zero.max()) < 2 ** fmt.w_bits if zero.numel() else True, path,
                        f"tensor {name}.weight_zero is out of range.")
+            if fmt.w_fp8:
+                _check(bool(torch.isfinite(get("qweight").float()).all()), path,
+                       f"tensor {name}.qweight holds NaN float8 codes.")
             weight = join_rows(get("qweight"), scale, zero)
         else:
             weight = get("weight")
@@ -479,7 +486,7 @@ def build_layer(path: str, name: str, e: dict, tensors: dict) -> QuantLayer:
             layer.bias = nn.Parameter(b, requires_grad=False)
         if fmt.a_bits < 16 and fmt.a_mode == "static":
             s, z = get("input_scale"), get("input_zero")
-            qmax = 2 ** fmt.a_bits - 1
+            qmax = 0 if fmt.a_fp8 else 2 ** fmt.a_bits - 1  # (e4m3 activations are symmetric: no zero point)
             _check(bool(torch.isfinite(s).all()) and bool((s > 0).all()) and bool(torch.isfinite(z).all())
                    and bool(((z >= 0) & (z <= qmax) & (z == z.round())).all()), path,
                    f"layer {name}: activation ranges hold NaN, infinite, non-positive scales or zero points "

@@ -11,6 +11,8 @@ measurement switch formats without repacking anything else.
 
 Activations: 16-bit (weight-only), static (calibrated asymmetric per-tensor range; one row of ranges per group of
 timesteps, selected by `act_group`; optionally two channel segments split at `a_split`), or dynamic (per token).
+fp8 formats (LayerFormat.fp8) hold float8 e4m3 codes in the same rows and quantize their activations to e4m3, with a
+symmetric calibrated scale (input_scale = absmax / 448, input_zero = 0) or per token (kernels/fp8.py).
 
 Channel balancing (SmoothQuant / ViDiT-Q; `smooth`, fp32 [C_in]): where a layer's input has outlier channels, the
 input is divided by s per channel before it is quantized and the weight's input columns are multiplied by s before
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import dispatch, reference
+from ..kernels import dispatch, fp8, reference
 from ..kernels.cache import fingerprint, version_of
 from ..kernels.packing import join_rows, row_layout, split_rows
 from .formats import LayerFormat
@@ -153,7 +155,7 @@ class QuantLayer(nn.Module):
         w2d = self._to_2d(w_float.detach().float())
         if self.smooth is not None:
             w2d = w2d * self._smooth_columns(w2d.device)
-        pw = quantize_weight(w2d, self.fmt.w_bits, self.fmt.group_size, self.fmt.symmetric, search)
+        pw = quantize_weight(w2d, self.fmt.w_bits, self.fmt.group_size, self.fmt.symmetric, search, self.fmt.w_fp8)
         return join_rows(pw.qweight, pw.scale, pw.zero)
 
     def _smooth_columns(self, device) -> torch.Tensor:
@@ -185,7 +187,7 @@ class QuantLayer(nn.Module):
     def packed_parts(self, blob: torch.Tensor | None = None):
         """(codes, scale fp16 [N, G], zero uint8 [N, G] | None) views into the weight blob."""
         blob = self.weight if blob is None else blob
-        return split_rows(blob, self.k, self.fmt.w_bits, self.groups, not self.fmt.symmetric)
+        return split_rows(blob, self.k, self.fmt.w_bits, self.groups, not self.fmt.symmetric, self.fmt.w_fp8)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with, as fp32 [N, K] (balanced: W s, for the balanced input x / s)."""
@@ -221,10 +223,14 @@ class QuantLayer(nn.Module):
         hi = torch.as_tensor(hi, dtype=torch.float32).reshape(lo.shape)
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise ValueError("activation range is not finite")
-        qmin, qmax = qrange(self.fmt.a_bits, symmetric=False) if self.fmt.a_bits < 16 else (0, 255)
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-        scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-8)
-        zero = torch.clamp(torch.round(-lo / scale) + qmin, qmin, qmax)
+        if self.fmt.a_fp8:  # symmetric e4m3: absmax / 448, no zero point
+            scale = fp8.static_scale(lo, hi)
+            zero = torch.zeros_like(scale)
+        else:
+            qmin, qmax = qrange(self.fmt.a_bits, symmetric=False) if self.fmt.a_bits < 16 else (0, 255)
+            scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-8)
+            zero = torch.clamp(torch.round(-lo / scale) + qmin, qmin, qmax)
         dev = self.weight.device
         self.input_scale, self.input_zero, self.a_split = scale.to(dev), zero.to(dev), split
 
@@ -248,12 +254,14 @@ class QuantLayer(nn.Module):
         if f.a_bits >= 16:
             return {"a_bits": 16, "a_mode": "none", "a_scale": None, "a_zero": None, "a_split": None}
         if f.a_mode == "dynamic":
-            return {"a_bits": f.a_bits, "a_mode": "dynamic", "a_scale": None, "a_zero": None, "a_split": None}
+            return {"a_bits": f.a_bits, "a_mode": "fp8_dynamic" if f.a_fp8 else "dynamic", "a_scale": None,
+                    "a_zero": None, "a_split": None}
         if self.input_scale is None:
             raise RuntimeError(f"{type(self).__name__} with static {f.a_bits}-bit activations has no calibrated "
                                "range: calibrate first, or use dynamic activations")
         g = min(self.act_group, self.input_scale.shape[0] - 1)
-        return {"a_bits": f.a_bits, "a_mode": "static", "a_scale": self.input_scale[g].to(device),
+        return {"a_bits": f.a_bits, "a_mode": "fp8_static" if f.a_fp8 else "static",
+                "a_scale": self.input_scale[g].to(device),
                 "a_zero": self.input_zero[g].to(device), "a_split": self.a_split}
 
     # --- ComfyUI LoRA hooks (ModelPatcher: convert_weight -> lora.calculate_weight -> set_weight) ------------------

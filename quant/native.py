@@ -9,6 +9,12 @@ Each exported Linear gets a `<layer>.comfy_quant` marker (uint8 bytes of a JSON 
   [K/64, N] (transposed). comfy-kitchen decodes (u - 8) * s + zeros, ours is (u - z) * s, so zeros = (8 - z) * s.
   The key is `weight_zeros`: that is what comfy-kitchen 0.2.40 (`TensorCoreAWQW4A16Layout.state_dict_tensors`) and
   ComfyUI's loader read; `weight_zero` (singular) appears only in comfy-quants' docs.
+- fp8 (float8 e4m3) weights -> `float8_e4m3fn`: `weight` float8_e4m3fn [N, K] with ONE fp32 `weight_scale` (the
+  format has no per-channel scales: the weight is requantized from our per-channel codes at absmax / 448, a second
+  rounding), plus the static activations' `input_scale` (fp32 scalar; the largest over timestep groups) for W8A8-fp8,
+  which ComfyUI then runs through `torch._scaled_mm` on fp8 GPUs. Per-token fp8 activations (W8A8d-fp8) and weight-
+  only W8A16-fp8 are marked `full_precision_matrix_mult` (fp8 weights, float activations: ComfyUI has no dynamic fp8
+  activations).
 Everything the format cannot express stays float (fp16): every Conv2d, static activation ranges, 2-bit weights,
 weight-only 8-bit, other group sizes, BOS-aware layers, and every tensor that is not a quantized layer's weight.
 A weight kept float is the dequantized weight of our layer (the FP weight is not in a quantized model).
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels import fp8
 from .layers import QuantLayer, QuantLinear
 from .util import write_atomic
 
@@ -51,6 +58,12 @@ def native_format(layer: QuantLayer) -> tuple[str | None, str]:
         return None, "BOS token computed in full precision (not expressible)"
     if layer.smooth is not None:
         return None, "balanced input channels (not expressible)"
+    if f.w_fp8:
+        if f.a_fp8 and f.a_mode == "static":
+            if layer.a_split is not None:
+                return None, "split activation ranges (not expressible)"
+            return "float8_e4m3fn", "fp8 weights (per-tensor scale) + static per-tensor fp8 activations"
+        return "float8_e4m3fn", "fp8 weights (per-tensor scale), float activations (full_precision_matrix_mult)"
     if f.w_bits == 8 and f.symmetric and f.group_size is None and f.a_bits == 8 and f.a_mode == "dynamic":
         return "int8_tensorwise", "W8 per-row + dynamic per-token A8"
     if f.w_bits == 4 and not f.symmetric and f.group_size == AWQ_GROUP and f.a_bits >= 16:
@@ -80,6 +93,16 @@ def native_layer_tensors(layer: QuantLayer) -> tuple[dict, dict | None, str]:
         out["weight_scale"] = scale.t().contiguous()  # fp16 [K/G, N]
         out["weight_zeros"] = ((8.0 - zero.float()) * s).to(torch.float16).t().contiguous()
         conf = {"format": fmt, "group_size": AWQ_GROUP}
+    elif fmt == "float8_e4m3fn":
+        w = layer.dequantized_weight().float()  # (not balanced: native_format refuses balanced layers)
+        w_scale = (w.abs().amax() / fp8.E4M3_MAX).clamp(min=1e-12)
+        out["weight"] = fp8.to_e4m3(w / w_scale).contiguous()
+        out["weight_scale"] = w_scale.reshape(()).float()
+        conf = {"format": fmt}
+        if layer.fmt.a_fp8 and layer.fmt.a_mode == "static":
+            out["input_scale"] = layer.input_scale.detach().float().amax().reshape(()).cpu()
+        else:
+            conf["full_precision_matrix_mult"] = True
     else:
         w = layer.unbalanced_weight()
         out["weight"] = layer._from_2d(w.float()).to(torch.float16).contiguous()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.fp8 import quantize_weight as fp8_weights
 from ..kernels.packing import pack_codes, packed_len, unpack_codes
 from ..kernels.reference import dequantize_weight
 
@@ -182,10 +183,16 @@ def packed_weight_bytes(n: int, k: int, bits: int, group_size: int | None, symme
 
 
 def quantize_weight(w2d: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool | None = None,
-                    search: str = "auto") -> PackedWeight:
+                    search: str = "auto", fp8: bool = False) -> PackedWeight:
     """Quantize a [N, K] weight to its packed form. Defaults: 8-bit symmetric; 4/2-bit asymmetric (4 levels at
     2 bits instead of 3, and the layout of AWQ-style W4A16 kernels). search="auto": the MSE clipping search below
-    8 bits, where it pays; plain min-max at 8 bits, where it changes next to nothing and would cost time."""
+    8 bits, where it pays; plain min-max at 8 bits, where it changes next to nothing and would cost time.
+    `fp8`: float8 e4m3 codes with one scale per output channel (kernels/fp8.py; 8 bits, no groups, no search)."""
+    if fp8:
+        if bits != 8 or group_size is not None or symmetric is False:
+            raise ValueError("fp8 weights are 8-bit, per output channel, symmetric")
+        codes, scale = fp8_weights(w2d)
+        return PackedWeight(codes, scale, None, 8, w2d.shape[1], None)
     if search == "auto":
         search = "mse" if bits < 8 else "minmax"
     if w2d.dim() != 2:

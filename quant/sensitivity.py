@@ -485,8 +485,11 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
     jobs = []
     for li in todo:
         for f in w_menu.get(li.role, []):
-            jobs.append((li, f))
+            if li.kind == "linear" or not f.fp8:  # (fp8 formats: Linear layers only, where the fp8 GEMMs are)
+                jobs.append((li, f))
         for f in a_menu:
+            if f.fp8 and li.kind != "linear":
+                continue
             if f.a_mode == "dynamic" and li.kind == "linear" or f.a_mode == "static" and li.name in ranges:
                 jobs.append((li, f))
     mine = set(distributed.share(list(dict.fromkeys(li.name for li, _ in jobs))))

@@ -53,6 +53,10 @@ def add_arguments(p):
                    help="channel balancing (SmoothQuant / ViDiT-Q) of Linear layers whose input has outlier channels, "
                         "with quantized activations: auto = where the input has outlier channels (default), on = "
                         "every Linear, off = none")
+    p.add_argument("--fp8", default="auto", choices=("auto", "on", "off"),
+                   help="float8 e4m3 formats (W8A8-fp8, W8A16-fp8) in the menu of Linear layers: auto = where this "
+                        "machine's GPU has fp8 tensor cores (compute capability >= 8.9; default), on = everywhere "
+                        "(elsewhere they run dequantized), off = int formats only")
     p.add_argument("--out", required=True, help="the quantized .safetensors file to write")
     p.add_argument("--report", help="where to write the report JSON")
 
@@ -96,7 +100,7 @@ def run(args) -> int:
             evaluate=not args.no_eval, model_name=args.model, progress=bar, act_groups=args.act_groups,
             bos=not args.no_bos, cache_dir=args.cache_dir, weight_search=args.weight_search,
             sens_mode=args.sens_mode, sweep_seconds=args.sweep_seconds, speed=args.speed,
-            min_speed=args.min_speed, balance=args.balance)
+            min_speed=args.min_speed, balance=args.balance, fp8=args.fp8)
     finally:
         bar.close()
     if not distributed.is_main():  # under torchrun every process measured its share; the first one writes
