@@ -56,6 +56,9 @@ DOCUMENTED = {
     "python bench/scale.py --agreement": ("bench/scale.py", ["--agreement"]),
     "python bench/scale.py --models sdxl --real --size 1024 --prompts 8 --steps 20": (
         "bench/scale.py", ["--models", "sdxl", "--real", "--size", "1024", "--prompts", "8", "--steps", "20"]),
+    "python bench/gpu.py": ("bench/gpu.py", []),
+    "python bench/gpu.py --only kernels,unet": ("bench/gpu.py", ["--only", "kernels,unet"]),
+    "python bench/gpu.py --out DIR": ("bench/gpu.py", ["--out", "{out}"]),
     "python bench/dit.py": ("bench/dit.py", []),
     "python bench/dit.py --families flux --out /tmp/dit.md": ("bench/dit.py",
                                                              ["--families", "flux", "--out", "{out}/dit.md"]),
