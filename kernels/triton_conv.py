@@ -93,8 +93,11 @@ def dynamic_image_scale(x: torch.Tensor, a_bits: int) -> torch.Tensor:
 
 def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale=None,
             a_zero=None, a_split=None, kernel_size=(3, 3), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-            wsum=None, prequant: bool | None = None, int_dot: bool | None = None, config: dict | None = None):
-    """Quantized conv2d over x [B, C, H, W] (any memory format; the output keeps channels_last if x has it)."""
+            wsum=None, prequant: bool | None = None, int_dot: bool | None = None, config: dict | None = None,
+            codes=None):
+    """Quantized conv2d over x [B, C, H, W] (any memory format; the output keeps channels_last if x has it).
+    codes: static int8 codes of x as rows of pixels of x zero-padded by `padding` (quantize_rows' layout), written
+    by the op that produced x (kernels/triton_fused.py): read as they are, x itself is not."""
     b, cin, h, w = x.shape
     kh, kw = kernel_size
     n = qweight.shape[0]
@@ -103,8 +106,10 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     call = dict(qweight=qweight, scale=scale, zero=zero, bits=bits, k=k, group_size=group_size, bias=bias,
                 a_bits=a_bits, a_mode=a_mode, a_scale=a_scale, a_zero=a_zero, a_split=a_split)
+    if codes is not None and a_mode != "static":
+        raise ValueError("pre-quantized conv inputs are static codes")
     if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and channels_last \
-            and a_mode != "dynamic":  # (a per-image dynamic scale is not the GEMM's per-token one)
+            and a_mode != "dynamic" and codes is None:  # (a per-image dynamic scale is not the GEMM's per-token one)
         y = tg.qlinear(x.permute(0, 2, 3, 1).reshape(-1, cin), wsum=wsum, prequant=prequant, int_dot=int_dot,
                        config=config, **call)
         return y.reshape(b, h, w, n).permute(0, 3, 1, 2)
@@ -120,10 +125,16 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
         prequant = False
         if not channels_last and not tg.interpreting():  # gather along channels needs them contiguous
             x = x.contiguous(memory_format=torch.channels_last)
+    elif codes is not None:
+        prequant = True
     elif prequant is None:
         prequant = kh * kw > 1 or n > 512
     ih, iw, ph, pw = h, w, padding[0], padding[1]
-    if prequant:  # NHWC codes of the zero-padded input: the kernel reads no border
+    if codes is not None:
+        xa = codes[0]
+        ih, iw, ph, pw = h + 2 * ph, w + 2 * pw, 0, 0
+        xs = (ih * iw * cin, 1, iw * cin, cin)
+    elif prequant:  # NHWC codes of the zero-padded input: the kernel reads no border
         xa, _ = tg.quantize_rows(x, a_mode, a_bits, a_scale, a_zero, a_split, image_scale=simg,
                                  geometry=(b, cin, h, w), pad=(ph, pw))
         ih, iw, ph, pw = h + 2 * ph, w + 2 * pw, 0, 0

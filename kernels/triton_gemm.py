@@ -604,14 +604,16 @@ def cached_weight_sums(cache: dict | None, call: dict) -> torch.Tensor | None:
 
 def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale=None,
             a_zero=None, a_split=None, wsum=None, prequant: bool | None = None, int_dot: bool | None = None,
-            config: dict | None = None):
+            config: dict | None = None, codes=None):
     """Quantized linear y = x W^T + b on the packed weight (layouts: module docstring). x [..., K] fp16/bf16/fp32.
 
     wsum: weight_sums(...) if precomputed (static activations; otherwise the K loop sums the weight tiles).
     prequant: quantize the activations in a separate int8 pass (None: when N spans more than 4 tiles of 128).
     int_dot: force the int8 (True) or float (False) dot; None: the autotuner chooses (A8, MIXQUANT_AUTOTUNE=1),
     else `default_int_dot`.
-    config: fixed BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M (and num_warps/num_stages) instead of autotuning."""
+    config: fixed BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M (and num_warps/num_stages) instead of autotuning.
+    codes: (int8 codes [M, K], row scales | None) of x already quantized by the op that produced it
+    (kernels/triton_fused.py, in quantize_rows' layout): read as they are, x itself is not."""
     n = qweight.shape[0]
     shape = x.shape
     x2 = x.reshape(-1, k)
@@ -623,11 +625,15 @@ def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     int_ok, int_dot = choose_dot(bits, zero, a_mode, scale.shape[1] > 1, int_dot)
     if mode == A_NONE:
         prequant = False
+    elif codes is not None:
+        prequant = True
     elif prequant is None:
         prequant = n > 512
     srow = None
     xa = x2
-    if prequant:
+    if codes is not None and mode != A_NONE:
+        xa, srow = codes
+    elif prequant:
         xa, srow = quantize_rows(x2, a_mode, a_bits, a_scale, a_zero, a_split)
     elif mode == A_DYNAMIC:
         srow = dynamic_row_scale(x2, a_bits)
