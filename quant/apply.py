@@ -56,12 +56,29 @@ def quantized_layer(src: nn.Module, fmt: LayerFormat, *, mode: str = "packed", s
     return q
 
 
+def _with_params_on(src: nn.Module, device) -> nn.Module:
+    """`src` (a Linear / Conv2d) with its parameters and buffers on `device`: a shallow copy holding moved tensors,
+    `src` itself untouched (src when they are there already)."""
+    if device is None or all(t.device == device for t in (*src.parameters(), *src.buffers())):
+        return src
+    tmp = copy.copy(src)
+    tmp._parameters = {k: None if v is None else nn.Parameter(v.detach().to(device), requires_grad=False)
+                       for k, v in src._parameters.items()}
+    tmp._buffers = {k: None if v is None else v.to(device) for k, v in src._buffers.items()}
+    return tmp
+
+
 def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None, inplace: bool = False,
-                   mode: str = "packed", search: str = "auto", bos: dict | None = None) -> tuple[nn.Module, QuantStats]:
+                   mode: str = "packed", search: str = "auto", bos: dict | None = None,
+                   device=None) -> tuple[nn.Module, QuantStats]:
     """Return (quantized model, real bytes). `plan` maps layer name -> LayerFormat (or anything `as_format` reads);
     16/16 entries are left float. `bos` maps Linear layers (to_k/to_v) to the BOS embedding whose output is then
     computed in full precision. The input model is untouched unless `inplace`. Everything is checked before any
-    layer is swapped, so an error leaves even an in-place model as it was."""
+    layer is swapped, so an error leaves even an in-place model as it was.
+    `device`: build the quantized model there, layer by layer: each float layer goes to the device alone, is
+    quantized there and dropped, so the device holds the quantized layers and one float layer at a time, never the
+    float model and its quantized copy together (a model larger than the device's memory, kept on the CPU, is
+    quantized into it); the rest of the model follows at the end."""
     bos = bos or {}
     act_ranges = act_ranges or {}
     formats = {name: as_format(f) for name, f in plan.items()}
@@ -81,10 +98,11 @@ def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None,
                             + ". Calibrate the model first or fix the plan.")
     stats = QuantStats()
     new = {}
+    device = None if device is None else torch.device(device)
     for name, fmt in formats.items():  # built from the source layers (which are only read)
         if not fmt.is_float:
-            new[name] = quantized_layer(modules[name], fmt, mode=mode, search=search, act_range=act_ranges.get(name),
-                                        bos=bos.get(name))
+            new[name] = quantized_layer(_with_params_on(modules[name], device), fmt, mode=mode, search=search,
+                                        act_range=act_ranges.get(name), bos=bos.get(name))
     # a copy takes the quantized layers in place of the float ones as it is made (deepcopy's memo), so the float
     # weights of the swapped layers are never copied: the copy costs the model's unquantized part only
     target = model if inplace else copy.deepcopy(model, {id(modules[n]): q for n, q in new.items()})
@@ -96,6 +114,8 @@ def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None,
                               "params": q.n * q.k}
         stats.bytes_before += before
         stats.bytes_after += stats.layers[name]["bytes"]
+    if device is not None:
+        target.to(device)  # the float rest (embedders, norms, protected layers); the quantized layers are there
     stats.model_bytes = model_bytes(target)
     return target, stats
 
@@ -108,15 +128,16 @@ def uniform_plan(layers, fmt, skip_protected: bool = True, kinds=("linear", "con
 
 
 def quantize_(model: nn.Module, plan: dict, calibration=None, *, bos: bool = True, search: str = "auto",
-              inplace: bool = True) -> QuantStats | tuple[nn.Module, QuantStats]:
+              inplace: bool = True, device=None) -> QuantStats | tuple[nn.Module, QuantStats]:
     """torchao-style, in place: swap `model`'s layers for the quantized ones of `plan` (layer name -> format) with
     the static activation ranges and BOS embeddings `calibration` (a quant.calibration.Calibration) observed, and
     the per-timestep switch of activation ranges when it has several timestep groups. Everything is checked before
     any layer is swapped. inplace=False leaves `model` as it is and returns (quantized copy, stats); the copy never
-    holds a second float copy of a quantized layer."""
+    holds a second float copy of a quantized layer. `device`: quantize into that device layer by layer
+    (quantize_model)."""
     ranges = calibration.ranges() if calibration is not None else {}
     bos_map = calibration.bos() if calibration is not None and bos else {}
-    target, stats = quantize_model(model, plan, ranges, inplace=inplace, search=search, bos=bos_map)
+    target, stats = quantize_model(model, plan, ranges, inplace=inplace, search=search, bos=bos_map, device=device)
     if calibration is not None and calibration.n_groups > 1:
         attach_act_group_switch(target, calibration.group_bounds(), calibration.timestep_fn)
     return stats if inplace else (target, stats)

@@ -699,10 +699,12 @@ def plan(runner: DenoiserRunner, prepared: Prepared, cfg: QuantizeConfig,
                       calib.group_bounds() if calib.n_groups > 1 else [], prob.speed_summary(chosen))
 
 
-def quantize(model: nn.Module, alloc: Allocation, calib: Calibration) -> tuple[nn.Module, QuantStats]:
+def quantize(model: nn.Module, alloc: Allocation, calib: Calibration, device=None) -> tuple[nn.Module, QuantStats]:
     """A quantized copy of `model` with the plan's packed layers, its activation ranges and BOS embeddings, and the
-    per-timestep switch of activation ranges. `model` is left as it was."""
-    return quantize_(model, alloc.plan, calib, bos=bool(alloc.bos), search=alloc.search, inplace=False)
+    per-timestep switch of activation ranges. `model` is left as it was. `device`: built there layer by layer from
+    wherever `model` is (a model kept on the CPU quantized into a GPU that could not hold it in float)."""
+    return quantize_(model, alloc.plan, calib, bos=bool(alloc.bos), search=alloc.search, inplace=False,
+                     device=device)
 
 
 def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: list[int] | None = None,
