@@ -25,7 +25,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_gemm import dynamic_codes_, static_codes_
+    from .triton_gemm import dynamic_codes_, padded_rows_, static_codes_
 
     @triton.jit
     def _gelu_(v, APPROX: tl.constexpr):
@@ -105,13 +105,7 @@ if HAVE_TRITON:
         """GroupNorm (statistics MEAN / RSTD [B, G] given) + affine + SiLU of an NCHW input: the float result to Y
         (NCHW, the input's shape) and static codes to Q as rows of pixels of the padded input (NHWC; border rows
         hold the code of 0.0)."""
-        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R
-        img = offs_r // HW
-        pix = offs_r % HW
-        py = pix // WD - PH
-        px = pix % WD - PW
-        in_ok = r_ok & (py >= 0) & (py < H) & (px >= 0) & (px < W)
+        offs_r, r_ok, img, py, px, in_ok = padded_rows_(R, HW, WD, H, W, PH, PW, True, BLOCK_R)
         s = tl.load(AS)
         z = tl.load(AZ)
         G = C // CPG

@@ -378,6 +378,22 @@ if HAVE_TRITON:
                  mask=m_ok[:, None] & (offs_n[None, :] < N))
 
     @triton.jit
+    def padded_rows_(R, HW, WD, H, W, PH, PW, PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+        """This program's block of rows of pixels of an input padded by PH / PW on each side (row r: image r // HW,
+        padded pixel (r % HW) // WD, r % WD): (rows, row < R, image, y and x in the unpadded input, inside it)."""
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        img = offs_r // HW
+        pix = offs_r % HW
+        py = pix // WD - PH
+        px = pix % WD - PW
+        if PAD:
+            in_ok = r_ok & (py >= 0) & (py < H) & (px >= 0) & (px < W)
+        else:
+            in_ok = r_ok
+        return offs_r, r_ok, img, py, px, in_ok
+
+    @triton.jit
     def _quant_rows_kernel(X, Q, SROW, SIMG, AS, AZ,
                            R, C, HW, WD, H, W, PH, PW, SPLIT,
                            stride_b, stride_h, stride_w, stride_c,
@@ -390,16 +406,7 @@ if HAVE_TRITON:
         border row reads 0.0, so it holds the code of 0.0 (the zero code) and a conv over it needs no border mask.
         static: q - 128 per segment range. dynamic: q with a per-row scale computed here (absmax over the row, as
         the reference) and stored to SROW, or with the per-image scale SIMG[r // HW] (PER_IMAGE)."""
-        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R
-        img = offs_r // HW
-        pix = offs_r % HW
-        py = pix // WD - PH
-        px = pix % WD - PW
-        if PAD:
-            in_ok = r_ok & (py >= 0) & (py < H) & (px >= 0) & (px < W)
-        else:
-            in_ok = r_ok
+        offs_r, r_ok, img, py, px, in_ok = padded_rows_(R, HW, WD, H, W, PH, PW, PAD, BLOCK_R)
         row_ptr = X + img * stride_b + py * stride_h + px * stride_w
         s_row = tl.zeros((BLOCK_R,), tl.float32)
         if A_MODE == 2:
