@@ -59,10 +59,14 @@ def _ref_conv2d(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mo
 _REFERENCE = {"linear": _ref_linear, "conv2d": _ref_conv2d}
 
 
-def linear(x: torch.Tensor, cache: dict | None = None, **call) -> torch.Tensor:
+def linear(x: torch.Tensor, cache: dict | None = None, codes=None, **call) -> torch.Tensor:
     """Quantized linear. `call` holds qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale,
-    a_zero, a_split (see kernels/reference.py for the layouts); `cache` is optional (module docstring)."""
-    _, impl = select("linear", x=x, cache=cache, **call)
+    a_zero, a_split (see kernels/reference.py for the layouts); `cache` is optional (module docstring). `codes`:
+    x's int8 codes as the op that produced x wrote them (kernels/triton_fused.py): the Triton GEMM reads them
+    instead of quantizing x; every other route ignores them."""
+    name, impl = select("linear", x=x, cache=cache, **call)
+    if codes is not None and name in ("triton", "gpu"):
+        return impl(x, cache=cache, codes=codes, **call)
     return impl(x, cache=cache, **call)
 
 
@@ -152,12 +156,12 @@ CPU_CONSTRAINTS = dict.fromkeys(("linear", "conv2d"), Constraints(devices=frozen
 # cost ~50 us per call of host time, about a third of the whole call (bench/overhead.py), which every layer pays
 # without CUDA graphs. Both forms run the same wrapper and kernels.
 
-def _triton_linear(x, cache=None, **call):
+def _triton_linear(x, cache=None, codes=None, **call):
     from . import triton_gemm
     wsum = triton_gemm.cached_weight_sums(cache, call)
     if torch.compiler.is_compiling():
         return triton_gemm.linear_op()(x, **call, wsum=wsum)
-    return triton_gemm.qlinear(x, **call, wsum=wsum)
+    return triton_gemm.qlinear(x, **call, wsum=wsum, codes=codes)
 
 
 def _triton_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), **call):

@@ -180,8 +180,12 @@ def _route(op: str, x, cache, call: dict) -> str:
     return decide(op, x, cache, call)
 
 
-def linear(x, cache=None, **call):
-    return run("linear", _route("linear", x, cache, call), x, cache=cache, **call)
+def linear(x, cache=None, codes=None, **call):
+    route = _route("linear", x, cache, call)
+    if codes is not None and route == "triton":  # the producer's int8 codes of x (kernels/triton_fused.py)
+        from . import dispatch
+        return dispatch._triton_linear(x, cache=cache, codes=codes, **call)
+    return run("linear", route, x, cache=cache, **call)
 
 
 def conv2d(x, cache=None, **call):

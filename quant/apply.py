@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from . import fusion
 from .errors import MixQuantError
 from .formats import LayerFormat, as_format
 from .layers import QuantConv2d, QuantLayer, QuantLinear, attach_act_group_switch
@@ -116,6 +117,7 @@ def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None,
         stats.bytes_after += stats.layers[name]["bytes"]
     if device is not None:
         target.to(device)  # the float rest (embedders, norms, protected layers); the quantized layers are there
+    fusion.enable(target)
     stats.model_bytes = model_bytes(target)
     return target, stats
 

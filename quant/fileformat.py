@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from ..kernels.packing import join_rows, packed_len
 from .apply import set_submodule
+from . import fusion
 from .errors import MixQuantError
 from .formats import A_BITS, A_MODES, W_BITS, LayerFormat
 from .layers import QuantConv2d, QuantLayer, QuantLinear
@@ -559,6 +560,7 @@ def load_quantized(path: str, skeleton: nn.Module, base_fingerprint: dict | None
     for name, layer in layers.items():
         set_submodule(skeleton, name, layer)
     skeleton.load_state_dict(rest, strict=False, assign=True)
+    fusion.enable(skeleton)
     return skeleton
 
 

@@ -73,6 +73,21 @@ class CountedParameter(nn.Parameter):
         return torch._utils._rebuild_parameter, (torch.Tensor.detach(self), self.requires_grad, OrderedDict())
 
 
+# quant/fusion.py: a producer fused with its readers' activation quantization tags its output with
+# (group, the output's version, (int8 codes, row scales)); a reader in the group takes the codes (`fused_codes`)
+CODES_ATTR = "_mq_codes"
+
+
+def fused_codes(layer: "QuantLayer", x: torch.Tensor):
+    """The int8 codes (and row scales) of `x` that its producer wrote for `layer` (quant/fusion.py), or None."""
+    if torch.compiler.is_compiling():
+        return None
+    tag = getattr(x, CODES_ATTR, None)
+    if tag is None or layer not in tag[0].readers or x._version != tag[1]:
+        return None
+    return tag[2]
+
+
 def _touch(p: torch.Tensor) -> None:
     p._mq_writes = getattr(p, "_mq_writes", 0) + 1
 
@@ -387,7 +402,7 @@ class QuantLinear(QuantLayer):
         blob, bias = self._params_on(x.device)
         x = self._balance(x, -1)
         if self.packed:
-            return dispatch.linear(x, **self._kernel_args(blob, bias, x.device))
+            return dispatch.linear(x, codes=fused_codes(self, x), **self._kernel_args(blob, bias, x.device))
         act = self._act_args(x.device)
         xq = reference.fake_quant_act(x, act["a_bits"], act["a_mode"], act["a_scale"], act["a_zero"], act["a_split"])
         w = self.dequantized_weight().to(device=x.device, dtype=x.dtype)

@@ -311,3 +311,59 @@ def test_conv_reads_the_fused_codes():
     fused = triton_conv.qconv2d(y, codes=(q, None), **call, **geo)
     plain = triton_conv.qconv2d(y, prequant=True, **call, **geo)
     assert torch.allclose(fused, plain, rtol=1e-6, atol=1e-6 * float(plain.abs().max()))
+
+
+def _ffn_model():
+    """A transformer block's shapes: LayerNorm -> q / k / v, GEGLU -> out (SD), GELU(tanh) -> out (diffusers' Flux /
+    SD3), nn.GELU -> out (ComfyUI's Flux MLP)."""
+    from diffusers.models.activations import GEGLU, GELU
+
+    torch.manual_seed(7)
+    m = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(64), "to_q": torch.nn.Linear(64, 64),
+                             "to_k": torch.nn.Linear(64, 64), "to_v": torch.nn.Linear(64, 64),
+                             "geglu": GEGLU(64, 96), "ff_out": torch.nn.Linear(96, 64),
+                             "gelu": GELU(64, 96, approximate="tanh"), "ff2_out": torch.nn.Linear(96, 64),
+                             "act": torch.nn.GELU(approximate="tanh"), "ff3_out": torch.nn.Linear(64, 64)})
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            h = self.m["norm"](x)
+            a = self.m["to_q"](h) + self.m["to_k"](h) * 0.5 + self.m["to_v"](h) * 0.25
+            return a + self.m["ff_out"](self.m["geglu"](a)) + self.m["ff2_out"](self.m["gelu"](a)) \
+                + self.m["ff3_out"](self.m["act"](a))
+
+    return Block().eval()
+
+
+@pytest.mark.parametrize("a_mode", ["static", "dynamic"])
+def test_fused_producers_feed_their_readers(a_mode, monkeypatch):
+    """quant/fusion.py in eager mode: after the first call the LayerNorm / GEGLU / GELU write their readers' codes,
+    the readers' GEMMs read them, and the output stays the quantized model's."""
+    from mixquant.quant import fusion
+    from mixquant.quant.apply import quantize_model
+    from mixquant.quant.calibration import collect_act_ranges
+    from mixquant.quant.formats import LayerFormat
+
+    model = _ffn_model().to(DEV)
+    x = torch.randn(2, 9, 64, device=DEV)
+    names = ["m.to_q", "m.to_k", "m.to_v", "m.ff_out", "m.ff2_out", "m.ff3_out", "m.geglu.proj", "m.gelu.proj"]
+    with torch.no_grad():
+        ranges = collect_act_ranges(model, lambda: model(x))
+        q, _ = quantize_model(model, {n: LayerFormat(8, 8, None, a_mode) for n in names}, ranges)
+        used = []
+        real = triton_gemm.qlinear
+        monkeypatch.setattr(triton_gemm, "qlinear", lambda *a, **k: (used.append(k.get("codes") is not None),
+                                                                   real(*a, **k))[1])
+        y0 = q(x)  # the first call: unfused, links producers and readers
+        assert not any(used)
+        groups = fusion.groups(q)
+        assert sorted(len(g.readers) for g in groups) == [1, 1, 1, 3]
+        used.clear()
+        y1 = q(x)
+    assert sum(used) == 6 and all(g.used == 1 for g in groups)  # q, k, v and the three ff outs read fused codes
+    rel = float((y1 - y0).abs().max() / y0.abs().max())
+    assert rel < 2e-2

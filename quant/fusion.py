@@ -1,0 +1,182 @@
+"""Activation quantization fused into the op that produces the activation, in eager mode (#22 item 3).
+
+A quantized layer with int8 activations quantizes its input before its GEMM: one more pass over a tensor that the
+op before it has just written. Where that op is a LayerNorm, or the GELU / GEGLU of a feed-forward (diffusers' GELU /
+GEGLU modules: a projection, then the activation), and every quantized layer reading its output quantizes it the
+same way (to_q / to_k / to_v after a transformer block's norm; ff.net.2 after ff.net.0; an nn.GELU between two
+Linear layers), the op runs as one fused Triton kernel (kernels/triton_fused.py) that writes both its output and the
+int8 codes; the layers' GEMMs read the codes (the Triton route; dispatch passes them on) and skip their own
+quantization pass. Not yet: GroupNorm + SiLU before a ResBlock's 3x3 conv (the kernel exists; diffusers calls the
+two as separate modules, and the SiLU module is shared within the block), and a speed figure (a GPU run).
+
+`enable(model)` (quantize_model and the file loader call it): at the model's first call, which runs as before,
+hooks see which module's output each quantized layer reads; after it, each producer whose readers agree (same
+activation mode, bits and calibrated range, no balancing, no BOS split) gets a fused forward. The fused forward runs
+only where it can (a Triton device, not under torch.compile or autograd, the readers' current range), else the
+module's own forward; the codes ride on the output tensor and a reader takes them only if it belongs to that
+producer's group and the tensor is unchanged since (its version). MIXQUANT_FUSE=0 turns it off.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn as nn
+
+from .layers import CODES_ATTR, QuantLayer
+
+
+def _kind(m: nn.Module) -> str | None:
+    """The fusable producers: a LayerNorm, or a feed-forward's GELU / GEGLU module (a `proj` Linear and then the
+    activation, as diffusers writes them)."""
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+        return "layernorm"
+    if isinstance(m, nn.GELU):  # (ComfyUI's Flux MLP: Linear, GELU(tanh), Linear)
+        return "gelu_module"
+    name = type(m).__name__
+    if name in ("GELU", "GEGLU") and isinstance(getattr(m, "proj", None), nn.Module):
+        return name.lower()
+    return None
+
+
+def _reader_key(q: QuantLayer):
+    """How a reader quantizes its input, or None where a fused producer cannot write it: int8 codes of x itself."""
+    f = q.fmt
+    if f.a_bits > 8 or f.fp8 or q.smooth is not None or getattr(q, "bos_out", None) is not None \
+            or q.a_split is not None or f.w_bits >= 16:
+        return None
+    if f.a_mode == "dynamic":
+        return ("dynamic", f.a_bits)
+    if q.input_scale is None:
+        return None
+    return ("static", f.a_bits, q.input_scale.detach().cpu(), q.input_zero.detach().cpu())
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+class Group:
+    """One producer and the quantized layers that read its output (kept on the producer: a deep copy of the model
+    copies it with its readers)."""
+
+    def __init__(self, kind: str, readers: list):
+        self.kind, self.readers = kind, readers
+        self.used = 0  # fused calls (tests, bench)
+
+
+def _usable(x: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    from ..kernels import triton_gemm
+    return triton_gemm.HAVE_TRITON and triton_gemm.available(x.device) is None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """The producer's forward, writing its readers' int8 codes beside its output where it can (module docstring)."""
+    g = self.__dict__.get("_mq_group")
+    if g is None or args or kwargs or not isinstance(x, torch.Tensor) or not _usable(x) \
+            or getattr(self, "comfy_cast_weights", False) \
+            or any(p.device != x.device for p in self._parameters.values() if p is not None):
+        # (a host that casts or moves weights per call, as ComfyUI's low-VRAM mode does: its own forward)
+        return super(type(self), self).forward(x, *args, **kwargs)
+    from ..kernels import triton_fused as tf
+
+    act = g.readers[0]._act_args(x.device)
+    kw = dict(a_mode=act["a_mode"], a_bits=act["a_bits"], a_scale=act["a_scale"], a_zero=act["a_zero"])
+    if g.kind == "layernorm":
+        y, q, s = tf.layernorm_quant(x, self.weight, self.bias, self.eps, **kw)
+    elif g.kind == "gelu_module":
+        y, q, s = tf.gelu_quant(x, approximate=self.approximate, **kw)
+    else:
+        h = self.proj(x)
+        if g.kind == "geglu":
+            h, gate = h.chunk(2, dim=-1)
+            y, q, s = tf.gelu_quant(h, gate=gate, **kw)
+        else:
+            y, q, s = tf.gelu_quant(h, approximate=getattr(self, "approximate", "none"), **kw)
+    setattr(y, CODES_ATTR, (g, y._version, (q, s)))
+    g.used += 1
+    return y
+
+
+_CLASSES: dict = {}
+
+
+def _fused_class(cls: type) -> type:
+    """`cls` with the fused forward (one subclass per producer class; the module keeps its state, only its class
+    changes, so copies and device moves behave as before)."""
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _fused_forward, "_mq_fused_class": True,
+                                                    "__module__": cls.__module__})
+    return _CLASSES[cls]
+
+
+def _link(mod, args, kwargs):
+    """Before the first call: hooks that see which producer's output each quantized layer reads."""
+    st = mod.__dict__.get("_mq_fusion")
+    if st is None or st.get("done") or "trace" in st:
+        return
+    made, links = {}, {}  # id(output) -> (weak reference, producer, kind); producer -> (kind, its readers)
+
+    def out_hook(kind):
+        def h(m, a, out):
+            if isinstance(out, torch.Tensor):
+                made[id(out)] = (weakref.ref(out), m, kind)
+        return h
+
+    def in_hook(m, a):
+        if a and isinstance(a[0], torch.Tensor):
+            hit = made.get(id(a[0]))
+            if hit is not None and hit[0]() is a[0]:  # (that very tensor, alive: an id is not reused while it is)
+                links.setdefault(hit[1], (hit[2], []))[1].append(m)
+
+    hs = []
+    for m in mod.modules():
+        kind = _kind(m)
+        if kind is not None:
+            hs.append(m.register_forward_hook(out_hook(kind)))
+        if isinstance(m, QuantLayer):
+            hs.append(m.register_forward_pre_hook(in_hook))
+    st["trace"] = (hs, links)
+
+
+def _install(mod, args, kwargs, out):
+    """After the first call: each producer whose readers agree gets the fused forward."""
+    st = mod.__dict__.get("_mq_fusion")
+    if st is None or st.get("done") or "trace" not in st:
+        return
+    hs, links = st.pop("trace")
+    for h in hs:
+        h.remove()
+    n = 0
+    for m, (kind, readers) in links.items():
+        if "_mq_group" in m.__dict__:
+            continue
+        readers = list(dict.fromkeys(readers))
+        keys = [_reader_key(r) for r in readers]
+        if keys[0] is None or not all(_same(keys[0], k) for k in keys[1:]):
+            continue
+        m._mq_group = Group(kind, readers)
+        m.__class__ = _fused_class(type(m))
+        n += 1
+    st.update(done=True, fused=n)
+
+
+def enable(model: nn.Module) -> None:
+    """Fuse activation quantization into the producers of `model`'s quantized layers, from its first call on (module
+    docstring). Idempotent."""
+    if os.environ.get("MIXQUANT_FUSE", "1") == "0" or "_mq_fusion" in model.__dict__:
+        return
+    if not any(isinstance(m, QuantLayer) for m in model.modules()):
+        return
+    model._mq_fusion = {}
+    model.register_forward_pre_hook(_link, with_kwargs=True)
+    model.register_forward_hook(_install, with_kwargs=True)
+
+
+def groups(model: nn.Module) -> list:
+    """The fused producer groups of `model` (after its first call)."""
+    return [m._mq_group for m in model.modules() if "_mq_group" in m.__dict__]
