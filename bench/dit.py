@@ -2,6 +2,7 @@
 
     python bench/dit.py                 # CPU: both families, writes bench/results/dit_cpu.md (~3 min)
     python bench/dit.py --families flux --out /tmp/dit.md
+    python bench/dit.py --real          # GPU: Flux.1-dev at its real size, streamed, quantized into the GPU (#23)
 
 1. Activations: every non-protected Linear layer at W8A8 / W4g64A8, its input quantized per tensor with one static
    range, per tensor with a range per timestep group, per tensor after channel balancing, per token (dynamic), and per
@@ -208,15 +209,112 @@ def speed_section(fam: Family, log) -> list[str]:
     return lines
 
 
+def real_section(device: str, size: int, steps: int, n_prompts: int, outliers: float, log,
+                 config: str = "dev", avg_w_bits: float = 4.0) -> list[str]:
+    """#23's GPU line: the Flux.1-dev transformer at its real size (random weights, bf16, built on the CPU), planned
+    with its blocks streamed through the device (quant/offload.py; sensitivity `local`: forward passes only) and
+    quantized into it layer by layer: peak device memory of the whole run against the bf16 size, bytes, the step's
+    SQNR and speed against bf16 (the bf16 model moved to the device after the peak is read)."""
+    from mixquant.quant.offload import streamed
+    from mixquant.quant.sizes import model_bytes
+
+    cuda = torch.device(device).type == "cuda"
+    t0 = time.time()
+    pipe = random_pipeline("flux", config, seed=0, outliers=outliers, dtype=torch.bfloat16)
+    t_build = time.time() - t0
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        getattr(pipe, name).to(device, torch.bfloat16)
+    model = pipe.transformer
+    bf16 = model_bytes(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"  built flux_{config}, {n_params / 1e9:.2f}B parameters, {bf16 / 2**30:.1f} GiB bf16, in {t_build:.0f} s")
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    runner = PipelineRunner(pipe, SamplerSettings(steps=steps, guidance=3.5, width=size, height=size))
+    cfg = engine.QuantizeConfig(avg_w_bits=avg_w_bits, speed="off", sens_mode="local", sweep_seconds=0, cache_dir="",
+                                weight_search="mse", sens_calls=2, sens_inputs_mb=8192)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = {}
+    with streamed(model, blocks, device):
+        t0 = time.time()
+        prepared = engine.prepare(runner, CALIB[:n_prompts], cfg)
+        times["calibrate"] = prepared.timings["calibrate"]
+        times["sensitivity (local)"] = prepared.timings["sensitivity"]
+        t0 = time.time()
+        alloc = engine.plan(runner, prepared, cfg)
+        times["allocate"] = time.time() - t0
+    log(f"  planned: {times}")
+    t0 = time.time()
+    qmodel, _ = engine.quantize(model, alloc, prepared.calib, device=device)
+    times["quantize into the device"] = time.time() - t0
+    call = timing_call(prepared.calib.calls, batch=1)
+    y = runner.output_of(qmodel(*call.args, **call.kwargs)).float()
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    ref = call.output.float()
+    sqnr = 10 * math.log10(float((ref ** 2).sum()) / max(float(((y - ref) ** 2).sum()), 1e-30))
+    qbytes = deploy_bytes(qmodel)
+    rep = engine.report(prepared, alloc, cfg, model, qmodel)
+    lines = [f"## Flux (configs/dit/flux_{config}.json) on {torch.cuda.get_device_name() if cuda else device} "
+             f"({n_params / 1e9:.2f}B parameters, random weights with outlier channels)", "",
+             f"{size}×{size}, {len(CALIB[:n_prompts])} calibration prompts × {steps} steps, guidance 3.5; the "
+             f"transformer stays on the CPU in bf16, its {len(blocks)} blocks stream through the device one at a time "
+             "while it is "
+             "calibrated and measured (sensitivity `local`), then it is quantized into the GPU layer by layer. "
+             "Peak: torch.cuda.max_memory_allocated over all of it and one denoiser step of the quantized model.", "",
+             "| bf16 size | peak GPU memory | peak / bf16 | quantized bytes | bytes / bf16 | avg W bits "
+             "| step SQNR dB |",
+             "|---|---|---|---|---|---|---|",
+             f"| {bf16 / 2**30:.2f} GiB | {peak / 2**30:.2f} GiB | {peak / bf16:.3f} | {qbytes / 2**30:.2f} GiB | "
+             f"{qbytes / bf16:.3f} | {rep['avg_w_bits']:.2f} | {sqnr:.1f} |", "",
+             "Seconds: build (CPU) " + f"{t_build:.0f}; " + "; ".join(f"{k} {v:.0f}" for k, v in times.items()), ""]
+    log("\n".join(lines))
+    if cuda:  # step time against bf16 (now the bf16 model may sit beside the quantized one)
+        try:
+            model.to(device)
+            t = compare_calls({"bf16": model, "q": qmodel}, call, rounds=3)
+            lines.append(f"Step time: bf16 {t['bf16'] * 1e3:.0f} ms, quantized {t['q'] * 1e3:.0f} ms "
+                         f"({t['bf16'] / t['q']:.2f}× bf16 speed).")
+        except torch.cuda.OutOfMemoryError:
+            lines.append("Step time: the bf16 model does not fit beside the quantized one on this GPU.")
+        finally:
+            model.to("cpu")
+        log(lines[-1])
+    return lines + [""]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--families", default="flux,sd3")
     ap.add_argument("--outliers", type=float, default=20.0, help="gain of the injected outlier channels")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "dit_cpu.md"))
+    ap.add_argument("--real", action="store_true",
+                    help="only the GPU line: Flux.1-dev at its real size, streamed and quantized into the GPU")
+    ap.add_argument("--device", default="cuda", help="with --real: the device (cuda)")
+    ap.add_argument("--size", type=int, default=1024, help="with --real: image size in px")
+    ap.add_argument("--steps", type=int, default=4, help="with --real: sampling steps of the calibration")
+    ap.add_argument("--prompts", type=int, default=2, help="with --real: calibration prompts")
+    ap.add_argument("--config", default="dev", help="with --real: configs/dit/flux_<config>.json (small: a check)")
+    ap.add_argument("--avg-w-bits", type=float, default=4.0, help="with --real: the plan's budget")
+    ap.add_argument("--out", default=None, help="default: bench/results/dit_cpu.md, with --real dit_gpu.md")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     t0 = time.time()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.real:
+        out = args.out or os.path.join(HERE, "results", "dit_gpu.md")
+        lines = ["# Diffusion transformers at real size (bench/dit.py --real)", "",
+                 f"torch {torch.__version__}, CPU {cpu_name()}.", ""]
+        lines += real_section(args.device, args.size, args.steps, args.prompts, args.outliers, log, args.config,
+                              args.avg_w_bits)
+        lines += [f"Total {time.time() - t0:.0f} s.", ""]
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
+            fh.write("\n".join(lines))
+        print("\n".join(lines))
+        return
+    args.out = args.out or os.path.join(HERE, "results", "dit_cpu.md")
     names = [f.strip() for f in args.families.split(",") if f.strip()]
     fams = []
     for n in names:

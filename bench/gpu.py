@@ -3,6 +3,7 @@
     python bench/gpu.py                      # all steps; writes bench/results/gpu_<gpu>.md (+ each step's own table)
     python bench/gpu.py --only kernels,unet  # some steps (--list names them)
     python bench/gpu.py --out DIR            # e.g. $OUT on a lent device machine
+    python bench/gpu.py --only dit           # the #23 line, on its own (a second run)
 
 Each step runs as its own process under its own time limit (and within what is left of --budget, 470 s by default),
 so one that fails or hangs leaves the others' tables. The steps, in priority order:
@@ -17,6 +18,10 @@ so one that fails or hangs leaves the others' tables. The steps, in priority ord
   each phase vs FP sampling (bench/scale.py --models sdxl --real);
 - peers (#22): ComfyUI fp8 / int8, torchao int8 dynamic, fp8 `_scaled_mm` on the SD1.5 architecture, same process
   (bench/peers.py --device cuda --skip-digits).
+On its own, as a second run (`--only dit`, about 7 minutes; its table goes to gpu_<gpu>_dit.md):
+- dit (#23): the Flux.1-dev transformer at its real size (random weights, bf16 on the CPU), calibrated and measured
+  with its blocks streamed through the GPU, quantized into it layer by layer: peak GPU memory against its bf16 size,
+  bytes against bf16, SQNR and step speed (bench/dit.py --real).
 Without CUDA it says so and exits 2 (the CPU tables come from each script on its own).
 """
 from __future__ import annotations
@@ -46,7 +51,13 @@ STEPS = [
      ["bench/peers.py", "--device", "cuda", "--skip-digits", "--only",
       "fp16,comfy-fp8,comfy-int8,torchao-int8dq,scaled-mm-fp8", "--out", "{out}/peers_gpu"]),
 ]
-NAMES = [s[0] for s in STEPS]
+# on its own (`--only dit`: a second run; it does not fit the 8 minutes of the others)
+EXTRA = [
+    ("dit", "#23", 420, "Flux.1-dev at its real size (12B, random weights): planned with its blocks streamed through "
+     "the GPU, quantized into it layer by layer: peak GPU memory vs bf16, bytes, SQNR, step speed",
+     ["bench/dit.py", "--real", "--device", "cuda", "--out", "{out}/dit_gpu.md"]),
+]
+NAMES = [s[0] for s in STEPS + EXTRA]
 
 
 def device_line() -> str:
@@ -87,9 +98,9 @@ def run_step(step, out: str, seconds: float, python: str = sys.executable) -> di
             "seconds": secs, "limit": seconds, "table": _table_of(argv, out), "tail": tail, "log": log}
 
 
-def write(results: list, out: str, device: str) -> str:
+def write(results: list, out: str, device: str, part: str = "") -> str:
     slug = "".join(c if c.isalnum() else "_" for c in device.split(",")[0]).strip("_").lower() or "gpu"
-    path = os.path.join(out, f"gpu_{slug}.md")
+    path = os.path.join(out, f"gpu_{slug}{'_' + part if part else ''}.md")
     lines = [f"# GPU checks on {device}", "", f"`python bench/gpu.py`, {datetime.date.today()}; each step in its own "
              "process under its own time limit.", "", "| step | issue | what | exit | seconds |",
              "|---|---|---|---|---|"]
@@ -122,9 +133,13 @@ def main(argv=None) -> int:
         if unknown:
             print(f"unknown steps {', '.join(unknown)}; the steps are {', '.join(NAMES)}", file=sys.stderr)
             return 2
-        steps = [s for s in STEPS if s[0] in want]
+        steps = [s for s in STEPS + EXTRA if s[0] in want]
     if args.list:
-        for name, issue, limit, what, argv_ in steps:
+        listed = steps if args.only else steps + [("(on its own, --only NAME)", "", 0, "", [])] + EXTRA
+        for name, issue, limit, what, argv_ in listed:
+            if not argv_:
+                print(name)
+                continue
             print(f"{name:<8} {issue}  <= {limit:>3} s  {what}\n{'':<8} python {' '.join(argv_)}")
         return 0
     device = device_line()
@@ -147,7 +162,7 @@ def main(argv=None) -> int:
         print(f"   exit {r['rc']} after {r['seconds']:.0f} s", flush=True)
         print("\n".join("   " + line for line in r["tail"][-8:]), flush=True)
         results.append(r)
-    path = write(results, out, device)
+    path = write(results, out, device, "" if steps is STEPS else "_".join(s[0] for s in steps))
     print(f"wrote {path}")
     return 0 if all(r["rc"] == 0 for r in results) else 1
 

@@ -57,7 +57,7 @@ def quantized_layer(src: nn.Module, fmt: LayerFormat, *, mode: str = "packed", s
     return q
 
 
-def _with_params_on(src: nn.Module, device) -> nn.Module:
+def with_params_on(src: nn.Module, device) -> nn.Module:
     """`src` (a Linear / Conv2d) with its parameters and buffers on `device`: a shallow copy holding moved tensors,
     `src` itself untouched (src when they are there already)."""
     if device is None or all(t.device == device for t in (*src.parameters(), *src.buffers())):
@@ -102,7 +102,7 @@ def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None,
     device = None if device is None else torch.device(device)
     for name, fmt in formats.items():  # built from the source layers (which are only read)
         if not fmt.is_float:
-            new[name] = quantized_layer(_with_params_on(modules[name], device), fmt, mode=mode, search=search,
+            new[name] = quantized_layer(with_params_on(modules[name], device), fmt, mode=mode, search=search,
                                         act_range=act_ranges.get(name), bos=bos.get(name))
     # a copy takes the quantized layers in place of the float ones as it is made (deepcopy's memo), so the float
     # weights of the swapped layers are never copied: the copy costs the model's unquantized part only

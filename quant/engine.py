@@ -61,6 +61,9 @@ class QuantizeConfig:
     bos: bool = True
     sens_calls: int = 4
     sens_prompts: int = 8
+    # the sensitivity's recorded layer inputs held at once (fast / local: a chunk of layers per pass over the calls);
+    # more memory, fewer passes (each pass runs the probe calls once more)
+    sens_inputs_mb: float = 1024.0
     # "fast": each layer's output noise weighted by its measured gain to the denoiser output (white probes for quality
     # layers, large-scale ones for content layers; minutes for SDXL); "full": MixDQ's exhaustive decoupled metrics
     # (the reference: one sampler or denoiser run per layer and format); "local": each layer's own output noise
@@ -122,6 +125,8 @@ class QuantizeConfig:
             raise MixQuantError("the balancing strength alpha must be between 0 and 1.")
         if self.fp8 not in FP8_MODES:
             raise MixQuantError(f"unknown fp8 mode {self.fp8!r}: use one of {', '.join(FP8_MODES)}.")
+        if not (isinstance(self.sens_inputs_mb, (int, float)) and self.sens_inputs_mb > 0):
+            raise MixQuantError("the sensitivity's input memory (MB) must be positive.")
         if self.sweep_seconds is not None and not self.sweep_seconds >= 0:
             raise MixQuantError("the sweep's seconds must be 0 or more (inf: the whole sweep).")
 
@@ -572,7 +577,7 @@ def prepare(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, see
     w_menu, a_menu, layers_s = menus(cfg, layers)
     sens = measure_sensitivity(runner, calib, layers_s, w_menu, a_menu, fp_id, cfg.sens_calls, cfg.sens_prompts,
                                use_bos(cfg), cfg.cache_dir, progress, mode=cfg.sens_mode,
-                               search=measure_search(cfg))
+                               search=measure_search(cfg), inputs_budget=int(cfg.sens_inputs_mb * 2 ** 20))
     speed = time_layers(runner, calib, layers, cfg, progress) if timed(cfg) else None
     return Prepared(layers, calib, sens, fp_id, _prepared_key(prompts, seeds, runner.settings(), cfg),
                     {"calibrate": t_cal, "sensitivity": 0.0 if sens.cached else sens.seconds,

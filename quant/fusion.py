@@ -19,6 +19,7 @@ producer's group and the tensor is unchanged since (its version). MIXQUANT_FUSE=
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 
 import torch
@@ -86,17 +87,24 @@ def _fused_forward(self, x, *args, **kwargs):
 
     act = g.readers[0]._act_args(x.device)
     kw = dict(a_mode=act["a_mode"], a_bits=act["a_bits"], a_scale=act["a_scale"], a_zero=act["a_zero"])
-    if g.kind == "layernorm":
-        y, q, s = tf.layernorm_quant(x, self.weight, self.bias, self.eps, **kw)
-    elif g.kind == "gelu_module":
-        y, q, s = tf.gelu_quant(x, approximate=self.approximate, **kw)
-    else:
-        h = self.proj(x)
-        if g.kind == "geglu":
-            h, gate = h.chunk(2, dim=-1)
-            y, q, s = tf.gelu_quant(h, gate=gate, **kw)
+    try:
+        if g.kind == "layernorm":
+            y, q, s = tf.layernorm_quant(x, self.weight, self.bias, self.eps, **kw)
+        elif g.kind == "gelu_module":
+            y, q, s = tf.gelu_quant(x, approximate=self.approximate, **kw)
         else:
-            y, q, s = tf.gelu_quant(h, approximate=getattr(self, "approximate", "none"), **kw)
+            h = self.proj(x)
+            if g.kind == "geglu":
+                a, gate = h.chunk(2, dim=-1)
+                y, q, s = tf.gelu_quant(a, gate=gate, **kw)
+            else:
+                y, q, s = tf.gelu_quant(h, approximate=getattr(self, "approximate", "none"), **kw)
+    except Exception as e:  # noqa: BLE001  (a kernel this GPU / Triton cannot build: the module's own forward)
+        del self.__dict__["_mq_group"]
+        warnings.warn(f"MixQuant: the fused {g.kind} + quantization kernel failed here ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:120] if str(e) else ''}); that layer runs unfused (MIXQUANT_FUSE=0 "
+                      "turns fusion off everywhere).", stacklevel=2)
+        return super(type(self), self).forward(x, *args, **kwargs)
     setattr(y, CODES_ATTR, (g, y._version, (q, s)))
     g.used += 1
     return y

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .apply import quantized_layer, set_submodule
+from .apply import quantized_layer, set_submodule, with_params_on
 from .calibration import Calibration
 from .formats import LayerFormat
 from .layers import QuantLayer, attach_act_group_switch
@@ -507,9 +507,9 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
     max_batch = max(1, int(runner.max_batch))
     by_layer: dict[str, list] = {}
 
-    def probe(name, fmt):  # a simulate-mode quantized version of the layer, with its calibrated range and BOS
-        return quantized_layer(modules[name], fmt, mode="simulate", search=search, act_range=ranges.get(name),
-                               bos=bos.get(name))
+    def probe(name, fmt, src=None):  # a simulate-mode quantized version of the layer, with its range and BOS
+        return quantized_layer(modules[name] if src is None else src, fmt, mode="simulate", search=search,
+                               act_range=ranges.get(name), bos=bos.get(name))
 
     for li, fmt in jobs:
         by_layer.setdefault(li.name, [li, []])[1].append(fmt)
@@ -530,13 +530,16 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
             for name, (li, fmts) in by_layer.items():
                 src = modules[name]
                 if streamed:
+                    recorded = inputs[name]
+                    # (a model streamed through the device, quant/offload.py: the layer's weights go to its inputs)
+                    here = with_params_on(src, recorded[0][0].device) if recorded else src
                     for fmt in fmts:
                         t_probe = time.time()
                         if mode == "local":
-                            loss = _local_loss(src, probe(name, fmt), inputs[name])
+                            loss = _local_loss(here, probe(name, fmt, here), recorded)
                         else:
                             # (gains are per element: computed on fewer samples, they weigh every sample's noise)
-                            loss = _weighted(_channel_noise(src, probe(name, fmt), inputs[name]),
+                            loss = _weighted(_channel_noise(here, probe(name, fmt, here), recorded),
                                              gains[li.role][name], coherent) / max(role_signal[li.role], 1e-30)
                         out.loss.setdefault(name, {})[fmt.name] = loss if math.isfinite(loss) else 1e6
                         eta.done("quality", 1, time.time() - t_probe)

@@ -25,6 +25,7 @@ def test_steps_run_in_their_own_process_and_land_in_one_table(tmp_path):
     assert [r["rc"] for r in results] == [0, "timeout", 3]
     assert results[1]["seconds"] < 10
     path = g.write(results, out, "NVIDIA Test GPU, 80 GiB, compute capability 9.0; torch x")
+    assert os.path.basename(g.write(results[:1], out, "NVIDIA Test GPU", "dit")) == "gpu_nvidia_test_gpu_dit.md"
     text = open(path).read()
     assert os.path.basename(path) == "gpu_nvidia_test_gpu.md"
     assert "| ok | #22 | writes a table | 0 |" in text and "| 1 |" in text  # the step's own table, inlined
@@ -37,3 +38,4 @@ def test_without_a_gpu_it_says_so(capsys, monkeypatch):
     assert g.main([]) == 2 and "needs a CUDA GPU" in capsys.readouterr().err
     assert g.main(["--only", "kernels,nope"]) == 2
     assert g.main(["--list"]) == 0 and sum(s[2] for s in g.STEPS) <= 480  # the steps' limits fit 8 minutes
+    assert all(s[2] <= 570 for s in g.EXTRA)  # each extra step fits one device call (10 minutes)

@@ -68,3 +68,24 @@ def test_readers_that_quantize_differently_are_not_fused(monkeypatch):
     with torch.no_grad():
         q2(x)
     assert fusion.groups(q2) == []
+
+
+def test_a_kernel_that_fails_leaves_the_layer_unfused(monkeypatch):
+    import pytest
+
+    from mixquant.kernels import triton_fused
+
+    m, x = _block(), torch.randn(2, 5, 32)
+    q = _quantized(m, x, {n: LayerFormat(8, 8) for n in NAMES})
+    with torch.no_grad():
+        y0 = q(x)
+        monkeypatch.setattr(fusion, "_usable", lambda x: True)
+
+        def broken(*a, **k):
+            raise RuntimeError("no kernel for this GPU")
+
+        monkeypatch.setattr(triton_fused, "layernorm_quant", broken)
+        monkeypatch.setattr(triton_fused, "gelu_quant", broken)
+        with pytest.warns(UserWarning, match="runs unfused"):
+            y1 = q(x)
+    assert torch.equal(y0, y1) and fusion.groups(q) == []

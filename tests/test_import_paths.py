@@ -59,6 +59,8 @@ DOCUMENTED = {
     "python bench/gpu.py": ("bench/gpu.py", []),
     "python bench/gpu.py --only kernels,unet": ("bench/gpu.py", ["--only", "kernels,unet"]),
     "python bench/gpu.py --out DIR": ("bench/gpu.py", ["--out", "{out}"]),
+    "python bench/gpu.py --only dit": ("bench/gpu.py", ["--only", "dit"]),
+    "python bench/dit.py --real": ("bench/dit.py", ["--real"]),
     "python bench/dit.py": ("bench/dit.py", []),
     "python bench/dit.py --families flux --out /tmp/dit.md": ("bench/dit.py",
                                                              ["--families", "flux", "--out", "{out}/dit.md"]),

@@ -42,8 +42,13 @@ def random_denoiser(family: str, size: str = "small", dtype=torch.float32, devic
     cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
     cfg = _config(family, size)
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = cls.from_config(cfg)
+    default = torch.get_default_dtype()
+    try:  # built in `dtype` directly: Flux.1-dev's 12B weights are 24 GB in bf16, 48 in fp32
+        torch.set_default_dtype(dtype if dtype.is_floating_point else default)
+        with torch.device(device):
+            model = cls.from_config(cfg)
+    finally:
+        torch.set_default_dtype(default)
     if outliers:
         with_outlier_channels(model, outliers, seed=seed)
     with _quiet_loading():  # (diffusers' note on casting with .to())
@@ -106,13 +111,13 @@ def _vae(seed: int):
                          shift_factor=0.1159, scaling_factor=0.3611).eval()
 
 
-def random_pipeline(family: str, size: str = "small", seed: int = 0, outliers: float = 0.0):
+def random_pipeline(family: str, size: str = "small", seed: int = 0, outliers: float = 0.0, dtype=torch.float32):
     """A complete FluxPipeline / StableDiffusion3Pipeline with random weights: the transformer of the shipped config
     and small CLIP / T5 text encoders and VAE (each component seeded). The VAE's scale is 4 (two blocks), so a
-    64x64 image is a 16x16x16 latent."""
+    64x64 image is a 16x16x16 latent. `dtype`: the transformer's (the small parts stay fp32)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
-    tr = random_denoiser(family, size, seed=seed, outliers=outliers)
+    tr = random_denoiser(family, size, dtype=dtype, seed=seed, outliers=outliers)
     clip_tok, t5_tok = _tokenizers()
     vae = _vae(seed + 1)
     if family == "flux":
