@@ -130,7 +130,8 @@ def shape_key(op: str, x, call: dict) -> str:
         geo = f"M{1 << max(m - 1, 0).bit_length()}"
     else:
         geo = "x".join(map(str, x.shape)) + f"k{call['kernel_size']}s{call['stride']}p{call['padding']}"
-    return (f"{op}|{geo}|K{call['k']}|N{n}|w{call['bits']}|a{call['a_bits']}{call['a_mode']}|"
+    wf = "f8" if cpu_ops.fp8.is_fp8(call["qweight"]) else ""
+    return (f"{op}|{geo}|K{call['k']}|N{n}|w{call['bits']}{wf}|a{call['a_bits']}{call['a_mode']}|"
             f"{'split' if call.get('a_split') is not None else ''}{_zone(call)}")
 
 
