@@ -28,15 +28,23 @@ import torch.nn as nn
 from .layers import CODES_ATTR, QuantLayer
 
 
+def _plain(m: nn.Module, base: type) -> bool:
+    """`m` computes what `base` does: its class does not override forward, or it is ComfyUI's (whose forward only
+    adds the per-call weight casting that the fused forward leaves to it: comfy_cast_weights)."""
+    return type(m).forward is base.forward or hasattr(m, "comfy_cast_weights")
+
+
 def _kind(m: nn.Module) -> str | None:
-    """The fusable producers: a LayerNorm, or a feed-forward's GELU / GEGLU module (a `proj` Linear and then the
-    activation, as diffusers writes them)."""
-    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+    """The fusable producers: a LayerNorm, an nn.GELU, or a feed-forward's GELU / GEGLU module as diffusers and
+    ComfyUI write them (a `proj` Linear and then the activation). A subclass that computes something else (another
+    host's own forward) is left alone."""
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 and _plain(m, nn.LayerNorm):
         return "layernorm"
-    if isinstance(m, nn.GELU):  # (ComfyUI's Flux MLP: Linear, GELU(tanh), Linear)
+    if isinstance(m, nn.GELU) and _plain(m, nn.GELU):  # (ComfyUI's Flux MLP: Linear, GELU(tanh), Linear)
         return "gelu_module"
     name = type(m).__name__
-    if name in ("GELU", "GEGLU") and isinstance(getattr(m, "proj", None), nn.Module):
+    if name in ("GELU", "GEGLU") and isinstance(getattr(m, "proj", None), nn.Module) \
+            and type(m).__module__.split(".")[0] in ("diffusers", "comfy"):
         return name.lower()
     return None
 
