@@ -36,6 +36,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+import mixquant  # noqa: E402,F401  (first, as in every bench script: it hides our kernels/ from `import kernels`)
+
 # (name, issue, seconds at most, what it measures, argv after `python`; {out} is the output folder)
 STEPS = [
     ("kernels", "#22", 75, "GEMM / 3x3 conv routes vs fp16 (CUDA graphs; fp8, comfy-kitchen int8 beside)",
