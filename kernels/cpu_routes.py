@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import cpu_ops, timing
+from . import cpu_ops, fp8, timing
 from .cache import weight_keeps_moving
 from .cpu_ops import ROUTES
 
@@ -74,7 +74,7 @@ def cpu_model() -> str:
 def int_route_accepts(op: str, route: str, *, bits, zero, scale, a_bits, a_mode, cache, a_split=None,
                       qweight=None, **_) -> str | None:
     """None when `route` can run this call, else why not."""
-    if cpu_ops.fp8.is_fp8(qweight) or a_mode in cpu_ops.fp8.MODES:
+    if fp8.is_fp8(qweight) or a_mode in fp8.MODES:
         return "float8 weights or activations: dequantize-then-matmul (the int8 GEMMs take integer codes)"
     if a_mode not in ("static", "dynamic") or a_bits > 8:
         return "weight-only layer (A16): dequantize-then-matmul"
@@ -130,7 +130,7 @@ def shape_key(op: str, x, call: dict) -> str:
         geo = f"M{1 << max(m - 1, 0).bit_length()}"
     else:
         geo = "x".join(map(str, x.shape)) + f"k{call['kernel_size']}s{call['stride']}p{call['padding']}"
-    wf = "f8" if cpu_ops.fp8.is_fp8(call["qweight"]) else ""
+    wf = "f8" if fp8.is_fp8(call["qweight"]) else ""
     return (f"{op}|{geo}|K{call['k']}|N{n}|w{call['bits']}{wf}|a{call['a_bits']}{call['a_mode']}|"
             f"{'split' if call.get('a_split') is not None else ''}{_zone(call)}")
 

@@ -30,6 +30,7 @@ code by one at an exact tie.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -55,10 +56,15 @@ def interpreting() -> bool:
 
 
 def available(device: torch.device | str | None = None) -> str | None:
-    """None when the Triton kernels can run on `device`, else why not."""
+    """None when the Triton kernels can run on `device`, else why not (decided once per device: the dispatcher's
+    rules and the fused producers ask on every call)."""
+    return _available(torch.device(device) if device is not None else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _available(dev: torch.device | None) -> str | None:
     if not HAVE_TRITON:
         return "triton is not installed"
-    dev = torch.device(device) if device is not None else None
     if interpreting():
         return None if dev is None or dev.type == "cpu" else "TRITON_INTERPRET=1 runs on CPU tensors only"
     if not torch.cuda.is_available():

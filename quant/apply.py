@@ -11,6 +11,7 @@ from . import fusion
 from .errors import MixQuantError
 from .formats import LayerFormat, as_format
 from .layers import QuantConv2d, QuantLayer, QuantLinear, attach_act_group_switch
+from .offload import with_params_on
 from .roles import quantizable
 from .sizes import model_bytes, tensor_bytes  # noqa: F401  (tensor_bytes: the counters' public face here too)
 
@@ -57,18 +58,6 @@ def quantized_layer(src: nn.Module, fmt: LayerFormat, *, mode: str = "packed", s
     return q
 
 
-def with_params_on(src: nn.Module, device) -> nn.Module:
-    """`src` (a Linear / Conv2d) with its parameters and buffers on `device`: a shallow copy holding moved tensors,
-    `src` itself untouched (src when they are there already)."""
-    if device is None or all(t.device == device for t in (*src.parameters(), *src.buffers())):
-        return src
-    tmp = copy.copy(src)
-    tmp._parameters = {k: None if v is None else nn.Parameter(v.detach().to(device), requires_grad=False)
-                       for k, v in src._parameters.items()}
-    tmp._buffers = {k: None if v is None else v.to(device) for k, v in src._buffers.items()}
-    return tmp
-
-
 def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None, inplace: bool = False,
                    mode: str = "packed", search: str = "auto", bos: dict | None = None,
                    device=None) -> tuple[nn.Module, QuantStats]:
@@ -102,7 +91,8 @@ def quantize_model(model: nn.Module, plan: dict, act_ranges: dict | None = None,
     device = None if device is None else torch.device(device)
     for name, fmt in formats.items():  # built from the source layers (which are only read)
         if not fmt.is_float:
-            new[name] = quantized_layer(with_params_on(modules[name], device), fmt, mode=mode, search=search,
+            src = modules[name] if device is None else with_params_on(modules[name], device)
+            new[name] = quantized_layer(src, fmt, mode=mode, search=search,
                                         act_range=act_ranges.get(name), bos=bos.get(name))
     # a copy takes the quantized layers in place of the float ones as it is made (deepcopy's memo), so the float
     # weights of the swapped layers are never copied: the copy costs the model's unquantized part only

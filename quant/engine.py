@@ -169,9 +169,8 @@ def use_fp8(cfg: QuantizeConfig) -> bool:
     """Do fp8 formats join the menu (QuantizeConfig.fp8; "auto": this machine's CUDA GPU has fp8 tensor cores, where
     the quantized model runs on a machine with a GPU)? Not with 4-bit activations, nor for ComfyUI's native target
     (whose float8 layers have per-tensor weight scales: kernels/fp8.py's per-channel ones export requantized)."""
-    if cfg.target == "comfyui-native" or cfg.a_bits not in (8, 16) or cfg.fp8 == "off":
-        return False
-    if not fp8_kernels.supported():
+    if cfg.target == "comfyui-native" or cfg.a_bits not in (8, 16) or cfg.fp8 == "off" \
+            or not fp8_kernels.supported():
         return False
     return cfg.fp8 == "on" or fp8_kernels.scaled_mm_supported("cuda")
 
@@ -189,8 +188,9 @@ def menu(li: LayerInfo, cfg: QuantizeConfig, a_mode: str = "static") -> list[Lay
     acts = (cfg.a_bits, 16) if cfg.a_bits < 16 else (16,)
     mode = a_mode if li.kind == "linear" else "static"
     out = [LayerFormat(b, a, g if b < 8 else None, mode if a < 16 else "static") for b in bits for a in acts]
-    if li.kind == "linear" and 8 in bits and use_fp8(cfg):
-        out += [LayerFormat(8, a, None, mode if a < 16 else "static", fp8=True) for a in acts]
+    if 8 in bits and use_fp8(cfg):
+        out += [f for f in (LayerFormat(8, a, None, mode if a < 16 else "static", fp8=True) for a in acts)
+                if f.takes(li.kind)]
     if timed(cfg):  # where no quantized format is as fast as the float layer, the plan may keep it
         out.append(LayerFormat(16, 16))
     return out
@@ -448,7 +448,7 @@ def menus(cfg: QuantizeConfig, layers: list[LayerInfo]):
     w_menu = {"content": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_content],
               "quality": [LayerFormat(b, 16, cfg.group_size if b < 8 else None) for b in cfg.w_bits_quality]}
     fp8 = use_fp8(cfg)
-    if fp8:  # (Linear layers only: measure_sensitivity)
+    if fp8:  # (for the layers that take them: LayerFormat.takes)
         for r in w_menu:
             if any(f.w_bits == 8 for f in w_menu[r]):
                 w_menu[r].append(LayerFormat(8, 16, fp8=True))

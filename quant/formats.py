@@ -53,6 +53,11 @@ class LayerFormat:
         """float8 e4m3 activations"""
         return self.fp8 and self.a_bits == 8
 
+    def takes(self, kind: str) -> bool:
+        """Can a layer of this kind ("linear" / "conv2d") take this format? fp8 ones are for Linear layers, where
+        the fp8 GEMMs are."""
+        return kind == "linear" or not self.fp8
+
     @property
     def is_float(self) -> bool:
         return self.w_bits == 16 and self.a_bits == 16

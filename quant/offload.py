@@ -15,6 +15,7 @@ the inputs' device themselves (apply.with_params_on). On exit every tensor is ba
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn as nn
@@ -40,12 +41,12 @@ def streamed(model: nn.Module, blocks, device):
             for store, k, v in _tensors(model):
                 if id(v) not in inside and v.device != device:
                     moved.append((store, k, v))
-                    _set(store, k, v, v.to(device))
+                    store[k] = _moved(v, device)
 
-        def pre(block, args, kwargs=None):
+        def pre(block, args):
             with torch.no_grad():
                 for store, k, v in block.__dict__["_mq_home"]:
-                    _set(store, k, v, v.to(device, non_blocking=True))
+                    store[k] = _moved(v, device, non_blocking=True)
 
         def post(block, args, out):
             for store, k, v in block.__dict__["_mq_home"]:
@@ -65,8 +66,20 @@ def streamed(model: nn.Module, blocks, device):
             store[k] = v
 
 
-def _set(store: dict, key: str, old: torch.Tensor, new: torch.Tensor) -> None:
-    """Put `new` (old's values on another device) in old's slot, a Parameter where old was one."""
-    if isinstance(old, nn.Parameter):
-        new = nn.Parameter(new, requires_grad=old.requires_grad)
-    store[key] = new
+def _moved(t: torch.Tensor, device, non_blocking: bool = False) -> torch.Tensor:
+    """t's values on `device`, a Parameter where t is one (t itself when it is there already)."""
+    new = t.detach().to(device, non_blocking=non_blocking)
+    return nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+
+
+def with_params_on(src: nn.Module, device) -> nn.Module:
+    """`src` (a Linear / Conv2d) with its parameters and buffers on `device`: a shallow copy holding moved tensors,
+    `src` itself untouched (src when they are there already). For a layer whose weights are elsewhere than where it
+    computes: quantized into a device layer by layer (apply.quantize_model), scored while streamed (sensitivity)."""
+    device = torch.device(device)
+    if all(t.device == device for t in (*src.parameters(), *src.buffers())):
+        return src
+    tmp = copy.copy(src)
+    tmp._parameters = {k: None if v is None else _moved(v, device) for k, v in src._parameters.items()}
+    tmp._buffers = {k: None if v is None else _moved(v, device) for k, v in src._buffers.items()}
+    return tmp

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .apply import quantized_layer, set_submodule, with_params_on
+from .apply import quantized_layer, set_submodule
+from .offload import with_params_on
 from .calibration import Calibration
 from .formats import LayerFormat
 from .layers import QuantLayer, attach_act_group_switch
@@ -485,10 +486,10 @@ def measure_sensitivity(runner: DenoiserRunner, calib: Calibration, layers: list
     jobs = []
     for li in todo:
         for f in w_menu.get(li.role, []):
-            if li.kind == "linear" or not f.fp8:  # (fp8 formats: Linear layers only, where the fp8 GEMMs are)
+            if f.takes(li.kind):
                 jobs.append((li, f))
         for f in a_menu:
-            if f.fp8 and li.kind != "linear":
+            if not f.takes(li.kind):
                 continue
             if f.a_mode == "dynamic" and li.kind == "linear" or f.a_mode == "static" and li.name in ranges:
                 jobs.append((li, f))
