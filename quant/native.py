@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import fp8
+from .errors import MixQuantError
 from .layers import QuantLayer, QuantLinear
 from .util import write_atomic
 
@@ -117,43 +118,171 @@ class NativeExport:
     tensors: dict
     native_layers: dict = field(default_factory=dict)  # exported name -> native format
     float_layers: dict = field(default_factory=dict)  # exported name -> why it stays float
+    requantized: dict = field(default_factory=dict)  # exported native name -> which of its parts were requantized
     native_bytes: int = 0  # bytes of the natively quantized layers' tensors (weights, scales, zeros, markers)
     total_bytes: int = 0
     naming: str = ""
+
+    def add_layer(self, name: str, tensors: dict, conf: dict | None, why: str) -> None:
+        layer_bytes = 0
+        for suffix, t in tensors.items():
+            self.tensors[f"{name}.{suffix}"] = t.detach().cpu()
+            layer_bytes += t.numel() * t.element_size()
+        if conf is None:
+            self.float_layers[name] = why
+        else:
+            m = marker_tensor(conf)
+            self.tensors[f"{name}.{MARKER}"] = m
+            self.native_layers[name] = conf["format"]
+            self.native_bytes += layer_bytes + m.numel()
+            if "requantized" in why:
+                self.requantized[name] = why
+
+    def add_tensor(self, key: str, v: torch.Tensor) -> None:
+        self.tensors[key] = (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).cpu().contiguous()
 
     def summary(self) -> dict:
         counts = {}
         for f in self.native_layers.values():
             counts[f] = counts.get(f, 0) + 1
         return {"native_layers": len(self.native_layers), "native_formats": counts,
-                "float_quantized_layers": len(self.float_layers), "native_bytes": self.native_bytes,
+                "float_quantized_layers": len(self.float_layers), "requantized_layers": len(self.requantized),
+                "native_bytes": self.native_bytes,
                 "total_bytes": self.total_bytes, "naming": self.naming}
 
 
-def export_native(layers: dict, rest: dict, rename=None, naming: str = "") -> NativeExport:
+def export_native(layers: dict, rest: dict, rename=None, naming: str = "", layout=None) -> NativeExport:
     """Build the native state dict from quantized layers (name -> QuantLayer) and the other tensors of the denoiser
-    (name -> tensor). `rename(name) -> name` maps module / tensor names (e.g. diffusers -> LDM); None keeps them."""
+    (name -> tensor). `rename(name) -> name` maps module / tensor names (e.g. diffusers -> LDM); None keeps them.
+    `layout` (a quant.dit_names.Layout) instead maps a diffusers transformer to its original layout, where one
+    exported layer may join several of ours (_merge)."""
+    if layout is not None:
+        return _export_layout(layers, rest, layout, naming)
     rename = rename or (lambda n: n)
     exp = NativeExport({}, naming=naming)
     for name, layer in layers.items():
-        new = rename(name)
         tensors, conf, why = native_layer_tensors(layer)
-        layer_bytes = 0
-        for suffix, t in tensors.items():
-            exp.tensors[f"{new}.{suffix}"] = t.detach().cpu()
-            layer_bytes += t.numel() * t.element_size()
-        if conf is None:
-            exp.float_layers[new] = why
-        else:
-            m = marker_tensor(conf)
-            exp.tensors[f"{new}.{MARKER}"] = m
-            exp.native_layers[new] = conf["format"]
-            exp.native_bytes += layer_bytes + m.numel()
+        exp.add_layer(rename(name), tensors, conf, why)
     for k, v in rest.items():
-        if not isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor):
+            exp.add_tensor(rename_tensor(k, rename), v)
+    exp.total_bytes = sum(t.numel() * t.element_size() for t in exp.tensors.values())
+    return exp
+
+
+# --- one exported layer from several of ours (a diffusers transformer in its original layout) -----------------------
+# The original Flux / SD3 layout stacks layers diffusers keeps apart (qkv = to_q, to_k, to_v along the output rows).
+# Row-wise formats stack exactly (int8_tensorwise: per-row scales; awq_w4a16: scales per output column of [K/G, N]);
+# parts planned in different formats are brought to the most precise one among them (float > int8 > fp8 > W4), each
+# part requantized from its own dequantized weight, so a part already in that format keeps its codes; fp8 has one
+# scale per tensor, so a stacked fp8 layer is requantized as a whole.
+_PRECISION = {None: 3, "int8_tensorwise": 2, "float8_e4m3fn": 1, "awq_w4a16": 0}
+
+
+@dataclass
+class _Part:
+    fmt: str | None
+    tensors: dict
+    conf: dict | None
+    why: str
+    dense: object  # () -> the part's float weight, fp32 [n, K]
+    static_fp8: torch.Tensor | None = None  # the input scale of a static fp8 part
+
+
+def _part(name: str, layer: QuantLayer | None, rest: dict, rows) -> _Part:
+    if layer is not None:
+        tensors, conf, why = native_layer_tensors(layer)
+        fmt = conf["format"] if conf else None
+        part = _Part(fmt, tensors, conf, why, lambda: layer.unbalanced_weight().float(),
+                     tensors.get("input_scale"))
+    else:
+        tensors = {a: rest[f"{name}.{a}"].detach().to(torch.float16) for a in ("weight", "bias")
+                   if f"{name}.{a}" in rest}
+        part = _Part(None, tensors, None, "float in the model", lambda: tensors["weight"].float())
+    if rows is None:
+        return part
+    a, b = rows
+    t, dense = dict(part.tensors), part.dense
+    if "bias" in t:
+        t["bias"] = t["bias"][a:b]
+    if part.fmt != "float8_e4m3fn":  # (fp8 parts are requantized from `dense` when stacked)
+        t["weight"] = t["weight"][a:b]
+    if part.fmt == "int8_tensorwise":
+        t["weight_scale"] = t["weight_scale"][a:b]
+    elif part.fmt == "awq_w4a16":
+        t["weight_scale"], t["weight_zeros"] = t["weight_scale"][:, a:b], t["weight_zeros"][:, a:b]
+    return _Part(part.fmt, t, part.conf, part.why, lambda: dense()[a:b], part.static_fp8)
+
+
+def _int8_rows(w: torch.Tensor) -> dict:
+    scale = (w.abs().amax(1, keepdim=True) / 127.0).clamp(min=1e-12)
+    return {"weight": torch.round(w / scale).clamp(-127, 127).to(torch.int8), "weight_scale": scale.float()}
+
+
+def _merge(parts: list[_Part]) -> tuple[dict, dict | None, str]:
+    """One exported layer's tensors, marker and reason from its parts (in row order)."""
+    if len(parts) == 1:
+        p = parts[0]
+        return p.tensors, p.conf, p.why
+    fmts = [p.fmt for p in parts]
+    target = max(fmts, key=_PRECISION.get)
+    out = {}
+    if target == "awq_w4a16" or (target == "int8_tensorwise" and len(set(fmts)) == 1):
+        for key in ("weight", "weight_scale", "weight_zeros"):
+            if key in parts[0].tensors:
+                out[key] = torch.cat([p.tensors[key] for p in parts], 1 if key != "weight" and target == "awq_w4a16"
+                                     else 0).contiguous()
+        conf = dict(parts[0].conf)
+    elif target == "int8_tensorwise":
+        rows = [p.tensors if p.fmt == target else _int8_rows(p.dense()) for p in parts]
+        out = {k: torch.cat([r[k] for r in rows], 0).contiguous() for k in ("weight", "weight_scale")}
+        conf = {"format": target}
+    elif target == "float8_e4m3fn":
+        w = torch.cat([p.dense() for p in parts], 0)
+        w_scale = (w.abs().amax() / fp8.E4M3_MAX).clamp(min=1e-12)
+        out = {"weight": fp8.to_e4m3(w / w_scale).contiguous(), "weight_scale": w_scale.reshape(()).float()}
+        conf = {"format": target}
+        if all(p.static_fp8 is not None for p in parts):  # every part reads this input through one static range
+            out["input_scale"] = torch.stack([p.static_fp8.reshape(()) for p in parts]).amax()
+        else:
+            conf["full_precision_matrix_mult"] = True
+    else:
+        out = {"weight": torch.cat([p.dense() for p in parts], 0).to(torch.float16).contiguous()}
+        conf = None
+    biases = [p.tensors.get("bias") for p in parts]
+    if any(b is not None for b in biases):
+        n = [p.tensors["weight"].shape[0] if p.fmt != "float8_e4m3fn" else p.dense().shape[0] for p in parts]
+        out["bias"] = torch.cat([b if b is not None else torch.zeros(k, dtype=torch.float16)
+                                 for b, k in zip(biases, n)]).to(torch.float16).contiguous()
+    if len(set(fmts)) == 1:
+        why = parts[0].why
+    else:
+        why = (f"joins parts planned as {', '.join(f or 'float' for f in fmts)}: the others requantized to "
+               f"{target or 'float (fp16)'}")
+    return out, conf, why
+
+
+def _export_layout(layers: dict, rest: dict, layout, naming: str) -> NativeExport:
+    from .dit_names import Layout, to_original
+
+    exp = NativeExport({}, naming=naming)
+    plain, taken = [], set()
+    for e in layout.entries:
+        if not any(p.module in layers for p in e.pieces):
+            plain.append(e)
             continue
-        key = rename_tensor(k, rename)
-        exp.tensors[key] = (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).cpu().contiguous()
+        parts = [_part(p.module, layers.get(p.module), rest, p.rows) for p in e.pieces]
+        taken.update(p.module for p in e.pieces)
+        tensors, conf, why = _merge(parts)
+        exp.add_layer(e.module, tensors, conf, why)
+    missing = sorted(set(layers) - taken)
+    if missing:
+        raise MixQuantError(f"{len(missing)} quantized layers have no place in the original {layout.family} layout "
+                            f"(e.g. {missing[0]}); the file's architecture entry does not match its layers")
+    prefixes = tuple(m + "." for m in taken)
+    tensors = {k: v for k, v in rest.items() if isinstance(v, torch.Tensor) and not k.startswith(prefixes)}
+    for k, v in to_original(tensors, Layout(layout.family, plain)).items():
+        exp.add_tensor(k, v)
     exp.total_bytes = sum(t.numel() * t.element_size() for t in exp.tensors.values())
     return exp
 
@@ -264,16 +393,23 @@ def diffusers_to_ldm(config: dict):
 
 
 def naming_for(architecture: dict):
-    """(rename function or None, description) for a MixQuant file's architecture entry."""
+    """(rename function or None, dit_names.Layout or None, description) for a MixQuant file's architecture entry."""
+    from .dit_names import layout_for
+
     lib, cls = architecture.get("library"), architecture.get("class")
     if lib == "comfyui":
-        return None, "LDM names (as ComfyUI's loaders expect them)"
+        return None, None, "LDM names (as ComfyUI's loaders expect them)"
     if lib == "diffusers" and cls == "UNet2DConditionModel":
         fam = sd_family(architecture.get("config") or {})
         if fam:
-            return diffusers_to_ldm(architecture["config"]), f"LDM names ({fam} layout, mapped from diffusers)"
-    return None, (f"diffusers names kept: {cls} is not an SD1.x/SD2.x/SDXL UNet layout, so stock ComfyUI's "
-                  "loaders will not recognise the architecture")
+            return diffusers_to_ldm(architecture["config"]), None, f"LDM names ({fam} layout, mapped from diffusers)"
+    if lib == "diffusers":
+        layout = layout_for(cls, architecture.get("config") or {})
+        if layout is not None:
+            name = {"flux": "Flux.1", "sd3": "SD3"}[layout.family]
+            return None, layout, f"original {name} names (as ComfyUI's loaders expect them, mapped from diffusers)"
+    return None, None, (f"diffusers names kept: {cls} is not an SD1.x/SD2.x/SDXL UNet, Flux.1 or SD3 layout, so "
+                        "stock ComfyUI's loaders will not recognise the architecture")
 
 
 def export_file(src: str, out: str) -> dict:
@@ -285,8 +421,8 @@ def export_file(src: str, out: str) -> dict:
     layers = {name: fileformat.build_layer(src, name, e, tensors) for name, e in meta["layers"].items()}
     prefixes = tuple(n + "." for n in layers)
     rest = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
-    rename, naming = naming_for(meta["architecture"])
-    exp = export_native(layers, rest, rename, naming)
+    rename, layout, naming = naming_for(meta["architecture"])
+    exp = export_native(layers, rest, rename, naming, layout)
     size = save_native(exp, out, {"source": os.path.basename(src),
                                   "base_model": meta["base_model"].get("id", "")})
-    return {**exp.summary(), "file_bytes": size, "float_layers": exp.float_layers}
+    return {**exp.summary(), "file_bytes": size, "float_layers": exp.float_layers, "requantized": exp.requantized}

@@ -234,3 +234,82 @@ def test_cli_export(tmp_path, capsys):
     bad.write_bytes(b"not a file")
     assert main(["export", str(bad), "--to", "comfyui", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "mixquant: error:" in capsys.readouterr().err
+
+
+def _dense(t: dict, name: str) -> torch.Tensor:
+    """An exported layer's weight as float, decoded the way ComfyUI's loader does (comfy-kitchen; fp8: codes x
+    scale)."""
+    conf = read_marker(t[f"{name}.comfy_quant"]) if f"{name}.comfy_quant" in t else None
+    if conf is None:
+        return t[f"{name}.weight"].float()
+    if conf["format"] == "float8_e4m3fn":
+        return t[f"{name}.weight"].float() * t[f"{name}.weight_scale"]
+    parts = {k[len(name) + 1:]: v for k, v in t.items() if k.startswith(name + ".") and k[len(name) + 1:] in
+             ("weight", "weight_scale", "weight_zeros")}
+    n = parts["weight"].shape[0]
+    k = parts["weight"].shape[1] * (2 if conf["format"] == "awq_w4a16" else 1)
+    return _ck_weight(parts, conf, n, k, torch.float32).dequantize().float()
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_dit_export_under_original_names(family):
+    """A diffusers Flux / SD3 transformer quantized with a mixed plan exports under the original (ComfyUI) names:
+    fused layers stack their parts (row-wise formats exactly, differing parts requantized to the most precise one),
+    and decoding the file and splitting it back gives our dequantized weights."""
+    _ck()
+    from mixquant.app.diffusers_host.random_models import random_denoiser
+    from mixquant.quant.dit_names import from_original, layout_for, to_original
+    from mixquant.quant.formats import as_format
+
+    model = random_denoiser(family, "small", seed=3)
+    lay = layout_for(type(model).__name__, dict(model.config))
+    d = "transformer_blocks.0.attn."
+    plan = {d + "to_q": W8A8D, d + "to_k": W4G64, d + "to_v": W8A8D,  # int8 + W4: W4 part requantized to int8
+            d + "add_q_proj": W8A8D, d + "add_k_proj": W8A8D, d + "add_v_proj": W8A8D,  # stacked exactly
+            "transformer_blocks.1.attn.to_q": as_format("W8A16-fp8"), "transformer_blocks.1.attn.to_k": W4G64,
+            "transformer_blocks.1.attn.to_v": W4G64,  # fp8 + W4: requantized as one fp8 tensor
+            "norm_out.linear": W8A8D, "transformer_blocks.0.ff.net.0.proj": W4G64}  # a swapped and a plain layer
+    if family == "flux":
+        s = "single_transformer_blocks.0."
+        plan.update({s + "attn.to_q": W4G64, s + "attn.to_k": W4G64, s + "attn.to_v": W4G64, s + "proj_mlp": W4G64})
+        s = "single_transformer_blocks.1."  # quantized parts beside a float one: the stacked layer stays float
+        plan.update({s + "attn.to_q": W8A8D, s + "attn.to_k": W8A8D, s + "attn.to_v": W8A8D})
+    qm, _ = quantize_model(model, plan)
+    exp = export_native(*split_model(qm), layout=lay, naming="original")
+    t = exp.tensors
+    # the key set is exactly the original layout's (plus each native layer's scales and marker)
+    float_orig = to_original(model.state_dict(), lay)
+    extra = ("comfy_quant", "weight_scale", "weight_zeros", "input_scale")
+    assert {k for k in t if not k.endswith(extra)} == set(float_orig)
+    qkv = "double_blocks.0.img_attn.qkv" if family == "flux" else "joint_blocks.0.x_block.attn.qkv"
+    ctx = "double_blocks.0.txt_attn.qkv" if family == "flux" else "joint_blocks.0.context_block.attn.qkv"
+    fp8qkv = "double_blocks.1.img_attn.qkv" if family == "flux" else "joint_blocks.1.x_block.attn.qkv"
+    assert exp.native_layers[qkv] == exp.native_layers[ctx] == "int8_tensorwise"
+    assert exp.native_layers[fp8qkv] == "float8_e4m3fn"
+    assert exp.native_layers["final_layer.adaLN_modulation.1"] == "int8_tensorwise"
+    assert "requantized to int8_tensorwise" in exp.requantized[qkv] and ctx not in exp.requantized
+    if family == "flux":
+        assert exp.native_layers["single_blocks.0.linear1"] == "awq_w4a16"
+        assert "single_blocks.1.linear1" in exp.float_layers
+    # decode every layer the way ComfyUI does and split it back into diffusers' layers
+    modules = {e.module for e in lay.entries}
+    decoded = {}
+    for m in modules:
+        if f"{m}.weight" in t:
+            decoded[f"{m}.weight"] = _dense(t, m)
+        for a in ("bias", "scale", "pos_embed"):
+            key = f"{m}.{a}" if m else a
+            if key in t:
+                decoded[key] = t[key].float()
+    back = from_original(decoded, lay)
+    ours = {n: m.unbalanced_weight() for n, m in qm.named_modules() if hasattr(m, "unbalanced_weight")}
+    for name, w in ours.items():
+        got = back[name + ".weight"].reshape(w.shape)
+        err = (got - w).abs().max() / w.abs().max()
+        requant = name in (d + "to_k",) or name.startswith("transformer_blocks.1.attn.")
+        assert err < (0.07 if name.startswith("transformer_blocks.1.attn.") else 5e-3 if requant else 1e-3), name
+    # stacked exactly: the int8 rows of to_q are ours, code for code
+    codes = t[qkv + ".weight"]
+    w = model.config.num_attention_heads * model.config.attention_head_dim
+    q_codes, q_scale, _ = qm.get_submodule(d + "to_q").packed_parts()
+    assert torch.equal(codes[:w], q_codes) and torch.equal(t[qkv + ".weight_scale"][:w].half(), q_scale.reshape(-1, 1))
