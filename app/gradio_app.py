@@ -357,7 +357,7 @@ class DemoBackend:
 
     # save ---------------------------------------------------------------------------------------------------
     def default_file_name(self, result: QuantResult) -> str:
-        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(result.settings.model.rstrip("/\\")))
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(result.settings.model.split("+")[0].rstrip("/\\")))
         base = re.sub(r"\.safetensors$", "", base) or "model"
         return f"{base}-w{result.report['avg_w_bits']:.2f}a{result.settings.a_bits}.safetensors"
 
@@ -770,7 +770,9 @@ def build_app(backend: DemoBackend | None = None, *, prompts: list[str] | None =
                 with gr.Row():
                     model_box = gr.Textbox(value=be.default_model, label="Model", scale=4,
                                            info="`digits` (embedded), a diffusers folder, or a single-file "
-                                                ".safetensors checkpoint (SD1.x / SDXL), loaded offline",
+                                                ".safetensors checkpoint (SD1.x, SD2.x, SDXL, Flux.1, SD3; a "
+                                                "diffusion model and its text-encoder / VAE files joined with "
+                                                "'+'), loaded offline",
                                            elem_id="mq-model")
                     load_btn = gr.Button("Load", scale=1, elem_id="mq-load")
                 model_md = gr.Markdown(model_markdown(info0), elem_id="mq-model-info")

@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument("--model", default="digits",
                    help="model preloaded at start: digits (embedded, default), a diffusers folder, or a .safetensors "
-                        "checkpoint; another one can be loaded from the page")
+                        "checkpoint (Flux / SD3 parts joined with '+'); another one can be loaded from the page")
     p.add_argument("--out-dir", default="mixquant_out", help="where Save writes quantized files (default "
                                                              "./mixquant_out)")
     p.add_argument("--cache-dir", default=None, help="where sensitivity results are cached (default "

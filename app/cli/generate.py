@@ -17,7 +17,8 @@ from . import add_device_arguments, add_scheduler_argument
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="digits",
-                   help="`digits` (embedded, default), a diffusers folder, or a .safetensors checkpoint")
+                   help="`digits` (embedded, default), a diffusers folder, or a .safetensors checkpoint (a Flux / SD3 "
+                        "diffusion model joined to its text-encoder and VAE files with '+')")
     p.add_argument("--prompt", required=True, help="what to draw, e.g. \"a handwritten digit three\"")
     p.add_argument("--negative-prompt", default=None, help="what not to draw (used with guidance > 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image; default 0)")

@@ -9,7 +9,10 @@ from . import add_device_arguments, add_scheduler_argument
 
 
 def add_arguments(p):
-    p.add_argument("--model", default="digits", help="digits (embedded), a diffusers folder, or a .safetensors file")
+    p.add_argument("--model", default="digits",
+                   help="digits (embedded), a diffusers folder, or a .safetensors checkpoint (SD1.x, SD2.x, SDXL, "
+                        "Flux.1, SD3); a Flux / SD3 diffusion-model file joined to its text-encoder and VAE files "
+                        "with '+' (flux1-dev.safetensors+clip_l.safetensors+t5xxl_fp16.safetensors+ae.safetensors)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a calibration prompt (repeat for more)")
     src.add_argument("--prompts-file", help="a text file with one prompt per line")

@@ -1,5 +1,6 @@
 """Model loading for the app layer (diffusers adapter): the embedded `digits` model, diffusers folders, and
-single-file checkpoints (single_file.py). Everything loads offline; nothing here downloads.
+single-file checkpoints (single_file.py: SD1.x / SD2.x / SDXL; dit_file.py: Flux.1 and SD3, in one file or the
+diffusion model joined to its text encoders and VAE files with '+'). Everything loads offline; nothing here downloads.
 
     pipe = load_pipeline("digits")                  # the shipped tiny text-to-image model
     pipe = load_pipeline("/path/to/diffusers/folder")
@@ -18,7 +19,8 @@ import torch
 
 from ...quant.errors import MixQuantError
 from ..digits import DIGITS_DIR
-from .single_file import load_single_file
+from .dit_file import Source, dit_family, load_dit_files
+from .single_file import _header, load_single_file
 
 __all__ = ["load_pipeline", "resolve_model", "set_scheduler", "SCHEDULERS", "denoiser_of", "set_denoiser",
            "denoiser_attr", "is_flow", "resolve_scheduler"]
@@ -67,6 +69,12 @@ def resolve_model(model: str) -> tuple[str, str]:
                                 "rebuild it with `python -m mixquant.app.digits.train`")
         return "diffusers", DIGITS_DIR
     path = os.path.abspath(os.path.expanduser(model))
+    if "+" in model and not os.path.exists(path):  # a diffusion model and its text encoders / VAE, each a file
+        paths = [resolve_model(p.strip())[1] for p in model.split("+")]
+        if any(not p.lower().endswith(".safetensors") for p in paths):
+            raise MixQuantError(f"{model}: files joined with '+' are a diffusion model's parts, each a .safetensors "
+                                "file")
+        return "single_file", "+".join(paths)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "model_index.json")):
             return "diffusers", path
@@ -140,15 +148,23 @@ def resolve_dtype(name: str | torch.dtype | None, device: str, family: str | Non
 
 
 def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
-    """Load a text-to-image pipeline offline. `model`: "digits" (the embedded model), a diffusers folder, or a
-    single-file .safetensors checkpoint of SD1.x, SD2.x or SDXL (single_file.py). `device` "auto": CUDA when
+    """Load a text-to-image pipeline offline. `model`: "digits" (the embedded model), a diffusers folder, a
+    single-file .safetensors checkpoint of SD1.x, SD2.x or SDXL (single_file.py) or of Flux.1 / SD3 (dit_file.py; a
+    diffusion-model-only file joined to its text encoders and VAE with '+': "flux1-dev.safetensors+clip_l.safetensors
+    +t5xxl_fp16.safetensors+ae.safetensors"). `device` "auto": CUDA when
     available; `dtype` (None / "auto": fp16 on a GPU, fp32 on a CPU). Progress bars are disabled."""
     kind, path = resolve_model(model)
     dev = torch.device(resolve_device(device))
-    dtype = resolve_dtype(dtype, dev.type, _pipeline_class(path) if kind == "diffusers" else None)
+    family = _pipeline_class(path) if kind == "diffusers" else _file_pipeline_class(path)
+    dtype = resolve_dtype(dtype, dev.type, family)
     with _quiet_loading(), warnings.catch_warnings():  # (the loaders' deprecation and info chatter)
         warnings.simplefilter("ignore")
-        pipe = load_single_file(path, dtype) if kind == "single_file" else _load_folder(path, dtype)
+        if kind == "diffusers":
+            pipe = _load_folder(path, dtype)
+        elif family in DIT_PIPELINES:
+            pipe = load_dit_files(path.split("+"), dtype)
+        else:
+            pipe = load_single_file(path, dtype)
     check_supported(pipe, model)
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
@@ -170,6 +186,15 @@ def check_supported(pipe, model: str = "the model") -> None:
         raise MixQuantError(f"{model} is a {type(pipe).__name__} (denoiser: {name}); MixQuant quantizes the "
                             "text-to-image denoisers of SD1.x, SD2.x, SDXL (UNets), Flux (FluxPipeline) and SD3 "
                             "(StableDiffusion3Pipeline); this family is not supported.")
+
+
+def _file_pipeline_class(path: str) -> str | None:
+    """FluxPipeline / StableDiffusion3Pipeline for single files of a diffusion transformer (several files joined by
+    '+' are always one), else None (a UNet checkpoint, whose loader says what any other file is)."""
+    if "+" in path and not os.path.isfile(path):
+        return "FluxPipeline" if Source(path.split("+")).family == "flux" else "StableDiffusion3Pipeline"
+    fam = dit_family(_header(path)[0])
+    return {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}.get(fam)
 
 
 def _pipeline_class(folder: str) -> str | None:
