@@ -244,3 +244,60 @@ def _check_native_layout(path: str, fp_path: str) -> int:
             assert conf["format"] == "awq_w4a16" and tuple(w.shape) == (n, k // 2)
             assert tuple(s.shape) == (k // conf["group_size"], n) == tuple(got[layer + ".weight_zeros"].shape)
     return len(markers)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_diffusers_transformer_exports_to_a_file_stock_comfyui_samples(server, family):
+    """A diffusers Flux / SD3 transformer (the test's FP file read into diffusers) quantized with a mixed plan and
+    exported by `mixquant export`: ComfyUI's names, its fused qkv / linear1 joined from our separate layers, and the
+    stock loader takes it and samples close to the FP file."""
+    import torch
+
+    from mixquant.app.diffusers_host.dit_file import transformer_config
+    from mixquant.app.diffusers_host.files import architecture_of
+    from mixquant.quant.apply import quantize_model
+    from mixquant.quant.dit_names import from_original, layout_for
+    from mixquant.quant.fileformat import fingerprint, save_quantized
+    from mixquant.quant.formats import LayerFormat
+    from mixquant.quant.native import export_file
+
+    fp_name = FLUX if family == "flux" else SD3
+    fp_path = os.path.join(server.base, "diffusion_models", fp_name)
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    orig = {k: v.float() for k, v in load_file(fp_path).items()}
+    cfg = transformer_config(family, {k: tuple(v.shape) for k, v in orig.items()})
+    cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+    model = cls.from_config(cfg).eval()
+    model.load_state_dict(from_original(orig, layout_for(cls.__name__, cfg)))
+    del orig
+    w8, w4 = LayerFormat(8, 8, a_mode="dynamic"), LayerFormat(4, 16, 64)  # (W8A8d, W4g64A16: both native)
+    plan = {n: w8 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    plan["transformer_blocks.0.attn.to_k"] = w4  # joined with int8 parts: requantized to int8
+    if family == "flux":  # a single block's linear1 all W4: joined as awq_w4a16
+        plan.update({f"single_transformer_blocks.0.{n}": w4 for n in ("attn.to_q", "attn.to_k", "attn.to_v",
+                                                                       "proj_mlp")})
+    qm, _ = quantize_model(model, plan, search="minmax")
+    src = os.path.join(server.base, f"dfl_{family}.safetensors")
+    save_quantized(qm, src, architecture=architecture_of(model), base_fingerprint=fingerprint(model))
+    del model, qm
+    exported = f"native_dfl_{family}.safetensors"
+    out = os.path.join(server.base, "diffusion_models", exported)
+    s = export_file(src, out)
+    assert "original" in s["naming"] and s["requantized_layers"] >= 1
+    assert _check_native_layout(out, fp_path) == s["native_layers"] > 0
+    if not _comfy_reads_quantized_layers():
+        return
+    g = _graph(family)
+    g = {k: g[k] for k in ("1", "2", "3", "4", "8", "10")}
+    g["12"] = {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": f"latents/{family}_dfp"}}
+    g["21"] = {"class_type": "UNETLoader", "inputs": {"unet_name": exported, "weight_dtype": "default"}}
+    g["22"] = {"class_type": "KSampler", "inputs": {**g["10"]["inputs"], "model": ["21", 0]}}
+    g["23"] = {"class_type": "SaveLatent",
+               "inputs": {"samples": ["22", 0], "filename_prefix": f"latents/{family}_dnat"}}
+    server.run(g)
+    fp, nat = _latent(server, f"{family}_dfp"), _latent(server, f"{family}_dnat")
+    assert nat.shape == fp.shape and torch.isfinite(nat).all()
+    sqnr = 10 * torch.log10((fp ** 2).sum() / ((nat - fp) ** 2).sum().clamp(min=1e-20))
+    assert sqnr > 10, float(sqnr)

@@ -6,8 +6,8 @@ alone), as ComfyUI does, so a merged, pruned or reduced checkpoint loads as well
 diffusers config folder is written to a temporary directory (model_index.json, one config per component, the CLIP
 tokenizer files shipped in configs/clip_tokenizer) and diffusers' own single-file loader converts the tensors
 (`from_single_file(..., config=folder, local_files_only=True)`). Nothing is downloaded; a file that is not one of
-these families (a refiner, an inpainting model, a UNet-only or LoRA file, a diffusion transformer, a truncated
-file) gets one MixQuantError saying what it is.
+these families (a refiner, an inpainting model, a UNet-only or LoRA file, a truncated file) gets one MixQuantError
+saying what it is. Flux.1 and SD3 files are dit_file.py's (load_pipeline sends them there).
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def _family(shapes: dict, path: str) -> str:
                             "folder")
     if has(UNET + "double_blocks.") or has(UNET + "joint_blocks."):
         raise MixQuantError(f"{os.path.basename(path)} is a diffusion-transformer (Flux / SD3 family) checkpoint; "
-                            "MixQuant quantizes UNet models (SD1.x, SD2.x, SDXL) today")
+                            "load it with load_pipeline, which reads those (dit_file.py)")
     if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
         raise MixQuantError(f"{os.path.basename(path)} is an SDXL refiner; MixQuant quantizes the SDXL base model "
                             "(the refiner is not supported yet)")
