@@ -149,11 +149,12 @@ class DemoBackend:
     """Loads models (cached), calibrates, previews budgets, quantizes, compares and saves."""
 
     def __init__(self, model: str = "digits", out_dir: str = "mixquant_out", cache_dir: str | None = None,
-                 device: str = "auto", max_models: int = 2, dtype: str = "auto"):
+                 device: str = "auto", max_models: int = 2, dtype: str = "auto", offload: str = "auto"):
         from .diffusers_host.models import resolve_device
 
         self.device = resolve_device(device)
         self.dtype = dtype  # "auto": fp16 on a GPU, fp32 on a CPU
+        self.offload = offload  # "auto": a denoiser larger than the GPU streams through it (models.load_pipeline)
         self.out_dir = os.path.abspath(out_dir)
         self.cache_dir = cache_dir
         self.default_model = model
@@ -178,7 +179,7 @@ class DemoBackend:
             if path in self._pipes:
                 self._pipes.move_to_end(path)
                 return self._pipes[path]
-            pipe = load_pipeline(name, device=self.device, dtype=self.dtype)
+            pipe = load_pipeline(name, device=self.device, dtype=self.dtype, offload=self.offload)
             entry = (pipe, self._model_info(pipe, name, path))
             self._pipes[path] = entry
             while len(self._pipes) > self.max_models:

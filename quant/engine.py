@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,7 @@ from .errors import MixQuantError
 from .fileformat import fingerprint
 from .formats import LayerFormat
 from .layers import attach_act_group_switch
+from .offload import streamed_device
 from .roles import LayerInfo, discover_layers, is_transformer
 from .runner import DenoiserRunner, Progress
 from .sensitivity import MODES as SENS_MODES, Sensitivity, content_ssim, measure_sensitivity
@@ -558,6 +559,7 @@ def prepare(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, see
     `fingerprint_id`: the FP model's fingerprint when already known (sensitivity cache key)."""
     progress = progress or Progress()
     model = runner.denoiser
+    cfg = for_streamed(model, cfg)
     layers = discover_layers(model)
     if not layers:
         raise MixQuantError("this model has no Linear/Conv2d layers MixQuant can quantize.")
@@ -720,6 +722,8 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
     cfg.check()
     progress = progress or Progress()
     model = runner.denoiser
+    cfg = for_streamed(model, cfg)
+    stream_dev = streamed_device(model)
     t_start = time.time()
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     reused = prepared is not None and prepared.matches(prompts, seeds, runner.settings(), cfg)
@@ -730,13 +734,24 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
     phase_times = {"calibrate": 0.0, "sensitivity": 0.0} if reused else dict(prepared.timings)
     alloc = plan(runner, prepared, cfg, progress)
     progress.check()
-    qmodel, _ = quantize(model, alloc, prepared.calib)
+    qmodel, _ = quantize(model, alloc, prepared.calib, device=stream_dev)  # (streamed: layer by layer into it)
     if alloc.speed is not None:  # the plan's speed as measured, against the float denoiser in this process
         alloc.speed.update(measured_speed(model, qmodel, prepared.calib))
     rep = report(prepared, alloc, cfg, model, qmodel, model_name,
                  {**phase_times, "allocate": alloc.seconds, "total": time.time() - t_start})
     rep["sensitivity_cached"] = prepared.sens.cached or reused
+    if stream_dev is not None:
+        rep["streamed"] = {"device": str(stream_dev), "sensitivity_mode": cfg.sens_mode}
     return qmodel, rep, prepared.calib
+
+
+def for_streamed(model: nn.Module, cfg: QuantizeConfig) -> QuantizeConfig:
+    """The settings a model streamed through its device (quant/offload.py) runs with: forward passes only (the fast
+    sensitivity's backward would keep every block's weights on the device: `local` instead) and nothing timed (a
+    layer's time there is mostly its weights' copy); `cfg` itself for any other model."""
+    if streamed_device(model) is None or (cfg.sens_mode != "fast" and cfg.speed == "off"):
+        return cfg
+    return replace(cfg, sens_mode="local" if cfg.sens_mode == "fast" else cfg.sens_mode, speed="off")
 
 
 def measured_speed(model: nn.Module, qmodel: nn.Module, calib: Calibration) -> dict:

@@ -1,6 +1,7 @@
 """Run a denoiser larger than the device's memory: its blocks stream through the device one at a time (#23 item 4).
 
     with streamed(model, blocks, "cuda"):       # blocks: the repeated submodules holding most of the weights
+                                                # (stream_blocks(model); stream() / unstream() for longer)
         prepared = engine.prepare(runner, prompts, cfg)     # calibration, sensitivity: forward passes only
         alloc = engine.plan(runner, prepared, cfg)
     qmodel, _ = engine.quantize(model, alloc, prepared.calib, device="cuda")   # layer by layer into the device
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 
 import torch
 import torch.nn as nn
@@ -29,41 +31,92 @@ def _tensors(m: nn.Module):
                     yield store, k, v
 
 
-@contextlib.contextmanager
-def streamed(model: nn.Module, blocks, device):
+_STREAMS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # model -> its stream's state
+_BLOCKS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()  # streamed block -> its onloaded
+# tensors' homes while it runs ([] between calls)
+
+
+def stream_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks that hold most of a denoiser's weights: every item of its top-level ModuleLists (Flux's
+    transformer_blocks and single_transformer_blocks, SD3's transformer_blocks, a UNet's down / up blocks, ComfyUI's
+    double / single blocks)."""
+    return [b for child in model.children() if isinstance(child, nn.ModuleList) for b in child]
+
+
+def stream(model: nn.Module, blocks, device) -> None:
+    """Stream `model`'s blocks through `device` from now on (until `unstream`): see the module doc. Each block's
+    tensors that are not on the device are found at each call (a layer swapped in since streams too); the hooks act
+    only on the blocks given here: a copy of the model (deepcopy copies the hooks) runs as it is."""
+    if model in _STREAMS:
+        raise RuntimeError("this model is streamed already")
     device = torch.device(device)
     blocks = list(blocks)
     inside = {id(v) for b in blocks for _, _, v in _tensors(b)}
-    moved = []  # (store, key, original tensor) of everything outside the blocks
-    handles = []
-    try:
+    moved, handles = [], []  # (store, key, original tensor) of everything outside the blocks
+    with torch.no_grad():
+        for store, k, v in _tensors(model):
+            if id(v) not in inside and v.device != device:
+                moved.append((store, k, v))
+                store[k] = _moved(v, device)
+
+    def pre(block, args):  # (the tensors found now: a layer swapped into the block since streams too)
+        if block not in _BLOCKS:
+            return
+        homes = [(st, k, v) for st, k, v in _tensors(block) if v.device != device]
         with torch.no_grad():
-            for store, k, v in _tensors(model):
-                if id(v) not in inside and v.device != device:
-                    moved.append((store, k, v))
-                    store[k] = _moved(v, device)
+            for st, k, v in homes:
+                st[k] = _moved(v, device, non_blocking=True)
+        _BLOCKS[block] = homes
 
-        def pre(block, args):
-            with torch.no_grad():
-                for store, k, v in block.__dict__["_mq_home"]:
-                    store[k] = _moved(v, device, non_blocking=True)
+    def post(block, args, out):
+        for st, k, v in _BLOCKS.get(block, ()):
+            st[k] = v
+        if block in _BLOCKS:
+            _BLOCKS[block] = []
 
-        def post(block, args, out):
-            for store, k, v in block.__dict__["_mq_home"]:
-                store[k] = v
+    for b in blocks:
+        _BLOCKS[b] = []
+        handles += [b.register_forward_pre_hook(pre), b.register_forward_hook(post)]
+    _STREAMS[model] = {"device": device, "blocks": blocks, "moved": moved, "handles": handles}
 
-        for b in blocks:
-            b.__dict__["_mq_home"] = [(s, k, v) for s, k, v in _tensors(b) if v.device != device]
-            handles += [b.register_forward_pre_hook(pre), b.register_forward_hook(post)]
+
+def unstream(model: nn.Module) -> None:
+    """Every tensor back where it was, the hooks removed (nothing when `model` is not streamed)."""
+    st = _STREAMS.pop(model, None)
+    if st is None:
+        return
+    for h in st["handles"]:
+        h.remove()
+    for b in st["blocks"]:
+        for store, k, v in _BLOCKS.pop(b, []):
+            store[k] = v
+    for store, k, v in st["moved"]:
+        store[k] = v
+
+
+def streamed_device(model: nn.Module) -> torch.device | None:
+    """The device `model` is streamed through, or None."""
+    st = _STREAMS.get(model)
+    return None if st is None else st["device"]
+
+
+@contextlib.contextmanager
+def streamed(model: nn.Module, blocks, device):
+    stream(model, blocks, device)
+    try:
         yield model
     finally:
-        for h in handles:
-            h.remove()
-        for b in blocks:
-            for store, k, v in b.__dict__.pop("_mq_home", []):
-                store[k] = v
-        for store, k, v in moved:
-            store[k] = v
+        unstream(model)
+
+
+def fits(device, nbytes: int, headroom: float = 0.2) -> bool:
+    """Do `nbytes` of weights fit the device's free memory, leaving `headroom` of its total for activations and the
+    rest of the pipeline? (Always on a CPU.)"""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(device)
+    return nbytes + headroom * total <= free
 
 
 def _moved(t: torch.Tensor, device, non_blocking: bool = False) -> torch.Tensor:

@@ -47,3 +47,71 @@ def test_engine_plans_the_same_through_a_streamed_model(tmp_path):
     assert prepared.sens.loss == engine.prepare(runner, prompts, cfg).sens.loss
     q, _ = engine.quantize(model, alloc, prepared.calib, device="cpu:0")
     assert sum(1 for f in alloc.plan.values() if not f.is_float) > 0
+
+
+def test_a_layer_swapped_into_a_streamed_block_streams_too():
+    """The sweep and the sensitivity swap quantized layers into the blocks: their tensors go to the device with the
+    block (found at each call), and a deep copy of a streamed model (the quantized model is one) runs as it is."""
+    import copy
+
+    from mixquant.quant.offload import stream, streamed_device, unstream
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ModuleList([nn.Sequential(nn.Linear(4, 4))]))
+    block = model[1][0]
+    stream(model, [block], "meta")
+    try:
+        assert streamed_device(model) == torch.device("meta") and model[0].weight.device.type == "meta"
+        block[0] = nn.Linear(4, 4)  # swapped in after stream(): on the CPU
+        seen = []
+        block[0].register_forward_pre_hook(lambda m, a: seen.append(m.weight.device.type))
+        block(torch.randn(2, 4, device="meta"))
+        assert seen == ["meta"] and block[0].weight.device.type == "cpu"  # onloaded for the call, home after
+        twin = copy.deepcopy(model)
+        assert streamed_device(twin) is None
+        twin[1][0](torch.randn(2, 4))  # the copied hooks leave the copy alone: it runs on the CPU
+    finally:
+        unstream(model)
+    assert model[0].weight.device.type == "cpu" and streamed_device(model) is None
+
+
+def test_fits_reads_the_devices_free_memory(monkeypatch):
+    from mixquant.quant.offload import fits
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2 ** 30, 16 * 2 ** 30))
+    assert fits("cuda", 6 * 2 ** 30) and not fits("cuda", 8 * 2 ** 30)  # (20% of 16 GB kept for activations)
+    assert fits("cpu", 10 ** 15)
+
+
+def test_cli_streams_a_model_that_does_not_fit(tmp_path, monkeypatch, capsys):
+    """`mixquant quantize` on a model that does not fit the device (told so here: "cpu:0" is another torch.device
+    than the tensors' "cpu", so every copy runs): the denoiser streams, the fast sensitivity gives way to the local
+    one, the quantized model is built in the device, and `generate` uses the file."""
+    import json
+
+    from mixquant.app.cli import main as cli
+    from mixquant.app.diffusers_host import models
+    from mixquant.app.diffusers_host.random_models import random_pipeline
+
+    folder = tmp_path / "flux"
+    random_pipeline("flux", "small", seed=0).save_pretrained(str(folder))
+    monkeypatch.setattr(models, "fits", lambda device, nbytes: False)
+    pipe = models.load_pipeline(str(folder), device="cpu:0")
+    from mixquant.quant.offload import streamed_device, unstream
+
+    assert streamed_device(pipe.transformer) == torch.device("cpu:0")
+    unstream(pipe.transformer)
+    out, rep = tmp_path / "q.safetensors", tmp_path / "q.json"
+    common = ["--steps", "2", "--size", "32x32", "--device", "cpu:0"]
+    rc = cli(["quantize", "--model", str(folder), "--prompt", "a red fox", "--avg-w-bits", "6", "--out", str(out),
+              "--report", str(rep), *common])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "stream through cpu:0" in err
+    report = json.loads(rep.read_text())
+    assert report["streamed"] == {"device": "cpu:0", "sensitivity_mode": "local"}
+    assert report["sensitivity_mode"] == "local" and not report.get("speed")
+    img = tmp_path / "g.png"
+    assert cli(["generate", "--model", str(folder), "--quantized", str(out), "--prompt", "a red fox",
+                "--out", str(img), *common]) == 0, capsys.readouterr().err
+    assert img.stat().st_size > 0

@@ -24,6 +24,10 @@ def add_device_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="the model's float type (default auto: fp16 on a GPU, bf16 for Flux/SD3; fp32 on a CPU)")
+    p.add_argument("--offload", default="auto", choices=("auto", "off", "stream"),
+                   help="a denoiser larger than the GPU: stream keeps it on the CPU and streams its blocks through the "
+                        "GPU (calibration and the local sensitivity run there; the quantized model is built in the "
+                        "GPU layer by layer); auto (default): where the model does not fit the GPU's free memory")
 
 
 def add_scheduler_argument(p) -> None:

@@ -101,7 +101,7 @@ def run(args) -> int:
         print("mixquant: warning: matplotlib is not installed: the bit chart and the quality/size curve are off "
               "(pip install matplotlib).", file=sys.stderr)
     backend = DemoBackend(model=args.model, out_dir=args.out_dir, cache_dir=args.cache_dir, device=args.device,
-                          dtype=args.dtype)
+                          dtype=args.dtype, offload=args.offload)
     print(f"mixquant demo: loading {args.model} on {backend.device}…", file=sys.stderr)
     app = build_app(backend, steps=args.steps)
     try:

@@ -47,8 +47,12 @@ def apply_quantized(pipe, path: str):
 
     if not os.path.isfile(path):
         raise MixQuantError(f"quantized file {path} not found; make one with `mixquant quantize`")
+    from ...quant.offload import unstream
+
     base = denoiser_of(pipe)
-    set_denoiser(pipe, load_denoiser(path, base=base, dtype=base.dtype))
+    q = load_denoiser(path, base=base, dtype=base.dtype)  # (built on the CPU)
+    set_denoiser(pipe, q.to(base.device))  # where the pipeline runs (a streamed base's non-block part is there)
+    unstream(base)
     return pipe
 
 
@@ -77,7 +81,7 @@ def run(args) -> int:
     threads = args.threads or (1 if args.model.strip().lower() == "digits" else None)
     if threads:
         torch.set_num_threads(threads)
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
     args.scheduler = resolve_scheduler(pipe, args.scheduler)
     set_scheduler(pipe, args.scheduler)
     if args.quantized:

@@ -80,6 +80,7 @@ def read_prompts(args) -> list[str]:
 def run(args) -> int:
     from ...quant import distributed
     from ...quant.errors import MixQuantError
+    from ...quant.offload import streamed_device
     from ...quant.speed import speed_text
     from ..diffusers_host.api import quantize_pipeline
     from ..diffusers_host.files import save_outputs
@@ -92,7 +93,12 @@ def run(args) -> int:
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise MixQuantError(f"the folder of {path} does not exist")
     width, height = parse_size(args.size)
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
+    dev = streamed_device(denoiser_of(pipe))
+    if dev is not None:
+        print(f"the denoiser stays on the CPU and its blocks stream through {dev} one at a time (it does not fit the "
+              f"device, or --offload stream): the local sensitivity, no speed target; the quantized model is built "
+              f"in {dev}", file=sys.stderr)
     sampler = SamplerSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, width=width,
                               height=height, negative_prompt=args.negative_prompt)
     bar = _progress_bar()

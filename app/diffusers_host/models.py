@@ -18,6 +18,8 @@ import warnings
 import torch
 
 from ...quant.errors import MixQuantError
+from ...quant.offload import fits, stream, stream_blocks
+from ...quant.sizes import model_bytes
 from ..digits import DIGITS_DIR
 from .dit_file import Source, dit_family, load_dit_files
 from .single_file import _header, load_single_file
@@ -147,12 +149,19 @@ def resolve_dtype(name: str | torch.dtype | None, device: str, family: str | Non
     return DTYPES[name]
 
 
-def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+OFFLOAD = ("auto", "off", "stream")
+
+
+def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                  offload: str = "auto"):
     """Load a text-to-image pipeline offline. `model`: "digits" (the embedded model), a diffusers folder, a
     single-file .safetensors checkpoint of SD1.x, SD2.x or SDXL (single_file.py) or of Flux.1 / SD3 (dit_file.py; a
     diffusion-model-only file joined to its text encoders and VAE with '+': "flux1-dev.safetensors+clip_l.safetensors
     +t5xxl_fp16.safetensors+ae.safetensors"). `device` "auto": CUDA when
-    available; `dtype` (None / "auto": fp16 on a GPU, fp32 on a CPU). Progress bars are disabled."""
+    available; `dtype` (None / "auto": fp16 on a GPU, fp32 on a CPU). `offload`: "stream" keeps the denoiser on the
+    CPU and streams its blocks through the device at every call (quant/offload.py; the rest of the pipeline on the
+    device); "auto" (default) does so where the denoiser does not fit the device's free memory; "off" never.
+    Progress bars are disabled."""
     kind, path = resolve_model(model)
     dev = torch.device(resolve_device(device))
     family = _pipeline_class(path) if kind == "diffusers" else _file_pipeline_class(path)
@@ -166,7 +175,17 @@ def load_pipeline(model: str = "digits", device: str | torch.device = "cpu", dty
         else:
             pipe = load_single_file(path, dtype)
     check_supported(pipe, model)
-    pipe = pipe.to(dev)
+    if offload not in OFFLOAD:
+        raise MixQuantError(f"unknown offload {offload!r}: use {', '.join(OFFLOAD)}")
+    den = denoiser_of(pipe)
+    comps = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    if offload == "stream" or (offload == "auto" and not fits(dev, sum(model_bytes(c) for c in comps))):
+        for comp in comps:  # everything but the denoiser on the device; the denoiser streamed through it
+            if comp is not den:
+                comp.to(dev)
+        stream(den, stream_blocks(den), dev)
+    else:
+        pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
