@@ -96,7 +96,7 @@ def unstream(model: nn.Module) -> None:
 
 def streamed_device(model: nn.Module) -> torch.device | None:
     """The device `model` is streamed through, or None."""
-    st = _STREAMS.get(model)
+    st = _STREAMS.get(model) if isinstance(model, nn.Module) else None
     return None if st is None else st["device"]
 
 

@@ -351,6 +351,18 @@ def test_stock_lora_loader_on_the_quantized_model(server):
     assert torch.allclose(q_again, q), "the LoRA must not stay on the quantized MODEL without the loader"
 
 
+def test_stock_torch_compile_on_the_quantized_model(server):
+    """ComfyUI's own TorchCompileModel node (inductor) on the quantized MODEL samples what the eager quantized model
+    does: torch.compile traces the quantized layers (their ops registered for it) instead of breaking on them."""
+    import torch
+
+    q = _latent_after(server, _sampler_graph(["7", 0], _quant_nodes()), "qeager_")
+    compiled = {"20": {"class_type": "TorchCompileModel", "inputs": {"model": ["7", 0], "backend": "inductor"}}}
+    qc = _latent_after(server, _sampler_graph(["20", 0], {**_quant_nodes(), **compiled}), "qcompiled_")
+    assert qc.shape == q.shape and torch.isfinite(qc).all()
+    assert float((qc - q).norm()) <= 0.02 * float(q.norm()), float((qc - q).norm() / q.norm())
+
+
 def test_interrupted_calibration_leaves_server_and_model_intact(server):
     fp_before = _latent_after(server, _sampler_graph(["1", 0]), "int_before_")
     slow = _sampler_graph(["1", 0])

@@ -54,8 +54,8 @@ def test_cli_passes_dtype_and_sensitivity_mode(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_load(model, device, dtype):
-        seen.update(model=model, device=device, dtype=dtype)
+    def fake_load(model, device, dtype, offload):
+        seen.update(model=model, device=device, dtype=dtype, offload=offload)
         return types.SimpleNamespace(unet=None)
 
     def fake_quantize(pipe, prompts, **kw):
@@ -70,5 +70,6 @@ def test_cli_passes_dtype_and_sensitivity_mode(monkeypatch, tmp_path):
                                       "--dtype", "fp16", "--sens-mode", "local", "--out", str(tmp_path / "q.st")])
     assert cmd.run(args) == 0
     assert seen["dtype"] == "fp16" and seen["device"] == "auto" and seen["sens_mode"] == "local"
+    assert seen["offload"] == "auto"
     defaults = build_parser().parse_args(["quantize", "--prompt", "a", "--avg-w-bits", "4", "--out", "q"])
     assert (defaults.sens_mode, defaults.dtype, defaults.device) == ("fast", "auto", "auto")
