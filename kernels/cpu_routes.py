@@ -114,6 +114,52 @@ def conv2d(x, *, route: str | None = None, cache=None, dtype=None, **call):
 
 
 _OPS = {"linear": linear, "conv2d": conv2d}
+_COMPILED: dict = {}
+
+
+def _layout(x: torch.Tensor):
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+def compiled_op(op: str):
+    """`torch.ops.mixquant.cpu_qlinear` / `cpu_qconv2d` (registered on first use): the CPU route as one op, the form
+    dispatch calls under torch.compile, so the graph keeps each quantized layer whole (its route choice and weight
+    caches run eagerly inside the op, as they do without compile) and compiles what lies between them."""
+    from .registry import OP_SCHEMA as _SCHEMA, custom_op as _custom_op
+
+    if op not in _COMPILED:
+        names = ("qweight", "scale", "zero", "bits", "k", "group_size", "bias", "a_bits", "a_mode", "a_scale",
+                 "a_zero", "a_split")
+        if op == "linear":
+            def impl(x, *args):
+                return linear(x, **dict(zip(names, args[:len(names)])))
+
+            def fake(x, qweight, *args):
+                return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+            _COMPILED[op] = _custom_op("mixquant::cpu_qlinear", impl, fake, _SCHEMA + ") -> Tensor")
+        else:
+            geo = ("kernel_size", "stride", "padding", "dilation")
+
+            def impl(x, *args):
+                call = dict(zip(names, args[:len(names)]))
+                out = conv2d(x, **call, **{g: tuple(v) for g, v in zip(geo, args[len(names) + 1:])})
+                out = out.contiguous(memory_format=_layout(x))  # (the memory format the fake promises)
+                return out if out.data_ptr() != x.data_ptr() else out.clone()
+
+            def fake(x, qweight, *args):
+                kh, kw = args[-4]
+                (sh, sw), (ph, pw), (dh, dw) = args[-3], args[-2], args[-1]
+                b, _, h, w = x.shape
+                oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+                return torch.empty((b, qweight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                                   memory_format=_layout(x))
+
+            _COMPILED[op] = _custom_op("mixquant::cpu_qconv2d", impl, fake,
+                                       _SCHEMA + ", int[] kernel_size, int[] stride, int[] padding, int[] dilation) "
+                                                 "-> Tensor")
+    return _COMPILED[op]
 
 
 def candidates(op: str, **call) -> list:
@@ -304,3 +350,8 @@ def _probe() -> CpuPlan:
     timings = {"float_dtype": dt_times, "int_mm_vs_float": t}
     return CpuPlan(float_dtype=float_dtype, int_routes={"linear": onednn + int_mm, "conv2d": list(onednn)},
                    isa=info, timings_ms=timings, notes=notes)
+
+
+# registered now, not at the first compiled call: registering inside a trace breaks the graph
+compiled_op("linear")
+compiled_op("conv2d")

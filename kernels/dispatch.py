@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import cpu_routes, reference  # (cpu_routes registers its compiled ops on import, before any trace)
 from .reference import dequantize_weight
 from .registry import Backend, Constraints, Registry
 
@@ -70,9 +70,12 @@ def linear(x: torch.Tensor, cache: dict | None = None, codes=None, **call) -> to
     return impl(x, cache=cache, **call)
 
 
-def conv2d(x: torch.Tensor, cache: dict | None = None, **call) -> torch.Tensor:
-    """Quantized conv2d over NCHW x; `call` as for linear plus kernel_size, stride, padding, dilation."""
-    _, impl = select("conv2d", x=x, cache=cache, **call)
+def conv2d(x: torch.Tensor, cache: dict | None = None, codes=None, **call) -> torch.Tensor:
+    """Quantized conv2d over NCHW x; `call` as for linear plus kernel_size, stride, padding, dilation. `codes`: as
+    for linear (static codes of x zero-padded by the conv's padding, written by a fused GroupNorm + SiLU)."""
+    name, impl = select("conv2d", x=x, cache=cache, **call)
+    if codes is not None and name in ("triton", "gpu"):
+        return impl(x, cache=cache, codes=codes, **call)
     return impl(x, cache=cache, **call)
 
 
@@ -164,24 +167,34 @@ def _triton_linear(x, cache=None, codes=None, **call):
     return triton_gemm.qlinear(x, **call, wsum=wsum, codes=codes)
 
 
-def _triton_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), **call):
+def _triton_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), codes=None,
+                   **call):
     from . import triton_conv, triton_gemm
     wsum = triton_gemm.cached_weight_sums(cache, call)
     if torch.compiler.is_compiling():
         return triton_conv.conv2d_op()(x, **call, wsum=wsum, kernel_size=list(kernel_size), stride=list(stride),
                                        padding=list(padding), dilation=list(dilation))
     return triton_conv.qconv2d(x, **call, wsum=wsum, kernel_size=tuple(kernel_size), stride=tuple(stride),
-                               padding=tuple(padding), dilation=tuple(dilation))
+                               padding=tuple(padding), dilation=tuple(dilation), codes=codes)
 
 
-def _cpu_linear(x, **call):
-    from . import cpu_routes
-    return cpu_routes.linear(x, **call)
+def _cpu_linear(x, cache=None, **call):
+    if torch.compiler.is_compiling():  # (one op in the graph: see cpu_routes.compiled_op)
+        return cpu_routes.compiled_op("linear")(x, **_op_call(call), wsum=None)
+    return cpu_routes.linear(x, cache=cache, **call)
 
 
-def _cpu_conv2d(x, **call):
-    from . import cpu_routes
-    return cpu_routes.conv2d(x, **call)
+def _cpu_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), **call):
+    if torch.compiler.is_compiling():  # (one op in the graph: see cpu_routes.compiled_op)
+        return cpu_routes.compiled_op("conv2d")(x, **_op_call(call), wsum=None, kernel_size=list(kernel_size),
+                                                stride=list(stride), padding=list(padding), dilation=list(dilation))
+    return cpu_routes.conv2d(x, cache=cache, kernel_size=kernel_size, stride=stride, padding=padding,
+                             dilation=dilation, **call)
+
+
+def _op_call(call: dict) -> dict:
+    return {k: call[k] for k in ("qweight", "scale", "zero", "bits", "k", "group_size", "bias", "a_bits", "a_mode",
+                                 "a_scale", "a_zero", "a_split")}
 
 
 def _gpu_available():

@@ -188,8 +188,12 @@ def linear(x, cache=None, codes=None, **call):
     return run("linear", route, x, cache=cache, **call)
 
 
-def conv2d(x, cache=None, **call):
-    return run("conv2d", _route("conv2d", x, cache, call), x, cache=cache, **call)
+def conv2d(x, cache=None, codes=None, **call):
+    route = _route("conv2d", x, cache, call)
+    if codes is not None and route == "triton":  # the fused GroupNorm + SiLU's codes of x (kernels/triton_fused.py)
+        from . import dispatch
+        return dispatch._triton_conv2d(x, cache=cache, codes=codes, **call)
+    return run("conv2d", route, x, cache=cache, **call)
 
 
 def choose(op: str, x, cache=None, **call) -> str:

@@ -172,3 +172,21 @@ class Registry:
             return why
         c = b.constraints.get(op)
         return None if c is None else c.check(call)
+
+
+# --- custom ops: the form each quantized call takes under torch.compile (one op in the graph per layer) -----------
+OP_SCHEMA = ("(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int k, int? group_size, Tensor? bias, "
+             "int a_bits, str a_mode, Tensor? a_scale, Tensor? a_zero, int? a_split, Tensor? wsum")
+
+
+def custom_op(name, impl, fake, schema):
+    """Register `name` (torch.library.custom_op with a fake for tracing), or the one registered already."""
+    import torch
+
+    try:
+        op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
+    except RuntimeError:  # registered already (the package imported twice under different names, e.g. ComfyUI)
+        ns, op_name = name.split("::")
+        return getattr(getattr(torch.ops, ns), op_name)
+    op.register_fake(fake)
+    return op

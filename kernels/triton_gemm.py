@@ -756,15 +756,4 @@ def linear_op():
     return _OPS["qlinear"]
 
 
-_SCHEMA = ("(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int k, int? group_size, Tensor? bias, "
-           "int a_bits, str a_mode, Tensor? a_scale, Tensor? a_zero, int? a_split, Tensor? wsum")
-
-
-def _custom_op(name, impl, fake, schema):
-    try:
-        op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
-    except RuntimeError:  # registered already (the package imported twice under different names, e.g. ComfyUI)
-        ns, op_name = name.split("::")
-        return getattr(getattr(torch.ops, ns), op_name)
-    op.register_fake(fake)
-    return op
+from .registry import OP_SCHEMA as _SCHEMA, custom_op as _custom_op  # noqa: E402  (shared with the CPU's op)

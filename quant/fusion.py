@@ -6,8 +6,11 @@ GEGLU modules: a projection, then the activation), and every quantized layer rea
 same way (to_q / to_k / to_v after a transformer block's norm; ff.net.2 after ff.net.0; an nn.GELU between two
 Linear layers), the op runs as one fused Triton kernel (kernels/triton_fused.py) that writes both its output and the
 int8 codes; the layers' GEMMs read the codes (the Triton route; dispatch passes them on) and skip their own
-quantization pass. Not yet: GroupNorm + SiLU before a ResBlock's 3x3 conv (the kernel exists; diffusers calls the
-two as separate modules, and the SiLU module is shared within the block), and a speed figure (a GPU run).
+quantization pass. In a UNet ResBlock (diffusers' ResnetBlock2D: norm -> nonlinearity [-> dropout] -> conv;
+ComfyUI's ResBlock: in_layers / out_layers = GroupNorm, SiLU[, Dropout], conv) the GroupNorm computes GroupNorm + SiLU
+and the static codes of its output padded for the 3x3 conv in one kernel; the SiLU module that follows (in diffusers
+shared within the block, also for the time embedding) passes a tensor so marked through unchanged and applies itself
+to anything else. Not yet: a speed figure (a GPU run).
 
 `enable(model)` (quantize_model and the file loader call it): at the model's first call, which runs as before,
 hooks see which module's output each quantized layer reads; after it, each producer whose readers agree (same
@@ -25,7 +28,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-from .layers import CODES_ATTR, QuantLayer
+from .layers import CODES_ATTR, QuantConv2d, QuantLayer
 
 
 def _plain(m: nn.Module, base: type) -> bool:
@@ -47,6 +50,21 @@ def _kind(m: nn.Module) -> str | None:
             and type(m).__module__.split(".")[0] in ("diffusers", "comfy"):
         return name.lower()
     return None
+
+
+def _resblock_norms(model: nn.Module) -> set:
+    """The GroupNorms whose output only a SiLU reads: norm1 / norm2 of diffusers' ResnetBlock2D, the first module of
+    ComfyUI's ResBlock in_layers / out_layers."""
+    out = set()
+    for m in model.modules():
+        name, lib = type(m).__name__, type(m).__module__.split(".")[0]
+        if name == "ResnetBlock2D" and lib == "diffusers":
+            out.update(n for n in (getattr(m, "norm1", None), getattr(m, "norm2", None)) if n is not None)
+        elif name == "ResBlock" and lib == "comfy":
+            for seq in (getattr(m, "in_layers", None), getattr(m, "out_layers", None)):
+                if isinstance(seq, nn.Sequential) and len(seq) > 1 and isinstance(seq[1], nn.SiLU):
+                    out.add(seq[0])
+    return {n for n in out if isinstance(n, nn.GroupNorm) and n.affine and _plain(n, nn.GroupNorm)}
 
 
 def _reader_key(q: QuantLayer):
@@ -83,6 +101,17 @@ def _usable(x: torch.Tensor) -> bool:
     return triton_gemm.HAVE_TRITON and triton_gemm.available(x.device) is None
 
 
+ACTIVATED_ATTR = "_mq_activated"  # (group, version): SiLU already applied by a fused GroupNorm
+
+
+def _passthrough_forward(self, x, *args, **kwargs):
+    """A SiLU after a fused GroupNorm: its output (marked, unchanged since) is activated already."""
+    tag = getattr(x, ACTIVATED_ATTR, None) if isinstance(x, torch.Tensor) else None
+    if tag is not None and x._version == tag[1] and not args and not kwargs:
+        return x
+    return super(type(self), self).forward(x, *args, **kwargs)
+
+
 def _fused_forward(self, x, *args, **kwargs):
     """The producer's forward, writing its readers' int8 codes beside its output where it can (module docstring)."""
     g = self.__dict__.get("_mq_group")
@@ -96,7 +125,13 @@ def _fused_forward(self, x, *args, **kwargs):
     act = g.readers[0]._act_args(x.device)
     kw = dict(a_mode=act["a_mode"], a_bits=act["a_bits"], a_scale=act["a_scale"], a_zero=act["a_zero"])
     try:
-        if g.kind == "layernorm":
+        if g.kind == "groupnorm_silu":
+            if x.dim() != 4:
+                return super(type(self), self).forward(x)
+            y, q, s = tf.groupnorm_silu_quant(x, self.num_groups, self.weight, self.bias, self.eps, act["a_scale"],
+                                              act["a_zero"], act["a_bits"], pad=tuple(g.readers[0].padding))
+            setattr(y, ACTIVATED_ATTR, (g, y._version))
+        elif g.kind == "layernorm":
             y, q, s = tf.layernorm_quant(x, self.weight, self.bias, self.eps, **kw)
         elif g.kind == "gelu_module":
             y, q, s = tf.gelu_quant(x, approximate=self.approximate, **kw)
@@ -121,12 +156,12 @@ def _fused_forward(self, x, *args, **kwargs):
 _CLASSES: dict = {}
 
 
-def _fused_class(cls: type) -> type:
+def _fused_class(cls: type, forward=_fused_forward) -> type:
     """`cls` with the fused forward (one subclass per producer class; the module keeps its state, only its class
     changes, so copies and device moves behave as before)."""
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _fused_forward, "__module__": cls.__module__})
-    return _CLASSES[cls]
+    if (cls, forward) not in _CLASSES:
+        _CLASSES[cls, forward] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return _CLASSES[cls, forward]
 
 
 def _link(mod, args, kwargs):
@@ -135,12 +170,23 @@ def _link(mod, args, kwargs):
     if st is None or st.get("done") or "trace" in st:
         return
     made, links = {}, {}  # id(output) -> (weak reference, producer, kind); producer -> (kind, its readers)
+    silu_of = {}  # fused GroupNorm -> the SiLU module applied to its output
 
     def out_hook(kind):
         def h(m, a, out):
             if isinstance(out, torch.Tensor):
                 made[id(out)] = (weakref.ref(out), m, kind)
         return h
+
+    def through(m, a, out):  # SiLU after a ResBlock's GroupNorm, and the dropout after it: the same producer
+        hit = made.get(id(a[0])) if a and isinstance(a[0], torch.Tensor) else None
+        if hit is None or hit[0]() is not a[0] or not isinstance(out, torch.Tensor):
+            return
+        if isinstance(m, nn.SiLU) and hit[2] == "groupnorm":
+            silu_of.setdefault(hit[1], set()).add(m)
+            made[id(out)] = (weakref.ref(out), hit[1], "groupnorm_silu")
+        elif isinstance(m, nn.Dropout) and hit[2] == "groupnorm_silu":
+            made[id(out)] = (weakref.ref(out), hit[1], "groupnorm_silu")
 
     def in_hook(m, a):
         if a and isinstance(a[0], torch.Tensor):
@@ -149,13 +195,16 @@ def _link(mod, args, kwargs):
                 links.setdefault(hit[1], (hit[2], []))[1].append(m)
 
     hs = []
+    norms = _resblock_norms(mod)
     for m in mod.modules():
-        kind = _kind(m)
+        kind = "groupnorm" if m in norms else _kind(m)
         if kind is not None:
             hs.append(m.register_forward_hook(out_hook(kind)))
+        if isinstance(m, (nn.SiLU, nn.Dropout)):
+            hs.append(m.register_forward_hook(through))
         if isinstance(m, QuantLayer):
             hs.append(m.register_forward_pre_hook(in_hook))
-    st["trace"] = (hs, links)
+    st["trace"] = (hs, links, silu_of)
 
 
 def _install(mod, args, kwargs, out):
@@ -163,16 +212,24 @@ def _install(mod, args, kwargs, out):
     st = mod.__dict__.get("_mq_fusion")
     if st is None or st.get("done") or "trace" not in st:
         return
-    hs, links = st.pop("trace")
+    hs, links, silu_of = st.pop("trace")
     for h in hs:
         h.remove()
     for m, (kind, readers) in links.items():
-        if "_mq_group" in m.__dict__:
+        if "_mq_group" in m.__dict__ or kind == "groupnorm":  # (a GroupNorm read without its SiLU: no kernel)
             continue
         readers = list(dict.fromkeys(readers))
         keys = [_reader_key(r) for r in readers]
         if keys[0] is None or not all(_same(keys[0], k) for k in keys[1:]):
             continue
+        if kind == "groupnorm_silu":  # static codes of the input padded as the convs pad it
+            if keys[0][0] != "static" or not all(isinstance(r, QuantConv2d) and tuple(r.padding) ==
+                                                 tuple(readers[0].padding) for r in readers):
+                continue
+            for silu in silu_of.get(m, ()):
+                if "_mq_passthrough" not in silu.__dict__:
+                    silu._mq_passthrough = True
+                    silu.__class__ = _fused_class(type(silu), _passthrough_forward)
         m._mq_group = Group(kind, readers)
         m.__class__ = _fused_class(type(m))
     st["done"] = True

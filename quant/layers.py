@@ -473,7 +473,8 @@ class QuantConv2d(QuantLayer):
         geometry = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                         dilation=self.dilation)
         if self.packed:
-            return dispatch.conv2d(x, **self._kernel_args(blob, bias, x.device), **geometry)
+            return dispatch.conv2d(x, codes=fused_codes(self, x), **self._kernel_args(blob, bias, x.device),
+                                   **geometry)
         act = self._act_args(x.device)
         w = self.dequantized_weight().to(x.device)
         return reference.conv2d(x, w, bias, a_bits=act["a_bits"], a_mode=act["a_mode"], a_scale=act["a_scale"],

@@ -89,3 +89,35 @@ def test_a_kernel_that_fails_leaves_the_layer_unfused(monkeypatch):
         with pytest.warns(UserWarning, match="runs unfused"):
             y1 = q(x)
     assert torch.equal(y0, y1) and fusion.groups(q) == []
+
+
+def test_resblock_groupnorm_links_to_its_conv_through_silu_and_dropout():
+    """In a UNet ResBlock the GroupNorm's output reaches the 3x3 conv through the SiLU (and dropout): that GroupNorm
+    and the conv are linked, the SiLU becomes a pass-through for its fused output only; on the CPU (no Triton
+    device) everything computes as before."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(1)
+    block = ResnetBlock2D(in_channels=16, out_channels=32, temb_channels=8, groups=4).eval()
+    x, temb = torch.randn(1, 16, 5, 5), torch.randn(1, 8)
+    with torch.no_grad():
+        ranges = collect_act_ranges(block, lambda: block(x, temb))
+        q = quantize_model(block, {"conv1": LayerFormat(8, 8), "conv2": LayerFormat(8, 8),
+                                   "conv_shortcut": LayerFormat(8, 8)}, ranges)[0]
+        y0 = q(x, temb)
+        gs = {g.kind: g for g in fusion.groups(q)}
+        assert set(gs) == {"groupnorm_silu"} and len(fusion.groups(q)) == 2
+        assert {id(r) for g in fusion.groups(q) for r in g.readers} == {id(q.conv1), id(q.conv2)}
+        assert torch.equal(q(x, temb), y0)
+        # the pass-through acts only on a tensor a fused GroupNorm marked (unchanged since)
+        t = torch.randn(3)
+        assert torch.equal(q.nonlinearity(t), torch.nn.functional.silu(t))
+        setattr(t, fusion.ACTIVATED_ATTR, (None, t._version))
+        assert q.nonlinearity(t) is t
+        t.add_(1)
+        assert torch.equal(q.nonlinearity(t), torch.nn.functional.silu(t))
+    # dynamic activations are not what the GroupNorm kernel writes: not linked
+    with torch.no_grad():
+        qd = quantize_model(block, {"conv1": LayerFormat(8, 8, a_mode="dynamic")}, ranges)[0]
+        qd(x, temb)
+    assert fusion.groups(qd) == []

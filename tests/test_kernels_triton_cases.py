@@ -367,3 +367,36 @@ def test_fused_producers_feed_their_readers(a_mode, monkeypatch):
     assert sum(used) == 6 and all(g.used == 1 for g in groups)  # q, k, v and the three ff outs read fused codes
     rel = float((y1 - y0).abs().max() / y0.abs().max())
     assert rel < 2e-2
+
+
+def test_fused_groupnorm_silu_feeds_the_resblock_convs(monkeypatch):
+    """A UNet ResBlock (diffusers' ResnetBlock2D: GroupNorm -> SiLU -> 3x3 conv, twice): after the first call each
+    GroupNorm computes GroupNorm + SiLU and its conv's padded static codes, the shared SiLU passes its output through
+    (and still activates the time embedding), the convs read the codes, and the output stays the quantized block's."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from mixquant.kernels import triton_conv
+    from mixquant.quant import fusion
+    from mixquant.quant.apply import quantize_model
+    from mixquant.quant.calibration import collect_act_ranges
+    from mixquant.quant.formats import LayerFormat
+
+    torch.manual_seed(8)
+    block = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=64, groups=8).eval().to(DEV)
+    x, temb = torch.randn(2, 32, 6, 6, device=DEV), torch.randn(2, 64, device=DEV)
+    with torch.no_grad():
+        ranges = collect_act_ranges(block, lambda: block(x, temb))
+        q, _ = quantize_model(block, {"conv1": LayerFormat(8, 8), "conv2": LayerFormat(8, 8)}, ranges)
+        used = []
+        real = triton_conv.qconv2d
+        monkeypatch.setattr(triton_conv, "qconv2d", lambda *a, **k: (used.append(k.get("codes") is not None),
+                                                                   real(*a, **k))[1])
+        y0 = q(x, temb)  # the first call: unfused, links the norms to the convs
+        assert not any(used)
+        groups = fusion.groups(q)
+        assert sorted(g.kind for g in groups) == ["groupnorm_silu", "groupnorm_silu"]
+        assert type(q.nonlinearity).forward is fusion._passthrough_forward
+        used.clear()
+        y1 = q(x, temb)
+    assert used == [True, True] and all(g.used == 1 for g in groups)
+    assert float((y1 - y0).abs().max() / y0.abs().max()) < 1e-2

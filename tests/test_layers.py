@@ -178,6 +178,36 @@ def test_quantized_layers_trace_without_graph_breaks():
             assert torch.equal(torch.compile(layer, fullgraph=True, backend="eager")(inp), layer(inp))
 
 
+def test_cpu_routes_compile_as_one_op_per_layer():
+    """torch.compile (inductor, as ComfyUI's TorchCompileModel node uses it) on the CPU: each quantized layer is one
+    op in the graph (its route choice and weight caches run eagerly inside, as without compile; tracing them broke
+    on inference tensors), the graph has no breaks, and the result is the eager model's."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
+        pytest.skip("inductor needs a C++ compiler")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(), nn.Flatten(2))
+    lin = nn.Linear(25, 32)
+    q_conv = QuantConv2d.from_float(model[0], LayerFormat(8, 8))
+    q_conv.set_act_range(torch.tensor(-3.0), torch.tensor(3.0))
+    q_lin = QuantLinear.from_float(lin, LayerFormat(4, 8, 32))
+    q_lin.set_act_range(torch.tensor(-2.0), torch.tensor(2.0))
+    model[0] = q_conv
+    model.append(q_lin)
+    x = torch.randn(2, 8, 5, 5)
+    with dispatch.use_backend("cpu"), torch.inference_mode():
+        y = model(x)
+        torch._dynamo.reset()
+        explain = torch._dynamo.explain(model)(x)
+        assert explain.graph_break_count == 0 and explain.graph_count == 1
+        ops = {str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"}
+        assert {"mixquant.cpu_qconv2d.default", "mixquant.cpu_qlinear.default"} <= ops, ops
+        torch._dynamo.reset()
+        yc = torch.compile(model)(x)
+    assert float((yc - y).abs().max() / y.abs().max()) < 2e-2
+
+
 def test_activation_args_follow_in_place_range_updates_and_groups():
     """The per-layer memo of activation arguments must see a range loaded in place (load_state_dict copies into the
     buffers) and a switch of timestep group."""
