@@ -360,11 +360,15 @@ def test_stock_torch_compile_on_the_quantized_model(server):
     compiled = {"20": {"class_type": "TorchCompileModel", "inputs": {"model": ["7", 0], "backend": "inductor"}}}
     qc = _latent_after(server, _sampler_graph(["20", 0], {**_quant_nodes(), **compiled}), "qcompiled_")
     fp = _latent_after(server, _sampler_graph(["1", 0]), "fpc_")
+    fpc = _latent_after(server, _sampler_graph(["21", 0], {"21": {**compiled["20"], "inputs": {
+        **compiled["20"]["inputs"], "model": ["1", 0]}}}), "fpcompiled_")
     assert qc.shape == q.shape and torch.isfinite(qc).all()
-    # (compiled float ops round a little differently, which moves a few activation codes: small beside what
-    # quantization itself moves)
-    d, dq = float((qc - q).norm()), float((q - fp).norm())
-    assert d <= 0.05 * float(q.norm()) and d <= 0.5 * dq, (d / float(q.norm()), d / dq)
+    d, dq, dfp = float((qc - q).norm()), float((q - fp).norm()), float((fpc - fp).norm())
+    # compiled float ops round a little differently (the FP model moves ~4e-6); in the quantized model that moves
+    # the few activations on a rounding boundary by a whole code step, which three sampling steps spread (0.7-2.4%
+    # over runs, as inductor's kernels vary): small, and below what quantization itself moves
+    assert dfp <= 1e-3 * float(fp.norm())
+    assert d <= 0.05 * float(q.norm()) and d < dq, (d / float(q.norm()), d / dq)
 
 
 def test_interrupted_calibration_leaves_server_and_model_intact(server):
