@@ -87,11 +87,19 @@ def test_click_through_the_flow(served):
             page.locator("#mq-budget-bits").wait_for(state="hidden")
             page.wait_for_function("b => document.querySelector('#mq-prediction').innerText != b", arg=before)
             assert "Predicted size" in page.locator("#mq-prediction").inner_text()
+            in_mb = page.locator("#mq-prediction").inner_text()
             page.locator("#mq-unit").get_by_text("average weight bits").click()
+            page.wait_for_function("b => document.querySelector('#mq-prediction').innerText != b", arg=in_mb)
+            at_default = page.locator("#mq-prediction").inner_text()
             box = page.locator("#mq-budget-bits input[type=number]")
             box.fill("4.5")
             box.press("Enter")
-            page.locator("#mq-prediction").get_by_text("average 4.5").wait_for()
+            # the plan at 4.5 bits: its average within the budget (with the speed target on by default the plan
+            # may stay a little under it, by this machine's timings: not always "4.50")
+            page.wait_for_function(
+                "b => { const t = document.querySelector('#mq-prediction').innerText;"
+                " const m = t.match(/average (\\d+\\.\\d+) weight bits/);"
+                " return t != b && m && parseFloat(m[1]) > 3.5 && parseFloat(m[1]) <= 4.51; }", arg=at_default)
             # 4. quantize and compare
             page.locator("#mq-quantize").click()
             page.locator("#mq-numbers").get_by_text("Quality vs FP").wait_for(timeout=300_000)
