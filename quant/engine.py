@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -237,6 +238,9 @@ class Problem:
     min_speed: float = 1.0
     speed_required: bool = False  # False: where the budget cannot meet min_speed, as fast as the budget allows
     shortfall: Infeasible | None = None  # set by solve() at the main budget when min_speed could not be met
+    # groups of layers (indices) that take one format together: for ComfyUI's native format, the diffusers layers a
+    # stacked native layer joins (Flux / SD3 q, k, v; a single block's linear1), so the joined layer stays native
+    ties: list = field(default_factory=list)
 
     def build(self, sens: Sensitivity, lam: float) -> list[list[Option]]:
         out = []
@@ -258,6 +262,7 @@ class Problem:
         extra = (self.a16_limit,) if self.a16_limit is not None else ()
         budget = self.budget_cost if budget_cost is None else budget_cost
         max_time = None if self.speed is None else self.speed.limit(self.min_speed)
+        opts, expand = _tie(opts, self.ties)
         try:
             choice = solve(opts, budget, extra, max_time=max_time)
         except Infeasible as e:
@@ -271,7 +276,7 @@ class Problem:
             # within SPEED_SLACK of the fastest plan the budget allows (exactly the fastest leaves the quality no
             # room: on digits at 4 bits, 22 dB SQNR against 29 dB at 10% slower)
             choice = solve(opts, budget, extra, max_time=e.fastest * SPEED_SLACK)
-        return {li.name: opts[i][j].fmt for i, (li, j) in enumerate(zip(self.layers, choice))}
+        return {li.name: self.options[i][j] for i, (li, j) in enumerate(zip(self.layers, expand(choice)))}
 
     def min_feasible(self) -> float:
         return min_cost(self.layers, self.options, self.use_bytes)
@@ -350,7 +355,52 @@ def problem(layers, cfg: QuantizeConfig, calib: Calibration, sens: Sensitivity, 
         total_elems = sum(calib.act_elements.get(li.name, 0) for li in layers if not li.protected)
         a16 = cfg.a16_share * total_elems
     return Problem(layers, options, norms["content"], norms["quality"], fixed, budget, use_bytes, a16,
-                   dict(calib.act_elements), speed, cfg.min_speed, cfg.speed == "require")
+                   dict(calib.act_elements), speed, cfg.min_speed, cfg.speed == "require",
+                   ties=native_ties(layers, options, model) if cfg.target == "comfyui-native" else [])
+
+
+def native_ties(layers, options, model: nn.Module) -> list[list[int]]:
+    """The layers a stacked layer of ComfyUI's layout joins (quant/dit_names.py: a diffusers Flux / SD3's q, k, v,
+    a single block's linear1), as groups of indices into `layers`, where their menus agree."""
+    from .dit_names import layout_for
+
+    layout = layout_for(type(model).__name__, dict(getattr(model, "config", None) or {}))
+    if layout is None:
+        return []
+    index = {li.name: i for i, li in enumerate(layers)}
+    out = []
+    for e in layout.entries:
+        group = list(dict.fromkeys(index[p.module] for p in e.pieces if p.module in index))
+        if len(group) > 1 and all(options[i] == options[group[0]] for i in group):
+            out.append(group)
+    return out
+
+
+def _tie(opts: list, ties: list) -> tuple[list, object]:
+    """Options with each tied group as one choice (its members' option j summed), and the map of a choice back to
+    one index per layer."""
+    if not ties:
+        return opts, lambda choice: choice
+    lead = {g[0]: g for g in ties}
+    member = {i for g in ties for i in g[1:]}
+    merged, owners = [], []
+    for i, o in enumerate(opts):
+        if i in member:
+            continue
+        g = lead.get(i, [i])
+        merged.append([Option(o[j].fmt, sum(opts[k][j].loss for k in g), sum(opts[k][j].cost for k in g),
+                              tuple(np.sum([opts[k][j].extra for k in g], axis=0)) if o[j].extra else (),
+                              sum(opts[k][j].time for k in g)) for j in range(len(o))])
+        owners.append(g)
+
+    def expand(choice):
+        out = [0] * len(opts)
+        for g, j in zip(owners, choice):
+            for k in g:
+                out[k] = j
+        return out
+
+    return merged, expand
 
 
 class _Swap:

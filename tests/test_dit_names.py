@@ -75,3 +75,28 @@ def test_small_flux_both_ways_and_bad_input():
         from_original({**orig, "double_blocks.9.extra.weight": torch.zeros(1)}, lay)
     with pytest.raises(MixQuantError, match="no place"):
         to_original({**state, "something_else.weight": torch.zeros(1)}, lay)
+
+
+def test_comfyui_native_plans_tie_the_layers_a_stacked_layer_joins():
+    """--target comfyui-native on a diffusers Flux: q, k, v (and a single block's linear1 parts) take one format,
+    so each stacked layer of ComfyUI's layout exports natively."""
+    from mixquant.app.diffusers_host.random_models import random_pipeline
+    from mixquant.app.diffusers_host.runner import PipelineRunner, SamplerSettings
+    from mixquant.quant import engine
+
+    pipe = random_pipeline("flux", "small", seed=1)
+    runner = PipelineRunner(pipe, SamplerSettings(steps=2, guidance=3.5, width=32, height=32))
+    lay = flux_layout(dict(runner.denoiser.config))
+    groups = [[p.module for p in e.pieces] for e in lay.entries if len({p.module for p in e.pieces}) > 1]
+    assert len(groups) == 2 * 2 + 2  # img / txt qkv per double block, linear1 per single block
+    common = dict(avg_w_bits=6, speed="off", sens_mode="local", sweep_seconds=0, cache_dir="", weight_search="mse")
+    native = engine.QuantizeConfig(target="comfyui-native", **common)
+    prepared = engine.prepare(runner, ["a red fox", "a blue car"], native)
+    prob = engine.problem(prepared.layers, native, prepared.calib, prepared.sens, runner.denoiser)
+    assert len(prob.ties) == len(groups)
+    for lam in (0.2, 0.5, 0.8):
+        plan = prob.solve(prepared.sens, lam)
+        for g in groups:
+            assert len({plan[n].name for n in g}) == 1, [(n, plan[n].name) for n in g]
+        st = engine.plan_stats(prepared.layers, plan, prepared.calib.act_elements)
+        assert st["avg_w_bits"] <= 6 + 1e-6
