@@ -215,7 +215,7 @@ def real_section(device: str, size: int, steps: int, n_prompts: int, outliers: f
     with its blocks streamed through the device (quant/offload.py; sensitivity `local`: forward passes only) and
     quantized into it layer by layer: peak device memory of the whole run against the bf16 size, bytes, the step's
     SQNR and speed against bf16 (the bf16 model moved to the device after the peak is read)."""
-    from mixquant.quant.offload import streamed
+    from mixquant.quant.offload import stream_blocks, streamed
     from mixquant.quant.sizes import model_bytes
 
     cuda = torch.device(device).type == "cuda"
@@ -228,7 +228,7 @@ def real_section(device: str, size: int, steps: int, n_prompts: int, outliers: f
     bf16 = model_bytes(model)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"  built flux_{config}, {n_params / 1e9:.2f}B parameters, {bf16 / 2**30:.1f} GiB bf16, in {t_build:.0f} s")
-    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    blocks = stream_blocks(model)
     runner = PipelineRunner(pipe, SamplerSettings(steps=steps, guidance=3.5, width=size, height=size))
     cfg = engine.QuantizeConfig(avg_w_bits=avg_w_bits, speed="off", sens_mode="local", sweep_seconds=0, cache_dir="",
                                 weight_search="mse", sens_calls=2, sens_inputs_mb=8192)

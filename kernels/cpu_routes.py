@@ -129,28 +129,31 @@ def compiled_op(op: str):
     from .registry import OP_SCHEMA as _SCHEMA, custom_op as _custom_op
 
     if op not in _COMPILED:
-        names = ("qweight", "scale", "zero", "bits", "k", "group_size", "bias", "a_bits", "a_mode", "a_scale",
-                 "a_zero", "a_split")
         if op == "linear":
-            def impl(x, *args):
-                return linear(x, **dict(zip(names, args[:len(names)])))
+            def impl(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
+                     wsum):
+                return linear(x, qweight=qweight, scale=scale, zero=zero, bits=bits, k=k, group_size=group_size,
+                              bias=bias, a_bits=a_bits, a_mode=a_mode, a_scale=a_scale, a_zero=a_zero,
+                              a_split=a_split)
 
-            def fake(x, qweight, *args):
+            def fake(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
+                     wsum):
                 return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
             _COMPILED[op] = _custom_op("mixquant::cpu_qlinear", impl, fake, _SCHEMA + ") -> Tensor")
         else:
-            geo = ("kernel_size", "stride", "padding", "dilation")
-
-            def impl(x, *args):
-                call = dict(zip(names, args[:len(names)]))
-                out = conv2d(x, **call, **{g: tuple(v) for g, v in zip(geo, args[len(names) + 1:])})
+            def impl(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
+                     wsum, kernel_size, stride, padding, dilation):
+                out = conv2d(x, qweight=qweight, scale=scale, zero=zero, bits=bits, k=k, group_size=group_size,
+                             bias=bias, a_bits=a_bits, a_mode=a_mode, a_scale=a_scale, a_zero=a_zero,
+                             a_split=a_split, kernel_size=tuple(kernel_size), stride=tuple(stride),
+                             padding=tuple(padding), dilation=tuple(dilation))
                 out = out.contiguous(memory_format=_layout(x))  # (the memory format the fake promises)
                 return out if out.data_ptr() != x.data_ptr() else out.clone()
 
-            def fake(x, qweight, *args):
-                kh, kw = args[-4]
-                (sh, sw), (ph, pw), (dh, dw) = args[-3], args[-2], args[-1]
+            def fake(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
+                     wsum, kernel_size, stride, padding, dilation):
+                (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
                 b, _, h, w = x.shape
                 oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
                 return torch.empty((b, qweight.shape[0], oh, ow), dtype=x.dtype, device=x.device,

@@ -31,7 +31,7 @@ import torch
 
 from . import cpu_routes, reference  # (cpu_routes registers its compiled ops on import, before any trace)
 from .reference import dequantize_weight
-from .registry import Backend, Constraints, Registry
+from .registry import OP_ARGS, Backend, Constraints, Registry
 
 REGISTRY = Registry(priority=["gpu", "triton", "cpu", "reference"], fallback="reference")
 register = REGISTRY.register
@@ -64,16 +64,18 @@ def linear(x: torch.Tensor, cache: dict | None = None, codes=None, **call) -> to
     a_zero, a_split (see kernels/reference.py for the layouts); `cache` is optional (module docstring). `codes`:
     x's int8 codes as the op that produced x wrote them (kernels/triton_fused.py): the Triton GEMM reads them
     instead of quantizing x; every other route ignores them."""
-    name, impl = select("linear", x=x, cache=cache, **call)
-    if codes is not None and name in ("triton", "gpu"):
-        return impl(x, cache=cache, codes=codes, **call)
-    return impl(x, cache=cache, **call)
+    return _call("linear", x, cache, codes, call)
 
 
 def conv2d(x: torch.Tensor, cache: dict | None = None, codes=None, **call) -> torch.Tensor:
     """Quantized conv2d over NCHW x; `call` as for linear plus kernel_size, stride, padding, dilation. `codes`: as
     for linear (static codes of x zero-padded by the conv's padding, written by a fused GroupNorm + SiLU)."""
-    name, impl = select("conv2d", x=x, cache=cache, **call)
+    return _call("conv2d", x, cache, codes, call)
+
+
+def _call(op: str, x, cache, codes, call: dict):
+    """The selected backend's `op`; fused codes go only to the backends that read them (Triton, the GPU race)."""
+    name, impl = select(op, x=x, cache=cache, **call)
     if codes is not None and name in ("triton", "gpu"):
         return impl(x, cache=cache, codes=codes, **call)
     return impl(x, cache=cache, **call)
@@ -180,21 +182,21 @@ def _triton_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0,
 
 def _cpu_linear(x, cache=None, **call):
     if torch.compiler.is_compiling():  # (one op in the graph: see cpu_routes.compiled_op)
-        return cpu_routes.compiled_op("linear")(x, **_op_call(call), wsum=None)
+        return cpu_routes.compiled_op("linear")(x, *_op_args(call), None)
     return cpu_routes.linear(x, cache=cache, **call)
 
 
 def _cpu_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), **call):
     if torch.compiler.is_compiling():  # (one op in the graph: see cpu_routes.compiled_op)
-        return cpu_routes.compiled_op("conv2d")(x, **_op_call(call), wsum=None, kernel_size=list(kernel_size),
-                                                stride=list(stride), padding=list(padding), dilation=list(dilation))
+        return cpu_routes.compiled_op("conv2d")(x, *_op_args(call), None, list(kernel_size), list(stride),
+                                                list(padding), list(dilation))
     return cpu_routes.conv2d(x, cache=cache, kernel_size=kernel_size, stride=stride, padding=padding,
                              dilation=dilation, **call)
 
 
-def _op_call(call: dict) -> dict:
-    return {k: call[k] for k in ("qweight", "scale", "zero", "bits", "k", "group_size", "bias", "a_bits", "a_mode",
-                                 "a_scale", "a_zero", "a_split")}
+def _op_args(call: dict) -> list:
+    """The custom op's arguments after x, in its schema's order (kernels/registry.OP_ARGS)."""
+    return [call[k] for k in OP_ARGS]
 
 
 def _gpu_available():

@@ -177,6 +177,8 @@ class Registry:
 # --- custom ops: the form each quantized call takes under torch.compile (one op in the graph per layer) -----------
 OP_SCHEMA = ("(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int k, int? group_size, Tensor? bias, "
              "int a_bits, str a_mode, Tensor? a_scale, Tensor? a_zero, int? a_split, Tensor? wsum")
+OP_ARGS = ("qweight", "scale", "zero", "bits", "k", "group_size", "bias", "a_bits", "a_mode", "a_scale", "a_zero",
+           "a_split")  # the schema's arguments after x, before wsum
 
 
 def custom_op(name, impl, fake, schema):

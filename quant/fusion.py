@@ -227,8 +227,7 @@ def _install(mod, args, kwargs, out):
                                                  tuple(readers[0].padding) for r in readers):
                 continue
             for silu in silu_of.get(m, ()):
-                if "_mq_passthrough" not in silu.__dict__:
-                    silu._mq_passthrough = True
+                if type(silu).forward is not _passthrough_forward:
                     silu.__class__ = _fused_class(type(silu), _passthrough_forward)
         m._mq_group = Group(kind, readers)
         m.__class__ = _fused_class(type(m))

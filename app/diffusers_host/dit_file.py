@@ -22,7 +22,7 @@ import tempfile
 import torch
 
 from ...quant.errors import MixQuantError
-from .single_file import _header, _indices, write_tokenizer
+from .single_file import indices, read_shapes, write_tokenizer
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
 MODEL = "model.diffusion_model."
@@ -74,7 +74,7 @@ class Source:
         self.parts, self.family, self.shapes = {}, None, {}
         clips = []  # CLIP files on their own: (width, order, path)
         for path in paths:
-            shapes, _ = _header(path)
+            shapes, _ = read_shapes(path)
             found = _parts_of(path, shapes)
             if not found:
                 raise MixQuantError(f"{os.path.basename(path)} holds none of the parts of a Flux or SD3 model "
@@ -137,8 +137,8 @@ def transformer_config(family: str, s: dict) -> dict:
         first = max(2, (head // 8) // 2 * 2)  # Flux.1: 16 of 128 for the image index, 56 + 56 for the position
         rest = (head - first) // 2
         cfg = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": in_ch,
-               "num_layers": len(_indices(s, "double_blocks.")),
-               "num_single_layers": len(_indices(s, "single_blocks.")),
+               "num_layers": len(indices(s, "double_blocks.")),
+               "num_single_layers": len(indices(s, "single_blocks.")),
                "attention_head_dim": head, "num_attention_heads": inner // head,
                "joint_attention_dim": s["txt_in.weight"][1], "pooled_projection_dim": s["vector_in.in_layer.weight"][1],
                "guidance_embeds": "guidance_in.in_layer.weight" in s,
@@ -148,7 +148,7 @@ def transformer_config(family: str, s: dict) -> dict:
             cfg["out_channels"] = out
         return cfg
     inner, in_ch, p, _ = s["x_embedder.proj.weight"]
-    n = len(_indices(s, "joint_blocks."))
+    n = len(indices(s, "joint_blocks."))
     head = s["joint_blocks.0.x_block.attn.ln_q.weight"][0] if "joint_blocks.0.x_block.attn.ln_q.weight" in s else 64
     dual = [i for i in range(n) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in s]
     patches = s["pos_embed"][1]
@@ -170,14 +170,14 @@ def transformer_config(family: str, s: dict) -> dict:
 
 def _vae_config(family: str, s: dict) -> dict:
     p = "encoder.down."
-    levels = _indices(s, p)
-    widths = [s[f"{p}{i}.block.{_indices(s, f'{p}{i}.block.')[-1]}.conv2.weight"][0] for i in levels]
+    levels = indices(s, p)
+    widths = [s[f"{p}{i}.block.{indices(s, f'{p}{i}.block.')[-1]}.conv2.weight"][0] for i in levels]
     scale, shift = VAE_SCALE[family]
     return {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": widths,
             "down_block_types": ["DownEncoderBlock2D"] * len(widths),
             "up_block_types": ["UpDecoderBlock2D"] * len(widths), "in_channels": s["encoder.conv_in.weight"][1],
             "out_channels": s["decoder.conv_out.weight"][0], "latent_channels": s["decoder.conv_in.weight"][1],
-            "layers_per_block": len(_indices(s, f"{p}0.block.")),
+            "layers_per_block": len(indices(s, f"{p}0.block.")),
             "norm_num_groups": min(32, s["encoder.conv_in.weight"][0]), "sample_size": 1024,
             "scaling_factor": scale, "shift_factor": shift, "use_quant_conv": "quant_conv.weight" in s,
             "use_post_quant_conv": "post_quant_conv.weight" in s}
@@ -191,7 +191,7 @@ def _clip(src: Source, part: str, dtype, projection: bool):
     vocab, hidden = s[t + "embeddings.token_embedding.weight"]
     cfg = CLIPTextConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=s[t + "encoder.layers.0.mlp.fc1.weight"][0],
-        num_hidden_layers=len(_indices(s, t + "encoder.layers.")), num_attention_heads=max(1, hidden // 64),
+        num_hidden_layers=len(indices(s, t + "encoder.layers.")), num_attention_heads=max(1, hidden // 64),
         max_position_embeddings=s[t + "embeddings.position_embedding.weight"][0],
         hidden_act="gelu" if part == "clip_g" else "quick_gelu",
         projection_dim=s["text_projection.weight"][0] if "text_projection.weight" in s else hidden,
@@ -209,7 +209,7 @@ def _t5(src: Source, dtype):
     rel = s["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in s
     ff = s["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"][0]
-    cfg = T5Config(vocab_size=vocab, d_model=d, d_ff=ff, num_layers=len(_indices(s, "encoder.block.")),
+    cfg = T5Config(vocab_size=vocab, d_model=d, d_ff=ff, num_layers=len(indices(s, "encoder.block.")),
                    num_heads=rel[1], d_kv=s["encoder.block.0.layer.0.SelfAttention.q.weight"][0] // rel[1],
                    relative_attention_num_buckets=rel[0], feed_forward_proj="gated-gelu" if gated else "relu",
                    is_encoder_decoder=False, use_cache=False)

@@ -22,7 +22,7 @@ from ...quant.offload import fits, stream, stream_blocks
 from ...quant.sizes import model_bytes
 from ..digits import DIGITS_DIR
 from .dit_file import Source, dit_family, load_dit_files
-from .single_file import _header, load_single_file
+from .single_file import load_single_file, read_shapes
 
 __all__ = ["load_pipeline", "resolve_model", "set_scheduler", "SCHEDULERS", "denoiser_of", "set_denoiser",
            "denoiser_attr", "is_flow", "resolve_scheduler"]
@@ -212,7 +212,7 @@ def _file_pipeline_class(path: str) -> str | None:
     '+' are always one), else None (a UNet checkpoint, whose loader says what any other file is)."""
     if "+" in path and not os.path.isfile(path):
         return "FluxPipeline" if Source(path.split("+")).family == "flux" else "StableDiffusion3Pipeline"
-    fam = dit_family(_header(path)[0])
+    fam = dit_family(read_shapes(path)[0])
     return {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}.get(fam)
 
 

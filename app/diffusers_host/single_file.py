@@ -49,7 +49,7 @@ class SingleFile:
         return FAMILY_NAMES[self.family] + (" (v-prediction)" if self.prediction_type == "v_prediction" else "")
 
 
-def _header(path: str) -> tuple[dict, dict]:
+def read_shapes(path: str) -> tuple[dict, dict]:
     """(key -> shape, metadata) without reading any tensor data; a damaged or truncated file is a MixQuantError."""
     from safetensors import safe_open
 
@@ -70,7 +70,7 @@ def _header(path: str) -> tuple[dict, dict]:
     return shapes, meta
 
 
-def _indices(shapes: dict, prefix: str) -> list[int]:
+def indices(shapes: dict, prefix: str) -> list[int]:
     """The distinct integers right after `prefix` in the keys (e.g. the block numbers under input_blocks.)."""
     pat = re.compile(re.escape(prefix) + r"(\d+)\.")
     return sorted({int(m.group(1)) for k in shapes if (m := pat.match(k))})
@@ -127,13 +127,13 @@ def _unet_config(s: dict, family: str) -> dict:
     p = UNET
     ch = s[p + "input_blocks.0.0.weight"][0]
     levels = [[]]  # per level: (out channels, transformer depth) of each res block
-    for i in _indices(s, p + "input_blocks.")[1:]:
+    for i in indices(s, p + "input_blocks.")[1:]:
         b = f"{p}input_blocks.{i}."
         if b + "0.op.weight" in s:  # a downsample closes the level
             levels.append([])
             continue
         out = s[b + "0.out_layers.3.weight"][0]
-        depth = len(_indices(s, b + "1.transformer_blocks."))
+        depth = len(indices(s, b + "1.transformer_blocks."))
         levels[-1].append((out, depth))
     if not levels[-1]:
         levels.pop()
@@ -143,7 +143,7 @@ def _unet_config(s: dict, family: str) -> dict:
                             "SD2.x or SDXL layout MixQuant can build")
     widths = [lv[0][0] for lv in levels]
     depths = [lv[0][1] for lv in levels]
-    mid_depth = len(_indices(s, p + "middle_block.1.transformer_blocks."))
+    mid_depth = len(indices(s, p + "middle_block.1.transformer_blocks."))
     attn_key = next(k for k in s if k.startswith(p) and k.endswith("attn2.to_k.weight"))
     proj_in = next(k for k in s if k.startswith(p) and k.endswith(".proj_in.weight"))
     tl = [d if d else (mid_depth or 1) for d in depths]
@@ -178,15 +178,15 @@ def _unet_config(s: dict, family: str) -> dict:
 
 def _vae_config(s: dict, family: str) -> dict:
     p = VAE + "encoder.down."
-    levels = _indices(s, p)
-    widths = [s[f"{p}{i}.block.{_indices(s, f'{p}{i}.block.')[-1]}.conv2.weight"][0] for i in levels]
+    levels = indices(s, p)
+    widths = [s[f"{p}{i}.block.{indices(s, f'{p}{i}.block.')[-1]}.conv2.weight"][0] for i in levels]
     return {
         "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": widths,
         "down_block_types": ["DownEncoderBlock2D"] * len(widths), "up_block_types": ["UpDecoderBlock2D"] * len(widths),
         "in_channels": s[VAE + "encoder.conv_in.weight"][1], "out_channels": s[VAE + "decoder.conv_out.weight"][0],
         "latent_channels": s[VAE + "post_quant_conv.weight"][1] if VAE + "post_quant_conv.weight" in s
         else s[VAE + "decoder.conv_in.weight"][1],
-        "layers_per_block": len(_indices(s, f"{p}0.block.")), "norm_num_groups": 32,
+        "layers_per_block": len(indices(s, f"{p}0.block.")), "norm_num_groups": 32,
         "sample_size": {"sd1": 512, "sd2": 768, "sdxl": 1024}[family],
         "scaling_factor": 0.13025 if family == "sdxl" else 0.18215, "force_upcast": family == "sdxl",
     }
@@ -197,13 +197,13 @@ def _text_config(s: dict, prefix: str, layout: str, component: str, family: str)
         t = prefix + "text_model."
         vocab, hidden = s[t + "embeddings.token_embedding.weight"]
         positions = s[t + "embeddings.position_embedding.weight"][0]
-        layers = len(_indices(s, t + "encoder.layers."))
+        layers = len(indices(s, t + "encoder.layers."))
         inter = s[t + "encoder.layers.0.mlp.fc1.weight"][0]
         act, proj = "quick_gelu", hidden
     else:
         vocab, hidden = s[prefix + "token_embedding.weight"]
         positions = s[prefix + "positional_embedding"][0]
-        layers = len(_indices(s, prefix + "transformer.resblocks."))
+        layers = len(indices(s, prefix + "transformer.resblocks."))
         inter = s[prefix + "transformer.resblocks.0.mlp.c_fc.weight"][0]
         act = "gelu"
         proj = s[prefix + "text_projection"][-1] if prefix + "text_projection" in s else hidden
@@ -229,7 +229,7 @@ def _is_v_prediction(s: dict, path: str, meta: dict, family: str) -> bool:
         return True
     if family != "sd2":
         return False
-    outs = [i for i in _indices(s, UNET + "output_blocks.")
+    outs = [i for i in indices(s, UNET + "output_blocks.")
             if f"{UNET}output_blocks.{i}.1.transformer_blocks.0.norm1.bias" in s]
     if not outs:
         return False
@@ -243,7 +243,7 @@ def _is_v_prediction(s: dict, path: str, meta: dict, family: str) -> bool:
 
 def inspect_checkpoint(path: str) -> SingleFile:
     """The family, prediction type and diffusers configs of a single-file checkpoint, from its header."""
-    shapes, meta = _header(path)
+    shapes, meta = read_shapes(path)
     family = _family(shapes, path)
     try:
         configs = {"unet": _unet_config(shapes, family), "vae": _vae_config(shapes, family)}
