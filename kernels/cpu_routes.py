@@ -123,9 +123,10 @@ def _layout(x: torch.Tensor):
 
 
 def compiled_op(op: str):
-    """`torch.ops.mixquant.cpu_qlinear` / `cpu_qconv2d` (registered on first use): the CPU route as one op, the form
-    dispatch calls under torch.compile, so the graph keeps each quantized layer whole (its route choice and weight
-    caches run eagerly inside the op, as they do without compile) and compiles what lies between them."""
+    """`torch.ops.mixquant.cpu_qlinear` / `cpu_qconv2d` (registered when this module is imported): the CPU route as
+    one op, the form dispatch calls under torch.compile, so the graph keeps each quantized layer whole (its route
+    choice and weight caches run eagerly inside the op, as they do without compile) and compiles what lies between
+    them."""
     from .registry import OP_SCHEMA as _SCHEMA, custom_op as _custom_op
 
     if op not in _COMPILED:

@@ -25,6 +25,7 @@ tensor). Without it nothing is cached.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -221,6 +222,21 @@ register(Backend("triton", _triton_available, {"linear": _triton_linear, "conv2d
                  TRITON_CONSTRAINTS))
 register(Backend("cpu", lambda: None, {"linear": _cpu_linear, "conv2d": _cpu_conv2d}, CPU_CONSTRAINTS))
 register(Backend("reference", lambda: None, _REFERENCE))  # takes every call
+
+
+def _register_triton_ops() -> None:
+    """Where the Triton backend can run (a CUDA device, or the interpreter), its custom ops are registered now: the
+    first call under torch.compile would otherwise register them inside dynamo's trace, a graph break (an error with
+    fullgraph=True). Elsewhere nothing is imported (`import triton` costs a second)."""
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return
+    if REGISTRY.why_unavailable("triton") is None:
+        from . import triton_conv, triton_gemm
+        triton_gemm.linear_op()
+        triton_conv.conv2d_op()
+
+
+_register_triton_ops()
 
 
 def explain() -> list[dict]:

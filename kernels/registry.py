@@ -182,13 +182,18 @@ OP_ARGS = ("qweight", "scale", "zero", "bits", "k", "group_size", "bias", "a_bit
 
 
 def custom_op(name, impl, fake, schema):
-    """Register `name` (torch.library.custom_op with a fake for tracing), or the one registered already."""
+    """Register `name` (torch.library.custom_op with a fake for tracing), or return the one registered already.
+
+    The package can be imported twice in one process under different names (ComfyUI loads the node pack by its
+    folder, pytest imports the checkout's root package as `main`). torch.library.custom_op on a name that exists
+    destroys the first registration, leaving the first import's op handles pointing at a freed schema (a
+    `vector::reserve` error or a segfault when dynamo next runs them), so an existing op is reused, never replaced."""
     import torch
 
-    try:
-        op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
-    except RuntimeError:  # registered already (the package imported twice under different names, e.g. ComfyUI)
-        ns, op_name = name.split("::")
-        return getattr(getattr(torch.ops, ns), op_name)
-    op.register_fake(fake)
-    return op
+    ns, op_name = name.split("::")
+    try:  # (torch.ops caches what it returns: one object for every import of this package)
+        return getattr(getattr(torch.ops, ns), op_name).default
+    except AttributeError:  # not registered yet
+        pass
+    torch.library.custom_op(name, impl, mutates_args=(), schema=schema).register_fake(fake)  # torch keeps it
+    return getattr(getattr(torch.ops, ns), op_name).default

@@ -175,7 +175,8 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
 
 
 def conv2d_op():
-    """`torch.ops.mixquant.qconv2d` (registered on first use), the form dispatch calls under torch.compile."""
+    """`torch.ops.mixquant.qconv2d` (dispatch registers it at import where Triton runs), the form dispatch calls under
+    torch.compile."""
     if "qconv2d" not in tg._OPS:
         def qconv2d_impl(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
                          a_split, wsum, kernel_size, stride, padding, dilation):

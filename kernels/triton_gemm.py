@@ -741,7 +741,8 @@ _OPS = {}
 
 
 def linear_op():
-    """`torch.ops.mixquant.qlinear` (registered on first use), the form dispatch calls under torch.compile."""
+    """`torch.ops.mixquant.qlinear` (dispatch registers it at import where Triton runs), the form dispatch calls under
+    torch.compile."""
     if "qlinear" not in _OPS:
         def qlinear_impl(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero,
                          a_split, wsum):

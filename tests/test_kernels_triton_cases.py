@@ -400,3 +400,38 @@ def test_fused_groupnorm_silu_feeds_the_resblock_convs(monkeypatch):
         y1 = q(x, temb)
     assert used == [True, True] and all(g.used == 1 for g in groups)
     assert float((y1 - y0).abs().max() / y0.abs().max()) < 1e-2
+
+
+def test_ops_are_registered_at_import_so_a_first_compiled_call_does_not_break():
+    """Where the Triton backend runs, importing the dispatcher registers its custom ops: registered at the first call
+    instead, a model's first call under torch.compile registered them inside dynamo's trace (a graph break, an error
+    with fullgraph=True). A fresh process: no op is used before the compiled call."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch, torch.nn as nn
+        from mixquant.kernels import dispatch
+        assert hasattr(torch.ops.mixquant, "qlinear") and hasattr(torch.ops.mixquant, "qconv2d")
+        from mixquant.quant.formats import LayerFormat
+        from mixquant.quant.layers import QuantConv2d, QuantLinear
+
+        dev = "cpu" if not torch.cuda.is_available() else "cuda"
+        torch.manual_seed(0)
+        conv = QuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), LayerFormat(8, 8)).to(dev)
+        conv.set_act_range(torch.tensor(-3.0), torch.tensor(3.0))
+        lin = QuantLinear.from_float(nn.Linear(16, 32), LayerFormat(4, 8, 16)).to(dev)
+        lin.set_act_range(torch.tensor(-2.0), torch.tensor(2.0))
+        model = nn.Sequential(conv, nn.Flatten(2), nn.Linear(25, 16).to(dev), lin)
+        x = torch.randn(2, 8, 5, 5, device=dev)
+        with dispatch.use_backend("triton"), torch.no_grad():
+            explain = torch._dynamo.explain(model)(x)
+            assert explain.graph_break_count == 0 and explain.graph_count == 1, explain
+            ops = {str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"}
+            assert {"mixquant.qconv2d.default", "mixquant.qlinear.default"} <= ops, ops
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, MIXQUANT_CPU_CACHE=""))
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
