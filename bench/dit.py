@@ -212,7 +212,8 @@ def speed_section(fam: Family, log) -> list[str]:
 def real_section(device: str, size: int, steps: int, n_prompts: int, outliers: float, log,
                  config: str = "dev", avg_w_bits: float = 4.0) -> list[str]:
     """#23's GPU line: the Flux.1-dev transformer at its real size (random weights, bf16, built on the CPU), planned
-    with its blocks streamed through the device (quant/offload.py; sensitivity `local`: forward passes only) and
+    with its blocks streamed through the device (quant/offload.py; the fast sensitivity's backward recomputes it block
+    by block) and
     quantized into it layer by layer: peak device memory of the whole run against the bf16 size, bytes, the step's
     SQNR and speed against bf16 (the bf16 model moved to the device after the peak is read)."""
     from mixquant.quant.offload import stream_blocks, streamed
@@ -230,7 +231,7 @@ def real_section(device: str, size: int, steps: int, n_prompts: int, outliers: f
     log(f"  built flux_{config}, {n_params / 1e9:.2f}B parameters, {bf16 / 2**30:.1f} GiB bf16, in {t_build:.0f} s")
     blocks = stream_blocks(model)
     runner = PipelineRunner(pipe, SamplerSettings(steps=steps, guidance=3.5, width=size, height=size))
-    cfg = engine.QuantizeConfig(avg_w_bits=avg_w_bits, speed="off", sens_mode="local", sweep_seconds=0, cache_dir="",
+    cfg = engine.QuantizeConfig(avg_w_bits=avg_w_bits, speed="off", sens_mode="fast", sweep_seconds=0, cache_dir="",
                                 weight_search="mse", sens_calls=2, sens_inputs_mb=8192)
     if cuda:
         torch.cuda.synchronize()
@@ -240,7 +241,7 @@ def real_section(device: str, size: int, steps: int, n_prompts: int, outliers: f
         t0 = time.time()
         prepared = engine.prepare(runner, CALIB[:n_prompts], cfg)
         times["calibrate"] = prepared.timings["calibrate"]
-        times["sensitivity (local)"] = prepared.timings["sensitivity"]
+        times["sensitivity (fast)"] = prepared.timings["sensitivity"]
         t0 = time.time()
         alloc = engine.plan(runner, prepared, cfg)
         times["allocate"] = time.time() - t0
@@ -262,7 +263,8 @@ def real_section(device: str, size: int, steps: int, n_prompts: int, outliers: f
              f"{size}×{size}, {len(CALIB[:n_prompts])} calibration prompts × {steps} steps, guidance 3.5; the "
              f"transformer stays on the CPU in bf16, its {len(blocks)} blocks stream through the device one at a time "
              "while it is "
-             "calibrated and measured (sensitivity `local`), then it is quantized into the GPU layer by layer. "
+             "calibrated and measured (fast sensitivity, its backward recomputing block by block), then it is "
+             "quantized into the GPU layer by layer. "
              "Peak: torch.cuda.max_memory_allocated over all of it and one denoiser step of the quantized model.", "",
              "| bf16 size | peak GPU memory | peak / bf16 | quantized bytes | bytes / bf16 | avg W bits "
              "| step SQNR dB |",

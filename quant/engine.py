@@ -796,12 +796,12 @@ def run(runner: DenoiserRunner, prompts: list[str], cfg: QuantizeConfig, seeds: 
 
 
 def for_streamed(model: nn.Module, cfg: QuantizeConfig) -> QuantizeConfig:
-    """The settings a model streamed through its device (quant/offload.py) runs with: forward passes only (the fast
-    sensitivity's backward would keep every block's weights on the device: `local` instead) and nothing timed (a
-    layer's time there is mostly its weights' copy); `cfg` itself for any other model."""
-    if streamed_device(model) is None or (cfg.sens_mode != "fast" and cfg.speed == "off"):
+    """The settings a model streamed through its device (quant/offload.py) runs with: nothing timed (a layer's time
+    there is mostly its weights' copy); the sensitivity as asked (the fast one's backward recomputes the model block
+    by block: offload.recomputed). `cfg` itself for any other model."""
+    if streamed_device(model) is None or cfg.speed == "off":
         return cfg
-    return replace(cfg, sens_mode="local" if cfg.sens_mode == "fast" else cfg.sens_mode, speed="off")
+    return replace(cfg, speed="off")
 
 
 def measured_speed(model: nn.Module, qmodel: nn.Module, calib: Calibration) -> dict:

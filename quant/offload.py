@@ -2,14 +2,15 @@
 
     with streamed(model, blocks, "cuda"):       # blocks: the repeated submodules holding most of the weights
                                                 # (stream_blocks(model); stream() / unstream() for longer)
-        prepared = engine.prepare(runner, prompts, cfg)     # calibration, sensitivity: forward passes only
+        prepared = engine.prepare(runner, prompts, cfg)     # calibration, sensitivity (its backward recomputes blocks)
         alloc = engine.plan(runner, prepared, cfg)
     qmodel, _ = engine.quantize(model, alloc, prepared.calib, device="cuda")   # layer by layer into the device
 
 Inside the block, everything of `model` outside `blocks` (embedders, norms, the final layer) sits on the device;
 each block's parameters and buffers are copied there just before it runs and dropped right after (the CPU tensors are
 kept, so nothing is copied back). The device then holds one block's weights and the activations, never the model.
-Forward passes only (no_grad): autograd would keep every block's device weights alive until its backward. Layers
+Forward passes only (no_grad), or backward passes inside `recomputed(model)` (each block a checkpointed region,
+recomputed in the backward: autograd would otherwise keep every block's device weights alive until then). Layers
 called on their own while streamed (the sensitivity scores a layer on its recorded inputs) take their weights to
 the inputs' device themselves (apply.with_params_on). On exit every tensor is back where it was.
 """
@@ -69,15 +70,20 @@ def stream(model: nn.Module, blocks, device) -> None:
         _BLOCKS[block] = homes
 
     def post(block, args, out):
-        for st, k, v in _BLOCKS.get(block, ()):
-            st[k] = v
-        if block in _BLOCKS:
-            _BLOCKS[block] = []
+        _offload(block)
 
     for b in blocks:
         _BLOCKS[b] = []
         handles += [b.register_forward_pre_hook(pre), b.register_forward_hook(post)]
     _STREAMS[model] = {"device": device, "blocks": blocks, "moved": moved, "handles": handles}
+
+
+def _offload(block: nn.Module) -> None:
+    """The block's tensors back to their homes (nothing when it holds none onloaded)."""
+    for st, k, v in _BLOCKS.get(block, ()):
+        st[k] = v
+    if block in _BLOCKS:
+        _BLOCKS[block] = []
 
 
 def unstream(model: nn.Module) -> None:
@@ -107,6 +113,58 @@ def streamed(model: nn.Module, blocks, device):
         yield model
     finally:
         unstream(model)
+
+
+_RECOMPUTING = [0]  # blocks being recomputed now
+
+
+class _Recomputing:  # (one object per block call, entered at each backward pass that recomputes the block)
+    def __enter__(self):
+        _RECOMPUTING[0] += 1
+
+    def __exit__(self, *exc):
+        _RECOMPUTING[0] -= 1
+
+
+def recomputing() -> bool:
+    """True while a backward pass recomputes a block (`recomputed`): forward hooks that record must not record
+    twice."""
+    return _RECOMPUTING[0] > 0
+
+
+@contextlib.contextmanager
+def recomputed(model: nn.Module):
+    """Inside, a backward pass through a streamed `model` holds one block at a time on the device: each streamed
+    block runs as a torch.utils.checkpoint region, so its forward keeps none of the tensors autograd would save (its
+    weights' device copies among them: they would stay on the device until the backward), only the block's inputs,
+    and the backward recomputes the block (its weights onloaded again) when it reaches it. Forward hooks of the
+    block's layers run again then, with `recomputing()` true. Nothing changes for a model that is not streamed."""
+    from torch.utils.checkpoint import checkpoint
+
+    st = _STREAMS.get(model)
+    blocks = st["blocks"] if st else []
+
+    def contexts():
+        return contextlib.nullcontext(), _Recomputing()
+
+    def checkpointed(block):
+        call = block._call_impl  # (the class's: the stream's hooks run inside the region, at each recomputation)
+
+        def run(*args, **kwargs):
+            try:
+                return call(*args, **kwargs)
+            finally:  # (a recomputation stops once it has what the backward needs, before the block's post hook)
+                _offload(block)
+
+        return lambda *args, **kwargs: checkpoint(run, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+
+    for b in blocks:
+        b._call_impl = checkpointed(b)
+    try:
+        yield model
+    finally:
+        for b in blocks:
+            b.__dict__.pop("_call_impl", None)
 
 
 def fits(device, nbytes: int, headroom: float = 0.2) -> bool:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .apply import quantized_layer, set_submodule
-from .offload import with_params_on
+from .offload import recomputed, recomputing, with_params_on
 from .calibration import Calibration
 from .formats import LayerFormat
 from .layers import QuantLayer, attach_act_group_switch
@@ -259,15 +259,6 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    outs = {}
-
-    def keep(m, args, y, n):
-        if not isinstance(y, torch.Tensor) or not y.is_floating_point():
-            return None
-        if not y.requires_grad:  # fed only by inputs without gradient (time embedding, text context)
-            y = y.detach().requires_grad_(True)
-        outs[n] = y
-        return y
 
     # A host's model may add into a tensor autograd saved for the backward pass (`x += n` after a LayerNorm read x:
     # WebUI Forge's UNet): then the pass is made again with autograd keeping copies of what it saves.
@@ -279,30 +270,48 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
         return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
 
     def one_call(c, wanted) -> dict:
-        outs.clear()
+        # Each layer's output gradient is reduced to its [2, C] gains by a hook as the backward pass reaches it (no
+        # layer output is held for it); a model streamed through its device recomputes each block in the backward
+        # (offload.recomputed): the device then holds one block's weights at a time.
+        got = {kind: {} for kind in wanted}
+        now = [None]  # the kind whose backward pass runs
+        taps = {}  # layer -> (its output's hook, (channels, device) for a layer no gradient reaches)
+
+        def tap(g, n, cd):
+            got[now[0]][n] = coherent_gains(g.detach(), cd)
+
+        def keep(m, args, y, n):
+            if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+                return None
+            if not y.requires_grad:  # fed only by inputs without gradient (time embedding, text context)
+                y = y.detach().requires_grad_(True)
+            if recomputing():  # (a streamed block recomputed in the backward: tapped in the forward already)
+                return y
+            cd = _channel_dim(y, m)
+            if n in taps:  # (a layer called twice in one call: its last output counts)
+                taps[n][0].remove()
+            taps[n] = (y.register_hook(lambda g, n=n, cd=cd: tap(g, n, cd)), (y.shape[cd], y.device))
+            return y
+
+        # (kept through the backward passes: a block recomputed there must compute as in the forward, leaves too)
         handles = [mods[n].register_forward_hook(lambda m, a, y, n=n: keep(m, a, y, n)) for n in names]
         # (hosts may sample in inference mode: the whole pass runs outside it, with gradients)
-        with torch.inference_mode(False), torch.enable_grad(), saving():
+        with torch.inference_mode(False), torch.enable_grad(), saving(), recomputed(model):
             try:
                 args = [a.detach().clone().requires_grad_(True)
                         if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in c.args]
                 out = runner.output_of(model(*args, **c.kwargs))
+                for i, kind in enumerate(wanted):  # (each kind's gradients reduced as they come, then the next's)
+                    now[0] = kind
+                    r = torch.randn(out.shape, generator=gen).to(out) if kind == "quality" \
+                        else _lowpass_probe(out, gen)
+                    torch.autograd.backward(out, grad_tensors=r, retain_graph=i < len(wanted) - 1)
             finally:
-                for h in handles:
+                for h in handles + [h for h, _ in taps.values()]:
                     h.remove()
-            order = list(outs)
-            got = {}
-            for i, kind in enumerate(wanted):  # (each kind's gradients reduced before the next are made)
-                r = torch.randn(out.shape, generator=gen).to(out) if kind == "quality" \
-                    else _lowpass_probe(out, gen)
-                grads = torch.autograd.grad(out, [outs[n] for n in order], grad_outputs=r,
-                                            retain_graph=i < len(wanted) - 1, allow_unused=True)
-                got[kind] = {}
-                for n, g in zip(order, grads):
-                    g = torch.zeros_like(outs[n]) if g is None else g.detach()
-                    got[kind][n] = coherent_gains(g, _channel_dim(g, mods[n]))
-                del grads
-        outs.clear()
+        for kind in wanted:  # a layer the gradient never reached: no gain
+            for n, (_, (channels, device)) in taps.items():
+                got[kind].setdefault(n, torch.zeros(2, channels, device=device))
         return got
 
     try:

@@ -1,4 +1,7 @@
 """quant/offload.py: a denoiser's blocks streamed through a device one at a time (#23 item 4)."""
+import weakref
+
+import pytest
 import torch
 import torch.nn as nn
 
@@ -26,9 +29,11 @@ def test_each_block_is_on_the_device_only_while_it_runs():
     assert [p for p in model.parameters()] == params and all(p.device.type == "cpu" for p in params)
 
 
-def test_engine_plans_the_same_through_a_streamed_model(tmp_path):
-    """Calibration, local sensitivity and the plan of a small Flux with its blocks streamed ("cpu:0" is another
-    torch.device than the tensors' "cpu": every swap and copy runs) equal the plain run's."""
+@pytest.mark.parametrize("sens_mode", ["local", "fast"])
+def test_engine_plans_the_same_through_a_streamed_model(tmp_path, sens_mode):
+    """Calibration, sensitivity (local; fast, whose backward recomputes the blocks) and the plan of a small Flux with
+    its blocks streamed ("cpu:0" is another torch.device than the tensors' "cpu": every swap and copy runs) equal the
+    plain run's."""
     from mixquant.app.diffusers_host.random_models import random_pipeline
     from mixquant.app.diffusers_host.runner import PipelineRunner, SamplerSettings
 
@@ -36,7 +41,7 @@ def test_engine_plans_the_same_through_a_streamed_model(tmp_path):
     runner = PipelineRunner(pipe, SamplerSettings(steps=2, guidance=3.5, width=32, height=32))
     model = runner.denoiser
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
-    cfg = engine.QuantizeConfig(avg_w_bits=5, speed="off", sens_mode="local", sweep_seconds=0, cache_dir="",
+    cfg = engine.QuantizeConfig(avg_w_bits=5, speed="off", sens_mode=sens_mode, sweep_seconds=0, cache_dir="",
                                 weight_search="mse")
     prompts = ["a red fox", "a blue car"]
     plain = engine.plan(runner, engine.prepare(runner, prompts, cfg), cfg)
@@ -47,6 +52,53 @@ def test_engine_plans_the_same_through_a_streamed_model(tmp_path):
     assert prepared.sens.loss == engine.prepare(runner, prompts, cfg).sens.loss
     q, _ = engine.quantize(model, alloc, prepared.calib, device="cpu:0")
     assert sum(1 for f in alloc.plan.values() if not f.is_float) > 0
+
+
+def test_fast_sensitivity_backward_holds_one_block_on_the_device(monkeypatch):
+    """The fast sensitivity's backward through a streamed model recomputes it block by block (offload.recomputed):
+    while the gradients come back, the device holds the model's parts outside the blocks and at most one block's
+    weights (without the recomputation autograd kept every block's device copies until the backward), the gains are
+    the plain model's exactly, and every block's own tensors are back home after. Only the blocks' layers are tapped,
+    as the engine does (the time embedders stay float): a block's modulation layer then gets its gradient through a
+    leaf the tap makes, which the recomputation must make again."""
+    from mixquant.app.diffusers_host.random_models import random_pipeline
+    from mixquant.app.diffusers_host.runner import PipelineRunner, SamplerSettings
+    from mixquant.quant import offload, sensitivity
+    from mixquant.quant.runner import capture_calls
+
+    pipe = random_pipeline("flux", "small", seed=0)
+    runner = PipelineRunner(pipe, SamplerSettings(steps=2, guidance=3.5, width=32, height=32))
+    model = runner.denoiser
+    call = sensitivity.subsample_call(capture_calls(runner, ["a red fox"], [0])[0][0], 2)
+    blocks = offload.stream_blocks(model)
+    names = [f"{n}.{m}" for n, b in model.named_children() if isinstance(b, nn.ModuleList)
+             for m, layer in b.named_modules() if isinstance(layer, nn.Linear)]
+    want = sensitivity.output_gains(model, runner, [call], names, seed=1)
+    copies, peak = [], [0]
+    moved, gains = offload._moved, sensitivity.coherent_gains
+
+    def counted_moved(t, device, non_blocking=False):
+        out = moved(t, device, non_blocking)
+        copies.append(weakref.ref(out))
+        return out
+
+    def counted_gains(g, cd):  # (runs as each layer's gradient arrives)
+        peak[0] = max(peak[0], sum(1 for r in copies if r() is not None))
+        return gains(g, cd)
+
+    monkeypatch.setattr(offload, "_moved", counted_moved)
+    monkeypatch.setattr(sensitivity, "coherent_gains", counted_gains)
+    homes = [id(t) for _, _, t in offload._tensors(model)]
+    with offload.streamed(model, blocks, "cpu:0"):
+        outside = len(copies)
+        got = sensitivity.output_gains(model, runner, [call], names, seed=1)
+    per_block = max(sum(1 for _ in offload._tensors(b)) for b in blocks)
+    assert outside > 0 and peak[0] - outside <= per_block, (peak[0], outside, per_block, len(blocks))
+    assert [id(t) for _, _, t in offload._tensors(model)] == homes
+    assert all(b.__dict__.get("_call_impl") is None for b in blocks)
+    for kind in want:
+        for n in names:
+            assert all(torch.equal(a, b) for a, b in zip(want[kind][n], got[kind][n])), (kind, n)
 
 
 def test_a_layer_swapped_into_a_streamed_block_streams_too():
@@ -85,8 +137,9 @@ def test_fits_reads_the_devices_free_memory(monkeypatch):
 
 def test_cli_streams_a_model_that_does_not_fit(tmp_path, monkeypatch, capsys):
     """`mixquant quantize` on a model that does not fit the device (told so here: "cpu:0" is another torch.device
-    than the tensors' "cpu", so every copy runs): the denoiser streams, the fast sensitivity gives way to the local
-    one, the quantized model is built in the device, and `generate` uses the file."""
+    than the tensors' "cpu", so every copy runs): the denoiser streams, the fast sensitivity runs (its backward
+    recomputing block by block), nothing is timed, the quantized model is built in the device, and `generate` uses
+    the file."""
     import json
 
     from mixquant.app.cli import main as cli
@@ -109,8 +162,8 @@ def test_cli_streams_a_model_that_does_not_fit(tmp_path, monkeypatch, capsys):
     assert rc == 0, err
     assert "stream through cpu:0" in err
     report = json.loads(rep.read_text())
-    assert report["streamed"] == {"device": "cpu:0", "sensitivity_mode": "local"}
-    assert report["sensitivity_mode"] == "local" and not report.get("speed")
+    assert report["streamed"] == {"device": "cpu:0", "sensitivity_mode": "fast"}
+    assert report["sensitivity_mode"] == "fast" and not report.get("speed")
     img = tmp_path / "g.png"
     assert cli(["generate", "--model", str(folder), "--quantized", str(out), "--prompt", "a red fox",
                 "--out", str(img), *common]) == 0, capsys.readouterr().err

@@ -97,8 +97,7 @@ def run(args) -> int:
     dev = streamed_device(denoiser_of(pipe))
     if dev is not None:
         print(f"the denoiser stays on the CPU and its blocks stream through {dev} one at a time (it does not fit the "
-              f"device, or --offload stream): the local sensitivity, no speed target; the quantized model is built "
-              f"in {dev}", file=sys.stderr)
+              f"device, or --offload stream): no speed target; the quantized model is built in {dev}", file=sys.stderr)
     sampler = SamplerSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, width=width,
                               height=height, negative_prompt=args.negative_prompt)
     bar = _progress_bar()
