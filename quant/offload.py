@@ -132,23 +132,54 @@ def recomputing() -> bool:
     return _RECOMPUTING[0] > 0
 
 
+def checkpoint_units(model: nn.Module, parts: int = 16) -> list[nn.Module]:
+    """Where a backward pass through `model` recomputes rather than keeps what autograd saves: the largest submodules
+    holding at most 1/`parts` of its parameters, none inside another (a transformer's blocks, a UNet's ResNet blocks
+    and transformer layers), without the containers (a ModuleList is never called), single layers (a Linear run in
+    a region would keep its input where outside it keeps only its weight) and small ones (under 1/64 of that: they
+    save little)."""
+    size = {}
+
+    def count(m):  # (parameters under each module, shared ones once per module)
+        size[m] = sum(p.numel() for p in m.parameters())
+        for c in m.children():
+            if c not in size:
+                count(c)
+
+    count(model)
+    cap = size[model] / parts
+    units = []
+
+    def walk(m):
+        for c in m.children():
+            if isinstance(c, (nn.ModuleList, nn.ModuleDict)) or size[c] > cap:
+                walk(c)
+            elif size[c] >= cap / 64 and next(c.children(), None) is not None and c not in units:
+                units.append(c)
+
+    walk(model)
+    return units
+
+
 @contextlib.contextmanager
 def recomputed(model: nn.Module):
-    """Inside, a backward pass through a streamed `model` holds one block at a time on the device: each streamed
-    block runs as a torch.utils.checkpoint region, so its forward keeps none of the tensors autograd would save (its
-    weights' device copies among them: they would stay on the device until the backward), only the block's inputs,
-    and the backward recomputes the block (its weights onloaded again) when it reaches it. Forward hooks of the
-    block's layers run again then, with `recomputing()` true. Nothing changes for a model that is not streamed."""
+    """Inside, a backward pass through `model` holds one block's saved tensors at a time: each block runs as a
+    torch.utils.checkpoint region, so its forward keeps only the block's inputs of what autograd would save, and the
+    backward recomputes the block when it reaches it. The blocks: a streamed model's streamed blocks (their weights'
+    device copies were among what autograd saved: they would all stay on the device until the backward; a
+    recomputation onloads them again), else `checkpoint_units` (the activations a backward through a UNet at
+    1024 px keeps are several times its weights). Forward hooks of a block's layers run again when it is recomputed,
+    with `recomputing()` true."""
     from torch.utils.checkpoint import checkpoint
 
     st = _STREAMS.get(model)
-    blocks = st["blocks"] if st else []
+    blocks = st["blocks"] if st else checkpoint_units(model)
 
     def contexts():
         return contextlib.nullcontext(), _Recomputing()
 
     def checkpointed(block):
-        call = block._call_impl  # (the class's: the stream's hooks run inside the region, at each recomputation)
+        call = block._call_impl  # (the class's: a streamed block's hooks run inside the region, at each recomputation)
 
         def run(*args, **kwargs):
             try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import CheckpointError
 
 from .apply import quantized_layer, set_submodule
 from .offload import recomputed, recomputing, with_params_on
@@ -263,6 +264,8 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
     # A host's model may add into a tensor autograd saved for the backward pass (`x += n` after a LayerNorm read x:
     # WebUI Forge's UNet): then the pass is made again with autograd keeping copies of what it saves.
     copies = [False]
+    # The backward recomputes the model's blocks (offload.recomputed) unless a first try shows it does not replay alike
+    recompute = [True]
 
     def saving():
         if not copies[0]:
@@ -271,8 +274,8 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
 
     def one_call(c, wanted) -> dict:
         # Each layer's output gradient is reduced to its [2, C] gains by a hook as the backward pass reaches it (no
-        # layer output is held for it); a model streamed through its device recomputes each block in the backward
-        # (offload.recomputed): the device then holds one block's weights at a time.
+        # layer output is held for it); the backward recomputes the model's blocks (offload.recomputed): it holds
+        # one block's saved activations at a time, and one block's weights of a model streamed through its device.
         got = {kind: {} for kind in wanted}
         now = [None]  # the kind whose backward pass runs
         taps = {}  # layer -> (its output's hook, (channels, device) for a layer no gradient reaches)
@@ -296,7 +299,8 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
         # (kept through the backward passes: a block recomputed there must compute as in the forward, leaves too)
         handles = [mods[n].register_forward_hook(lambda m, a, y, n=n: keep(m, a, y, n)) for n in names]
         # (hosts may sample in inference mode: the whole pass runs outside it, with gradients)
-        with torch.inference_mode(False), torch.enable_grad(), saving(), recomputed(model):
+        with torch.inference_mode(False), torch.enable_grad(), saving(), \
+                recomputed(model) if recompute[0] else contextlib.nullcontext():
             try:
                 args = [a.detach().clone().requires_grad_(True)
                         if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in c.args]
@@ -318,14 +322,19 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
         for i_call, c in enumerate(calls):
             wanted = [k for k in kinds if call_kinds is None or k in call_kinds[i_call]]
             state = gen.get_state()
-            try:
-                got = one_call(c, wanted)
-            except RuntimeError as e:
-                if copies[0] or "modified by an inplace operation" not in str(e):
-                    raise
-                copies[0] = True
+            while True:
+                try:
+                    got = one_call(c, wanted)
+                    break
+                except RuntimeError as e:
+                    inplace = "modified by an inplace operation" in str(e)
+                    if recompute[0] and (inplace or isinstance(e, CheckpointError)):
+                        recompute[0] = False  # (a host's model that does not replay alike: one plain backward)
+                    elif inplace and not copies[0]:
+                        copies[0] = True
+                    else:
+                        raise
                 gen.set_state(state)  # (the same probes as a first try would have drawn)
-                got = one_call(c, wanted)
             for kind, per_layer in got.items():
                 for n, v in per_layer.items():
                     gains[kind][n].append(v)

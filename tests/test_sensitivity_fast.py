@@ -1,5 +1,6 @@
 """The fast sensitivity (quant/sensitivity.py, mode "fast"): per-channel output gains from backward passes against
 the exact Jacobian, and its per-layer losses against the exhaustive MixDQ measurement ("full") on digits."""
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -189,3 +190,74 @@ def test_an_error_every_token_shares_is_weighed_as_one_vector():
     varying = varying - varying.mean(dim=1, keepdim=True)  # (nothing shared: both estimates are the same)
     split = coherent_split(varying, 2)
     assert _weighted([split], [g], coherent=True) == pytest.approx(_weighted([split], [g]), rel=1e-6)
+
+
+def test_the_backward_recomputes_blocks_and_keeps_only_their_inputs(small_unet, unet_inputs, monkeypatch):
+    """The gains' backward recomputes the model's blocks (offload.recomputed over checkpoint_units: a UNet's ResNet
+    blocks and transformers): the forward keeps under half of what autograd would save (a backward through a UNet at
+    1024 px keeps several times its weights), and the gains are those of the plain backward exactly."""
+    from mixquant.quant import offload
+
+    x, t, ctx = unet_inputs
+    units = offload.checkpoint_units(small_unet)
+    assert {"ResnetBlock2D", "Transformer2DModel"} <= {type(u).__name__ for u in units}
+    assert not any(u is not v and any(m is v for m in u.modules()) for u in units for v in units)  # none nested
+
+    def saved_bytes(recompute: bool) -> int:
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                offload.recomputed(small_unet) if recompute else contextlib.nullcontext():
+            small_unet(x.clone().requires_grad_(True), t, encoder_hidden_states=ctx).sample.sum().backward()
+        return total[0]
+
+    plain, recomputed = saved_bytes(False), saved_bytes(True)
+    assert recomputed < plain / 2, (recomputed, plain)  # (0.43 here: 8x8 latents, the units inputs weigh more)
+    assert all(u.__dict__.get("_call_impl") is None for u in units)  # restored
+
+    class Runner:
+        def output_of(self, out):
+            return out.sample
+
+    call = SimpleNamespace(args=(x, t), kwargs={"encoder_hidden_states": ctx})
+    names = [n for n, m in small_unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    got = output_gains(small_unet, Runner(), [call], names, seed=2)
+    monkeypatch.setattr(offload, "checkpoint_units", lambda model, parts=16: [])
+    want = output_gains(small_unet, Runner(), [call], names, seed=2)
+    for kind in want:
+        for n in names:
+            assert all(torch.equal(a, b) for a, b in zip(want[kind][n], got[kind][n])), (kind, n)
+
+
+def test_a_model_that_does_not_replay_alike_gets_the_plain_backward(monkeypatch):
+    """A host's block may compute differently when it runs again (here: other ops, the same values, so autograd saves
+    another number of tensors): the recomputation fails its check, and the gains come from one plain backward."""
+    from mixquant.quant import offload
+
+    class Block(nn.Module):
+        def __init__(self, flaky):
+            super().__init__()
+            self.lin, self.flaky, self.runs = nn.Linear(6, 6), flaky, 0
+
+        def forward(self, x):
+            h = self.lin(x)
+            self.runs += 1
+            if self.flaky and self.runs % 2:
+                return torch.tanh(h * torch.ones_like(h))
+            return torch.tanh(h + 0)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block(i == 10) for i in range(20)])
+    assert len(offload.checkpoint_units(model)) == 20
+    call = SimpleNamespace(args=(torch.randn(3, 6),), kwargs={})
+    names = [f"{i}.lin" for i in range(20)]
+    got = output_gains(model, _Runner(), [call] * 2, names, kinds=("quality", "content"), seed=4)
+    monkeypatch.setattr(offload, "checkpoint_units", lambda m, parts=16: [])
+    want = output_gains(model, _Runner(), [call] * 2, names, kinds=("quality", "content"), seed=4)
+    for kind in want:
+        for n in names:
+            assert all(torch.equal(a, b) for a, b in zip(want[kind][n], got[kind][n])), (kind, n)
