@@ -87,6 +87,14 @@ def test_inspect_prints_layers_and_bad_file_is_one_line(tmp_path, capsys, small_
     assert cli(["inspect", path, "--layers"]) == 0
     out = capsys.readouterr().out
     assert "UNet2DConditionModel" in out and "W4g64A16" in out and "conv_in" not in out.split("formats:")[1][:40]
+    # piped into a program that reads one line and stops: no traceback
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "mixquant")
+    run = subprocess.run(f"{exe} inspect {path} --layers --json | head -c 10",
+                         shell=True, capture_output=True, text=True, timeout=300)
+    assert len(run.stdout) == 10 and "Traceback" not in run.stderr and "Error" not in run.stderr, run.stderr
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 100)
     assert cli(["inspect", str(bad)]) == 2

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mixquant: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output went into a program that stopped reading (`mixquant inspect ... | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error when Python flushes)
+        return 1
 
 
 if __name__ == "__main__":
