@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import CheckpointError
 
 from .apply import quantized_layer, set_submodule
 from .offload import recomputed, recomputing, with_params_on
@@ -328,8 +327,8 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
                     break
                 except RuntimeError as e:
                     inplace = "modified by an inplace operation" in str(e)
-                    if recompute[0] and (inplace or isinstance(e, CheckpointError)):
-                        recompute[0] = False  # (a host's model that does not replay alike: one plain backward)
+                    if recompute[0]:  # (a host's model that does not replay alike, or will not run in a region)
+                        recompute[0] = False  # one plain backward
                     elif inplace and not copies[0]:
                         copies[0] = True
                     else:

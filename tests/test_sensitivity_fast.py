@@ -261,3 +261,37 @@ def test_a_model_that_does_not_replay_alike_gets_the_plain_backward(monkeypatch)
     for kind in want:
         for n in names:
             assert all(torch.equal(a, b) for a, b in zip(want[kind][n], got[kind][n])), (kind, n)
+
+
+def test_blocks_fed_tensors_made_in_inference_mode_are_recomputed(monkeypatch):
+    """ComfyUI records a call's tensors in inference mode and its blocks take them as arguments (Flux's `vec` from
+    `y`): a recomputed region keeps its tensor arguments, so those are copied first; the blocks are recomputed (no
+    fall back to the plain backward) and the gains are the plain backward's."""
+    from mixquant.quant import offload
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(20))
+
+        def forward(self, x, cond):
+            for b in self.blocks:
+                x = b(x) + b(cond)
+            return x
+
+    torch.manual_seed(0)
+    model = Model()
+    with torch.inference_mode():
+        cond = torch.randn(3, 6)
+    call = SimpleNamespace(args=(torch.randn(3, 6),), kwargs={"cond": cond})
+    names = [f"blocks.{i}.0" for i in range(20)]
+    entered = [0]
+    enter = offload._Recomputing.__enter__
+    monkeypatch.setattr(offload._Recomputing, "__enter__", lambda self: (entered.__setitem__(0, entered[0] + 1),
+                                                                         enter(self))[1])
+    got = output_gains(model, _Runner(), [call], names, kinds=("quality",), seed=6)
+    assert entered[0] >= 20
+    monkeypatch.setattr(offload, "checkpoint_units", lambda m, parts=16: [])
+    want = output_gains(model, _Runner(), [call], names, kinds=("quality",), seed=6)
+    for n in names:
+        assert torch.equal(want["quality"][n][0], got["quality"][n][0]), n
