@@ -287,7 +287,7 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
                 return None
             if not y.requires_grad:  # fed only by inputs without gradient (time embedding, text context)
                 y = y.detach().requires_grad_(True)
-            if recomputing():  # (a streamed block recomputed in the backward: tapped in the forward already)
+            if recomputing():  # (a block recomputed in the backward: tapped in the forward already)
                 return y
             cd = _channel_dim(y, m)
             if n in taps:  # (a layer called twice in one call: its last output counts)
