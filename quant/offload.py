@@ -187,7 +187,7 @@ def recomputed(model: nn.Module):
             finally:  # (a recomputation stops once it has what the backward needs, before the block's post hook)
                 _offload(block)
 
-        def region(*args, **kwargs):  # (the region keeps its tensor arguments: an inference tensor cannot be kept)
+        def region(*args, **kwargs):  # (torch saves its positional tensor arguments: an inference tensor cannot be)
             args = [a.clone() if isinstance(a, torch.Tensor) and a.is_inference() else a for a in args]
             return checkpoint(run, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 

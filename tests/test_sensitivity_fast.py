@@ -265,18 +265,27 @@ def test_a_model_that_does_not_replay_alike_gets_the_plain_backward(monkeypatch)
 
 def test_blocks_fed_tensors_made_in_inference_mode_are_recomputed(monkeypatch):
     """ComfyUI records a call's tensors in inference mode and its blocks take them as arguments (Flux's `vec` from
-    `y`): a recomputed region keeps its tensor arguments, so those are copied first; the blocks are recomputed (no
-    fall back to the plain backward) and the gains are the plain backward's."""
+    `y`), positional or by keyword: a recomputed region keeps its positional tensor arguments (torch saves them for
+    the backward; keyword ones it only holds), so those are copied first; the blocks are recomputed (no fall back to
+    the plain backward) and the gains are the plain backward's."""
     from mixquant.quant import offload
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+
+        def forward(self, x, cond=None):
+            return self.body(x) + (0 if cond is None else self.body(cond))
 
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(20))
+            self.blocks = nn.ModuleList(Block() for _ in range(20))
 
         def forward(self, x, cond):
-            for b in self.blocks:
-                x = b(x) + b(cond)
+            for i, b in enumerate(self.blocks):
+                x = b(x, cond) if i % 2 else b(x, cond=cond)
             return x
 
     torch.manual_seed(0)
@@ -284,7 +293,7 @@ def test_blocks_fed_tensors_made_in_inference_mode_are_recomputed(monkeypatch):
     with torch.inference_mode():
         cond = torch.randn(3, 6)
     call = SimpleNamespace(args=(torch.randn(3, 6),), kwargs={"cond": cond})
-    names = [f"blocks.{i}.0" for i in range(20)]
+    names = [f"blocks.{i}.body.0" for i in range(20)]
     entered = [0]
     enter = offload._Recomputing.__enter__
     monkeypatch.setattr(offload._Recomputing, "__enter__", lambda self: (entered.__setitem__(0, entered[0] + 1),

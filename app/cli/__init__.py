@@ -26,8 +26,9 @@ def add_device_arguments(p) -> None:
                    help="the model's float type (default auto: fp16 on a GPU, bf16 for Flux/SD3; fp32 on a CPU)")
     p.add_argument("--offload", default="auto", choices=("auto", "off", "stream"),
                    help="a denoiser larger than the GPU: stream keeps it on the CPU and streams its blocks through the "
-                        "GPU (calibration and the sensitivity run there, its backward block by block; the quantized model "
-                        "is built in the GPU layer by layer); auto (default): where the model does not fit the GPU's free memory")
+                        "GPU (calibration and the sensitivity run there, its backward block by block; the quantized "
+                        "model is built in the GPU layer by layer); auto (default): where the model does not fit the "
+                        "GPU's free memory")
 
 
 def add_scheduler_argument(p) -> None:
