@@ -213,9 +213,8 @@ def real_section(device: str, size: int, steps: int, n_prompts: int, outliers: f
                  config: str = "dev", avg_w_bits: float = 4.0) -> list[str]:
     """#23's GPU line: the Flux.1-dev transformer at its real size (random weights, bf16, built on the CPU), planned
     with its blocks streamed through the device (quant/offload.py; the fast sensitivity's backward recomputes it block
-    by block) and
-    quantized into it layer by layer: peak device memory of the whole run against the bf16 size, bytes, the step's
-    SQNR and speed against bf16 (the bf16 model moved to the device after the peak is read)."""
+    by block) and quantized into it layer by layer: peak device memory of the whole run against the bf16 size, bytes,
+    the step's SQNR and speed against bf16 (the bf16 model moved to the device after the peak is read)."""
     from mixquant.quant.offload import stream_blocks, streamed
     from mixquant.quant.sizes import model_bytes
 
@@ -262,9 +261,8 @@ def real_section(device: str, size: int, steps: int, n_prompts: int, outliers: f
              f"({n_params / 1e9:.2f}B parameters, random weights with outlier channels)", "",
              f"{size}×{size}, {len(CALIB[:n_prompts])} calibration prompts × {steps} steps, guidance 3.5; the "
              f"transformer stays on the CPU in bf16, its {len(blocks)} blocks stream through the device one at a time "
-             "while it is "
-             "calibrated and measured (fast sensitivity, its backward recomputing block by block), then it is "
-             "quantized into the GPU layer by layer. "
+             "while it is calibrated and measured (fast sensitivity, its backward recomputing block by block), then "
+             "it is quantized into the GPU layer by layer. "
              "Peak: torch.cuda.max_memory_allocated over all of it and one denoiser step of the quantized model.", "",
              "| bf16 size | peak GPU memory | peak / bf16 | quantized bytes | bytes / bf16 | avg W bits "
              "| step SQNR dB |",
