@@ -233,25 +233,26 @@ def test_the_backward_recomputes_blocks_and_keeps_only_their_inputs(small_unet, 
             assert all(torch.equal(a, b) for a, b in zip(want[kind][n], got[kind][n])), (kind, n)
 
 
+class _Flaky(nn.Module):  # (computes the same values with other ops on every other run: it does not replay alike)
+    def __init__(self, flaky):
+        super().__init__()
+        self.lin, self.flaky, self.runs = nn.Linear(6, 6), flaky, 0
+
+    def forward(self, x):
+        h = self.lin(x)
+        self.runs += 1
+        if self.flaky and self.runs % 2:
+            return torch.tanh(h * torch.ones_like(h))
+        return torch.tanh(h + 0)
+
+
 def test_a_model_that_does_not_replay_alike_gets_the_plain_backward(monkeypatch):
     """A host's block may compute differently when it runs again (here: other ops, the same values, so autograd saves
     another number of tensors): the recomputation fails its check, and the gains come from one plain backward."""
     from mixquant.quant import offload
 
-    class Block(nn.Module):
-        def __init__(self, flaky):
-            super().__init__()
-            self.lin, self.flaky, self.runs = nn.Linear(6, 6), flaky, 0
-
-        def forward(self, x):
-            h = self.lin(x)
-            self.runs += 1
-            if self.flaky and self.runs % 2:
-                return torch.tanh(h * torch.ones_like(h))
-            return torch.tanh(h + 0)
-
     torch.manual_seed(0)
-    model = nn.Sequential(*[Block(i == 10) for i in range(20)])
+    model = nn.Sequential(*[_Flaky(i == 10) for i in range(20)])
     assert len(offload.checkpoint_units(model)) == 20
     call = SimpleNamespace(args=(torch.randn(3, 6),), kwargs={})
     names = [f"{i}.lin" for i in range(20)]
@@ -261,6 +262,45 @@ def test_a_model_that_does_not_replay_alike_gets_the_plain_backward(monkeypatch)
     for kind in want:
         for n in names:
             assert all(torch.equal(a, b) for a, b in zip(want[kind][n], got[kind][n])), (kind, n)
+
+
+def test_a_streamed_model_that_does_not_replay_alike_gets_one_clear_message():
+    """Streamed through a device, a plain backward would hold every block's weights there (the model does not fit
+    it): instead of falling back to it, one message names the local sensitivity; every tensor is back home after."""
+    from mixquant.quant import offload
+    from mixquant.quant.errors import MixQuantError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_Flaky(i == 10) for i in range(20)])
+    homes = [id(t) for _, _, t in offload._tensors(model)]
+    call = SimpleNamespace(args=(torch.randn(3, 6),), kwargs={})
+    with offload.streamed(model, list(model), "cpu:0"):
+        with pytest.raises(MixQuantError, match="local sensitivity"):
+            output_gains(model, _Runner(), [call], [f"{i}.lin" for i in range(20)], kinds=("quality",))
+    assert [id(t) for _, _, t in offload._tensors(model)] == homes
+    assert all(b.__dict__.get("_call_impl") is None for b in model)
+
+
+def test_out_of_memory_in_the_recomputed_backward_is_not_retried_without_it():
+    """An out-of-memory error with the recomputation is raised as it is: the plain backward a retry would make
+    needs more memory still."""
+    class Hungry(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.runs = nn.Linear(6, 6), 0
+
+        def forward(self, x):
+            self.runs += 1
+            if self.runs == 2:  # (its recomputation in the backward)
+                raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+            return torch.tanh(self.lin(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Hungry() for _ in range(20)])
+    call = SimpleNamespace(args=(torch.randn(3, 6),), kwargs={})
+    with pytest.raises(torch.OutOfMemoryError):
+        output_gains(model, _Runner(), [call], [f"{i}.lin" for i in range(20)], kinds=("quality",))
+    assert model[0].runs == 1 and model[-1].runs == 2  # (the last block failed recomputed; no second forward pass)
 
 
 def test_blocks_fed_tensors_made_in_inference_mode_are_recomputed(monkeypatch):
