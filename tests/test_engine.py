@@ -164,6 +164,29 @@ def test_bad_input_gives_one_clear_error(tmp_path, capsys):
         assert not os.path.exists(out)
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   MemoryError()])
+def test_out_of_memory_is_one_clear_error(tmp_path, capsys, monkeypatch, error):
+    """The device (or the host) running out of memory mid-run: one line saying so and what to change, nothing
+    written; any other error keeps its traceback."""
+    from mixquant.quant import engine
+
+    def prepare(*a, **k):
+        raise error
+
+    monkeypatch.setattr(engine, "prepare", prepare)
+    out = str(tmp_path / "q.safetensors")
+    rc = cli(["quantize", "--model", "digits", "--prompt", "one", "--avg-w-bits", "4", "--steps", "2", "--out", out,
+              "--cache-dir", str(tmp_path / "c"), "--no-eval"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "out of memory" in err[0] and "--offload stream" in err[0], err
+    assert not os.path.exists(out)
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        cli(["quantize", "--model", "digits", "--prompt", "one", "--avg-w-bits", "4", "--steps", "2", "--out", out,
+             "--cache-dir", str(tmp_path / "c"), "--no-eval"])
+
+
 def test_interrupt_leaves_the_model_untouched(digits, tmp_path):
     before = {k: v.clone() for k, v in digits.unet.state_dict().items()}
     ticks = {"n": 0}

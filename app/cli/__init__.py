@@ -69,9 +69,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mixquant: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
+        if not _is_out_of_memory(e):
+            raise
+        print(_out_of_memory(e), file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the output went into a program that stopped reading (`mixquant inspect ... | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error when Python flushes)
         return 1
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError))
+
+
+def _out_of_memory(e: BaseException) -> str:
+    """One message for a device (or the host) out of memory: what ran out, what to change; nothing was written."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return (f"mixquant: error: out of memory ({first[:200]}). Nothing was written. Use fewer prompts, --steps or a "
+            "smaller --size; on a GPU, --offload stream for a denoiser near the GPU's size, or --device cpu; "
+            "--sens-mode local needs the least memory.")
 
 
 if __name__ == "__main__":
