@@ -11,7 +11,8 @@ so one that fails or hangs leaves the others' tables. The steps, in priority ord
   (the route race's choice), our fp8 format (W8A8d-fp8), raw fp8 `_scaled_mm` (ComfyUI's fp8 path) and
   comfy-kitchen's int8 linear in the same process (bench/kernels.py --part gemm,conv --quick);
 - unet (#22): the SD1.5-architecture UNet step, batch 2, at 64x64 and 128x128 latents: FP16, W8A8 int8, W8A8 with
-  fp8 Linear layers, mixed W4A8; in CUDA graphs, with peak memory (bench/kernels.py --part unet);
+  fp8 Linear layers, mixed W4A8; in CUDA graphs and eager, with peak memory, the host time per eager layer call and
+  its profile (bench/kernels.py --part unet);
 - speed (#22): plans made with the speed target on this GPU (the SD1.5 architecture at 128x128 latents, batch 2):
   predicted vs measured speed vs FP16 for W8A8 and the default avg-W4 plan (bench/speed.py --models sd15);
 - scale (#21): the whole method on the SDXL-architecture UNet at its real widths at 1024x1024: time and CUDA peak of
@@ -42,7 +43,8 @@ import mixquant  # noqa: E402,F401  (first, as in every bench script: it hides o
 STEPS = [
     ("kernels", "#22", 75, "GEMM / 3x3 conv routes vs fp16 (CUDA graphs; fp8, comfy-kitchen int8 beside)",
      ["bench/kernels.py", "--device", "cuda", "--part", "gemm,conv", "--quick", "--out", "{out}/kernels_gpu.md"]),
-    ("unet", "#22", 90, "SD1.5-architecture UNet step, batch 2, 64x64 and 128x128 latents, CUDA graphs, peak memory",
+    ("unet", "#22", 100, "SD1.5-architecture UNet step, batch 2, 64x64 and 128x128 latents, CUDA graphs and eager, "
+     "host time per eager layer call, peak memory",
      ["bench/kernels.py", "--device", "cuda", "--part", "unet", "--out", "{out}/unet_gpu.md"]),
     ("speed", "#22", 105, "plans with the speed target: predicted vs measured speed vs FP16",
      ["bench/speed.py", "--device", "cuda", "--models", "sd15", "--out", "{out}/speed_gpu.md"]),

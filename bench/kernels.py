@@ -8,7 +8,8 @@
 CPU: every quantized call goes through the dispatcher with a per-layer cache dict (as a layer passes it), so the
 route is the one the per-shape race picks on this machine; the table names it. The float baseline is the fastest
 float dtype the CPU probe found. GPU: Triton kernels (autotuned) vs cuBLAS/cuDNN fp16; UNet forwards captured in
-CUDA graphs on both sides. Results go to bench/results/kernels_<device>.md (the machine is named in the table).
+CUDA graphs on both sides, and eager (the rows "eager"), with the host time per eager layer call (host_per_call).
+Results go to bench/results/kernels_<device>.md (the machine is named in the table).
 """
 from __future__ import annotations
 
@@ -391,6 +392,8 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
         print(f"  quantized {label} in {time.time() - t0:.0f}s", flush=True)
     notes = []
     lines = [f"### SD1.5-architecture UNet forward, batch 2 ({device})", "",
+             *(["Rows: the forward captured in a CUDA graph (launches replayed), then the same forward eager "
+                "(Python and launches paid per layer, as ComfyUI runs it by default).", ""] if cuda else []),
              "| latents | " + " | ".join(f"{k} ms | ×" for k in models) + " | weights MB (+ kernel cache MB) |",
              "|---|" + "---|---|" * len(models) + "---|"]
     for hw in sizes:
@@ -414,11 +417,27 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
                 else:
                     runs[label] = lambda m=m, xi=xi: m(xi, t, ctx)
         if cuda:
-            times, peaks = {}, {}
+            times, peaks, eager = {}, {}, {}
             for label, f in runs.items():
                 torch.cuda.reset_peak_memory_stats()
                 times[label] = time_gpu({label: f}, graphs=False)[label]  # f replays a captured graph
                 peaks[label] = torch.cuda.max_memory_allocated() / 2**20
+            with torch.no_grad():  # the same forwards eagerly: each layer's Python and launches paid per call
+                for label, m in models.items():
+                    xi = x.contiguous(memory_format=torch.channels_last) if label.endswith("channels_last") else x
+                    eager[label] = time_gpu({label: lambda m=m, xi=xi: m(xi, t, ctx)}, graphs=False)[label]
+            if hw == sizes[0]:
+                from mixquant.quant.layers import QuantLayer
+                host = {label: host_per_call(m, (x, t, ctx), QuantLayer if i else (torch.nn.Linear, torch.nn.Conv2d),
+                                             torch.cuda.synchronize)
+                        for i, (label, m) in enumerate(models.items()) if not label.endswith("channels_last")}
+                notes.append(host_line(host))
+                print(notes[-1], flush=True)
+                label = next((k for k in models if k.startswith("W8A8")), None)
+                if label is not None:
+                    notes += ["", f"Host profile of the {label} layers' eager calls (cProfile, {hw}×{hw} inputs):", ""]
+                    notes += host_profile(models[label], (x, t, ctx), QuantLayer, torch.cuda.synchronize)
+                    notes.append("")
         else:
             with torch.no_grad():
                 times = race(runs, rounds=1 if quick else ROUNDS)
@@ -431,12 +450,95 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
         lines.append(f"| {hw}×{hw} | " + " | ".join(f"{fmt_ms(times[k])} | {ratio(base, times[k])}" for k in models)
                      + " | " + "; ".join(mem) + " |")
         print(lines[-1], flush=True)
+        if cuda:
+            b = eager[next(iter(models))]
+            lines.append(f"| {hw}×{hw} eager | " + " | ".join(f"{fmt_ms(eager[k])} | {ratio(b, eager[k])}"
+                                                                for k in models) + " | |")
+            print(lines[-1], flush=True)
         notes.append(f"{hw}×{hw}: distance of the output from the float model's (relative L2), fast path / reference "
                      "path: " + ", ".join(f"{k} {a:.2%} / {b:.2%}" for k, (a, b) in agree.items()))
     lines += [""] + notes
     del models
     gc.collect()
     return lines
+
+
+def _layer_inputs(model, inputs: tuple, types) -> dict:
+    """Each `types` layer of `model` -> (args, kwargs) of its first call in one forward of `model` on `inputs`."""
+    seen = {}
+
+    def pre(m, args, kwargs):
+        seen.setdefault(m, (args, kwargs))
+
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in model.modules() if isinstance(m, types)]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def host_per_call(model, inputs: tuple, types, sync=lambda: None, calls: int = 20, repeats: int = 3) -> list[float]:
+    """Host (Python) microseconds of one eager call of each `types` layer of `model`, on the input it gets in the
+    model's forward (recorded in one forward): per layer, `calls` calls issued back to back and timed up to the last
+    issue, best of `repeats`. On a GPU that is the host's time alone: the launches are asynchronous and 3 x `calls`
+    of them stay far below the launch queue's depth, so nothing waits for the GPU (unless the layer synchronizes,
+    which then counts, as it would in a run). On a CPU the layer's compute counts too."""
+    out = []
+    with torch.no_grad():
+        for m, (args, kwargs) in _layer_inputs(model, inputs, types).items():
+            m(*args, **kwargs)  # (first call: route race, per-layer caches)
+            best = float("inf")
+            for _ in range(repeats):
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    m(*args, **kwargs)
+                best = min(best, time.perf_counter() - t0)
+            out.append(best / calls * 1e6)
+    sync()
+    return out
+
+
+def host_profile(model, inputs: tuple, types, sync=lambda: None, calls: int = 5, top: int = 15) -> list[str]:
+    """Where the host time of `model`'s `types` layer calls goes: cProfile over `calls` calls of each layer on its
+    recorded input, the `top` functions by own time, in µs per layer call (cProfile's own cost inflates them all
+    alike: read them as shares)."""
+    import cProfile
+    import pstats
+
+    recorded = _layer_inputs(model, inputs, types)
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        for m, (args, kwargs) in recorded.items():
+            m(*args, **kwargs)
+        sync()
+        prof.enable()
+        for m, (args, kwargs) in recorded.items():
+            for _ in range(calls):
+                m(*args, **kwargs)
+        prof.disable()
+    sync()
+    st = pstats.Stats(prof)
+    n = max(1, calls * len(recorded))
+    total = sum(v[2] for v in st.stats.values())
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    out = ["| function | calls per layer call | own µs per layer call | share |", "|---|---|---|---|"]
+    for (path, line, name), (cc, nc, tt, ct, _) in rows:
+        where = f"{os.path.basename(path)}:{line}({name})" if line else name
+        out.append(f"| `{where}` | {nc / n:.1f} | {tt / n * 1e6:.2f} | {tt / max(total, 1e-12):.0%} |")
+    return out
+
+
+def host_line(us_by_model: dict) -> str:
+    """One line: per model, mean / median / max host µs per eager layer call over its layers."""
+    def stats(v):
+        v = sorted(v)
+        return f"{sum(v) / len(v):.1f} / {v[len(v) // 2]:.1f} / {v[-1]:.1f} µs over {len(v)} layers" if v else "–"
+    return ("Host time per eager layer call (mean / median / max; each layer on the input it gets in the forward, "
+            "calls issued without waiting for the GPU): " + "; ".join(f"{k} {stats(v)}" for k, v in us_by_model.items()))
 
 
 def _graphed(model, x, t, ctx):
