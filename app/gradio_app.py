@@ -196,13 +196,14 @@ class DemoBackend:
             sizes = engine.model_sizes(unet)
         except MixQuantError:
             raise MixQuantError(f"{name}: its denoiser has no Linear/Conv2d layers MixQuant can quantize.") from None
-        scale = getattr(pipe, "vae_scale_factor", 8)
-        side = int(getattr(unet.config, "sample_size", 64)) * scale
+        from .diffusers_host.runner import native_size
+
+        h, w = native_size(pipe)
         try:
             is_digits = os.path.samefile(path, DIGITS_DIR)
         except OSError:
             is_digits = False
-        return ModelInfo(name, path, sizes, (side, side), is_digits)
+        return ModelInfo(name, path, sizes, (w, h), is_digits)
 
     def default_prompts(self, info: ModelInfo) -> list[str]:
         return DIGITS_PROMPTS if (info.is_digits or info.image_size[0] <= 32) else GENERIC_PROMPTS

@@ -181,3 +181,23 @@ def test_cli_arguments():
     args = build_parser().parse_args(["demo", "--host", "127.0.0.1", "--port", "0", "--out-dir", "x"])
     assert args.port == 0 and args.out_dir == "x"
     assert 0 < free_port() < 65536
+
+
+def test_model_info_names_the_size_the_pipeline_samples_at():
+    """The demo's model line gives the size sampling runs at: the pipeline's own default (a Flux transformer's config
+    has no sample_size: the pipeline's default_sample_size, 1024² for Flux.1, not a guess of 64 latents), digits'
+    small images as before."""
+    from mixquant.app.diffusers_host.models import load_pipeline
+    from mixquant.app.diffusers_host.random_models import random_pipeline
+    from mixquant.app.diffusers_host.runner import PipelineRunner, SamplerSettings
+    from mixquant.app.gradio_app import DemoBackend
+
+    flux = random_pipeline("flux", "small", seed=0)
+    assert "sample_size" not in flux.transformer.config
+    info = DemoBackend._model_info(flux, "flux", "")
+    side = flux.default_sample_size * flux.vae_scale_factor
+    assert info.image_size == PipelineRunner(flux, SamplerSettings(steps=1))._size() == (side, side)
+    assert side != 64 * flux.vae_scale_factor  # (what the config-only guess gave)
+    digits = load_pipeline("digits", device="cpu")
+    info = DemoBackend._model_info(digits, "digits", "digits")
+    assert info.image_size == PipelineRunner(digits, SamplerSettings(steps=1))._size() and info.image_size[0] <= 32

@@ -13,6 +13,14 @@ from ...quant.runner import DenoiserRunner, SamplerSettings
 from .files import diffusers_timestep
 
 
+def native_size(pipe) -> tuple[int, int]:
+    """(height, width) in pixels the pipeline samples at by default (a Flux transformer's config has no sample_size:
+    the pipeline's default_sample_size says it)."""
+    native = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    return native * scale, native * scale
+
+
 class PipelineRunner(DenoiserRunner):
     def __init__(self, pipe, settings: SamplerSettings):
         from .models import denoiser_of, is_flow, resolve_scheduler, set_scheduler
@@ -63,10 +71,8 @@ class PipelineRunner(DenoiserRunner):
         return kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
 
     def _size(self) -> tuple[int, int]:
-        p = self.pipe
-        native = getattr(p, "default_sample_size", None) or p.unet.config.sample_size
-        scale = getattr(p, "vae_scale_factor", 8)
-        return self.s.height or native * scale, self.s.width or native * scale
+        h, w = native_size(self.pipe)
+        return self.s.height or h, self.s.width or w
 
     def timesteps(self):
         """The timesteps the denoiser will see, as `timestep_of` reads them (noisiest first), computed the way the
