@@ -99,8 +99,12 @@ def test_generate_with_quantized_file_gives_the_same_digit(cli_run, tmp_path):
 
 
 def test_mixed_beats_uniform_w4a8_at_equal_bytes(digits, cli_run):
-    """The method's claim on this model: at the same (or fewer) bytes, a per-layer plan keeps the images closer to
-    FP than every layer at 4 bits (same 8-bit activations)."""
+    """The method's claim on this model: at the same (or fewer) bytes, a per-layer plan keeps the denoiser's output
+    closer to FP than every layer at 4 bits (same 8-bit activations) and its images as close: SQNR is where the lead
+    is (26.9 vs 24.5 dB in bench/results/pipeline.md; 30-31 vs 25.5 dB for every coupling's plan on an AVX-512
+    EPYC), while SSIM is on par (0.993 vs 0.992 there; on that EPYC the sweep's candidates at the middle-to-high
+    couplings span 0.987-0.991 against uniform's 0.991, and which of them the sweep keeps turns on differences of
+    0.001 that differ between CPUs). A plan that spends its bits where they matter least loses on both."""
     _, r, d = cli_run
     sampler = SamplerSettings()
     prompts = [p.strip() for p in open(PROMPTS) if p.strip()]
@@ -120,7 +124,8 @@ def test_mixed_beats_uniform_w4a8_at_equal_bytes(digits, cli_run):
     with dispatch.use_backend("reference"):
         m = compare_pipelines(digits, mixed, EVAL, [11], **kw)
         u = compare_pipelines(digits, pipeline_with_denoiser(digits, uni), EVAL, [11], **kw)
-    assert m["ssim"] > u["ssim"] and m["sqnr_db"] > u["sqnr_db"]
+    assert m["sqnr_db"] > u["sqnr_db"] + 1.0, (m, u)
+    assert m["ssim"] > u["ssim"] - 0.005, (m, u)  # (the low coupling's plan here: 0.980, it would fail)
     assert m["content_accuracy"] >= u["content_accuracy"]
 
 
