@@ -331,8 +331,9 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
                         raise
                     inplace = "modified by an inplace operation" in str(e)
                     if recompute[0] and streamed_device(model) is not None:
+                        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                         raise MixQuantError(
-                            f"The fast sensitivity could not recompute this model's blocks one at a time ({e}); "
+                            f"The fast sensitivity could not recompute this model's blocks one at a time ({why}); "
                             f"without that, its backward pass would hold every block's weights on "
                             f"{streamed_device(model)}, which the model does not fit. Use the local sensitivity "
                             f"(sensitivity mode `local`: forward passes only).") from e
