@@ -24,7 +24,7 @@ import torch.nn as nn
 from .apply import quantized_layer, set_submodule
 from .offload import recomputed, recomputing, streamed_device, with_params_on
 from .calibration import Calibration
-from .errors import MixQuantError
+from .errors import MixQuantError, reason
 from .formats import LayerFormat
 from .layers import QuantLayer, attach_act_group_switch
 from .metrics import ssim
@@ -330,13 +330,13 @@ def output_gains(model: nn.Module, runner: DenoiserRunner, calls, names: list[st
                     if isinstance(e, torch.OutOfMemoryError):  # (a plain backward would need more)
                         raise
                     inplace = "modified by an inplace operation" in str(e)
-                    if recompute[0] and streamed_device(model) is not None:
-                        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    dev = streamed_device(model)
+                    if recompute[0] and dev is not None:
                         raise MixQuantError(
-                            f"The fast sensitivity could not recompute this model's blocks one at a time ({why}); "
-                            f"without that, its backward pass would hold every block's weights on "
-                            f"{streamed_device(model)}, which the model does not fit. Use the local sensitivity "
-                            f"(sensitivity mode `local`: forward passes only).") from e
+                            f"The fast sensitivity could not recompute this model's blocks one at a time "
+                            f"({reason(e)}); without that, its backward pass would hold every block's weights on "
+                            f"{dev}, which the model does not fit. Use the local sensitivity (sensitivity mode "
+                            f"`local`: forward passes only).") from e
                     if recompute[0]:  # (a host's model that does not replay alike, or will not run in a region)
                         recompute[0] = False  # one plain backward
                     elif inplace and not copies[0]:

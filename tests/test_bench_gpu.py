@@ -7,11 +7,16 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(HERE, "..", "bench", "gpu.py"))
+def _bench(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(HERE, "..", "bench", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _gpu():
+    return _bench("gpu")
 
 
 def test_steps_run_in_their_own_process_and_land_in_one_table(tmp_path):
@@ -50,9 +55,7 @@ def test_host_time_per_layer_call_is_measured_on_each_layers_own_input():
     import torch
     import torch.nn as nn
 
-    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(HERE, "..", "bench", "kernels.py"))
-    kb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kb)
+    kb = _bench("kernels")
 
     class Slow(nn.Linear):
         def forward(self, x):
@@ -84,9 +87,7 @@ def test_host_profile_names_where_a_layer_calls_time_goes():
     import torch
     import torch.nn as nn
 
-    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(HERE, "..", "bench", "kernels.py"))
-    kb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kb)
+    kb = _bench("kernels")
 
     def napping(x):
         time.sleep(0.001)

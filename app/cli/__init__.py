@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         print("mixquant: interrupted; nothing was written.", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
-        if not _is_out_of_memory(e):
+        import torch
+
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)):
             raise
         print(_out_of_memory(e), file=sys.stderr)
         return 2
@@ -79,16 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError))
-
-
 def _out_of_memory(e: BaseException) -> str:
     """One message for a device (or the host) out of memory: what ran out, what to change; nothing was written."""
-    first = (str(e).strip().splitlines() or [""])[0]
-    return (f"mixquant: error: out of memory ({first[:200]}). Nothing was written. Use fewer prompts, --steps or a "
+    from ...quant.errors import reason
+
+    return (f"mixquant: error: out of memory ({reason(e)}). Nothing was written. Use fewer prompts, --steps or a "
             "smaller --size; on a GPU, --offload stream for a denoiser near the GPU's size, or --device cpu; "
             "--sens-mode local needs the least memory.")
 

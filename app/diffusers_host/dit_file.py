@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from ...quant.errors import MixQuantError
+from ...quant.errors import MixQuantError, reason
 from .single_file import indices, read_shapes, write_tokenizer
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
@@ -273,8 +273,7 @@ def load_dit_files(paths: list[str], dtype):
         except MixQuantError:
             raise
         except Exception as e:  # noqa: BLE001  (the loaders raise several types on an odd file)
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MixQuantError(f"could not load {name} as {NAMES[fam]}: {msg[:300]}; the file may be damaged or of "
+            raise MixQuantError(f"could not load {name} as {NAMES[fam]}: {reason(e, 300)}; the file may be damaged or of "
                                 "a layout MixQuant does not know") from None
         with tempfile.TemporaryDirectory(prefix="mixquant-tok-") as tok:
             write_tokenizer(os.path.join(tok, "clip"), "<|endoftext|>")

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-from ...quant.errors import MixQuantError
+from ...quant.errors import MixQuantError, reason
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "clip_tokenizer")
 UNET = "model.diffusion_model."
@@ -315,8 +315,7 @@ def load_single_file(path: str, dtype):
         except MixQuantError:
             raise
         except Exception as e:  # noqa: BLE001  (the converters raise KeyError/RuntimeError/ValueError on odd files)
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MixQuantError(f"could not load {os.path.basename(path)} as {sf.name}: {msg[:300]}; the file may "
+            raise MixQuantError(f"could not load {os.path.basename(path)} as {sf.name}: {reason(e, 300)}; the file may "
                                 "be damaged or of a layout MixQuant does not know") from None
     pipe.mixquant_source = {"single_file": os.path.basename(path), "family": sf.family,
                             "prediction_type": sf.prediction_type}
