@@ -21,6 +21,7 @@ producer's group and the tensor is unchanged since (its version). MIXQUANT_FUSE=
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 import weakref
@@ -120,28 +121,15 @@ def _fused_forward(self, x, *args, **kwargs):
             or any(p.device != x.device for p in self._parameters.values() if p is not None):
         # (a host that casts or moves weights per call, as ComfyUI's low-VRAM mode does: its own forward)
         return super(type(self), self).forward(x, *args, **kwargs)
-    from ..kernels import triton_fused as tf
-
     act = g.readers[0]._act_args(x.device)
     kw = dict(a_mode=act["a_mode"], a_bits=act["a_bits"], a_scale=act["a_scale"], a_zero=act["a_zero"])
     try:
+        with _counted_outputs():
+            y, q, s = _fused_outputs(self, g, x, kw)
+        if y is None:
+            return super(type(self), self).forward(x)
         if g.kind == "groupnorm_silu":
-            if x.dim() != 4:
-                return super(type(self), self).forward(x)
-            y, q, s = tf.groupnorm_silu_quant(x, self.num_groups, self.weight, self.bias, self.eps, act["a_scale"],
-                                              act["a_zero"], act["a_bits"], pad=tuple(g.readers[0].padding))
             setattr(y, ACTIVATED_ATTR, (g, y._version))
-        elif g.kind == "layernorm":
-            y, q, s = tf.layernorm_quant(x, self.weight, self.bias, self.eps, **kw)
-        elif g.kind == "gelu_module":
-            y, q, s = tf.gelu_quant(x, approximate=self.approximate, **kw)
-        else:
-            h = self.proj(x)
-            if g.kind == "geglu":
-                a, gate = h.chunk(2, dim=-1)
-                y, q, s = tf.gelu_quant(a, gate=gate, **kw)
-            else:
-                y, q, s = tf.gelu_quant(h, approximate=getattr(self, "approximate", "none"), **kw)
     except Exception as e:  # noqa: BLE001  (a kernel this GPU / Triton cannot build: the module's own forward)
         del self.__dict__["_mq_group"]
         warnings.warn(f"MixQuant: the fused {g.kind} + quantization kernel failed here ({type(e).__name__}: "
@@ -151,6 +139,40 @@ def _fused_forward(self, x, *args, **kwargs):
     setattr(y, CODES_ATTR, (g, y._version, (q, s)))
     g.used += 1
     return y
+
+
+def _counted_outputs():
+    """A reader takes the codes only while the tagged output is unchanged, by its version counter. Under
+    torch.inference_mode (ComfyUI runs every node in it) a tensor made there is an inference tensor, which has no
+    version counter (reading it raises); the fused op runs outside inference mode (grad still off), so its output is
+    a normal tensor, whose in-place writes are counted in inference mode too."""
+    if not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
+def _fused_outputs(self, g: Group, x: torch.Tensor, kw: dict):
+    """(output, its readers' int8 codes, row scales) of the producer's fused kernel; (None, None, None) where the
+    kernel does not take this input."""
+    from ..kernels import triton_fused as tf
+
+    if g.kind == "groupnorm_silu":
+        if x.dim() != 4:
+            return None, None, None
+        return tf.groupnorm_silu_quant(x, self.num_groups, self.weight, self.bias, self.eps, kw["a_scale"],
+                                       kw["a_zero"], kw["a_bits"], pad=tuple(g.readers[0].padding))
+    if g.kind == "layernorm":
+        return tf.layernorm_quant(x, self.weight, self.bias, self.eps, **kw)
+    if g.kind == "gelu_module":
+        return tf.gelu_quant(x, approximate=self.approximate, **kw)
+    h = self.proj(x)
+    if g.kind == "geglu":
+        a, gate = h.chunk(2, dim=-1)
+        return tf.gelu_quant(a, gate=gate, **kw)
+    return tf.gelu_quant(h, approximate=getattr(self, "approximate", "none"), **kw)
 
 
 _CLASSES: dict = {}

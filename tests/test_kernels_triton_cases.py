@@ -6,6 +6,7 @@ imported: tests/test_kernels_triton.py runs this file in a subprocess with it, s
 compiled-kernel semantics (and the dispatcher does not route CPU tensors to the interpreter in other tests).
 """
 import os
+import warnings
 
 import pytest
 import torch
@@ -339,8 +340,14 @@ def _ffn_model():
     return Block().eval()
 
 
-@pytest.mark.parametrize("a_mode", ["static", "dynamic"])
-def test_fused_producers_feed_their_readers(a_mode, monkeypatch):
+# the two ways hosts run a model without autograd; ComfyUI runs every node under torch.inference_mode, where tensors
+# made have no version counter (the fused output's codes are checked against it)
+GRADLESS = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.mark.parametrize("a_mode,gradless", [("static", "no_grad"), ("dynamic", "no_grad"),
+                                             ("static", "inference_mode")])
+def test_fused_producers_feed_their_readers(a_mode, gradless, monkeypatch):
     """quant/fusion.py in eager mode: after the first call the LayerNorm / GEGLU / GELU write their readers' codes,
     the readers' GEMMs read them, and the output stays the quantized model's."""
     from mixquant.quant import fusion
@@ -358,6 +365,7 @@ def test_fused_producers_feed_their_readers(a_mode, monkeypatch):
         real = triton_gemm.qlinear
         monkeypatch.setattr(triton_gemm, "qlinear", lambda *a, **k: (used.append(k.get("codes") is not None),
                                                                    real(*a, **k))[1])
+    with GRADLESS[gradless]():
         y0 = q(x)  # the first call: unfused, links producers and readers
         assert not any(used)
         groups = fusion.groups(q)
@@ -369,7 +377,39 @@ def test_fused_producers_feed_their_readers(a_mode, monkeypatch):
     assert rel < 2e-2
 
 
-def test_fused_groupnorm_silu_feeds_the_resblock_convs(monkeypatch):
+@pytest.mark.parametrize("gradless", list(GRADLESS))
+def test_a_fused_output_written_in_place_is_quantized_again(gradless):
+    """A model that writes into the LayerNorm's output before the layer reads it: the reader sees the write (the
+    output's version counter, which an inference tensor would not have) and quantizes the written tensor itself."""
+    from mixquant.quant import fusion
+    from mixquant.quant.apply import quantize_model
+    from mixquant.quant.calibration import collect_act_ranges
+    from mixquant.quant.formats import LayerFormat
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.lin = torch.nn.LayerNorm(64), torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = self.norm(x)
+            h.mul_(3.0)
+            return self.lin(h)
+
+    torch.manual_seed(9)
+    model, x = Scaled().eval().to(DEV), torch.randn(2, 9, 64, device=DEV)
+    with torch.no_grad():
+        ranges = collect_act_ranges(model, lambda: model(x))
+        q, _ = quantize_model(model, {"lin": LayerFormat(8, 8)}, ranges)
+    with GRADLESS[gradless]():
+        y0 = q(x)  # unfused (links the norm to its reader)
+        assert [g.kind for g in fusion.groups(q)] == ["layernorm"]
+        y1 = q(x)
+    assert fusion.groups(q)[0].used == 1 and torch.equal(y1, y0)
+
+
+@pytest.mark.parametrize("gradless", list(GRADLESS))
+def test_fused_groupnorm_silu_feeds_the_resblock_convs(gradless, monkeypatch):
     """A UNet ResBlock (diffusers' ResnetBlock2D: GroupNorm -> SiLU -> 3x3 conv, twice): after the first call each
     GroupNorm computes GroupNorm + SiLU and its conv's padded static codes, the shared SiLU passes its output through
     (and still activates the time embedding), the convs read the codes, and the output stays the quantized block's."""
@@ -391,6 +431,8 @@ def test_fused_groupnorm_silu_feeds_the_resblock_convs(monkeypatch):
         real = triton_conv.qconv2d
         monkeypatch.setattr(triton_conv, "qconv2d", lambda *a, **k: (used.append(k.get("codes") is not None),
                                                                    real(*a, **k))[1])
+    with GRADLESS[gradless](), warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a fused kernel that fails warns and unfuses)
         y0 = q(x, temb)  # the first call: unfused, links the norms to the convs
         assert not any(used)
         groups = fusion.groups(q)
