@@ -8,8 +8,13 @@ does not need a GPU to be measured: this runs the dispatcher and the Triton wrap
 TRITON_INTERPRET=1 (so the Triton backend accepts them) with the kernel launches replaced by no-ops, and the
 content fingerprint the CPU adds to cache keys switched off (a GPU has none). What is left out: Triton's own
 launcher (binding ~40 arguments) and the CUDA launch itself. Baseline in the same process: one eager F.linear call
-on tiny tensors (the floor of any PyTorch op call). Numbers are per call, best of 9 rounds run in turns. The last
-row calls the same linear through the torch.library custom op, the form torch.compile sees (eager calls skip it).
+on tiny tensors (the floor of any PyTorch op call). Numbers are per call, best of 9 rounds run in turns.
+
+Rows: the kernel call through dispatch (`dispatch.linear` / `conv2d`, resolved on every call); the same call
+through the torch.library custom op (the form torch.compile sees; eager calls skip it); and the whole quantized
+layer's forward as a model calls it on a GPU, through the GPU backend (its route decided, here Triton) and the call
+the layer bound at its first call (#22 item 4): what a layer pays per call in an eager UNet step besides its
+launches. Every row runs under torch.inference_mode, as ComfyUI runs its nodes.
 """
 from __future__ import annotations
 
@@ -75,14 +80,54 @@ def measure(calls: int) -> list[str]:
     op = triton_gemm.linear_op()
     fns["the first row's linear through the custom op (as under torch.compile)"] = \
         lambda: op(x, **call, wsum=None)
+    fns.update(_layer_calls())
     # best of 9 rounds, every row and the baseline in turns (a noisy neighbour slows all alike)
-    us = {k: v * 1e3 / calls for k, v in cpu.race({k: _loop(f, calls) for k, f in fns.items()}, rounds=9).items()}
+    with torch.inference_mode():  # (as ComfyUI runs every node)
+        us = {k: v * 1e3 / calls for k, v in cpu.race({k: _loop(f, calls) for k, f in fns.items()},
+                                                       rounds=9).items()}
     base = us.pop("baseline")
     lines = [f"CPU: {cpu_name()}, torch {torch.__version__}, 1 thread. Baseline: eager F.linear on 1x1 tensors "
              f"{base:.1f} us per call.", "",
              "| call | us per call | × baseline |", "|---|---|---|"]
     lines += [f"| {label} | {v:.1f} | {v / base:.1f}× |" for label, v in us.items()]
     return lines
+
+
+def _layer_calls() -> dict:
+    """Whole quantized layers called as a model calls them on a GPU (module docstring): the GPU backend registered
+    for CPU tensors, its route forced to Triton (the one that binds the launches; the others are torch calls)."""
+    import torch.nn as nn
+
+    from mixquant.kernels import dispatch, gpu_routes
+    from mixquant.kernels.registry import Backend, Constraints
+    from mixquant.quant.formats import LayerFormat
+    from mixquant.quant.layers import QuantConv2d, QuantLinear
+
+    gpu = dispatch.REGISTRY.backends()[0]
+    dispatch.register(Backend("gpu", lambda: None, gpu.ops,
+                              dict.fromkeys(gpu.ops, Constraints(devices=frozenset(("cpu",))))))
+    gpu_routes.plan().forced = "triton"
+    torch.manual_seed(0)
+    layers = {}
+    for label, make, shape in [("linear", lambda: nn.Linear(1280, 1280), (2, 256, 1280)),
+                               ("conv 3x3", lambda: nn.Conv2d(640, 640, 3, padding=1), (2, 640, 16, 16))]:
+        for fname, fmt in [("W8A8 static", LayerFormat(8, 8)), ("W4A8 g64", LayerFormat(4, 8, 64)),
+                           ("W8A8 dynamic", LayerFormat(8, 8, None, "dynamic"))]:
+            if label.startswith("conv") and fname.endswith("dynamic"):
+                continue  # (its per-image scale is a real reduction on the CPU: not host overhead)
+            q = (QuantLinear if label == "linear" else QuantConv2d).from_float(make(), fmt)
+            q.set_act_range(torch.tensor(-3.0), torch.tensor(3.0))
+            x = torch.randn(*shape)
+            with torch.inference_mode():
+                q(x)
+                assert dispatch.path("linear" if label == "linear" else "conv2d", x,
+                                     **q._kernel_args(q.weight, q.bias, x.device),
+                                     **({} if label == "linear" else dict(kernel_size=q.kernel_size, stride=q.stride,
+                                                                         padding=q.padding, dilation=q.dilation))
+                                     ) == "gpu:triton"
+            layers[f"{label} layer {fname}, {'x'.join(map(str, shape))} (GPU backend)"] = (q, x)
+
+    return {label: (lambda q=q, x=x: q(x)) for label, (q, x) in layers.items()}
 
 
 def main(argv=None) -> int:

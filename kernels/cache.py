@@ -16,11 +16,10 @@ import torch
 
 def version_of(t: torch.Tensor) -> int:
     """The tensor's in-place write counter (its base's for a view; -1 for an inference tensor without one)."""
-    try:
-        return t._version
-    except RuntimeError:  # views taken under torch.inference_mode() are inference tensors: no version counter
-        base = t._base
+    if t.is_inference():  # views taken under torch.inference_mode() are inference tensors: no version counter
+        base = t._base     # (checked first: reading `_version` raises for them, and the exception cost ~7 us)
         return base._version if base is not None and not base.is_inference() else -1
+    return t._version
 
 
 def fingerprint(t: torch.Tensor) -> int | None:

@@ -82,6 +82,41 @@ def _call(op: str, x, cache, codes, call: dict):
     return impl(x, cache=cache, **call)
 
 
+def bind(op: str, x: torch.Tensor, cache: dict | None = None, **call):
+    """`op` (linear or conv2d, `call` as for them) resolved once for inputs of x's shape, strides, dtype and device:
+    a callable f(x, codes=None) -> y that runs what `linear` / `conv2d` would run for such an input with these
+    arguments while `state()` is unchanged, without choosing again (the backend, the GPU route, the Triton launch
+    are fixed now). None where the choice cannot be fixed yet (a CUDA graph capture or a compile trace: those calls
+    go through `linear` / `conv2d`). A quantized layer keeps it per input shape (quant/layers.py): the per-call
+    Python of an eager call is then its launches (#22 item 4)."""
+    name, impl = select(op, x=x, cache=cache, **call)
+    if name == "gpu":
+        from . import gpu_routes
+        return gpu_routes.bind(op, x, cache, call)
+    if name == "triton":
+        return bind_triton(op, x, cache, call)
+    return lambda x, codes=None: impl(x, cache=cache, **call)
+
+
+def bind_triton(op: str, x: torch.Tensor, cache: dict | None, call: dict):
+    """The Triton kernels' call bound (as `bind`); None under torch.compile."""
+    if torch.compiler.is_compiling():
+        return None
+    from . import triton_conv, triton_gemm
+    wsum = triton_gemm.cached_weight_sums(cache, call)
+    if op == "linear":
+        return triton_gemm.bind_linear(x, **call, wsum=wsum)
+    geometry = {g: tuple(call[g]) for g in ("kernel_size", "stride", "padding", "dilation")}
+    return triton_conv.bind_conv2d(x, **(call | geometry), wsum=wsum)
+
+
+def state() -> tuple:
+    """What decides which implementation a call runs besides the call itself: the forced backend (use_backend /
+    MIXQUANT_KERNELS) and the GPU's route plan. A bound call (`bind`) holds while this is the same."""
+    from . import gpu_routes
+    return REGISTRY.forced(), gpu_routes.plan_serial()
+
+
 def path(op: str, x: torch.Tensor, cache: dict | None = None, **call) -> str:
     """Which implementation this call would run, e.g. "triton", "cpu:onednn_split", "cpu:float", "reference"."""
     name, _ = select(op, x=x, cache=cache, **call)

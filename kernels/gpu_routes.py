@@ -20,6 +20,7 @@ graph is captured or torch.compile traces, nothing is raced: an undecided shape 
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -51,9 +52,11 @@ def candidates(op: str, x, cache=None, **call) -> list:
 
 
 def _scaled_mm_accepts(op: str, x, call: dict) -> bool:
-    """An fp8 linear with e4m3 activations in one range, dims the fp8 GEMM takes (multiples of 16), on fp8 cores."""
+    """An fp8 linear with e4m3 activations in one range, dims the fp8 GEMM takes (multiples of 16, and a weight row
+    stride too: rows under 512 bytes are packed unpadded, kernels/packing.py), on fp8 cores."""
     return (op == "linear" and fp8.is_fp8(call["qweight"]) and call["a_mode"] in fp8.MODES
             and call.get("a_split") is None and call["k"] % 16 == 0 and call["qweight"].shape[0] % 16 == 0
+            and call["qweight"].stride(0) % 16 == 0
             and fp8.scaled_mm_supported(x.device))
 
 
@@ -80,15 +83,22 @@ class GpuPlan:
         if self.forced and self.forced not in ROUTES:
             raise ValueError(f"MIXQUANT_GPU_ROUTE must be one of {ROUTES}, got {self.forced!r}")
         self.decisions.update(_load(machine_key()))
+        self.serial = next(_SERIAL)  # (bound calls hold while the plan is the same one: plan_serial)
 
 
 _PLAN: list = []
+_SERIAL = itertools.count(1)
 
 
 def plan(refresh: bool = False) -> GpuPlan:
     if not _PLAN or refresh:
         _PLAN[:] = [GpuPlan()]
     return _PLAN[0]
+
+
+def plan_serial() -> int:
+    """Which plan is current (0 before the first): it changes when the plan is made anew (`plan(refresh=True)`)."""
+    return _PLAN[0].serial if _PLAN else 0
 
 
 def machine_key() -> str:
@@ -136,23 +146,22 @@ def decide(op: str, x, cache, call: dict, measure=None) -> str:
         return hit[1]
     cands = candidates(op, x, cache=cache, **call)
     p = plan()
-    key = shape_key(op, x, call)
     if p.forced:
         route = p.forced if p.forced in cands else "float"
     elif len(cands) == 1:
         route = cands[0]
-    elif key in p.decisions and p.decisions[key] in cands:
+    elif _capturing():  # no timing inside a graph capture or a compile trace, nor the shape key (its zero-point
+        return cands[0]  # zone reads a GPU value); a layer's calls were decided before (the memo above)
+    elif (key := shape_key(op, x, call)) in p.decisions and p.decisions[key] in cands:
         route = p.decisions[key]
-    elif _capturing():  # no timing inside a graph capture or a compile trace
-        return cands[0]
     else:
         fns, failed = {}, {}
         for r in cands:
             try:  # a candidate that cannot run this call (a shape cuBLASLt refuses, ...) is dropped
                 run(op, r, x, cache=cache, **call)
                 fns[r] = (lambda r=r: run(op, r, x, cache=cache, **call))
-            except RuntimeError as e:
-                failed[r] = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            except Exception as e:  # noqa: BLE001  (torch's RuntimeError / ValueError, Triton's OutOfResources,
+                failed[r] = (str(e).splitlines()[0][:120] if str(e) else "") or type(e).__name__  # CompilationError)
         if "float" not in fns:
             fns["float"] = lambda: run(op, "float", x, cache=cache, **call)
         t = (measure or (lambda f: timing.race(f, 3, lambda: _sync(x.device))))(fns)
@@ -194,6 +203,18 @@ def conv2d(x, cache=None, codes=None, **call):
         from . import dispatch
         return dispatch._triton_conv2d(x, cache=cache, codes=codes, **call)
     return run("conv2d", route, x, cache=cache, **call)
+
+
+def bind(op: str, x, cache, call: dict):
+    """The call on its route, resolved once (dispatch.bind): raced now if its shape is undecided; None while a graph
+    is captured or torch.compile traces (nothing is decided then)."""
+    if _capturing():
+        return None
+    route = decide(op, x, cache, call)
+    if route == "triton":
+        from . import dispatch
+        return dispatch.bind_triton(op, x, cache, call)
+    return lambda x, codes=None: run(op, route, x, cache=cache, **call)
 
 
 def choose(op: str, x, cache=None, **call) -> str:

@@ -98,6 +98,24 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     """Quantized conv2d over x [B, C, H, W] (any memory format; the output keeps channels_last if x has it).
     codes: static int8 codes of x as rows of pixels of x zero-padded by `padding` (quantize_rows' layout), written
     by the op that produced x (kernels/triton_fused.py): read as they are, x itself is not."""
+    return plan_conv2d(x, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
+                       kernel_size, stride, padding, dilation, wsum, prequant, int_dot, config,
+                       has_codes=codes is not None)(x, codes)
+
+
+def bind_conv2d(x: torch.Tensor, **call):
+    """`qconv2d` for inputs of x's shape, strides, dtype and device with these arguments (`call`: qconv2d's keyword
+    arguments, codes aside), its launch work done once: a callable f(x, codes=None) -> y (as
+    triton_gemm.bind_linear)."""
+    return tg.bound_plans(lambda has_codes: plan_conv2d(x, **call, has_codes=has_codes))
+
+
+def plan_conv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale=None,
+                a_zero=None, a_split=None, kernel_size=(3, 3), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                wsum=None, prequant: bool | None = None, int_dot: bool | None = None, config: dict | None = None,
+                has_codes: bool = False):
+    """qconv2d's work that does not depend on the input's values, done once: a callable (x, codes) -> y for inputs
+    of x's shape, strides, dtype and device (`has_codes`: static codes of x are given and read instead of x)."""
     b, cin, h, w = x.shape
     kh, kw = kernel_size
     n = qweight.shape[0]
@@ -106,72 +124,83 @@ def qconv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     call = dict(qweight=qweight, scale=scale, zero=zero, bits=bits, k=k, group_size=group_size, bias=bias,
                 a_bits=a_bits, a_mode=a_mode, a_scale=a_scale, a_zero=a_zero, a_split=a_split)
-    if codes is not None and a_mode != "static":
+    if has_codes and a_mode != "static":
         raise ValueError("pre-quantized conv inputs are static codes")
     if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and channels_last \
-            and a_mode != "dynamic" and codes is None:  # (a per-image dynamic scale is not the GEMM's per-token one)
-        y = tg.qlinear(x.permute(0, 2, 3, 1).reshape(-1, cin), wsum=wsum, prequant=prequant, int_dot=int_dot,
-                       config=config, **call)
-        return y.reshape(b, h, w, n).permute(0, 3, 1, 2)
+            and a_mode != "dynamic" and not has_codes:  # (a per-image dynamic scale is not the GEMM's per-token one)
+        lin = tg.plan_linear(x.permute(0, 2, 3, 1).reshape(-1, cin), wsum=wsum, prequant=prequant, int_dot=int_dot,
+                             config=config, **call)
+        return lambda x, codes=None: lin(x.permute(0, 2, 3, 1).reshape(-1, cin)).reshape(b, h, w, n).permute(
+            0, 3, 1, 2)
     mem = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((b, n, oh, ow), dtype=x.dtype, device=x.device, memory_format=mem)
+    device, dtype = x.device, x.dtype
     m = b * oh * ow
     if m == 0:
-        return out
+        return lambda x, codes=None: torch.empty((b, n, oh, ow), dtype=dtype, device=device, memory_format=mem)
     mode = tg._A_MODES[a_mode]
     int_ok, int_dot = tg.choose_dot(bits, zero, a_mode, scale.shape[1] > 1, int_dot)
-    simg = dynamic_image_scale(x, a_bits) if mode == tg.A_DYNAMIC else None
+    per_image = mode == tg.A_DYNAMIC
+    to_nhwc = False
     if mode == tg.A_NONE:
         prequant = False
-        if not channels_last and not tg.interpreting():  # gather along channels needs them contiguous
-            x = x.contiguous(memory_format=torch.channels_last)
-    elif codes is not None:
+        to_nhwc = not channels_last and not tg.interpreting()  # gather along channels needs them contiguous
+    elif has_codes:
         prequant = True
     elif prequant is None:
         prequant = kh * kw > 1 or n > 512
     ih, iw, ph, pw = h, w, padding[0], padding[1]
-    if codes is not None:
-        xa = codes[0]
-        ih, iw, ph, pw = h + 2 * ph, w + 2 * pw, 0, 0
-        xs = (ih * iw * cin, 1, iw * cin, cin)
-    elif prequant:  # NHWC codes of the zero-padded input: the kernel reads no border
-        xa, _ = tg.quantize_rows(x, a_mode, a_bits, a_scale, a_zero, a_split, image_scale=simg,
-                                 geometry=(b, cin, h, w), pad=(ph, pw))
+    quant = None
+    if has_codes or prequant:  # NHWC codes of the zero-padded input: the kernel reads no border
+        if not has_codes:
+            quant = tg.plan_quantize_rows(x, a_mode, a_bits, a_scale, a_zero, a_split, per_image,
+                                          geometry=(b, cin, h, w), pad=(ph, pw))
         ih, iw, ph, pw = h + 2 * ph, w + 2 * pw, 0, 0
         xs = (ih * iw * cin, 1, iw * cin, cin)
     else:
-        xa = x
-        xs = (x.stride(0), x.stride(1), x.stride(2), x.stride(3))
+        xt = x.contiguous(memory_format=torch.channels_last) if to_nhwc else x
+        xs = (xt.stride(0), xt.stride(1), xt.stride(2), xt.stride(3))
     grouped = scale.shape[1] > 1
     group = group_size if grouped else k
-    dummy = out
     qmax = 2 ** a_bits - 1 if mode == tg.A_STATIC else (2 ** (a_bits - 1) - 1 if mode == tg.A_DYNAMIC else 1)
     wsum_in = wsum is not None and mode == tg.A_STATIC
-    args = (xa, qweight, scale, zero if zero is not None else qweight, bias if bias is not None else dummy,
-            a_scale if a_scale is not None else dummy, a_zero if a_zero is not None else dummy,
-            simg if simg is not None else dummy, wsum if wsum_in else dummy, out,
-            ih, iw, oh, ow, m, n, k, group, a_split or 0, *xs,
+    out_strides = torch.empty((b, n, oh, ow), dtype=dtype, device="meta", memory_format=mem).stride()
+    tail = (ih, iw, oh, ow, m, n, k, group, a_split or 0, *xs,
             qweight.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
-            wsum.stride(0) if wsum_in else 0,
-            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+            wsum.stride(0) if wsum_in else 0, *out_strides,
             stride[0], stride[1], ph, pw, dilation[0], dilation[1], tg._bucket(m))
     meta = dict(CIN=cin, KW=kw, W_BITS=bits, HAS_WZ=zero is not None, GROUPED=grouped, WSUM_IN=wsum_in, A_MODE=mode,
                 A_IN_INT8=prequant, BORDER=ph > 0 or pw > 0,
                 A_QMAX=qmax, HAS_SPLIT=a_split is not None and mode == tg.A_STATIC, HAS_BIAS=bias is not None,
-                DOT_DTYPE=tg.dot_dtype(x.dtype), EXACT_DIV=tg.interpreting(), INT_OK=int_ok)
+                DOT_DTYPE=tg.dot_dtype(dtype), EXACT_DIV=tg.interpreting(), INT_OK=int_ok)
     fixed = config or (tg._FIXED if tg.interpreting() else None)
     if fixed is not None or int_dot is not None:  # (int_dot is None only when autotuning)
         dot = int_ok if int_dot is None else int_dot
         cfg = dict(fixed or tg.heuristic_config(m, n, group if grouped else None, dot, cin))
-        launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
+        meta.update({key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg})
         cfg.setdefault("INT_DOT", dot)
-        grid = (tg._cdiv(m, cfg["BLOCK_M"]) * tg._cdiv(n, cfg["BLOCK_N"]),)
-        _qconv_kernel[grid](*args, **meta, **cfg, **launch)
+        meta.update(cfg)
+        launch = _qconv_kernel[(tg._cdiv(m, cfg["BLOCK_M"]) * tg._cdiv(n, cfg["BLOCK_N"]),)]
     else:
-        grid = lambda c: (tg._cdiv(m, c["BLOCK_M"]) * tg._cdiv(n, c["BLOCK_N"]),)  # noqa: E731
-        tg.tuned(_qconv_kernel, ["M_BUCKET", "N", "K", "CIN", "W_BITS", "A_MODE", "A_IN_INT8", "GROUPED",
-                                 "HAS_SPLIT", "INT_OK", "BORDER"])[grid](*args, **meta)
-    return out
+        launch = tg.tuned(_qconv_kernel, ["M_BUCKET", "N", "K", "CIN", "W_BITS", "A_MODE", "A_IN_INT8", "GROUPED",
+                                          "HAS_SPLIT", "INT_OK", "BORDER"])[
+            lambda c: (tg._cdiv(m, c["BLOCK_M"]) * tg._cdiv(n, c["BLOCK_N"]),)]
+    zero_arg = zero if zero is not None else qweight
+
+    def run(x, codes=None):
+        out = torch.empty((b, n, oh, ow), dtype=dtype, device=device, memory_format=mem)
+        simg = dynamic_image_scale(x, a_bits) if per_image else None
+        if has_codes:
+            xa = codes[0]
+        elif quant is not None:
+            xa, _ = quant(x, simg)
+        else:
+            xa = x.contiguous(memory_format=torch.channels_last) if to_nhwc else x
+        launch(xa, qweight, scale, zero_arg, bias if bias is not None else out,
+               a_scale if a_scale is not None else out, a_zero if a_zero is not None else out,
+               simg if simg is not None else out, wsum if wsum_in else out, out, *tail, **meta)
+        return out
+
+    return run
 
 
 def conv2d_op():

@@ -546,6 +546,14 @@ def quantize_rows(x2: torch.Tensor, a_mode: str, a_bits: int, a_scale=None, a_ze
     x2 is [R, C] (linear) or, with geometry=(B, C, H, W) and NCHW-strided x2, the conv input: rows are pixels,
     of the input zero-padded by pad=(ph, pw) on each side (R = B * (H + 2 ph) * (W + 2 pw)): the border rows hold
     the code of 0.0, which is what a conv's padding must read (the zero code under a static zero point)."""
+    return plan_quantize_rows(x2, a_mode, a_bits, a_scale, a_zero, a_split, image_scale is not None, geometry,
+                              pad)(x2, image_scale)
+
+
+def plan_quantize_rows(x2: torch.Tensor, a_mode: str, a_bits: int, a_scale=None, a_zero=None, a_split=None,
+                       per_image: bool = False, geometry=None, pad=(0, 0)):
+    """`quantize_rows` with everything but the input's values fixed: a callable (x2, image_scale=None) -> (codes,
+    row scales | None) for inputs of x2's shape, strides, dtype and device (`per_image`: an image scale is given)."""
     ph, pw = pad
     if geometry is None:
         r, c = x2.shape
@@ -557,21 +565,25 @@ def quantize_rows(x2: torch.Tensor, a_mode: str, a_bits: int, a_scale=None, a_ze
         hw = (h + 2 * ph) * wd
         r = b * hw
         strides = (x2.stride(0), x2.stride(2), x2.stride(3), x2.stride(1))
-    q = torch.empty(r, c, dtype=torch.int8, device=x2.device)
-    srow = torch.empty(r if (a_mode == "dynamic" and image_scale is None) else 1, dtype=torch.float32,
-                       device=x2.device)
-    dummy = srow
     mode = _A_MODES[a_mode]
+    per_row = mode == A_DYNAMIC and not per_image
     qmax = 2 ** a_bits - 1 if mode == A_STATIC else 2 ** (a_bits - 1) - 1
     block_r = 16 if interpreting() else 32
     block_c = min(_pow2(c), 32 if interpreting() else 256)
-    _quant_rows_kernel[(_cdiv(r, block_r),)](
-        x2, q, srow, image_scale if image_scale is not None else dummy,
-        a_scale if a_scale is not None else dummy, a_zero if a_zero is not None else dummy,
-        r, c, hw, wd, h, w, ph, pw, a_split or 0, *strides,
-        A_MODE=mode, A_QMAX=qmax, HAS_SPLIT=a_split is not None, PER_IMAGE=image_scale is not None,
-        PAD=ph > 0 or pw > 0, EXACT_DIV=interpreting(), BLOCK_R=block_r, BLOCK_C=block_c)
-    return q, (srow if mode == A_DYNAMIC and image_scale is None else None)
+    launch = _quant_rows_kernel[(_cdiv(r, block_r),)]
+    ints = (r, c, hw, wd, h, w, ph, pw, a_split or 0, *strides)
+    meta = dict(A_MODE=mode, A_QMAX=qmax, HAS_SPLIT=a_split is not None, PER_IMAGE=per_image, PAD=ph > 0 or pw > 0,
+                EXACT_DIV=interpreting(), BLOCK_R=block_r, BLOCK_C=block_c)
+    device = x2.device
+
+    def run(x2, image_scale=None):
+        q = torch.empty(r, c, dtype=torch.int8, device=device)
+        srow = torch.empty(r if per_row else 1, dtype=torch.float32, device=device)
+        launch(x2, q, srow, image_scale if image_scale is not None else srow,
+               a_scale if a_scale is not None else srow, a_zero if a_zero is not None else srow, *ints, **meta)
+        return q, (srow if per_row else None)
+
+    return run
 
 
 def dynamic_row_scale(x2: torch.Tensor, a_bits: int) -> torch.Tensor:
@@ -627,59 +639,104 @@ def qlinear(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_
     config: fixed BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M (and num_warps/num_stages) instead of autotuning.
     codes: (int8 codes [M, K], row scales | None) of x already quantized by the op that produced it
     (kernels/triton_fused.py, in quantize_rows' layout): read as they are, x itself is not."""
-    n = qweight.shape[0]
-    shape = x.shape
     x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    run = plan_linear(x2, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale, a_zero, a_split,
+                      wsum, prequant, int_dot, config, has_codes=codes is not None)
+    return run(x2, codes).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def bind_linear(x: torch.Tensor, **call):
+    """`qlinear` for inputs of x's shape, strides, dtype and device with these arguments (`call`: qlinear's keyword
+    arguments, codes aside), its launch work done once: a callable f(x, codes=None) -> y. What it fixes (the
+    arguments, the dot, the launch config, the activation pass) is what qlinear would compute for every such call."""
+    k, n = call["k"], call["qweight"].shape[0]
+    x2 = x.reshape(-1, k)
+    m, out_shape = x2.shape[0], (*x.shape[:-1], n)
+    run = bound_plans(lambda has_codes: plan_linear(x2, **call, has_codes=has_codes))
+    return lambda x, codes=None: run(x.reshape(m, k), codes).reshape(out_shape)
+
+
+def bound_plans(make):
+    """A callable f(x, codes=None) running `make(has_codes)`'s plan (made at its first use: with and without the
+    producer's codes are two plans)."""
+    plans = {}
+
+    def run(x, codes=None):
+        has = codes is not None
+        p = plans.get(has)
+        if p is None:
+            p = plans[has] = make(has)
+        return p(x, codes)
+
+    return run
+
+
+def plan_linear(x2: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale=None,
+                a_zero=None, a_split=None, wsum=None, prequant: bool | None = None, int_dot: bool | None = None,
+                config: dict | None = None, has_codes: bool = False):
+    """qlinear's work that does not depend on the input's values, done once: a callable (x2 [M, K], codes) -> y
+    [M, N] for inputs of x2's shape, strides, dtype and device (`has_codes`: codes are given; with activations
+    quantized they are read instead of x2). Each call allocates the output (and the activation codes) and launches."""
+    m, n = x2.shape[0], qweight.shape[0]
+    device, dtype = x2.device, x2.dtype
     if m == 0:
-        return out.reshape(*shape[:-1], n)
+        return lambda x2, codes=None: torch.empty(0, n, dtype=dtype, device=device)
     mode = _A_MODES[a_mode]
     int_ok, int_dot = choose_dot(bits, zero, a_mode, scale.shape[1] > 1, int_dot)
+    has_codes = has_codes and mode != A_NONE
     if mode == A_NONE:
         prequant = False
-    elif codes is not None:
+    elif has_codes:
         prequant = True
     elif prequant is None:
         prequant = n > 512
-    srow = None
-    xa = x2
-    if codes is not None and mode != A_NONE:
-        xa, srow = codes
-    elif prequant:
-        xa, srow = quantize_rows(x2, a_mode, a_bits, a_scale, a_zero, a_split)
-    elif mode == A_DYNAMIC:
-        srow = dynamic_row_scale(x2, a_bits)
+    quant = plan_quantize_rows(x2, a_mode, a_bits, a_scale, a_zero, a_split) if prequant and not has_codes \
+        else None
+    per_token = mode == A_DYNAMIC and not prequant
     groups = scale.shape[1]
     grouped = groups > 1
     group = group_size if grouped else k  # one group spanning K
-    dummy = out
     qmax = 2 ** a_bits - 1 if mode == A_STATIC else (2 ** (a_bits - 1) - 1 if mode == A_DYNAMIC else 1)
     wsum_in = wsum is not None and mode == A_STATIC
-    args = (xa, qweight, scale, zero if zero is not None else qweight,
-            bias if bias is not None else dummy, a_scale if a_scale is not None else dummy,
-            a_zero if a_zero is not None else dummy, srow if srow is not None else dummy,
-            wsum if wsum_in else dummy, out,
-            m, n, k, group, a_split or 0,
-            xa.stride(0), xa.stride(1), qweight.stride(0), scale.stride(0),
-            zero.stride(0) if zero is not None else 0, wsum.stride(0) if wsum_in else 0, out.stride(0), out.stride(1))
+    dims = (m, n, k, group, a_split or 0)
+    strides = (qweight.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0,
+               wsum.stride(0) if wsum_in else 0, n, 1)  # (the output: contiguous [M, N])
     meta = dict(W_BITS=bits, HAS_WZ=zero is not None, GROUPED=grouped, WSUM_IN=wsum_in, A_MODE=mode,
                 A_IN_INT8=prequant,
                 A_QMAX=qmax, HAS_SPLIT=a_split is not None and mode == A_STATIC, HAS_BIAS=bias is not None,
-                DOT_DTYPE=dot_dtype(x.dtype), EXACT_DIV=interpreting(), M_BUCKET=_bucket(m), INT_OK=int_ok)
+                DOT_DTYPE=dot_dtype(dtype), EXACT_DIV=interpreting(), M_BUCKET=_bucket(m), INT_OK=int_ok)
     fixed = config or (_FIXED if interpreting() else None)
     if fixed is not None or int_dot is not None:  # (int_dot is None only when autotuning)
         dot = int_ok if int_dot is None else int_dot
-        cfg = dict(fixed or heuristic_config(m, n, group if grouped else None, dot))
-        launch = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
+        cfg = dict(fixed or heuristic_config(m, n, group if grouped else None, dot,
+                                             a_bytes=1 if prequant else x2.element_size()))
+        meta.update({key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg})
         cfg.setdefault("INT_DOT", dot)
-        grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),)
-        _qgemm_kernel[grid](*args, **meta, **cfg, **launch)
+        meta.update(cfg)
+        launch = _qgemm_kernel[(_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),)]
     else:
-        grid = lambda c: (_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)  # noqa: E731
-        tuned(_qgemm_kernel, ["M_BUCKET", "N", "K", "W_BITS", "A_MODE", "A_IN_INT8", "GROUPED", "HAS_SPLIT",
-                              "INT_OK"])[grid](*args, **meta)
-    return out.reshape(*shape[:-1], n)
+        launch = tuned(_qgemm_kernel, ["M_BUCKET", "N", "K", "W_BITS", "A_MODE", "A_IN_INT8", "GROUPED", "HAS_SPLIT",
+                                       "INT_OK"])[lambda c: (_cdiv(m, c["BLOCK_M"]) * _cdiv(n, c["BLOCK_N"]),)]
+    zero_arg = zero if zero is not None else qweight
+
+    def run(x2, codes=None):
+        out = torch.empty(m, n, dtype=dtype, device=device)
+        srow = None
+        if has_codes:
+            xa, srow = codes
+        elif quant is not None:
+            xa, srow = quant(x2)
+        else:
+            xa = x2
+            if per_token:
+                srow = dynamic_row_scale(x2, a_bits)
+        launch(xa, qweight, scale, zero_arg, bias if bias is not None else out,
+               a_scale if a_scale is not None else out, a_zero if a_zero is not None else out,
+               srow if srow is not None else out, wsum if wsum_in else out, out, *dims, xa.stride(0), xa.stride(1),
+               *strides, **meta)
+        return out
+
+    return run
 
 
 def autotuning() -> bool:
@@ -707,11 +764,13 @@ def default_int_dot(int_ok: bool, grouped: bool) -> bool:
     return int_ok and not grouped
 
 
-def heuristic_config(m: int, n: int, group: int | None, int_dot: bool, cin: int | None = None) -> dict:
+def heuristic_config(m: int, n: int, group: int | None, int_dot: bool, cin: int | None = None,
+                     a_bytes: int = 1) -> dict:
     """One launch config for an [m, K] x [K, n] call without autotuning: large int8 K blocks (128 bytes) and 8 warps
     on datacenter parts (sm_80/90: room for 3-4 stages of 128x256x128 int8 tiles), 64-wide K blocks and 4 warps on
     consumer ones; a K block divides the group (group scales are applied per block) and, for a conv, C_in (the
-    block then lies inside one tap)."""
+    block then lies inside one tap). `a_bytes`: bytes per activation element as the kernel loads it (1: int8
+    codes; a float input quantized in the K loop: its element size)."""
     big = _tile_list() is _DATACENTER
     bk = 128 if (int_dot and big) else 64
     for limit in (group, cin):
@@ -722,7 +781,8 @@ def heuristic_config(m: int, n: int, group: int | None, int_dot: bool, cin: int 
     if m <= 64:
         return {"BLOCK_M": 64, "BLOCK_N": 128 if n >= 128 else 64, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 4,
                 "num_stages": 4}
-    if big and int_dot and cin is None and m >= 1024:
+    if big and int_dot and cin is None and m >= 1024 and a_bytes <= 2:  # (fp32 tiles of 256 rows: 311 KB of
+        # shared memory in 3 stages, over an H100's 227 KB; compiled for sm_90 with Triton 3.6 and 3.9)
         # measured on an H100 (bench/results/kernels_h100.md, sweep of 7 tiles at M=8192, K=1280, N=1280 / 5120):
         # 256x128x128, 3 stages, 8 warps was the fastest for both static and dynamic activations
         return {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}

@@ -92,6 +92,10 @@ def _touch(p: torch.Tensor) -> None:
     p._mq_writes = getattr(p, "_mq_writes", 0) + 1
 
 
+# per-layer memos of tensors and calls derived from this layer's own (a deep copy builds its own)
+_TRANSIENT = ("_bound_memo", "_act_memo", "_bos_memo")
+
+
 class QuantLayer(nn.Module):
     """Common storage and hooks; subclasses say how a float weight maps to the [N, K] matrix and how to compute."""
 
@@ -127,13 +131,19 @@ class QuantLayer(nn.Module):
 
     def _new_weight_epoch(self) -> None:
         self.__dict__["_weight_epoch"] = self.__dict__.get("_weight_epoch", 0) + 1
+        self.__dict__.pop("_bound_memo", None)  # (it holds views of the old weight: let its storage go now)
 
     def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_bound_memo", None)  # (a device move: the bound call holds views of the weight it moves)
         out = super()._apply(fn, recurse)
         w = self._parameters.get("weight")
         if w is not None and not isinstance(w, CountedParameter):  # a move that replaced the Parameter object
             self.weight = w
         return out
+
+    def __getstate__(self):
+        # (a copy computes with its own weight: the memos holding this one's tensors and calls are not copied)
+        return {k: v for k, v in super().__getstate__().items() if k not in _TRANSIENT}
 
     def weight_epoch(self) -> tuple:
         """Changes whenever the weight may have changed where its data pointer and version counter do not show it:
@@ -254,15 +264,19 @@ class QuantLayer(nn.Module):
         # while the range tensors are the same storage at the same version and the group and device are the same
         if torch.compiler.is_compiling():  # (data pointers and version counters are not traceable)
             return self._make_act_args(device)
-        sc, zp = self.input_scale, self.input_zero
-        key = (device, self.act_group, self.a_split, self.fmt) + (
-            () if sc is None else (sc.data_ptr(), version_of(sc), sc.device, zp.data_ptr(), version_of(zp)))
+        key = self._act_key(device)
         memo = self.__dict__.get("_act_memo")
         if memo is not None and memo[0] == key:
             return memo[1]
         args = self._make_act_args(device)
         self.__dict__["_act_memo"] = (key, args)
         return args
+
+    def _act_key(self, device) -> tuple:
+        """Changes whenever the activation arguments for `device` may have (`_act_args`)."""
+        sc, zp = self.input_scale, self.input_zero
+        return (device, self.act_group, self.a_split, self.fmt) + (
+            () if sc is None else (sc.data_ptr(), version_of(sc), sc.device, zp.data_ptr(), version_of(zp)))
 
     def _make_act_args(self, device) -> dict:
         f = self.fmt
@@ -321,6 +335,29 @@ class QuantLayer(nn.Module):
         for f in self.bias_function:
             b = f(b)
         return w, b
+
+    def _bound(self, x: torch.Tensor, blob: torch.Tensor, bias, op: str, geometry: dict):
+        """The packed layer's kernel call for inputs like x (dispatch.bind: backend, route and launch resolved
+        once), kept while nothing it fixed can have changed: x's shape, strides, dtype and device; the weight
+        (pointer, version, epoch) and bias; the activation arguments; dispatch.state(). None where a call is not
+        bound: under torch.compile, with per-call weight patches or copies (ComfyUI's low-VRAM mode), or while
+        dispatch cannot fix its choice (a graph capture)."""
+        if torch.compiler.is_compiling() or self.weight_function or self.bias_function or blob is not self.weight:
+            return None
+        weights = (blob.data_ptr(), version_of(blob), self.weight_epoch(),
+                   None if bias is None else (bias.data_ptr(), version_of(bias)))
+        memo = self.__dict__.get("_bound_memo")
+        if memo is None or memo[0] != weights:  # (calls bound to another weight are dropped, not kept beside)
+            memo = self.__dict__["_bound_memo"] = (weights, {})
+        key = (x.shape, x.stride(), x.dtype, x.device, self._act_key(x.device), dispatch.state())
+        run = memo[1].get(key)
+        if run is None:  # several shapes per layer are usual (the BOS split's two calls, batch sizes, timestep groups)
+            run = dispatch.bind(op, x, **self._kernel_args(blob, bias, x.device), **geometry)
+            if run is not None:
+                if len(memo[1]) >= 16:
+                    memo[1].clear()
+                memo[1][key] = run
+        return run
 
     def _kernel_args(self, blob, bias, device) -> dict:
         codes, scale, zero = self.packed_parts(blob)
@@ -402,6 +439,9 @@ class QuantLinear(QuantLayer):
         blob, bias = self._params_on(x.device)
         x = self._balance(x, -1)
         if self.packed:
+            run = self._bound(x, blob, bias, "linear", {})
+            if run is not None:
+                return run(x, fused_codes(self, x))
             return dispatch.linear(x, codes=fused_codes(self, x), **self._kernel_args(blob, bias, x.device))
         act = self._act_args(x.device)
         xq = reference.fake_quant_act(x, act["a_bits"], act["a_mode"], act["a_scale"], act["a_zero"], act["a_split"])
@@ -473,6 +513,9 @@ class QuantConv2d(QuantLayer):
         geometry = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                         dilation=self.dilation)
         if self.packed:
+            run = self._bound(x, blob, bias, "conv2d", geometry)
+            if run is not None:
+                return run(x, fused_codes(self, x))
             return dispatch.conv2d(x, codes=fused_codes(self, x), **self._kernel_args(blob, bias, x.device),
                                    **geometry)
         act = self._act_args(x.device)

@@ -60,13 +60,18 @@ def test_the_race_keeps_the_fastest_per_shape_and_remembers_it(fresh):
     assert gpu_routes.decide("linear", x2, {}, call2, measure=lambda f: {"int_mm": 3.0, "float": 2.0}) == "float"
 
 
-def test_a_failing_candidate_is_dropped(fresh, monkeypatch):
+class OutOfResources(Exception):  # (as Triton's: an Exception, not a RuntimeError)
+    pass
+
+
+@pytest.mark.parametrize("error", [RuntimeError, ValueError, OutOfResources])
+def test_a_failing_candidate_is_dropped(fresh, monkeypatch, error):
     x, call = _w8a8()
     real = gpu_routes.run
 
     def run(op, route, x, cache=None, **kw):
         if route == "int_mm":
-            raise RuntimeError("cuBLASLt: this shape is not supported")
+            raise error("cuBLASLt: this shape is not supported")
         return real(op, route, x, cache=cache, **kw)
 
     monkeypatch.setattr(gpu_routes, "run", run)
@@ -78,6 +83,7 @@ def test_a_failing_candidate_is_dropped(fresh, monkeypatch):
 def test_nothing_is_raced_while_a_graph_is_captured(fresh, monkeypatch):
     x, call = _w8a8()
     monkeypatch.setattr(gpu_routes, "_capturing", lambda: True)
+    monkeypatch.setattr(gpu_routes, "shape_key", lambda *a: pytest.fail("read a GPU value (the zero point's zone)"))
     assert gpu_routes.decide("linear", x, {}, call, measure=lambda f: pytest.fail("raced")) == "int_mm"
     assert not gpu_routes.plan().decisions and not fresh.exists()
 
@@ -90,6 +96,29 @@ def test_a_forced_route(fresh, monkeypatch):
     monkeypatch.setenv("MIXQUANT_GPU_ROUTE", "cutlass")
     with pytest.raises(ValueError, match="MIXQUANT_GPU_ROUTE"):
         gpu_routes.plan(refresh=True)
+
+
+def test_a_bound_call_runs_the_decided_route_and_nothing_is_bound_during_a_capture(fresh, monkeypatch):
+    """dispatch.bind on the GPU backend (#22 item 4): the route is decided (raced) once, at binding, and the bound
+    call runs it without deciding again; while a graph is captured nothing is bound (the call takes the unbound path,
+    which decides nothing either); a new route plan is a new dispatch.state(), so layers bind anew."""
+    x, call = _w8a8()
+    cache = {}
+    monkeypatch.setattr(gpu_routes, "_capturing", lambda: True)
+    assert gpu_routes.bind("linear", x, cache, call) is None and not gpu_routes.plan().decisions
+    monkeypatch.setattr(gpu_routes, "_capturing", lambda: False)
+    monkeypatch.setattr(gpu_routes.timing, "race", lambda fns, *a, **k: {"int_mm": 1.0, "float": 2.0})
+    ran, real = [], gpu_routes.run
+    monkeypatch.setattr(gpu_routes, "run", lambda op, route, x, **kw: (ran.append(route), real(op, route, x, **kw))[1])
+    f = gpu_routes.bind("linear", x, cache, call)
+    assert list(gpu_routes.plan().decisions.values()) == ["int_mm"]
+    ran.clear()
+    monkeypatch.setattr(gpu_routes, "decide", lambda *a, **k: pytest.fail("decided again"))
+    y = f(x)
+    assert ran == ["int_mm"] and torch.equal(y, real("linear", "int_mm", x, cache=cache, **call))
+    before = dispatch.state()
+    gpu_routes.plan(refresh=True)
+    assert dispatch.state() != before
 
 
 @pytest.mark.parametrize("a_mode", ["static", "dynamic"])
@@ -107,6 +136,36 @@ def test_each_route_gives_the_reference_result(fresh, a_mode):
     with dispatch.use_backend("reference"):
         ref = dispatch.conv2d(xc, **c, **conv_geometry())
     torch.testing.assert_close(gpu_routes.run("conv2d", "float", xc, cache={}, **c, **conv_geometry()), ref)
+
+
+@pytest.mark.parametrize("a_split", [None, 24])
+def test_the_gpu_routes_read_nothing_back_from_the_device(a_split, monkeypatch):
+    """The float and int_mm routes (cpu_ops' code, which the GPU race runs too) keep a static range's scale and zero
+    point as tensors off the CPU: reading one would synchronize the GPU, and fail inside a CUDA graph capture. On
+    meta tensors (no values to read) they run; with the CPU's Python numbers swapped for tensors they give the same
+    values."""
+    from mixquant.kernels import cpu_ops
+
+    call = random_call(48, 64, bits=8, a_mode="static", seed=5)
+    if a_split is not None:
+        call.update(a_split=a_split, a_scale=call["a_scale"].reshape(-1).repeat(2) * torch.tensor([1.0, 2.0]),
+                    a_zero=torch.tensor([100.0, 140.0]))
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(5)) * 3
+    c = random_call(16, 8 * 9, bits=8, a_mode="static", seed=6)
+    xc = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(6))
+    runs = {"linear float": lambda x, call, cache: cpu_ops.linear_float(x, **call),
+            "linear int_mm": lambda x, call, cache: cpu_ops.linear_int_mm(x, cache=cache, **call)}
+    host = {k: f(x, call, {}) for k, f in runs.items()}
+    host["conv float"] = cpu_ops.conv2d_float(xc, **c, **conv_geometry())
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+    for k, f in runs.items():
+        assert f(x.to("meta"), meta, {}).shape == host[k].shape, k
+    cm = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    assert cpu_ops.conv2d_float(xc.to("meta"), **cm, **conv_geometry()).shape == host["conv float"].shape
+    monkeypatch.setattr(cpu_ops, "_host_scalars", lambda x: False)
+    for k, f in runs.items():
+        torch.testing.assert_close(f(x, call, {}), host[k], rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(cpu_ops.conv2d_float(xc, **c, **conv_geometry()), host["conv float"], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

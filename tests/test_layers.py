@@ -278,6 +278,38 @@ def test_activation_args_follow_in_place_range_updates_and_groups():
         assert torch.equal(q(x), wide)  # group 0 now holds group 1's scale (and the same zero point)
 
 
+def test_a_layer_binds_its_call_once_per_input_shape_and_binds_again_when_it_must(monkeypatch):
+    """#22 item 4: a packed layer resolves its kernel call once per input shape (dispatch.bind) and keeps it; it binds
+    again when anything the bound call fixed may have changed (timestep group, forced backend, weight), never
+    returns what the unbound call would not, and a copy does not carry its bound calls."""
+    binds, real = [], dispatch.bind
+    monkeypatch.setattr(dispatch, "bind", lambda op, x, **k: (binds.append(tuple(x.shape)), real(op, x, **k))[1])
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(48, 24), LayerFormat(8, 8))
+    q.set_act_range(torch.tensor([[-2.0], [-6.0]]), torch.tensor([[2.0], [6.0]]))
+    x, x1 = torch.randn(6, 48) * 3, torch.randn(1, 48)
+
+    def unbound(x):
+        return dispatch.linear(x, **q._kernel_args(q.weight, q.bias, x.device))
+
+    with torch.inference_mode():
+        y = q(x)
+        assert torch.equal(q(x), y) and torch.equal(q(x1), unbound(x1)) and torch.equal(q(x), y)
+        assert binds == [(6, 48), (1, 48)]  # two shapes, each bound once
+        assert torch.equal(y, unbound(x))
+        q.act_group = 1
+        assert not torch.equal(q(x), y) and torch.equal(q(x), unbound(x)) and len(binds) == 3
+        q.act_group = 0
+        with dispatch.use_backend("reference"):
+            assert torch.equal(q(x), unbound(x)) and len(binds) == 4
+        w = q.convert_weight(q.weight.to(torch.float32, copy=True))
+        q.set_weight(w * 1.5, inplace_update=True)
+        assert torch.equal(q(x), unbound(x)) and not torch.equal(q(x), y) and len(binds) == 5
+    assert "_bound_memo" in q.__dict__ and "_bound_memo" not in copy.deepcopy(q).__dict__
+    q.to(torch.float32)  # a move (here to what it is): the bound calls hold views of the weight it moves
+    assert "_bound_memo" not in q.__dict__
+
+
 def _gpu_like_cpu_cache(monkeypatch):
     """The CPU's oneDNN route (it keeps a prepacked copy per layer) without the content fingerprint that backs up its
     cache key on the CPU: as on a GPU, where reading the tensor would synchronize."""
