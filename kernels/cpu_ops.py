@@ -139,6 +139,13 @@ def _to_u8(codes: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.int16).to(torch.uint8)
 
 
+def _host_scalars(x: torch.Tensor) -> bool:
+    """Whether x's quantization reads its scale and zero point as Python numbers: on the CPU (number bounds keep
+    clamp vectorized); elsewhere they stay tensors (reading one would synchronize the GPU, and fail inside a CUDA
+    graph capture: the GPU's float and int_mm routes run this code too)."""
+    return x.device.type == "cpu"
+
+
 def _static_codes(x, a_scale, a_zero, bits, split, channel_dim):
     """[(u8 codes, float scale, int zero point)] per activation segment."""
     xf = x if x.dtype == torch.float32 else x.to(torch.float32)
@@ -148,10 +155,11 @@ def _static_codes(x, a_scale, a_zero, bits, split, channel_dim):
         a, b = xf.split([split, x.shape[channel_dim] - split], dim=channel_dim)
         parts = [(a, a_scale[0], a_zero[0]), (b, a_scale[1], a_zero[1])]
     qmax = 2 ** bits - 1
+    on_host = _host_scalars(x)
     out = []
     for part, s, z in parts:
         u = _to_u8(part.div(s).round_().add_(z).clamp_(0, qmax))
-        out.append((u, float(s), int(z)))
+        out.append((u, float(s), int(z)) if on_host else (u, s, z.to(torch.int32)))
     return out
 
 
@@ -182,7 +190,10 @@ def fake_quant(x, a_bits, a_mode, a_scale, a_zero, a_split, channel_dim, dynamic
         xf.split([a_split, x.shape[channel_dim] - a_split], dim=channel_dim), a_scale, a_zero))
     qmax = 2 ** a_bits - 1
     # (clamp(round(x / s) + z, 0, qmax) - z) * s == clamp(round(x / s), -z, qmax - z) * s exactly (small integers)
-    out = [p.div(s).round_().clamp_(-float(z), qmax - float(z)).mul_(s) for p, s, z in parts]
+    if _host_scalars(x):
+        out = [p.div(s).round_().clamp_(-float(z), qmax - float(z)).mul_(s) for p, s, z in parts]
+    else:
+        out = [p.div(s).round_().clamp_(min=-z, max=qmax - z).mul_(s) for p, s, z in parts]
     return _as(out[0] if len(out) == 1 else torch.cat(out, dim=channel_dim), x.dtype)
 
 
@@ -453,7 +464,7 @@ def _prep_int_mm(w8: torch.Tensor, scale, segments):
             "w_scale": scale.to(torch.float32).reshape(n)}
 
 
-def _signed(u: torch.Tensor, zp: int):
+def _signed(u: torch.Tensor, zp):
     """u8 codes -> int8 (u - 128) and the matching zero point."""
     return (u.to(torch.int16) - 128).to(torch.int8), zp - 128
 

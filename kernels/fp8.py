@@ -107,11 +107,11 @@ def linear_scaled_mm(x, qweight, scale, zero, bits, k, group_size, bias, a_bits,
     try:
         y = torch._scaled_mm(q, qweight.t(), scale_a=s.contiguous(), scale_b=w_s, out_dtype=out_dtype,
                              bias=None if bias is None else bias.to(out_dtype))
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # (torch raises ValueError for an output dtype it does not take)
         if out_dtype == torch.bfloat16:
             raise
         # row-wise scaling takes only a bf16 output in some torch / cuBLAS versions: compute in bf16, cast back
-        _OUT_DTYPE[key] = out_dtype = torch.bfloat16
-        y = torch._scaled_mm(q, qweight.t(), scale_a=s.contiguous(), scale_b=w_s, out_dtype=out_dtype,
-                             bias=None if bias is None else bias.to(out_dtype))
+        y = torch._scaled_mm(q, qweight.t(), scale_a=s.contiguous(), scale_b=w_s, out_dtype=torch.bfloat16,
+                             bias=None if bias is None else bias.to(torch.bfloat16))
+        _OUT_DTYPE[key] = torch.bfloat16  # (kept only once bf16 worked: the failure may have had another cause)
     return y.to(x.dtype).reshape(*shape[:-1], -1)

@@ -128,8 +128,8 @@ def test_layer_packed_simulate_and_reference_agree(name):
 
 
 def test_routes_that_cannot_run_fp8_refuse_it():
-    call = random_call(64, 128, bits=8, a_mode="fp8_dynamic", fp8=True)
-    x = torch.randn(4, 128)
+    call = random_call(64, 640, bits=8, a_mode="fp8_dynamic", fp8=True)  # (rows >= 512 bytes: 16-byte aligned)
+    x = torch.randn(4, 640)
     assert call["qweight"].dtype == E4M3
     for route in ("onednn", "onednn_split", "int_mm"):
         assert "float8" in cpu_routes.int_route_accepts("linear", route, cache={}, **call)
@@ -156,14 +156,16 @@ def test_scaled_mm_route_matches_the_reference():
 
 
 def test_gpu_route_race_offers_scaled_mm_only_where_fp8_runs(monkeypatch):
-    call = random_call(64, 128, bits=8, a_mode="fp8_dynamic", fp8=True)
-    x = torch.randn(4, 128)
+    call = random_call(64, 640, bits=8, a_mode="fp8_dynamic", fp8=True)  # (rows >= 512 bytes: 16-byte aligned)
+    x = torch.randn(4, 640)
     assert "scaled_mm" not in gpu_routes.candidates("linear", x, cache={}, **call)  # no fp8 tensor cores here
     monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
     assert gpu_routes.candidates("linear", x, cache={}, **call)[-2:] == ["scaled_mm", "float"]
     for not_it in (random_call(64, 128, bits=8, a_mode="dynamic"),  # int8 codes
                    random_call(64, 128, bits=8, a_mode="none", fp8=True),  # weight-only: the float floor
-                   random_call(64, 120, bits=8, a_mode="fp8_dynamic", fp8=True)):  # K not a multiple of 16
+                   random_call(64, 120, bits=8, a_mode="fp8_dynamic", fp8=True),  # K not a multiple of 16
+                   random_call(64, 128, bits=8, a_mode="fp8_dynamic", fp8=True)):  # 130-byte rows: cuBLASLt's fp8
+        # GEMM wants leading dimensions of a multiple of 16 bytes
         assert "scaled_mm" not in gpu_routes.candidates("linear", torch.randn(4, not_it["k"]), cache={}, **not_it)
     monkeypatch.setattr(gpu_routes, "_save", lambda *a: None)
     gpu_routes.plan(refresh=True)
