@@ -229,7 +229,10 @@ def real_section(device: str, size: int, steps: int, n_prompts: int, outliers: f
     n_params = sum(p.numel() for p in model.parameters())
     log(f"  built flux_{config}, {n_params / 1e9:.2f}B parameters, {bf16 / 2**30:.1f} GiB bf16, in {t_build:.0f} s")
     blocks = stream_blocks(model)
-    runner = PipelineRunner(pipe, SamplerSettings(steps=steps, guidance=3.5, width=size, height=size))
+    # the random VAE downsamples by pipe.vae_scale_factor, Flux.1's by 8: images of size * factor / 8 px give the
+    # transformer the latents (tokens) Flux.1 sees at size x size
+    px = size * pipe.vae_scale_factor // 8
+    runner = PipelineRunner(pipe, SamplerSettings(steps=steps, guidance=3.5, width=px, height=px))
     cfg = engine.QuantizeConfig(avg_w_bits=avg_w_bits, speed="off", sens_mode="fast", sweep_seconds=0, cache_dir="",
                                 weight_search="mse", sens_calls=2, sens_inputs_mb=8192)
     if cuda:
@@ -259,7 +262,8 @@ def real_section(device: str, size: int, steps: int, n_prompts: int, outliers: f
     rep = engine.report(prepared, alloc, cfg, model, qmodel)
     lines = [f"## Flux (configs/dit/flux_{config}.json) on {torch.cuda.get_device_name() if cuda else device} "
              f"({n_params / 1e9:.2f}B parameters, random weights with outlier channels)", "",
-             f"{size}×{size}, {len(CALIB[:n_prompts])} calibration prompts × {steps} steps, guidance 3.5; the "
+             f"Flux.1's {size}×{size} ({(size // 16) ** 2} tokens), {len(CALIB[:n_prompts])} calibration prompts × "
+             f"{steps} steps, guidance 3.5; the "
              f"transformer stays on the CPU in bf16, its {len(blocks)} blocks stream through the device one at a time "
              "while it is calibrated and measured (fast sensitivity, its backward recomputing block by block), then "
              "it is quantized into the GPU layer by layer. "

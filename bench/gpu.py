@@ -1,28 +1,28 @@
 """Every GPU check of the open issues in one command, under 8 minutes on an H100/H200, into one table file:
 
     python bench/gpu.py                      # all steps; writes bench/results/gpu_<gpu>.md (+ each step's own table)
-    python bench/gpu.py --only kernels,unet  # some steps (--list names them)
+    python bench/gpu.py --only unet,speed    # some steps (--list names them)
     python bench/gpu.py --out DIR            # e.g. $OUT on a lent device machine
-    python bench/gpu.py --only dit           # the #23 line, on its own (a second run)
 
-Each step runs as its own process under its own time limit (and within what is left of --budget, 470 s by default),
-so one that fails or hangs leaves the others' tables. The steps, in priority order:
-- kernels (#22): GEMMs at SD1.5 / SDXL widths and 3x3 convs, fp16 vs every quantized route through the dispatcher
-  (the route race's choice), our fp8 format (W8A8d-fp8), raw fp8 `_scaled_mm` (ComfyUI's fp8 path) and
-  comfy-kitchen's int8 linear in the same process (bench/kernels.py --part gemm,conv --quick);
-- unet (#22): the SD1.5-architecture UNet step, batch 2, at 64x64 and 128x128 latents: FP16, W8A8 int8, W8A8 with
-  fp8 Linear layers, mixed W4A8; in CUDA graphs and eager, with peak memory, the host time per eager layer call and
-  its profile (bench/kernels.py --part unet);
+On a lent device machine (no network, no diffusers): `bash bench/gpu_wheels.sh` here, then one device call of
+`bash bench/gpu_checks.sh $OUT` carrying .whl (bench/gpu_checks.sh says how). Each step runs as its own process
+under its own time limit (and within what is left of --budget, 480 s by default), so one that fails or hangs leaves
+the others' tables. The steps, in priority order (the acceptance lines first):
+- unet (#22): the SD1.5-architecture UNet step, batch 2, at 128x128 latents: FP16, W8A8 int8, W8A8 with fp8 Linear
+  layers, mixed W4A8; in CUDA graphs and eager, with peak memory, the host time per eager layer call and its profile
+  (bench/kernels.py --part unet);
 - speed (#22): plans made with the speed target on this GPU (the SD1.5 architecture at 128x128 latents, batch 2):
   predicted vs measured speed vs FP16 for W8A8 and the default avg-W4 plan (bench/speed.py --models sd15);
-- scale (#21): the whole method on the SDXL-architecture UNet at its real widths at 1024x1024: time and CUDA peak of
-  each phase vs FP sampling (bench/scale.py --models sdxl --real);
-- peers (#22): ComfyUI fp8 / int8, torchao int8 dynamic, fp8 `_scaled_mm` on the SD1.5 architecture, same process
+- dit (#23): the Flux.1-dev transformer at its real size (random weights, bf16 on the CPU) at the token count of
+  Flux.1 at 1024x1024, calibrated and measured with its blocks streamed through the GPU, quantized into it layer by
+  layer: peak GPU memory against its bf16 size, bytes against bf16, SQNR and step speed (bench/dit.py --real);
+- scale (#21): the whole method on the SDXL-architecture UNet at its real widths at 1024x1024 (2 prompts x 8 steps):
+  time and CUDA peak of each phase vs FP sampling (bench/scale.py --models sdxl --real);
+- kernels (#22): GEMMs at SD1.5 / SDXL widths and 3x3 convs, fp16 vs every quantized route through the dispatcher
+  (the route race's choice), our fp8 format (W8A8d-fp8), raw fp8 `_scaled_mm` (ComfyUI's fp8 path) and
+  comfy-kitchen's int8 linear where it is installed, in the same process (bench/kernels.py --part gemm,conv --quick);
+- peers (#22): ComfyUI fp8, torchao int8 dynamic, fp8 `_scaled_mm` on the SD1.5 architecture, same process
   (bench/peers.py --device cuda --skip-digits).
-On its own, as a second run (`--only dit`, about 7 minutes; its table goes to gpu_<gpu>_dit.md):
-- dit (#23): the Flux.1-dev transformer at its real size (random weights, bf16 on the CPU), calibrated and measured
-  with its blocks streamed through the GPU, quantized into it layer by layer: peak GPU memory against its bf16 size,
-  bytes against bf16, SQNR and step speed (bench/dit.py --real).
 Without CUDA it says so and exits 2 (the CPU tables come from each script on its own).
 """
 from __future__ import annotations
@@ -39,29 +39,29 @@ ROOT = os.path.dirname(HERE)
 
 import mixquant  # noqa: E402,F401  (first, as in every bench script: it hides our kernels/ from `import kernels`)
 
-# (name, issue, seconds at most, what it measures, argv after `python`; {out} is the output folder)
+# (name, issue, seconds at most, what it measures, argv after `python`; {out} is the output folder), in priority
+# order: the acceptance lines first (#22, #23, #21), then the benchmark tables; the limits sum to the 480 s budget.
+# The first step pays Triton's compiles (~1 s per kernel variant, dozens in a UNet); later steps find them on disk
 STEPS = [
-    ("kernels", "#22", 75, "GEMM / 3x3 conv routes vs fp16 (CUDA graphs; fp8, comfy-kitchen int8 beside)",
-     ["bench/kernels.py", "--device", "cuda", "--part", "gemm,conv", "--quick", "--out", "{out}/kernels_gpu.md"]),
-    ("unet", "#22", 100, "SD1.5-architecture UNet step, batch 2, 64x64 and 128x128 latents, CUDA graphs and eager, "
-     "host time per eager layer call, peak memory",
+    ("unet", "#22", 110, "SD1.5-architecture UNet step, batch 2, 128x128 latents, CUDA graphs and eager, host time "
+     "per eager layer call and its profile, peak memory",
      ["bench/kernels.py", "--device", "cuda", "--part", "unet", "--out", "{out}/unet_gpu.md"]),
-    ("speed", "#22", 105, "plans with the speed target: predicted vs measured speed vs FP16",
+    ("speed", "#22", 70, "plans with the speed target: predicted vs measured speed vs FP16",
      ["bench/speed.py", "--device", "cuda", "--models", "sd15", "--out", "{out}/speed_gpu.md"]),
-    ("scale", "#21", 130, "the method on the SDXL-architecture UNet (real widths) at 1024x1024: time, CUDA peak",
-     ["bench/scale.py", "--models", "sdxl", "--real", "--size", "1024", "--prompts", "4", "--steps", "10",
-      "--out", "{out}/scale_gpu.md"]),
-    ("peers", "#22", 70, "ComfyUI fp8 / int8, torchao int8 dynamic, fp8 _scaled_mm on the SD1.5 architecture",
-     ["bench/peers.py", "--device", "cuda", "--skip-digits", "--only",
-      "fp16,comfy-fp8,comfy-int8,torchao-int8dq,scaled-mm-fp8", "--out", "{out}/peers_gpu"]),
-]
-# on its own (`--only dit`: a second run; it does not fit the 8 minutes of the others)
-EXTRA = [
-    ("dit", "#23", 420, "Flux.1-dev at its real size (12B, random weights): planned with its blocks streamed through "
-     "the GPU, quantized into it layer by layer: peak GPU memory vs bf16, bytes, SQNR, step speed",
+    ("dit", "#23", 160, "Flux.1-dev at its real size (12B, random weights) at Flux.1's 1024x1024 token count: "
+     "planned with its blocks streamed through the GPU, quantized into it layer by layer: peak GPU memory vs bf16, "
+     "bytes, SQNR, step speed",
      ["bench/dit.py", "--real", "--device", "cuda", "--out", "{out}/dit_gpu.md"]),
+    ("scale", "#21", 60, "the method on the SDXL-architecture UNet (real widths) at 1024x1024: time, CUDA peak",
+     ["bench/scale.py", "--models", "sdxl", "--real", "--size", "1024", "--prompts", "2", "--steps", "8",
+      "--out", "{out}/scale_gpu.md"]),
+    ("kernels", "#22", 45, "GEMM / 3x3 conv routes vs fp16 (CUDA graphs; fp8, comfy-kitchen int8 beside)",
+     ["bench/kernels.py", "--device", "cuda", "--part", "gemm,conv", "--quick", "--out", "{out}/kernels_gpu.md"]),
+    ("peers", "#22", 35, "ComfyUI fp8, torchao int8 dynamic, fp8 _scaled_mm on the SD1.5 architecture",
+     ["bench/peers.py", "--device", "cuda", "--skip-digits", "--only", "fp16,comfy-fp8,torchao-int8dq,scaled-mm-fp8",
+      "--out", "{out}/peers_gpu"]),
 ]
-NAMES = [s[0] for s in STEPS + EXTRA]
+NAMES = [s[0] for s in STEPS]
 
 
 def device_line() -> str:
@@ -97,7 +97,7 @@ def run_step(step, out: str, seconds: float, python: str = sys.executable) -> di
         except subprocess.TimeoutExpired:
             rc = "timeout"
     secs = time.time() - t0
-    tail = open(log).read().splitlines()[-25:]
+    tail = open(log).read().splitlines()[-60:]  # (a step cut off by its limit leaves what it printed so far)
     return {"name": name, "issue": issue, "what": what, "cmd": "python " + " ".join(argv), "rc": rc,
             "seconds": secs, "limit": seconds, "table": _table_of(argv, out), "tail": tail, "log": log}
 
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--only", help="comma-separated steps (default: all): " + ", ".join(NAMES))
-    ap.add_argument("--budget", type=float, default=470.0, help="seconds for all the steps together")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds for all the steps together")
     ap.add_argument("--list", action="store_true", help="print the steps and exit")
     args = ap.parse_args(argv)
     steps = STEPS
@@ -137,13 +137,9 @@ def main(argv=None) -> int:
         if unknown:
             print(f"unknown steps {', '.join(unknown)}; the steps are {', '.join(NAMES)}", file=sys.stderr)
             return 2
-        steps = [s for s in STEPS + EXTRA if s[0] in want]
+        steps = [s for s in STEPS if s[0] in want]
     if args.list:
-        listed = steps if args.only else steps + [("(on its own, --only NAME)", "", 0, "", [])] + EXTRA
-        for name, issue, limit, what, argv_ in listed:
-            if not argv_:
-                print(name)
-                continue
+        for name, issue, limit, what, argv_ in steps:
             print(f"{name:<8} {issue}  <= {limit:>3} s  {what}\n{'':<8} python {' '.join(argv_)}")
         return 0
     device = device_line()

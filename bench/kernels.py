@@ -280,7 +280,7 @@ def _profile_case(op, a, k, n, lab, f, sweep, geo):
         w = torch.randn(n, k, device="cuda", dtype=torch.float16)
         fp = lambda: F.linear(x, w)  # noqa: E731
         q = lambda: dispatch.linear(x, cache=cache, **call)  # noqa: E731
-        wsum = dispatch._triton_wsum(cache, call)
+        wsum = tg.cached_weight_sums(cache, call)
         fixed = lambda c: tg.qlinear(x, **call, wsum=wsum, config=c)  # noqa: E731
         title = f"linear M={a} K={k} N={n}"
     else:
@@ -288,7 +288,7 @@ def _profile_case(op, a, k, n, lab, f, sweep, geo):
         w = torch.randn(n, k, 3, 3, device="cuda", dtype=torch.float16)
         fp = lambda: F.conv2d(x, w, None, 1, 1)  # noqa: E731
         q = lambda: dispatch.conv2d(x, cache=cache, **call, **geo)  # noqa: E731
-        wsum = dispatch._triton_wsum(cache, call)
+        wsum = tg.cached_weight_sums(cache, call)
         fixed = lambda c: tc.qconv2d(x, **call, **geo, wsum=wsum, config=c)  # noqa: E731
         title = f"conv 3×3 {a}×{a}×{k}→{n}, batch 2"
     t = time_gpu({"fp16": fp, "ours": q})
@@ -367,7 +367,7 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
     else:
         from mixquant.kernels import cpu_routes as cpu
         fdt = cpu.plan().float_dtype
-    sizes = [64, 128] if cuda else [32]
+    sizes = [128] if cuda else [32]  # (#22's GPU line: 128x128 latents; one size keeps the step within bench/gpu.py)
     if quick:
         sizes = sizes[:1]
     unet = sd15_unet(dtype=fdt, device=device)
@@ -393,7 +393,8 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
     notes = []
     lines = [f"### SD1.5-architecture UNet forward, batch 2 ({device})", "",
              *(["Rows: the forward captured in a CUDA graph (launches replayed), then the same forward eager "
-                "(Python and launches paid per layer, as ComfyUI runs it by default).", ""] if cuda else []),
+                "(Python and launches paid per layer, as ComfyUI runs it by default). Peak: the model's weights "
+                "(+ kernel cache) and what one eager forward allocates.", ""] if cuda else []),
              "| latents | " + " | ".join(f"{k} ms | ×" for k in models) + " | weights MB (+ kernel cache MB) |",
              "|---|" + "---|---|" * len(models) + "---|"]
     for hw in sizes:
@@ -419,12 +420,18 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
         if cuda:
             times, peaks, eager = {}, {}, {}
             for label, f in runs.items():
-                torch.cuda.reset_peak_memory_stats()
                 times[label] = time_gpu({label: f}, graphs=False)[label]  # f replays a captured graph
-                peaks[label] = torch.cuda.max_memory_allocated() / 2**20
             with torch.no_grad():  # the same forwards eagerly: each layer's Python and launches paid per call
                 for label, m in models.items():
                     xi = x.contiguous(memory_format=torch.channels_last) if label.endswith("channels_last") else x
+                    # peak: this model's weights (+ kernel cache) and what one eager forward allocates on top of
+                    # everything held now (the other models, the captured graphs' pools)
+                    torch.cuda.synchronize()
+                    held = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    m(xi, t, ctx)
+                    torch.cuda.synchronize()
+                    peaks[label] = (sum(_weight_bytes(m)) + torch.cuda.max_memory_allocated() - held) / 2**20
                     eager[label] = time_gpu({label: lambda m=m, xi=xi: m(xi, t, ctx)}, graphs=False)[label]
             if hw == sizes[0]:
                 from mixquant.quant.layers import QuantLayer

@@ -386,7 +386,9 @@ def build_scaled_mm_fp8(env):
                                  bias=self.bias)
             return y.reshape(*shp[:-1], -1)
 
-    m = _copy(env)
+    # in the 16-bit dtype (ComfyUI runs fp8 weights with fp16 / bf16 compute; _scaled_mm takes no bias with an
+    # fp32 output), inside the fp32 pipeline like build_16bit
+    m = _cast_io_hooks(_copy(env).to(env.dtype16), env.dtype16)
     for lin in [x for x in m.modules() if type(x) is nn.Linear]:
         if lin.in_features % 16 or lin.out_features % 16:
             continue

@@ -57,7 +57,7 @@ DOCUMENTED = {
     "python bench/scale.py --models sdxl --real --size 1024 --prompts 8 --steps 20": (
         "bench/scale.py", ["--models", "sdxl", "--real", "--size", "1024", "--prompts", "8", "--steps", "20"]),
     "python bench/gpu.py": ("bench/gpu.py", []),
-    "python bench/gpu.py --only kernels,unet": ("bench/gpu.py", ["--only", "kernels,unet"]),
+    "python bench/gpu.py --only unet,speed": ("bench/gpu.py", ["--only", "unet,speed"]),
     "python bench/gpu.py --out DIR": ("bench/gpu.py", ["--out", "{out}"]),
     "python bench/gpu.py --only dit": ("bench/gpu.py", ["--only", "dit"]),
     "python bench/dit.py --real": ("bench/dit.py", ["--real"]),

@@ -113,8 +113,9 @@ def _vae(seed: int):
 
 def random_pipeline(family: str, size: str = "small", seed: int = 0, outliers: float = 0.0, dtype=torch.float32):
     """A complete FluxPipeline / StableDiffusion3Pipeline with random weights: the transformer of the shipped config
-    and small CLIP / T5 text encoders and VAE (each component seeded). The VAE's scale is 4 (two blocks), so a
-    64x64 image is a 16x16x16 latent. `dtype`: the transformer's (the small parts stay fp32)."""
+    and small CLIP / T5 text encoders and VAE (each component seeded). The VAE downsamples by 2 (two blocks:
+    `pipe.vae_scale_factor`, 8 in the real models), so a 64x64 image is a 32x32x16 latent (Flux: 16x16 tokens of 2x2
+    patches). `dtype`: the transformer's (the small parts stay fp32)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
     tr = random_denoiser(family, size, dtype=dtype, seed=seed, outliers=outliers)
