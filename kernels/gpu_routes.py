@@ -160,6 +160,8 @@ def decide(op: str, x, cache, call: dict, measure=None) -> str:
             try:  # a candidate that cannot run this call (a shape cuBLASLt refuses, ...) is dropped
                 run(op, r, x, cache=cache, **call)
                 fns[r] = (lambda r=r: run(op, r, x, cache=cache, **call))
+            except (TypeError, AttributeError, NameError):  # (a bug in our own code: not a route that cannot run)
+                raise
             except Exception as e:  # noqa: BLE001  (torch's RuntimeError / ValueError, Triton's OutOfResources,
                 failed[r] = (str(e).splitlines()[0][:120] if str(e) else "") or type(e).__name__  # CompilationError)
         if "float" not in fns:

@@ -107,7 +107,7 @@ def bind_conv2d(x: torch.Tensor, **call):
     """`qconv2d` for inputs of x's shape, strides, dtype and device with these arguments (`call`: qconv2d's keyword
     arguments, codes aside), its launch work done once: a callable f(x, codes=None) -> y (as
     triton_gemm.bind_linear)."""
-    return tg.bound_plans(lambda has_codes: plan_conv2d(x, **call, has_codes=has_codes))
+    return tg.bound_plans(lambda x, has_codes: plan_conv2d(x, **call, has_codes=has_codes))
 
 
 def plan_conv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias, a_bits, a_mode, a_scale=None,
@@ -156,9 +156,9 @@ def plan_conv2d(x: torch.Tensor, qweight, scale, zero, bits, k, group_size, bias
                                           geometry=(b, cin, h, w), pad=(ph, pw))
         ih, iw, ph, pw = h + 2 * ph, w + 2 * pw, 0, 0
         xs = (ih * iw * cin, 1, iw * cin, cin)
-    else:
-        xt = x.contiguous(memory_format=torch.channels_last) if to_nhwc else x
-        xs = (xt.stride(0), xt.stride(1), xt.stride(2), xt.stride(3))
+    else:  # (the NHWC copy each call makes, its strides read from a meta tensor: no copy now)
+        xs = torch.empty(x.shape, device="meta", memory_format=torch.channels_last).stride() if to_nhwc \
+            else x.stride()
     grouped = scale.shape[1] > 1
     group = group_size if grouped else k
     qmax = 2 ** a_bits - 1 if mode == tg.A_STATIC else (2 ** (a_bits - 1) - 1 if mode == tg.A_DYNAMIC else 1)

@@ -652,20 +652,22 @@ def bind_linear(x: torch.Tensor, **call):
     k, n = call["k"], call["qweight"].shape[0]
     x2 = x.reshape(-1, k)
     m, out_shape = x2.shape[0], (*x.shape[:-1], n)
-    run = bound_plans(lambda has_codes: plan_linear(x2, **call, has_codes=has_codes))
+    del x2  # (nothing bound may keep an input alive)
+    run = bound_plans(lambda x2, has_codes: plan_linear(x2, **call, has_codes=has_codes))
     return lambda x, codes=None: run(x.reshape(m, k), codes).reshape(out_shape)
 
 
 def bound_plans(make):
-    """A callable f(x, codes=None) running `make(has_codes)`'s plan (made at its first use: with and without the
-    producer's codes are two plans)."""
+    """A callable f(x, codes=None) running `make(x, has_codes)`'s plan, made from the first input that uses it (with
+    and without the producer's codes are two plans). The plans keep no input: a bound call lives as long as its
+    layer's memo, and must not hold a forward's activations."""
     plans = {}
 
     def run(x, codes=None):
         has = codes is not None
         p = plans.get(has)
         if p is None:
-            p = plans[has] = make(has)
+            p = plans[has] = make(x, has)
         return p(x, codes)
 
     return run

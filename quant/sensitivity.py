@@ -71,7 +71,7 @@ def content_ssim(ref: torch.Tensor, test: torch.Tensor) -> float:
 def _select(obj, batch: int, ix: torch.Tensor):
     """Keep the samples `ix` of every tensor whose first dimension is the call's batch (recursively)."""
     if isinstance(obj, torch.Tensor):
-        return obj.index_select(0, ix) if obj.dim() > 0 and obj.shape[0] == batch else obj
+        return obj.index_select(0, ix.to(obj.device)) if obj.dim() > 0 and obj.shape[0] == batch else obj
     if isinstance(obj, (list, tuple)):
         return type(obj)(_select(o, batch, ix) for o in obj)
     if isinstance(obj, dict):
@@ -86,8 +86,9 @@ def subsample_call(c, n: int):
     if b <= n:
         return c
     keep = list(range(n // 2)) + list(range(b // 2, b // 2 + n - n // 2)) if b % 2 == 0 else list(range(n))
-    ix = torch.tensor(keep)
-    return type(c)(_select(c.args, b, ix), _select(c.kwargs, b, ix), c.timestep, c.step, c.output.index_select(0, ix))
+    ix = torch.tensor(keep)  # (moved to each tensor's device: CUDA's index_select takes no CPU index)
+    return type(c)(_select(c.args, b, ix), _select(c.kwargs, b, ix), c.timestep, c.step,
+                   c.output.index_select(0, ix.to(c.output.device)))
 
 
 def observe_inputs(model: nn.Module, names, on_input, calls) -> None:

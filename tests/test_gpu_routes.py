@@ -80,6 +80,18 @@ def test_a_failing_candidate_is_dropped(fresh, monkeypatch, error):
     assert "int_mm (failed)" in t and "not supported" in t["int_mm (failed)"]
 
 
+def test_a_bug_in_a_route_is_raised_not_recorded_as_a_loss(fresh, monkeypatch):
+    """A TypeError / AttributeError in a candidate is a bug in our code, not a route this GPU cannot run: dropping it
+    would save "float" for the shape in the decisions file, for every later run."""
+    x, call = _w8a8()
+    real = gpu_routes.run
+    monkeypatch.setattr(gpu_routes, "run", lambda op, route, x, **kw: (_ for _ in ()).throw(TypeError("bad arg"))
+                        if route == "int_mm" else real(op, route, x, **kw))
+    with pytest.raises(TypeError):
+        gpu_routes.decide("linear", x, {}, call, measure=lambda f: {r: 1.0 for r in f})
+    assert not gpu_routes.plan().decisions and not fresh.exists()
+
+
 def test_nothing_is_raced_while_a_graph_is_captured(fresh, monkeypatch):
     x, call = _w8a8()
     monkeypatch.setattr(gpu_routes, "_capturing", lambda: True)

@@ -494,3 +494,79 @@ def test_ops_are_registered_at_import_so_a_first_compiled_call_does_not_break():
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, MIXQUANT_CPU_CACHE=""))
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_a_bound_call_keeps_no_input_alive():
+    """A layer keeps its bound calls (one per input shape) as long as its weight: they must not hold the input they
+    were bound with (on a GPU: one forward's activations per shape, outside the host's memory accounting)."""
+    import gc
+    import weakref
+
+    import torch.nn as nn
+
+    from mixquant.quant.formats import LayerFormat
+    from mixquant.quant.layers import QuantConv2d, QuantLinear
+
+    torch.manual_seed(10)
+    for layer, shape in [(QuantLinear.from_float(nn.Linear(64, 48), LayerFormat(8, 8)), (2, 9, 64)),
+                         (QuantConv2d.from_float(nn.Conv2d(32, 16, 3, padding=1), LayerFormat(8, 8)), (2, 32, 6, 6)),
+                         (QuantConv2d.from_float(nn.Conv2d(32, 16, 3, padding=1), LayerFormat(4, 16, 32)),
+                          (2, 32, 6, 6))]:
+        layer = layer.to(DEV)
+        layer.set_act_range(torch.tensor(-3.0), torch.tensor(3.0))
+        x = torch.randn(*shape, device=DEV)
+        with torch.inference_mode():
+            layer(x)
+        assert layer.__dict__.get("_bound_memo")
+        gone = weakref.ref(x)
+        del x
+        gc.collect()
+        assert gone() is None, type(layer).__name__
+
+
+@pytest.mark.skipif(not INTERPRET, reason="a rehearsal of the GPU path on the CPU (on a GPU the real tests run)")
+def test_a_unet_on_the_gpu_backends_path_under_inference_mode(small_unet, unet_inputs, monkeypatch):
+    """The path a quantized UNet takes on a GPU in ComfyUI, rehearsed on the CPU under the interpreter: the GPU
+    backend (registered here for CPU tensors, its route forced to Triton), fused producers reading into their
+    readers, calls bound per layer, all under torch.inference_mode; the output agrees with the reference path's."""
+    from mixquant.kernels import gpu_routes
+    from mixquant.kernels.registry import Backend, Constraints
+    from mixquant.quant import fusion
+    from mixquant.quant.apply import quantize_model
+    from mixquant.quant.calibration import collect_act_ranges
+    from mixquant.quant.formats import LayerFormat
+    from mixquant.quant.layers import QuantLayer
+    from mixquant.quant.roles import discover_layers
+
+    gpu = next(b for b in dispatch.backends() if b.name == "gpu")
+    monkeypatch.setenv("MIXQUANT_GPU_ROUTE", "triton")
+    monkeypatch.setenv("MIXQUANT_GPU_CACHE", "")
+    gpu_routes.plan(refresh=True)
+    dispatch.register(Backend("gpu", lambda: None, gpu.ops,
+                              dict.fromkeys(gpu.ops, Constraints(devices=frozenset(("cpu",))))))
+    try:
+        x, t, ctx = unet_inputs
+        fmts = [LayerFormat(8, 8), LayerFormat(4, 8, 64), LayerFormat(8, 8, None, "dynamic"), LayerFormat(4, 16, 64)]
+        plan = {li.name: (LayerFormat(16, 16) if li.protected else fmts[i % len(fmts)])
+                for i, li in enumerate(discover_layers(small_unet))}
+        with torch.no_grad():
+            ranges = collect_act_ranges(small_unet, lambda: small_unet(x, t, ctx))
+            q, _ = quantize_model(small_unet, plan, ranges)
+        used = []
+        _count_codes(monkeypatch, triton_gemm, "plan_linear", used)
+        _count_codes(monkeypatch, triton_conv, "plan_conv2d", used)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # (a fused kernel that fails warns and unfuses)
+            q(x, t, ctx)  # the first call links producers and readers, binds the calls
+            used.clear()
+            y = q(x, t, ctx).sample
+            with dispatch.use_backend("reference"):
+                ref = q(x, t, ctx).sample
+        layers = [m for m in q.modules() if isinstance(m, QuantLayer) and m.packed]
+        assert layers and all(m.__dict__.get("_bound_memo") for m in layers)  # every layer bound its call
+        assert len(used) >= len(layers) and any(used)  # on the Triton kernels, some reading fused codes
+        assert fusion.groups(q) and all(g.used >= 1 for g in fusion.groups(q))
+        assert _rel(y, ref) < 1e-3
+    finally:
+        dispatch.register(gpu)
+        gpu_routes._PLAN.clear()

@@ -345,3 +345,22 @@ def test_blocks_fed_tensors_made_in_inference_mode_are_recomputed(monkeypatch):
     want = output_gains(model, _Runner(), [call], names, kinds=("quality",), seed=6)
     for n in names:
         assert torch.equal(want["quality"][n][0], got["quality"][n][0]), n
+
+
+def test_a_recorded_call_is_subsampled_on_its_own_device(monkeypatch):
+    """Recorded calls stay on the model's device; CUDA's index_select takes no CPU index (a batch of 4 recorded on a
+    GPU, subsampled to the sensitivity's 2, raised there). Meta tensors stand for the GPU's here."""
+    from mixquant.quant.runner import DenoiserCall
+    from mixquant.quant.sensitivity import subsample_call
+
+    real = torch.Tensor.index_select
+
+    def index_select(self, dim, index):
+        assert index.device == self.device, (index.device, self.device)
+        return real(self, dim, index)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", index_select)
+    z = torch.zeros(4, 3, device="meta")
+    call = DenoiserCall((z,), {"ctx": torch.zeros(4, 5, 2, device="meta"), "cpu": torch.arange(4.0)}, 500.0, 0, z)
+    sub = subsample_call(call, 2)
+    assert sub.output.shape == (2, 3) and sub.kwargs["ctx"].shape == (2, 5, 2) and sub.kwargs["cpu"].tolist() == [0, 2]
