@@ -6,8 +6,8 @@
 
 On a lent device machine (no network, no diffusers): `bash bench/gpu_wheels.sh` here, then one device call of
 `bash bench/gpu_checks.sh $OUT` carrying .whl (bench/gpu_checks.sh says how). Each step runs as its own process
-under its own time limit (and within what is left of --budget, 480 s by default), so one that fails or hangs leaves
-the others' tables. The steps, in priority order (the acceptance lines first):
+under its own time limit (plus what earlier steps left unused, within what is left of --budget, 480 s by default),
+so one that fails or hangs leaves the others' tables. The steps, in priority order (the acceptance lines first):
 - unet (#22): the SD1.5-architecture UNet step, batch 2, at 128x128 latents: FP16, W8A8 int8, W8A8 with fp8 Linear
   layers, mixed W4A8; in CUDA graphs and eager, with peak memory, the host time per eager layer call and its profile
   (bench/kernels.py --part unet);
@@ -102,6 +102,12 @@ def run_step(step, out: str, seconds: float, python: str = sys.executable) -> di
             "seconds": secs, "limit": seconds, "table": _table_of(argv, out), "tail": tail, "log": log}
 
 
+def allowance(limit: float, left: float, later: float) -> float:
+    """Seconds a step may run: its limit, plus what the steps before it left unused (the budget that is left beyond
+    the limits of the steps after it), within what is left."""
+    return min(left, max(limit, left - later))
+
+
 def write(results: list, out: str, device: str, part: str = "") -> str:
     slug = "".join(c if c.isalnum() else "_" for c in device.split(",")[0]).strip("_").lower() or "gpu"
     path = os.path.join(out, f"gpu_{slug}{'_' + part if part else ''}.md")
@@ -152,13 +158,14 @@ def main(argv=None) -> int:
     print(f"GPU checks on {device}", flush=True)
     t_end = time.time() + args.budget
     results = []
-    for step in steps:
+    for i, step in enumerate(steps):
         left = t_end - time.time()
         if left < 10:
             print(f"== {step[0]}: skipped (the budget of {args.budget:.0f} s is spent)", flush=True)
             continue
-        print(f"== {step[0]} ({step[1]}, at most {min(step[2], left):.0f} s): {step[3]}", flush=True)
-        r = run_step(step, out, min(step[2], left))
+        seconds = allowance(step[2], left, sum(s[2] for s in steps[i + 1:]))
+        print(f"== {step[0]} ({step[1]}, at most {seconds:.0f} s): {step[3]}", flush=True)
+        r = run_step(step, out, seconds)
         print(f"   exit {r['rc']} after {r['seconds']:.0f} s", flush=True)
         print("\n".join("   " + line for line in r["tail"][-8:]), flush=True)
         results.append(r)

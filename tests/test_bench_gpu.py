@@ -37,6 +37,13 @@ def test_steps_run_in_their_own_process_and_land_in_one_table(tmp_path):
     assert "| slow | #21 | hangs | timeout |" in text and "boom" in text  # a failure shows its log
 
 
+def test_a_step_gets_what_the_steps_before_it_left_unused():
+    g = _gpu()
+    assert g.allowance(60, 480, 420) == 60  # on time: its own limit
+    assert g.allowance(60, 400, 250) == 150  # 90 s left unused before it
+    assert g.allowance(60, 40, 0) == 40  # never past the budget
+
+
 def test_without_a_gpu_it_says_so(capsys, monkeypatch):
     g = _gpu()
     monkeypatch.setattr(g, "device_line", lambda: "")
