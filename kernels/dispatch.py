@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from . import cpu_routes, reference  # (cpu_routes registers its compiled ops on import, before any trace)
+from . import cpu_routes, gpu_routes, reference  # (cpu_routes registers its compiled ops on import, before any trace)
 from .reference import dequantize_weight
 from .registry import OP_ARGS, Backend, Constraints, Registry
 
@@ -91,7 +91,6 @@ def bind(op: str, x: torch.Tensor, cache: dict | None = None, **call):
     Python of an eager call is then its launches (#22 item 4)."""
     name, impl = select(op, x=x, cache=cache, **call)
     if name == "gpu":
-        from . import gpu_routes
         return gpu_routes.bind(op, x, cache, call)
     if name == "triton":
         return bind_triton(op, x, cache, call)
@@ -113,7 +112,6 @@ def bind_triton(op: str, x: torch.Tensor, cache: dict | None, call: dict):
 def state() -> tuple:
     """What decides which implementation a call runs besides the call itself: the forced backend (use_backend /
     MIXQUANT_KERNELS) and the GPU's route plan. A bound call (`bind`) holds while this is the same."""
-    from . import gpu_routes
     return REGISTRY.forced(), gpu_routes.plan_serial()
 
 

@@ -264,7 +264,7 @@ class QuantLayer(nn.Module):
         # while the range tensors are the same storage at the same version and the group and device are the same
         if torch.compiler.is_compiling():  # (data pointers and version counters are not traceable)
             return self._make_act_args(device)
-        key = self._act_key(device)
+        key = (self.fmt, *self._act_key(device))
         memo = self.__dict__.get("_act_memo")
         if memo is not None and memo[0] == key:
             return memo[1]
@@ -273,9 +273,9 @@ class QuantLayer(nn.Module):
         return args
 
     def _act_key(self, device) -> tuple:
-        """Changes whenever the activation arguments for `device` may have (`_act_args`)."""
+        """Changes whenever the activation arguments for `device` of this format (`_act_args`) may have."""
         sc, zp = self.input_scale, self.input_zero
-        return (device, self.act_group, self.a_split, self.fmt) + (
+        return (device, self.act_group, self.a_split) + (
             () if sc is None else (sc.data_ptr(), version_of(sc), sc.device, zp.data_ptr(), version_of(zp)))
 
     def _make_act_args(self, device) -> dict:
@@ -345,7 +345,7 @@ class QuantLayer(nn.Module):
         if torch.compiler.is_compiling() or self.weight_function or self.bias_function or blob is not self.weight:
             return None
         weights = (blob.data_ptr(), version_of(blob), self.weight_epoch(),
-                   None if bias is None else (bias.data_ptr(), version_of(bias)))
+                   None if bias is None else (bias.data_ptr(), version_of(bias)), self.fmt)  # (compared, not hashed)
         memo = self.__dict__.get("_bound_memo")
         if memo is None or memo[0] != weights:  # (calls bound to another weight are dropped, not kept beside)
             memo = self.__dict__["_bound_memo"] = (weights, {})
