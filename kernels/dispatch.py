@@ -196,22 +196,18 @@ CPU_CONSTRAINTS = dict.fromkeys(("linear", "conv2d"), Constraints(devices=frozen
 # without CUDA graphs. Both forms run the same wrapper and kernels.
 
 def _triton_linear(x, cache=None, codes=None, **call):
-    from . import triton_gemm
-    wsum = triton_gemm.cached_weight_sums(cache, call)
-    if torch.compiler.is_compiling():
-        return triton_gemm.linear_op()(x, **call, wsum=wsum)
-    return triton_gemm.qlinear(x, **call, wsum=wsum, codes=codes)
+    if torch.compiler.is_compiling():  # (the custom op; no weight sums: pointers and versions are not traceable)
+        from . import triton_gemm
+        return triton_gemm.linear_op()(x, **call, wsum=None)
+    return bind_triton("linear", x, cache, call)(x, codes)
 
 
-def _triton_conv2d(x, cache=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), codes=None,
-                   **call):
-    from . import triton_conv, triton_gemm
-    wsum = triton_gemm.cached_weight_sums(cache, call)
+def _triton_conv2d(x, cache=None, codes=None, **call):
     if torch.compiler.is_compiling():
-        return triton_conv.conv2d_op()(x, **call, wsum=wsum, kernel_size=list(kernel_size), stride=list(stride),
-                                       padding=list(padding), dilation=list(dilation))
-    return triton_conv.qconv2d(x, **call, wsum=wsum, kernel_size=tuple(kernel_size), stride=tuple(stride),
-                               padding=tuple(padding), dilation=tuple(dilation), codes=codes)
+        from . import triton_conv
+        geometry = {g: list(call.pop(g)) for g in ("kernel_size", "stride", "padding", "dilation")}
+        return triton_conv.conv2d_op()(x, **call, wsum=None, **geometry)
+    return bind_triton("conv2d", x, cache, call)(x, codes)
 
 
 def _cpu_linear(x, cache=None, **call):

@@ -650,9 +650,7 @@ def bind_linear(x: torch.Tensor, **call):
     arguments, codes aside), its launch work done once: a callable f(x, codes=None) -> y. What it fixes (the
     arguments, the dot, the launch config, the activation pass) is what qlinear would compute for every such call."""
     k, n = call["k"], call["qweight"].shape[0]
-    x2 = x.reshape(-1, k)
-    m, out_shape = x2.shape[0], (*x.shape[:-1], n)
-    del x2  # (nothing bound may keep an input alive)
+    m, out_shape = x.numel() // k, (*x.shape[:-1], n)
     run = bound_plans(lambda x2, has_codes: plan_linear(x2, **call, has_codes=has_codes))
     return lambda x, codes=None: run(x.reshape(m, k), codes).reshape(out_shape)
 

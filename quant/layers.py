@@ -336,6 +336,14 @@ class QuantLayer(nn.Module):
             b = f(b)
         return w, b
 
+    def _packed_call(self, x: torch.Tensor, blob: torch.Tensor, bias, op: str, geometry: dict) -> torch.Tensor:
+        """The packed layer's kernel call on x: bound (`_bound`) where it can be, else through dispatch."""
+        codes = fused_codes(self, x)
+        run = self._bound(x, blob, bias, op, geometry)
+        if run is not None:
+            return run(x, codes)
+        return getattr(dispatch, op)(x, codes=codes, **self._kernel_args(blob, bias, x.device), **geometry)
+
     def _bound(self, x: torch.Tensor, blob: torch.Tensor, bias, op: str, geometry: dict):
         """The packed layer's kernel call for inputs like x (dispatch.bind: backend, route and launch resolved
         once), kept while nothing it fixed can have changed: x's shape, strides, dtype and device; the weight
@@ -439,10 +447,7 @@ class QuantLinear(QuantLayer):
         blob, bias = self._params_on(x.device)
         x = self._balance(x, -1)
         if self.packed:
-            run = self._bound(x, blob, bias, "linear", {})
-            if run is not None:
-                return run(x, fused_codes(self, x))
-            return dispatch.linear(x, codes=fused_codes(self, x), **self._kernel_args(blob, bias, x.device))
+            return self._packed_call(x, blob, bias, "linear", {})
         act = self._act_args(x.device)
         xq = reference.fake_quant_act(x, act["a_bits"], act["a_mode"], act["a_scale"], act["a_zero"], act["a_split"])
         w = self.dequantized_weight().to(device=x.device, dtype=x.dtype)
@@ -513,11 +518,7 @@ class QuantConv2d(QuantLayer):
         geometry = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                         dilation=self.dilation)
         if self.packed:
-            run = self._bound(x, blob, bias, "conv2d", geometry)
-            if run is not None:
-                return run(x, fused_codes(self, x))
-            return dispatch.conv2d(x, codes=fused_codes(self, x), **self._kernel_args(blob, bias, x.device),
-                                   **geometry)
+            return self._packed_call(x, blob, bias, "conv2d", geometry)
         act = self._act_args(x.device)
         w = self.dequantized_weight().to(x.device)
         return reference.conv2d(x, w, bias, a_bits=act["a_bits"], a_mode=act["a_mode"], a_scale=act["a_scale"],
