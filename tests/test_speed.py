@@ -94,6 +94,11 @@ def test_timing_call_cuts_a_calibration_batch_to_one_guided_image():
     c = timing_call([call])
     assert c.args[0].shape[0] == 2 and c.output.shape[0] == 2
     assert timing_call([_recorded(model, batch=2)]).args[0].shape[0] == 2
+    # a transformer's call passes its inputs by keyword (diffusers' Flux: hidden_states=..., timestep=...)
+    kw = DenoiserCall((), {"x": call.args[0]}, 500.0, 0, call.output)
+    c = timing_call([kw], batch=1)
+    ref = timing_call([call], batch=1)
+    assert c.kwargs["x"].shape[0] == 1 and torch.equal(c.kwargs["x"], ref.args[0]) and torch.equal(c.output, ref.output)
 
 
 # --- the speed target in the plan, on stubbed times ---------------------------------------------------------------
