@@ -96,7 +96,7 @@ def calc_qparams(x: torch.Tensor, bits: int, granularity: str = "channel", group
     if search == "mse":
         # a block of rows at a time: the dozen round trips per block stay in the cache instead of streaming the whole
         # tensor through memory a dozen times (several times faster on a big layer)
-        rows = max(1, _MSE_BLOCK // max(1, xg[0].numel()))
+        rows = max(1, mse_block(xg.device) // max(1, xg[0].numel()))
         alphas = torch.linspace(1.0, min_ratio, grid)[1:].tolist()
         for r0 in range(0, xg.shape[0], rows):
             r = slice(r0, r0 + rows)
@@ -110,7 +110,15 @@ def calc_qparams(x: torch.Tensor, bits: int, granularity: str = "channel", group
     return QParams(scale, zero, bits, granularity, group_size)
 
 
-_MSE_BLOCK = 1 << 18  # elements per block of the MSE search (1 MB of fp32: measured fastest on a 2-core EPYC)
+_MSE_BLOCK = 1 << 18  # elements per block of the MSE search on a CPU (1 MB of fp32: fastest on a 2-core EPYC)
+_MSE_BLOCK_GPU = 1 << 24  # on a GPU (64 MB of fp32 per temporary): a block of 1 MB is ~1 us of GPU work for each of
+# its ~365 small ops, so the search was launch-bound (~80 s of launches over Flux.1-dev's 12B weights); rows are
+# independent, so the block only changes the speed
+
+
+def mse_block(device) -> int:
+    """Elements per block of the MSE search on `device`."""
+    return _MSE_BLOCK if torch.device(device).type == "cpu" else _MSE_BLOCK_GPU
 
 
 def _mse_clip(xg, lo, hi, scale, zero, bits, symmetric, scale_dtype, alphas):

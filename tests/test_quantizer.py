@@ -109,3 +109,5 @@ def test_the_mse_search_in_blocks_of_rows_equals_the_whole_tensor_search(monkeyp
     assert (whole.zero is None and blocks.zero is None) or torch.equal(whole.zero, blocks.zero)
     minmax = qz.calc_qparams(w, 4, gran, group, sym, "minmax")
     assert not torch.equal(whole.scale, minmax.scale)  # the search did clip somewhere
+    # on a GPU the blocks are 64x larger (small blocks there are launch-bound), on the CPU cache-sized
+    assert qz.mse_block("cpu") == qz._MSE_BLOCK and qz.mse_block("cuda:0") == qz.mse_block("meta") > 32 * qz._MSE_BLOCK
