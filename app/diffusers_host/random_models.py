@@ -72,7 +72,7 @@ def with_outlier_channels(model: torch.nn.Module, gain: float, n: int = 4, seed:
             if chans is None:
                 chans = torch.randperm(d, generator=g)[:n]
             for c in spec[1]:
-                m.linear.bias[c * d + chans] += gain
+                m.linear.bias[c * d + chans.to(m.linear.bias.device)] += gain
     return model
 
 
@@ -111,14 +111,21 @@ def _vae(seed: int):
                          shift_factor=0.1159, scaling_factor=0.3611).eval()
 
 
-def random_pipeline(family: str, size: str = "small", seed: int = 0, outliers: float = 0.0, dtype=torch.float32):
+def random_pipeline(family: str, size: str = "small", seed: int = 0, outliers: float = 0.0, dtype=torch.float32,
+                    build_device="cpu"):
     """A complete FluxPipeline / StableDiffusion3Pipeline with random weights: the transformer of the shipped config
     and small CLIP / T5 text encoders and VAE (each component seeded). The VAE downsamples by 2 (two blocks:
     `pipe.vae_scale_factor`, 8 in the real models), so a 64x64 image is a 32x32x16 latent (Flux: 16x16 tokens of 2x2
-    patches). `dtype`: the transformer's (the small parts stay fp32)."""
+    patches). `dtype`: the transformer's (the small parts stay fp32). `build_device`: where the transformer's random
+    weights are drawn (a GPU draws Flux.1-dev's 12B in about a second, the CPU's generator in about a minute); the
+    pipeline is returned on the CPU either way."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
-    tr = random_denoiser(family, size, dtype=dtype, seed=seed, outliers=outliers)
+    tr = random_denoiser(family, size, dtype=dtype, seed=seed, outliers=outliers, device=build_device)
+    if torch.device(build_device).type != "cpu":
+        tr.to("cpu")
+        if torch.device(build_device).type == "cuda":
+            torch.cuda.empty_cache()  # (the device's memory back for what is measured next)
     clip_tok, t5_tok = _tokenizers()
     vae = _vae(seed + 1)
     if family == "flux":
