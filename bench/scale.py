@@ -134,15 +134,18 @@ def phases(name: str, pipe, prompts, settings: SamplerSettings, device: str, cfg
         t = time.time()
         runner.sample(prompts, seeds)
         row["fp_s"], row["fp_peak"] = time.time() - t, peak.read()
+    done(row, "fp")
     peak.reset()
     t = time.time()
     prepared = engine.prepare(runner, prompts, cfg, seeds)
     row["prepare_s"], row["prepare_peak"] = time.time() - t, peak.read()
     row["calibrate_s"], row["sensitivity_s"] = prepared.timings["calibrate"], prepared.timings["sensitivity"]
+    done(row, "prepare")
     peak.reset()
     t = time.time()
     alloc = engine.plan(runner, prepared, cfg)
     row["allocate_s"], row["allocate_peak"] = time.time() - t, peak.read()
+    done(row, "allocate")
     peak.reset()
     t = time.time()
     qunet, stats = engine.quantize(pipe.unet, alloc, prepared.calib)
@@ -151,6 +154,15 @@ def phases(name: str, pipe, prompts, settings: SamplerSettings, device: str, cfg
     row["bytes_ratio"] = stats.model_bytes / max(1, engine.fp16_bytes(pipe.unet))
     print(row, flush=True)
     return row
+
+
+def done(row: dict, phase: str) -> None:
+    """Each phase's figures as soon as it ends (a run stopped at a time limit, as bench/gpu.py's steps are, still
+    leaves the phases it finished in its log)."""
+    secs, peak = row[phase + "_s"], row[phase + "_peak"]
+    vs = "" if phase == "fp" else \
+        f" ({peak / max(1, row['fp_peak']):.2f}x FP sampling's peak, {secs / max(1e-9, row['fp_s']):.1f}x its time)"
+    print(f"  {row['model']}: {phase} {secs:.1f} s, peak {_gb(peak)}{vs}", flush=True)
 
 
 def phase_table(rows: list, header: str) -> str:
