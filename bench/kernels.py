@@ -462,6 +462,11 @@ def unet_e2e(device: str, quick: bool) -> list[str]:
             lines.append(f"| {hw}×{hw} eager | " + " | ".join(f"{fmt_ms(eager[k])} | {ratio(b, eager[k])}"
                                                                 for k in models) + " | |")
             print(lines[-1], flush=True)
+        routes = {label: route_counts(m, (x, t, ctx)) for i, (label, m) in enumerate(models.items())
+                  if i and not label.endswith("channels_last")}
+        notes.append(f"{hw}×{hw}: the route of each quantized call in one forward: " + "; ".join(
+            f"{k} " + ", ".join(f"{r} ×{n}" for r, n in c.items()) for k, c in routes.items()))
+        print(notes[-1], flush=True)
         notes.append(f"{hw}×{hw}: distance of the output from the float model's (relative L2), fast path / reference "
                      "path: " + ", ".join(f"{k} {a:.2%} / {b:.2%}" for k, (a, b) in agree.items()))
     lines += [""] + notes
@@ -539,13 +544,38 @@ def host_profile(model, inputs: tuple, types, sync=lambda: None, calls: int = 5,
     return out
 
 
+def route_counts(model, inputs: tuple) -> dict:
+    """Which implementation each packed quantized call of one forward of `model` on `inputs` ran (`dispatch.path`
+    on the call's own input: a BOS split's two calls count twice), counted: e.g. {"gpu:triton": 120, "gpu:float": 8}.
+    A ratio in a table is only as good as the routes behind it."""
+    from collections import Counter
+
+    from mixquant.quant.layers import QuantLayer
+    seen = Counter()
+    packed_call = QuantLayer._packed_call
+
+    def spy(layer, x, blob, bias, op, geometry):
+        y = packed_call(layer, x, blob, bias, op, geometry)  # (first: a shape's first call races its routes)
+        seen[dispatch.path(op, x, **layer._kernel_args(blob, bias, x.device), **geometry)] += 1
+        return y
+
+    QuantLayer._packed_call = spy
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        QuantLayer._packed_call = packed_call
+    return dict(seen.most_common())
+
+
 def host_line(us_by_model: dict) -> str:
     """One line: per model, mean / median / max host µs per eager layer call over its layers."""
     def stats(v):
         v = sorted(v)
         return f"{sum(v) / len(v):.1f} / {v[len(v) // 2]:.1f} / {v[-1]:.1f} µs over {len(v)} layers" if v else "–"
     return ("Host time per eager layer call (mean / median / max; each layer on the input it gets in the forward, "
-            "calls issued without waiting for the GPU): " + "; ".join(f"{k} {stats(v)}" for k, v in us_by_model.items()))
+            "calls issued without waiting for the GPU): "
+            + "; ".join(f"{k} {stats(v)}" for k, v in us_by_model.items()))
 
 
 def _graphed(model, x, t, ctx):

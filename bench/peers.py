@@ -1381,12 +1381,15 @@ def markdown(result, plot_name: str = "peers_quality_vs_bytes.png") -> str:
     if s:
         m = s["meta"]
         fp = m["fp32_forward_s"]
+        gpu = env.get("device", "cpu") not in ("cpu", None)  # (a GPU's forwards take milliseconds)
+        unit, scale, where = ("ms", 1e3, "GPU") if gpu else ("s", 1.0, "CPU")
         L += [f"## SD1.5-architecture UNet: speed, memory, SQNR ({m['params'] / 1e6:.1f} M parameters, random "
-              f"weights; 32x32 latents, batch 2; FP32 forward {min(fp):.1f}-{max(fp):.1f} s CPU over the run)", "",
-              "| tool | config | bytes | x FP16 | quantized layers | SQNR dB vs FP32 | forward s (CPU) | latency vs FP32 "
-              "| quantize s (wall) | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
+              f"weights; 32x32 latents, batch 2; FP32 forward {min(fp) * scale:.1f}-{max(fp) * scale:.1f} {unit} "
+              f"{where} over the run)", "",
+              f"| tool | config | bytes | x FP16 | quantized layers | SQNR dB vs FP32 | forward {unit} ({where}) | "
+              "latency vs FP32 | quantize s (wall) | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["rows"]:
-            L.append(_md_row(r, digits=False))
+            L.append(_md_row(r, digits=False, time_scale=scale))
         L += ["", "### Quality at equal bytes (SD1.5-architecture UNet)", ""] + budget_table(s["rows"], "sd15")
         st = standing_table(s["rows"], metrics=("sqnr_db",))
         if st:
@@ -1395,7 +1398,7 @@ def markdown(result, plot_name: str = "peers_quality_vs_bytes.png") -> str:
     return "\n".join(L) + "\n"
 
 
-def _md_row(r, digits):
+def _md_row(r, digits, time_scale: float = 1.0):
     note = r.get("note") or ""
     if r.get("status") == "failed":
         cells = [r["tool"], r["label"]] + ["—"] * (9 if digits else 7) + [f"**could not run**: {r.get('reason', '')}"]
@@ -1417,7 +1420,8 @@ def _md_row(r, digits):
             f"{r['content_confidence']:.3f} ({r['content_confidence_fp']:.3f})"
         cells += [_f(r.get("psnr_db"), 1), _f(r.get("ssim")), acc, conf, lat]
     else:
-        cells += [_f(r.get("latency_s"), 2), lat, _f(r.get("build_s"), 0)]
+        lat_s = r.get("latency_s")
+        cells += [_f(lat_s * time_scale if isinstance(lat_s, float) else lat_s, 2), lat, _f(r.get("build_s"), 0)]
     cells.append(note)
     return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 

@@ -86,6 +86,30 @@ def test_host_time_per_layer_call_is_measured_on_each_layers_own_input():
     assert "FP16" in line and "over 3 layers" in line and "W8A8 –" in line
 
 
+def test_route_counts_name_the_implementation_of_every_quantized_call():
+    """bench/kernels.py's routes line under the UNet table: one count per packed call of one forward (a BOS split's
+    two calls count twice), each named as dispatch.path names it, the class left as it was."""
+    import torch
+    import torch.nn as nn
+
+    from mixquant.kernels import dispatch
+    from mixquant.quant.formats import LayerFormat
+    from mixquant.quant.layers import QuantLayer, QuantLinear
+
+    kb = _bench("kernels")
+    torch.manual_seed(0)
+    layers = [QuantLinear.from_float(nn.Linear(64, 64), LayerFormat(8, 8, None, "dynamic")) for _ in range(3)]
+    model = nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.ReLU(), layers[2], nn.Linear(64, 8))
+    x = torch.randn(4, 64)
+    packed_call = QuantLayer._packed_call
+    counts = kb.route_counts(model, (x,))
+    assert sum(counts.values()) == 3 and QuantLayer._packed_call is packed_call
+    assert not any("raced" in route for route in counts)  # (the route each call took, not the candidates)
+    with torch.no_grad():
+        assert set(counts) == {dispatch.path("linear", x, **layers[0]._kernel_args(layers[0].weight, layers[0].bias,
+                                                                                    x.device))}
+
+
 def test_host_profile_names_where_a_layer_calls_time_goes():
     """The profile bench/kernels.py writes beside the host time (what #22 asks for where the figure falls short):
     a table of functions with their share, the slow layer's own function on top."""
