@@ -159,14 +159,16 @@ def decide(op: str, x, cache, call: dict, measure=None) -> str:
         for r in cands:
             try:  # a candidate that cannot run this call (a shape cuBLASLt refuses, ...) is dropped
                 run(op, r, x, cache=cache, **call)
-                fns[r] = (lambda r=r: run(op, r, x, cache=cache, **call))
+                fns[r] = _as_called(op, r, x, cache, call)
             except (TypeError, AttributeError, NameError):  # (a bug in our own code: not a route that cannot run)
                 raise
             except Exception as e:  # noqa: BLE001  (torch's RuntimeError / ValueError, Triton's OutOfResources,
                 failed[r] = (str(e).splitlines()[0][:120] if str(e) else "") or type(e).__name__  # CompilationError)
         if "float" not in fns:
             fns["float"] = lambda: run(op, "float", x, cache=cache, **call)
-        t = (measure or (lambda f: timing.race(f, 3, lambda: _sync(x.device))))(fns)
+        # timed as a layer runs in an eager forward: calls issued back to back (~1 ms of them per round), so a
+        # route pays its host time only where it exceeds its GPU time, as launches overlap the GPU's work there
+        t = (measure or (lambda f: timing.race(f, 3, lambda: _sync(x.device), target=1e-3)))(fns)
         route = min(t, key=t.get)
         for r in fns:  # free what the losers prepared (int8 copies, weight sums) unless the winner uses it too
             if r != route and cache is not None:
@@ -181,6 +183,17 @@ def decide(op: str, x, cache, call: dict, measure=None) -> str:
 
 
 _SLOTS = {"int_mm": cpu_ops.CACHE_SLOTS["int_mm"], "triton": ("triton_wsum",)}
+
+
+def _as_called(op: str, route: str, x, cache, call: dict):
+    """The call by `route` as a layer makes it once decided: Triton's launch bound (`bind`), the others as they are
+    (so the race does not charge Triton the launch planning a layer does once)."""
+    if route == "triton":
+        from . import dispatch
+        bound = dispatch.bind_triton(op, x, cache, call)
+        if bound is not None:
+            return lambda: bound(x)
+    return lambda: run(op, route, x, cache=cache, **call)
 
 
 def _route(op: str, x, cache, call: dict) -> str:

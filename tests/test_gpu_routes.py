@@ -60,6 +60,31 @@ def test_the_race_keeps_the_fastest_per_shape_and_remembers_it(fresh):
     assert gpu_routes.decide("linear", x2, {}, call2, measure=lambda f: {"int_mm": 3.0, "float": 2.0}) == "float"
 
 
+def test_the_race_times_each_route_as_a_layer_calls_it(fresh, monkeypatch):
+    """Calls streamed back to back (an eager forward's launches overlap the GPU's work: host time counts only where
+    it exceeds the GPU's), and Triton's launch bound once as a layer binds it, not planned in every timed call."""
+    x, call = _w8a8()
+    monkeypatch.setattr(gpu_routes, "_triton_accepts", lambda op, x, call: True)
+    binds, runs = [], []
+    monkeypatch.setattr(dispatch, "bind_triton", lambda op, x, cache, call: (
+        binds.append(op), lambda x, codes=None: runs.append("bound"))[1])
+    real_run = gpu_routes.run
+    monkeypatch.setattr(gpu_routes, "run", lambda op, route, x, **kw: runs.append(route) if route == "triton"
+                        else real_run(op, route, x, **kw))
+    seen = {}
+
+    def race(fns, rounds, sync, target=0.0):
+        seen["target"] = target
+        for f in fns.values():
+            f(), f()
+        return {r: (0.5 if r == "triton" else 1.0) for r in fns}
+
+    monkeypatch.setattr(gpu_routes.timing, "race", race)
+    assert gpu_routes.decide("linear", x, {}, call) == "triton"
+    assert seen["target"] > 0
+    assert binds == ["linear"] and runs == ["triton", "bound", "bound"]  # (one checking call, then the bound one)
+
+
 class OutOfResources(Exception):  # (as Triton's: an Exception, not a RuntimeError)
     pass
 
