@@ -159,7 +159,7 @@ def decide(op: str, x, cache, call: dict, measure=None) -> str:
         for r in cands:
             try:  # a candidate that cannot run this call (a shape cuBLASLt refuses, ...) is dropped
                 run(op, r, x, cache=cache, **call)
-                fns[r] = _as_called(op, r, x, cache, call)
+                fns[r] = (lambda f=_on_route(op, r, x, cache, call): f(x))  # (bound: nothing is raced under compile)
             except (TypeError, AttributeError, NameError):  # (a bug in our own code: not a route that cannot run)
                 raise
             except Exception as e:  # noqa: BLE001  (torch's RuntimeError / ValueError, Triton's OutOfResources,
@@ -185,15 +185,13 @@ def decide(op: str, x, cache, call: dict, measure=None) -> str:
 _SLOTS = {"int_mm": cpu_ops.CACHE_SLOTS["int_mm"], "triton": ("triton_wsum",)}
 
 
-def _as_called(op: str, route: str, x, cache, call: dict):
-    """The call by `route` as a layer makes it once decided: Triton's launch bound (`bind`), the others as they are
-    (so the race does not charge Triton the launch planning a layer does once)."""
+def _on_route(op: str, route: str, x, cache, call: dict):
+    """The call by `route` as a layer makes it once decided (`bind`; the race times this, so that it does not charge
+    Triton the launch planning a layer does once): f(x, codes=None); None under torch.compile (nothing bound)."""
     if route == "triton":
         from . import dispatch
-        bound = dispatch.bind_triton(op, x, cache, call)
-        if bound is not None:
-            return lambda: bound(x)
-    return lambda: run(op, route, x, cache=cache, **call)
+        return dispatch.bind_triton(op, x, cache, call)
+    return lambda x, codes=None: run(op, route, x, cache=cache, **call)
 
 
 def _route(op: str, x, cache, call: dict) -> str:
@@ -225,11 +223,7 @@ def bind(op: str, x, cache, call: dict):
     is captured or torch.compile traces (nothing is decided then)."""
     if _capturing():
         return None
-    route = decide(op, x, cache, call)
-    if route == "triton":
-        from . import dispatch
-        return dispatch.bind_triton(op, x, cache, call)
-    return lambda x, codes=None: run(op, route, x, cache=cache, **call)
+    return _on_route(op, decide(op, x, cache, call), x, cache, call)
 
 
 def choose(op: str, x, cache=None, **call) -> str:

@@ -250,8 +250,8 @@ def timing_call(calls: list, batch: int = 2):
     """The recorded denoiser call that speeds are measured on: the first one, cut to `batch` samples (one image with
     classifier-free guidance; a calibration batches several prompts into one call)."""
     c = calls[0]
-    return subsample_call(c, batch) if c.output is not None and c.output.shape[0] > batch else c  # (the batch is
-    # the output's: a transformer's call may pass every input by keyword)
+    return subsample_call(c, batch) if c.output is not None else c  # (its batch is the output's: a transformer's
+    # call may pass every input by keyword)
 
 
 def compare_calls(models: dict, call, rounds: int = 3) -> dict:

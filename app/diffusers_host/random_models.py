@@ -122,9 +122,10 @@ def random_pipeline(family: str, size: str = "small", seed: int = 0, outliers: f
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
     tr = random_denoiser(family, size, dtype=dtype, seed=seed, outliers=outliers, device=build_device)
-    if torch.device(build_device).type != "cpu":
+    built = torch.device(build_device).type
+    if built != "cpu":
         tr.to("cpu")
-        if torch.device(build_device).type == "cuda":
+        if built == "cuda":
             torch.cuda.empty_cache()  # (the device's memory back for what is measured next)
     clip_tok, t5_tok = _tokenizers()
     vae = _vae(seed + 1)
